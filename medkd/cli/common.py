@@ -1,0 +1,91 @@
+"""Option definitions and helpers shared by every command (defined once, used everywhere).
+
+Training options default to ``None`` on the command line so that the merge order
+``dataclass defaults < --config YAML < explicit flags`` can tell what the user actually set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from typing_extensions import Annotated
+
+from medkd.errors import MedkdError
+
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when available). [default: auto]"),
+]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed. [default: 0]")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="YAML file of options; command-line flags override it.", dir_okay=False),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+
+# Human output (tables) -> stdout; logs/progress -> stderr.
+stdout_console = Console()
+stderr_console = Console(stderr=True)
+
+
+def log_console(quiet: bool = False) -> Console:
+    """Console for logs and progress (stderr); silent when ``quiet``."""
+    return Console(stderr=True, quiet=quiet)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print ``error: message`` on one line to stderr and return the Exit to raise."""
+    first = " ".join(str(message).split())
+    stderr_console.print(f"[bold red]error:[/] {first}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``MedkdError`` into a one-line message + exit 1, Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedkdError as e:
+            raise fail(str(e), 1)
+        except KeyboardInterrupt:
+            stderr_console.print("interrupted", highlight=False)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def print_json(doc: Any) -> None:
+    """Write one JSON document to stdout (and nothing else)."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def parse_csv(value: Optional[str]) -> Optional[list]:
+    """``"enc,dec"`` -> ``["enc", "dec"]``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]

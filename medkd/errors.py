@@ -1,0 +1,16 @@
+"""Errors that the CLI turns into one-line messages and exit code 1."""
+
+
+class MedkdError(Exception):
+    """A user-facing failure: bad input, a missing file, a failed run.
+
+    The message must be one line naming the file or case and the reason.
+    """
+
+
+class DataError(MedkdError):
+    """A case or file could not be read or failed an integrity check."""
+
+
+class TrainingError(MedkdError):
+    """Training stopped: NaN/inf loss, a dead loss term, and so on."""
