@@ -1,0 +1,68 @@
+"""Feature distillation losses, one small file each, registered by name (mdistiller / torchdistill style).
+
+Every feature loss shares one signature:
+
+* constructor ``(channels: int, **options)``; ``channels`` is the *teacher* channel count at the tap
+  (the student feature has already been adapted to the teacher's shape). Learnable parts
+  (projection heads, temperatures) are built here, never in ``forward``.
+* ``forward(student_feat (B, C, H, W), teacher_feat (B, C, H, W), targets (B, 1, H0, W0) float {0,1} | None)``
+  returns a scalar tensor.
+
+Adding a method = one file with ``@LOSSES.register("name")`` + one import line below.
+Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is not in the registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from medkd.registry import Registry
+
+LOSSES = Registry("loss")
+
+
+def check_pair(student_feat: torch.Tensor, teacher_feat: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless both features are ``(B, C, H, W)`` of the same shape."""
+    if student_feat.dim() != 4 or student_feat.shape != teacher_feat.shape:
+        raise ValueError(
+            f"{name} loss needs student and teacher features of the same (B, C, H, W) shape; "
+            f"got {tuple(student_feat.shape)} and {tuple(teacher_feat.shape)} (adapt the student first)"
+        )
+
+
+def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
+    """Build the feature loss registered as ``name``.
+
+    Args:
+        name: Registered loss name (see ``LOSSES.names()``).
+        channels: Teacher channel count at the tap the loss is applied to.
+        **options: Loss-specific options (e.g. ``temperature``).
+
+    Returns:
+        The loss module.
+
+    Raises:
+        KeyError: unknown name; the message lists the valid names.
+        TypeError: an option the loss does not take; the message lists the ones it does.
+    """
+    cls = LOSSES.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [p for p in params if p not in ("self", "channels")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown and not takes_any:
+        raise TypeError(
+            f"loss {name!r} takes no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"
+        )
+    return cls(channels, **options)
+
+
+# Import every registering module so registration never depends on import side effects elsewhere.
+from medkd.distill.losses import attention, contrastive, cosine, cwd, mse  # noqa: E402,F401
+from medkd.distill.losses.pmd import PMDLoss, pmd_loss  # noqa: E402,F401
+
+__all__ = ["LOSSES", "build_loss", "check_pair", "PMDLoss", "pmd_loss"]

@@ -1,0 +1,239 @@
+"""Contrastive feature distillation: slice-level InfoNCE plus a label-aware region term.
+
+Two terms, both on by default (``loss = slice_weight * slice + region_weight * region``):
+
+* **Slice-level InfoNCE** (van den Oord et al. 2018; as in CRD, Tian et al. 2020): each slice's
+  global-average-pooled student feature is pulled towards the *same slice's* teacher embedding and pushed
+  away from the other slices in the batch. This is the reference study's idea. It needs at least two
+  slices in the batch (the others are the negatives); it is defined for any batch size ``>= 2``, so a last
+  partial batch is fine (the study's code assumed a fixed batch size).
+* **Region-level supervised contrast** (SupCon, Khosla et al. 2020), ``region=True``: for every slice the
+  label mask (resized to the feature size by area averaging, so small structures that vanish under
+  nearest-neighbour resizing still weigh in) gives a foreground and a background prototype
+  (masked average pooling). Each student prototype is contrasted against all teacher prototypes of the
+  batch; those of the same class (foreground/background) are the positives. A slice with an empty mask
+  contributes only its background prototype. This term is what makes the loss *supervised*: it uses the
+  label, and it is well defined on empty slices and on a batch of one slice (as long as the batch holds
+  both classes). It is on by default because slice-level InfoNCE alone only asks the student to tell
+  slices apart, which neighbouring slices of one volume barely are, while the region term asks it to
+  separate organ from background as the teacher does.
+
+Degenerate batches, by design rather than error:
+
+* region term without negatives (``targets`` is ``None``, or every prototype in the batch is of one class,
+  e.g. all masks empty): the region term is skipped;
+* batch of one slice: the slice term has no negatives and is skipped; if the region term is also
+  unavailable, the loss falls back to the cosine distance ``1 - cos(gap(s), gap(t))`` of the pooled
+  features of the pair, so a last batch of one slice still gives a meaningful, finite value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medkd.distill.losses import LOSSES, check_pair
+
+
+def info_nce(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired embeddings.
+
+    ``logits = z_s z_t^T / tau``; row ``i``'s positive is column ``i``. Loss
+    ``= (CE(logits, arange) + CE(logits^T, arange)) / 2``.
+
+    Args:
+        z_student: ``(N, D)`` L2-normalised.
+        z_teacher: ``(N, D)`` L2-normalised, row ``i`` paired with ``z_student[i]``.
+        temperature: ``tau``.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: ``N < 2`` (no negatives).
+    """
+    n = z_student.shape[0]
+    if n < 2:
+        raise ValueError(f"InfoNCE needs at least 2 samples (the others are the negatives); got {n}")
+    logits = z_student @ z_teacher.t() / temperature  # (N, N)
+    labels = torch.arange(n, device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def supcon_cross(
+    z_student: torch.Tensor, z_teacher: torch.Tensor, classes: torch.Tensor, temperature: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric supervised contrast (Khosla et al. 2020, L_out) between student and teacher views.
+
+    Anchors are student rows, the contrast set all teacher rows (and vice versa). For anchor ``i``:
+    ``l_i = -1/|P(i)| sum_{p in P(i)} log softmax_j(z_s[i] . z_t[j] / tau)[p]`` with
+    ``P(i) = {j : classes[j] == classes[i]}``. Result ``= (mean_i l_i^{s->t} + mean_i l_i^{t->s}) / 2``.
+
+    Args:
+        z_student: ``(N, D)`` L2-normalised.
+        z_teacher: ``(N, D)`` L2-normalised.
+        classes: ``(N,)`` integer class of each row (shared by both views).
+        temperature: ``tau``.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: fewer than two distinct classes (no negatives).
+    """
+    if torch.unique(classes).numel() < 2:
+        raise ValueError("supervised contrast needs at least two classes in the batch (no negatives otherwise)")
+    logits = z_student @ z_teacher.t() / temperature  # (N, N)
+    positive = (classes[:, None] == classes[None, :]).to(logits.dtype)  # (N, N), symmetric
+    n_pos = positive.sum(dim=1)  # (N,)
+
+    def one_way(lg: torch.Tensor) -> torch.Tensor:
+        log_prob = F.log_softmax(lg, dim=1)  # (N, N)
+        return (-(positive * log_prob).sum(dim=1) / n_pos).mean()
+
+    return 0.5 * (one_way(logits) + one_way(logits.t()))
+
+
+def region_prototypes(
+    feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Masked-average-pooled background and foreground prototypes.
+
+    Args:
+        feat: ``(B, C, h, w)``.
+        mask: ``(B, 1, h, w)`` foreground weight in ``[0, 1]`` (already resized to ``h, w``).
+        eps: A prototype exists only where its mask area exceeds ``eps`` (in feature pixels).
+
+    Returns:
+        ``(prototypes (N, C), classes (N,))`` with class 0 = background, 1 = foreground; order:
+        all background prototypes (by sample), then all foreground prototypes (by sample).
+    """
+    weights = torch.cat([1.0 - mask, mask], dim=1)  # (B, 2, h, w): [bg, fg]
+    area = weights.sum(dim=(2, 3))  # (B, 2)
+    pooled = torch.einsum("bkhw,bchw->bkc", weights, feat) / area.clamp_min(eps)[..., None]  # (B, 2, C)
+    protos = pooled.transpose(0, 1).reshape(-1, feat.shape[1])  # (2B, C): bg rows then fg rows
+    classes = torch.arange(2, device=feat.device).repeat_interleave(feat.shape[0])  # (2B,)
+    valid = (area.t() > eps).reshape(-1)  # (2B,)
+    return protos[valid], classes[valid]
+
+
+def _head(channels: int, hidden_dim: int, proj_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
+
+
+@LOSSES.register("contrastive")
+class ContrastiveFeatureLoss(nn.Module):
+    """Contrastive distillation: InfoNCE (van den Oord et al., "Representation Learning with Contrastive
+    Predictive Coding", 2018) over slices, plus supervised region contrast (Khosla et al., "Supervised
+    Contrastive Learning", NeurIPS 2020). See the module docstring for the variants and fallbacks.
+
+    Student and teacher sides have separate projection heads (``Linear - ReLU - Linear`` to ``proj_dim``,
+    then L2 normalisation); both heads are trained, the teacher network itself is not. The same heads
+    embed slice features and region prototypes.
+
+    Args:
+        channels: Teacher channels ``C`` at the tap (the student feature is already adapted to ``C``).
+        proj_dim: Embedding size (default 128).
+        hidden_dim: Hidden width of the heads (default 256).
+        temperature: ``tau`` of the logits (default 0.1).
+        learn_temperature: Learn ``log tau`` (initialised at ``log(temperature)``, ``tau`` clamped to
+            ``[0.01, 1]``).
+        region: Add the label-aware region term (default ``True``).
+        slice_weight: Weight of the slice-level InfoNCE term.
+        region_weight: Weight of the region term.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        proj_dim: int = 128,
+        hidden_dim: int = 256,
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        region: bool = True,
+        slice_weight: float = 1.0,
+        region_weight: float = 1.0,
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
+        self.channels = int(channels)
+        self.region = bool(region)
+        self.slice_weight = float(slice_weight)
+        self.region_weight = float(region_weight)
+        self.student_head = _head(self.channels, hidden_dim, proj_dim)
+        self.teacher_head = _head(self.channels, hidden_dim, proj_dim)
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self.register_buffer("log_temperature", torch.tensor(math.log(temperature)), persistent=False)
+        self.learn_temperature = bool(learn_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Current ``tau`` (scalar tensor)."""
+        tau = self.log_temperature.exp()
+        return tau.clamp(0.01, 1.0) if self.learn_temperature else tau
+
+    def embed(self, student_vec: torch.Tensor, teacher_vec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Project ``(N, C)`` student/teacher vectors to L2-normalised ``(N, proj_dim)`` embeddings."""
+        return (
+            F.normalize(self.student_head(student_vec), dim=1),
+            F.normalize(self.teacher_head(teacher_vec), dim=1),
+        )
+
+    def region_term(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Supervised region contrast, or ``None`` when the batch holds a single class (no negatives).
+
+        Args:
+            student_feat: ``(B, C, h, w)``.
+            teacher_feat: ``(B, C, h, w)``.
+            targets: ``(B, 1, H0, W0)`` (or ``(B, H0, W0)``) mask; values ``> 0.5`` are foreground.
+        """
+        if targets.dim() == 3:
+            targets = targets[:, None]
+        mask = (targets > 0.5).to(student_feat.dtype)
+        mask = F.interpolate(mask, size=student_feat.shape[-2:], mode="area")  # (B, 1, h, w), fg fraction
+        ps, classes = region_prototypes(student_feat, mask)  # (N, C), (N,)
+        pt, _ = region_prototypes(teacher_feat, mask)
+        if classes.numel() == 0 or torch.unique(classes).numel() < 2:
+            return None
+        zs, zt = self.embed(ps, pt)
+        return supcon_cross(zs, zt, classes, self.temperature)
+
+    def forward(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Args:
+            student_feat: Adapted student feature ``(B, C, H, W)``.
+            teacher_feat: Teacher feature ``(B, C, H, W)``.
+            targets: Label mask ``(B, 1, H0, W0)`` in ``{0, 1}``, or ``None`` (region term skipped).
+
+        Returns:
+            Scalar tensor.
+        """
+        check_pair(student_feat, teacher_feat, "contrastive")
+        terms = []
+        if student_feat.shape[0] >= 2 and self.slice_weight != 0.0:
+            zs, zt = self.embed(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)))  # (B, D) each
+            terms.append(self.slice_weight * info_nce(zs, zt, self.temperature))
+        if self.region and targets is not None:
+            region = self.region_term(student_feat, teacher_feat, targets)
+            if region is not None:
+                terms.append(self.region_weight * region)
+        if not terms:  # one slice and no usable region term: cosine distance of the pooled pair
+            cos = F.cosine_similarity(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)), dim=1)
+            return (1.0 - cos).mean()
+        return torch.stack(terms).sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, region={self.region}, learn_temperature={self.learn_temperature}, "
+            f"slice_weight={self.slice_weight}, region_weight={self.region_weight}"
+        )

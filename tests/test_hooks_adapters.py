@@ -1,0 +1,139 @@
+"""FeatureExtractor (forward hooks by module path) and the student->teacher adapters."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from medkd.distill import AdapterSet, FeatureAdapter, FeatureExtractor
+
+
+class TupleOut(nn.Module):
+    def forward(self, x):
+        return x * 2, "extra"
+
+
+def small_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Conv2d(1, 4, 3, padding=1),
+            block=nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 8, 3, padding=1, stride=2), act=nn.ReLU())),
+            pair=TupleOut(),
+            head=nn.Identity(),
+        )
+    ).eval()
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small_model()
+
+    def forward(self, x):
+        return self.body.head(self.body.pair(self.body.block(self.body.stem(x)))[0])
+
+
+def test_hooked_output_equals_direct_output():
+    model = small_model()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), FeatureExtractor(model, {"enc": "stem", "mid": "block.conv", "top": "block"}) as fx:
+        model(x)
+        feats = fx.pop()
+        stem = model.stem(x)
+        conv = model.block.conv(stem)
+    assert set(feats) == {"enc", "mid", "top"}
+    assert torch.equal(feats["enc"], stem)
+    assert torch.equal(feats["mid"], conv)
+    assert torch.equal(feats["top"], torch.relu(conv))
+    assert feats["mid"].shape == (2, 8, 4, 4)
+
+
+def test_tuple_output_keeps_first_tensor():
+    model = Wrapper()
+    x = torch.randn(1, 1, 8, 8)
+    with FeatureExtractor(model, {"p": "body.pair"}) as fx:
+        model(x)
+        feat = fx.pop()["p"]
+    assert torch.equal(feat, 2 * model.body.block(model.body.stem(x)))
+
+
+def test_pop_returns_and_clears():
+    model = small_model()
+    with FeatureExtractor(model, {"enc": "stem"}) as fx:
+        model(torch.randn(1, 1, 8, 8))
+        assert "enc" in fx.pop()
+        assert fx.pop() == {}
+        model(torch.randn(1, 1, 8, 8))
+        assert "enc" in fx.pop()
+
+
+def test_features_keep_the_graph():
+    model = small_model().train()
+    with FeatureExtractor(model, {"enc": "block.conv"}) as fx:
+        model(torch.randn(2, 1, 8, 8))
+        fx.pop()["enc"].sum().backward()
+    assert model.stem.weight.grad is not None and model.stem.weight.grad.abs().sum() > 0
+
+
+def test_handles_removed_after_context():
+    model = small_model()
+    fx = FeatureExtractor(model, {"enc": "stem", "mid": "block.conv"})
+    with fx:
+        assert len(model.stem._forward_hooks) == 1 and fx.active
+        model(torch.randn(1, 1, 8, 8))
+    assert len(model.stem._forward_hooks) == 0
+    assert len(model.block.conv._forward_hooks) == 0
+    assert not fx.active
+    model(torch.randn(1, 1, 8, 8))
+    assert fx.pop() == {}
+
+
+def test_handles_removed_on_error_and_by_remove():
+    model = small_model()
+    with pytest.raises(RuntimeError):
+        with FeatureExtractor(model, {"enc": "stem"}):
+            raise RuntimeError("boom")
+    assert len(model.stem._forward_hooks) == 0
+    fx = FeatureExtractor(model, {"enc": "stem"}).register()
+    fx.register()  # idempotent: still one hook
+    assert len(model.stem._forward_hooks) == 1
+    fx.remove()
+    assert len(model.stem._forward_hooks) == 0
+
+
+def test_bad_path_names_the_path_and_valid_modules():
+    model = small_model()
+    with pytest.raises(ValueError) as info:
+        FeatureExtractor(model, {"enc": "block.nope"})
+    message = str(info.value)
+    assert "block.nope" in message and "block.conv" in message
+    with pytest.raises(ValueError, match="stem"):
+        FeatureExtractor(model, {"enc": "encoder"})
+
+
+@pytest.mark.parametrize("in_size,out_size", [((4, 4), (16, 16)), ((9, 7), (8, 8)), ((8, 8), (8, 8))])
+def test_adapter_shape_and_gradients(in_size, out_size):
+    adapter = FeatureAdapter(4, 12)
+    x = torch.randn(3, 4, *in_size, requires_grad=True)
+    y = adapter(x, out_size)
+    assert y.shape == (3, 12, *out_size)
+    y.pow(2).mean().backward()
+    assert x.grad is not None
+    for name, p in adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert adapter.proj.bias is None
+
+
+def test_adapter_set():
+    adapters = AdapterSet({"enc": 16, "bottleneck": 64, "dec": 16}, {"enc": 128, "bottleneck": 1024, "dec": 64},
+                          ["enc", "dec"])
+    assert set(adapters.keys()) == {"enc", "dec"}
+    assert adapters["dec"](torch.randn(2, 16, 8, 8), (32, 32)).shape == (2, 64, 32, 32)
+    assert "enc.proj.weight" in adapters.state_dict()
+    assert len(list(adapters.parameters())) == 6  # conv weight + bn weight/bias, per scale
+    with pytest.raises(KeyError, match="bottleneck"):
+        AdapterSet({"enc": 16}, {"enc": 128}, ["bottleneck"])
