@@ -1,0 +1,85 @@
+"""``medkd preprocess SOURCE -o OUT``: thin wrapper over :func:`medkd.data.preprocess.preprocess`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from medkd.cli.common import (
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    handle_errors,
+    log_console,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
+from medkd.data.preprocess import PreprocessSettings, parse_window, preprocess, split_summary
+
+
+@handle_errors
+def command(
+    source: Annotated[Path, typer.Argument(help="MSD folder (dataset.json) or a folder of cases.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the prepared dataset.")],
+    size: Annotated[int, typer.Option(help="In-plane size of the prepared slices.")] = 128,
+    window: Annotated[Optional[str], typer.Option(help="CT window LOW,HIGH in HU (e.g. -160,240).")] = None,
+    window_preset: Annotated[
+        Optional[str], typer.Option(help="Named CT window: abdomen (default), liver, bone, lung, brain.")
+    ] = None,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of cases for the test split.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of cases for the validation split.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the case-level split.")] = 0,
+    workers: Annotated[int, typer.Option(help="Cases processed in parallel (processes).")] = 1,
+    overwrite: OverwriteOpt = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some cases were bad.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check, window, resize and split raw volumes into a prepared slice dataset."""
+    win, preset = parse_window(window, window_preset)
+    settings = PreprocessSettings(
+        size=size, window=win, window_preset=preset, test_fraction=test_fraction,
+        val_fraction=val_fraction, seed=seed, workers=max(1, workers),
+    )
+    log = log_console(quiet)
+    if log.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+            TimeRemainingColumn(), console=log, transient=True,
+        ) as bar:
+            task = bar.add_task("", total=None)
+
+            def progress(i: int, n: int, cid: str) -> None:
+                bar.update(task, completed=i, total=n, description=cid)
+
+            result = preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+    else:
+        def progress(i: int, n: int, cid: str) -> None:
+            log.print(f"[{i}/{n}] {cid}", highlight=False)
+
+        result = preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+
+    for b in result.bad:
+        stderr_console.print(f"[red]bad case:[/] {b['reason']}", highlight=False, soft_wrap=True)
+    rows = split_summary(result.manifest)
+    if json_out:
+        print_json({"out": str(result.out), "splits": rows, "skipped": result.manifest["skipped"],
+                    "seconds": round(result.seconds, 2)})
+    elif not quiet:
+        table = Table(title=f"prepared dataset: {result.out}")
+        for col in ("split", "cases", "slices", "slices with fg", "fg fraction", "empty labels"):
+            table.add_column(col, justify="left" if col == "split" else "right")
+        for r in rows:
+            table.add_row(r["split"], str(r["cases"]), str(r["slices"]), str(r["fg_slices"]),
+                          f"{r['fg_fraction']:.4f}", str(r["empty_labels"]))
+        table.caption = f"skipped: {len(result.bad)} · {result.seconds:.1f} s"
+        stdout_console.print(table)
+    if result.bad and not skip_bad:
+        raise typer.Exit(1)

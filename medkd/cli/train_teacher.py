@@ -1,0 +1,52 @@
+"""``medkd train-teacher DATA -o RUN``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from medkd.cli.common import ConfigOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, SeedOpt, handle_errors, log_console, print_json
+from medkd.config import TeacherConfig, build_config
+
+
+@handle_errors
+def command(
+    data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    arch: Annotated[Optional[str], typer.Option(help="unet | transunet. [default: unet]")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Base channel width (64 = the study's T1). [default: 16]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 12]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw | adam | sgd. [default: adamw]")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine | plateau | none. [default: cosine]")] = None,
+    recon_weight: Annotated[Optional[float], typer.Option(help="Weight of the reconstruction MSE. [default: 0.2]")] = None,
+    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 as in the study. [default: 1]")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named settings, e.g. 'study' (the reference study).")] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the multi-task teacher (segmentation + image reconstruction) on all training cases."""
+    from medkd.train.teacher import train_teacher
+
+    cfg = build_config(TeacherConfig, config, dict(
+        arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        optimizer=optimizer, schedule=schedule, recon_weight=recon_weight, in_channels=in_channels,
+        augment=augment, device=device, seed=seed), preset=preset)
+    summary = train_teacher(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
+    if json_out:
+        print_json(summary)
+    elif not quiet:
+        log_console().print(
+            f"teacher {summary['arch']} ({summary['params']:,} params): best val Dice {summary['best_val_dice']:.4f} "
+            f"at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}", highlight=False)

@@ -1,0 +1,139 @@
+"""Reading a prepared dataset (the output of ``medkd preprocess``) without loading it all into memory."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medkd.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+class PreparedData:
+    """A prepared dataset folder: ``manifest.json`` + ``cases/<id>_{img,lbl}.npy``.
+
+    Args:
+        root: the folder written by ``medkd preprocess``.
+
+    Raises:
+        DataError: no/invalid manifest.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            raise DataError(f"{self.root}: no manifest.json (is this a folder written by 'medkd preprocess'?)")
+        try:
+            self.manifest = json.loads(path.read_text())
+            self.cases: List[dict] = self.manifest["cases"]
+            self.settings: dict = self.manifest["settings"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
+        self._by_id = {c["id"]: c for c in self.cases}
+        self._cache: Dict[Tuple[str, str], np.ndarray] = {}
+
+    @property
+    def size(self) -> int:
+        return int(self.settings["size"])
+
+    def case_ids(self, split: str) -> List[str]:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        return [c["id"] for c in self.cases if c["split"] == split]
+
+    def require_split(self, split: str) -> List[str]:
+        ids = self.case_ids(split)
+        if not ids:
+            raise DataError(f"{self.root}: no cases in split {split!r}")
+        return ids
+
+    def case(self, cid: str) -> dict:
+        return self._by_id[cid]
+
+    def image(self, cid: str) -> np.ndarray:
+        """``(Z, S, S)`` float32 memmap."""
+        return self._load(cid, "img")
+
+    def label(self, cid: str) -> np.ndarray:
+        """``(Z, S, S)`` uint8 memmap."""
+        return self._load(cid, "lbl")
+
+    def _load(self, cid: str, kind: str) -> np.ndarray:
+        key = (cid, kind)
+        if key not in self._cache:
+            path = self.root / "cases" / f"{cid}_{kind}.npy"
+            try:
+                self._cache[key] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+        return self._cache[key]
+
+    def fingerprint(self) -> str:
+        """Identifies the prepared content (manifest text hash) for caches."""
+        import hashlib
+
+        return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def select_fraction(case_ids: Sequence[str], fraction: float, seed: int) -> List[str]:
+    """Seeded case-level subset: ``max(1, round(fraction * n))`` cases, returned sorted.
+
+    Raises:
+        DataError: fraction outside (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
+    ids = sorted(case_ids)
+    if fraction >= 1.0:
+        return ids
+    k = max(1, int(round(fraction * len(ids))))
+    rng = np.random.default_rng(seed)
+    return sorted(ids[i] for i in rng.permutation(len(ids))[:k])
+
+
+class SliceDataset(Dataset):
+    """Axial slices of some cases of a prepared dataset.
+
+    Items are ``(image (1,H,W) float32, mask (1,H,W) float32, index int)``; ``index`` is the global slice index
+    (stable for a given dataset/case list), used as the key of the teacher-output cache.
+
+    Args:
+        data: a :class:`PreparedData` or its folder.
+        split: "train" | "val" | "test".
+        fraction: seeded case-level fraction of the split (the student's 50 %).
+        seed: seed for the fraction.
+        case_ids: explicit case list (overrides split/fraction).
+    """
+
+    def __init__(
+        self,
+        data,
+        split: str = "train",
+        fraction: float = 1.0,
+        seed: int = 0,
+        case_ids: Optional[Sequence[str]] = None,
+    ):
+        self.data = data if isinstance(data, PreparedData) else PreparedData(data)
+        ids = list(case_ids) if case_ids is not None else self.data.require_split(split)
+        self.case_ids = select_fraction(ids, fraction, seed) if case_ids is None else ids
+        self.index: List[Tuple[str, int]] = []
+        for cid in self.case_ids:
+            n = int(self.data.case(cid)["prepared_shape"][0])
+            self.index.extend((cid, z) for z in range(n))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        cid, z = self.index[i]
+        img = torch.from_numpy(np.array(self.data.image(cid)[z], dtype=np.float32))[None]
+        lbl = torch.from_numpy((np.asarray(self.data.label(cid)[z]) > 0).astype(np.float32))[None]
+        return img, lbl, i

@@ -1,0 +1,340 @@
+"""``medkd preprocess``: raw volumes -> a prepared dataset of axial slices.
+
+Per case (one pass, every problem reported, good cases still written):
+
+1. read the image (NIfTI or DICOM series) and its label (NIfTI);
+2. integrity: readable, 3D, finite voxels, label present, label shape equal to the image's,
+   label affine equal to the image's within ``AFFINE_ATOL`` mm (+ ``AFFINE_RTOL`` relative),
+   label values within the allowed set (``dataset.json`` labels, else {0, 1}); an empty label is allowed and counted;
+3. reorient both to RAS (closest canonical); axial slices are ``vol[:, :, k]`` stored as ``(Z, X, Y)``;
+4. intensity: CT -> clip to the window and scale to [0, 1]; MR/other -> clip to the 0.5/99.5 percentiles of the
+   non-zero voxels and scale to [0, 1] (modality from ``dataset.json``, the DICOM ``Modality`` tag, or, for a bare
+   NIfTI, CT when the minimum is below -500, which only Hounsfield units reach);
+5. resize in-plane to ``size``x``size`` (images: antialiased bilinear; labels: nearest) and record the new spacing.
+
+Output folder: ``manifest.json`` and ``cases/<id>_img.npy`` (float32 ``(Z, S, S)``) + ``cases/<id>_lbl.npy``
+(uint8), opened later as memmaps. Splits are by case, seeded, disjoint, stored in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+import medkd
+from medkd.data.io import read_nifti, read_volume, to_canonical
+from medkd.data.sources import CaseSource, discover
+from medkd.errors import DataError, MedkdError
+
+SCHEMA = 1
+AFFINE_ATOL = 1e-2  # mm
+AFFINE_RTOL = 1e-4
+CT_MIN_HU = -500.0
+MR_PERCENTILES = (0.5, 99.5)
+WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
+    "abdomen": (-160.0, 240.0),  # soft tissue W400/L40
+    "liver": (-45.0, 105.0),  # W150/L30
+    "bone": (-450.0, 1050.0),  # W1500/L300
+    "lung": (-1350.0, 150.0),  # W1500/L-600
+    "brain": (0.0, 80.0),  # W80/L40
+}
+
+
+@dataclass
+class PreprocessSettings:
+    """Options of ``medkd preprocess`` (the manifest stores them under ``settings``)."""
+
+    size: int = 128
+    window: Tuple[float, float] = WINDOW_PRESETS["abdomen"]
+    window_preset: Optional[str] = "abdomen"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 1
+
+    def validate(self) -> None:
+        if self.size < 8:
+            raise MedkdError(f"--size must be >= 8, got {self.size}")
+        lo, hi = self.window
+        if not hi > lo:
+            raise MedkdError(f"--window must be LOW,HIGH with HIGH > LOW, got {lo},{hi}")
+        for name, f in (("--test-fraction", self.test_fraction), ("--val-fraction", self.val_fraction)):
+            if not 0.0 <= f < 1.0:
+                raise MedkdError(f"{name} must be in [0, 1), got {f}")
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise MedkdError("--test-fraction + --val-fraction must leave training cases (< 1)")
+
+
+@dataclass
+class PreprocessResult:
+    out: Path
+    manifest: dict
+    bad: List[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def parse_window(window: Optional[str], preset: Optional[str]) -> Tuple[Tuple[float, float], Optional[str]]:
+    """Resolve ``--window LOW,HIGH`` / ``--window-preset NAME`` (default: abdomen)."""
+    if window is not None and preset is not None:
+        raise MedkdError("give either --window or --window-preset, not both")
+    if window is not None:
+        try:
+            lo, hi = (float(v) for v in window.split(","))
+        except ValueError:
+            raise MedkdError(f"--window must be LOW,HIGH (e.g. -160,240), got {window!r}") from None
+        return (lo, hi), None
+    preset = preset or "abdomen"
+    if preset not in WINDOW_PRESETS:
+        raise MedkdError(f"unknown --window-preset {preset!r}; valid: {', '.join(sorted(WINDOW_PRESETS))}")
+    return WINDOW_PRESETS[preset], preset
+
+
+def detect_modality(declared: Optional[str], arr: np.ndarray) -> str:
+    if declared:
+        return declared.upper()
+    return "CT" if float(np.min(arr)) < CT_MIN_HU else "MR"
+
+
+def normalise_intensity(arr: np.ndarray, modality: str, window: Tuple[float, float]) -> Tuple[np.ndarray, dict]:
+    """Map intensities to [0, 1]. Returns the array and the parameters used (for the manifest/predict)."""
+    arr = arr.astype(np.float32)
+    if modality == "CT":
+        lo, hi = window
+        rule = {"rule": "ct_window", "low": float(lo), "high": float(hi)}
+    else:
+        nz = arr[arr != 0]
+        ref = nz if nz.size else arr.ravel()
+        lo, hi = (float(v) for v in np.percentile(ref, MR_PERCENTILES))
+        if hi <= lo:
+            hi = lo + 1.0
+        rule = {"rule": "percentile", "low": lo, "high": hi, "percentiles": list(MR_PERCENTILES)}
+    out = (np.clip(arr, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32), rule
+
+
+def apply_intensity(arr: np.ndarray, rule: dict) -> np.ndarray:
+    """Apply a stored CT-window rule, or recompute the percentile rule for a new volume."""
+    if rule["rule"] == "ct_window":
+        return normalise_intensity(arr, "CT", (rule["low"], rule["high"]))[0]
+    return normalise_intensity(arr, "MR", (0.0, 1.0))[0]
+
+
+def resize_slices(vol: np.ndarray, size: int, is_label: bool) -> np.ndarray:
+    """Resize a ``(Z, X, Y)`` stack in-plane to ``(Z, size, size)``."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[:, None]
+    if tuple(t.shape[-2:]) == (size, size):
+        out = t
+    elif is_label:
+        out = F.interpolate(t, size=(size, size), mode="nearest-exact")
+    else:
+        out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0].numpy()
+
+
+def check_label(case: CaseSource, image_vol, label_vol) -> None:
+    if tuple(label_vol.array.shape) != tuple(image_vol.array.shape):
+        raise DataError(
+            f"{case.label}: label shape {tuple(label_vol.array.shape)} != image shape {tuple(image_vol.array.shape)}"
+        )
+    if not np.allclose(label_vol.affine, image_vol.affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
+        diff = float(np.max(np.abs(label_vol.affine - image_vol.affine)))
+        raise DataError(f"{case.label}: label geometry differs from the image (affine max diff {diff:.3g})")
+    lab = label_vol.array
+    if not np.all(np.isfinite(lab)):
+        raise DataError(f"{case.label}: label contains NaN/inf")
+    values = np.unique(lab)
+    if np.any(values != np.round(values)):
+        raise DataError(f"{case.label}: label has non-integer values")
+    extra = sorted(int(v) for v in values if int(v) not in case.label_values)
+    if extra:
+        raise DataError(
+            f"{case.label}: label values {extra[:5]} outside allowed {sorted(case.label_values)}"
+        )
+
+
+def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path) -> dict:
+    """Check, normalise, resize and write one case. Returns its manifest entry.
+
+    Raises:
+        DataError: any integrity problem, naming the file and the reason.
+    """
+    if case.label is None:
+        raise DataError(f"{case.image}: missing label (expected {case.id}_label.nii.gz beside it)")
+    image = read_volume(case.image)
+    if not np.all(np.isfinite(image.array)):
+        n = int(np.size(image.array) - np.isfinite(image.array).sum())
+        raise DataError(f"{case.image}: {n} NaN/inf voxels")
+    label = read_nifti(case.label)
+    check_label(case, image, label)
+
+    img_c, _ = to_canonical(image)
+    lbl_c, _ = to_canonical(label)
+    modality = detect_modality(case.modality or image.modality, image.array)
+    norm, rule = normalise_intensity(img_c.array, modality, settings.window)
+    # (X, Y, Z) -> (Z, X, Y): one axial slice per row.
+    img_s = np.moveaxis(norm, 2, 0)
+    lbl_s = np.moveaxis(lbl_c.array, 2, 0)
+    img_r = resize_slices(img_s, settings.size, is_label=False).astype(np.float32)
+    lbl_r = resize_slices(lbl_s.astype(np.float32), settings.size, is_label=True).astype(np.uint8)
+
+    np.save(cases_dir / f"{case.id}_img.npy", img_r)
+    np.save(cases_dir / f"{case.id}_lbl.npy", lbl_r)
+
+    sx, sy, sz = img_c.spacing
+    X, Y, Z = img_c.array.shape
+    fg = int((lbl_r > 0).sum())
+    return {
+        "id": case.id,
+        "split": None,
+        "source": str(case.image),
+        "label_source": str(case.label),
+        "modality": modality,
+        "shape": [int(v) for v in image.array.shape],
+        "spacing": [float(v) for v in image.spacing],
+        "affine": np.asarray(image.affine).round(6).tolist(),
+        "canonical_shape": [int(X), int(Y), int(Z)],
+        "canonical_affine": np.asarray(img_c.affine).round(6).tolist(),
+        "n_slices": int(Z),
+        "prepared_shape": [int(v) for v in img_r.shape],
+        # spacing of the stored (Z, S, S) arrays, in that axis order
+        "prepared_spacing": [float(sz), float(sx * X / settings.size), float(sy * Y / settings.size)],
+        "intensity": rule,
+        "fg_voxels": fg,
+        "fg_slices": int((lbl_r.reshape(lbl_r.shape[0], -1) > 0).any(axis=1).sum()),
+        "empty_label": fg == 0,
+    }
+
+
+def _process_safe(args) -> Tuple[Optional[dict], Optional[dict]]:
+    case, settings, cases_dir = args
+    try:
+        return process_case(case, settings, cases_dir), None
+    except DataError as e:
+        return None, {"id": case.id, "source": str(case.image), "reason": str(e)}
+    except Exception as e:  # a reader bug must not take down the other cases
+        return None, {"id": case.id, "source": str(case.image), "reason": f"{case.image}: {type(e).__name__}: {e}"}
+
+
+def assign_splits(ids: List[str], test_fraction: float, val_fraction: float, seed: int) -> Dict[str, str]:
+    """Seeded case-level split. At least one test/val case whenever the fraction is > 0 and cases allow it."""
+    ids = sorted(ids)
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    perm = [ids[i] for i in rng.permutation(n)]
+
+    def count(f: float) -> int:
+        return 0 if f <= 0 else max(1, int(round(f * n)))
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    if n - n_test - n_val < 1:
+        raise MedkdError(f"{n} good case(s) are too few for test {test_fraction} / val {val_fraction} fractions")
+    out = {}
+    for i, cid in enumerate(perm):
+        out[cid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+def preprocess(
+    source: Path,
+    out: Path,
+    settings: Optional[PreprocessSettings] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+) -> PreprocessResult:
+    """Prepare ``source`` into ``out``. Good cases are always written; bad ones are listed under ``skipped``.
+
+    Raises:
+        MedkdError: OUT exists without ``overwrite``, no case found, or every case was bad.
+    """
+    settings = settings or PreprocessSettings()
+    settings.validate()
+    source, out = Path(source), Path(out)
+    if out.exists() and not overwrite:
+        raise MedkdError(f"{out}: already exists (use --overwrite to replace it)")
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise MedkdError(f"{out}: output must not be inside SOURCE (the source is never modified)")
+    t0 = time.time()
+    cases = discover(source)
+    ids = [c.id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise MedkdError(f"{source}: duplicate case ids {dup[:5]}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "cases").mkdir(parents=True)
+    try:
+        jobs = [(c, settings, tmp / "cases") for c in cases]
+        results: List[Tuple[Optional[dict], Optional[dict]]] = []
+        if settings.workers > 1:
+            with ProcessPoolExecutor(max_workers=settings.workers) as ex:
+                for i, r in enumerate(ex.map(_process_safe, jobs)):
+                    results.append(r)
+                    if progress:
+                        progress(i + 1, len(jobs), cases[i].id)
+        else:
+            for i, job in enumerate(jobs):
+                results.append(_process_safe(job))
+                if progress:
+                    progress(i + 1, len(jobs), cases[i].id)
+        good = [r for r, _ in results if r is not None]
+        bad = [b for _, b in results if b is not None]
+        if not good:
+            raise MedkdError(f"{source}: no usable case ({len(bad)} bad); first: {bad[0]['reason']}")
+        splits = assign_splits([g["id"] for g in good], settings.test_fraction, settings.val_fraction, settings.seed)
+        for g in good:
+            g["split"] = splits[g["id"]]
+        s = asdict(settings)
+        s["window"] = list(settings.window)
+        manifest = {
+            "schema": SCHEMA,
+            "medkd_version": medkd.__version__,
+            "source": str(source.resolve()),
+            "settings": s,
+            "cases": sorted(good, key=lambda g: g["id"]),
+            "skipped": [{"source": b["source"], "reason": b["reason"]} for b in bad],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreprocessResult(out, manifest, bad, time.time() - t0)
+
+
+def split_summary(manifest: dict) -> List[dict]:
+    """Rows per split: cases, slices, foreground fraction, empty labels."""
+    rows = []
+    for split in ("train", "val", "test"):
+        cs = [c for c in manifest["cases"] if c["split"] == split]
+        slices = sum(c["prepared_shape"][0] for c in cs)
+        vox = sum(int(np.prod(c["prepared_shape"])) for c in cs)
+        fg = sum(c["fg_voxels"] for c in cs)
+        rows.append(
+            {
+                "split": split,
+                "cases": len(cs),
+                "slices": slices,
+                "fg_slices": sum(c["fg_slices"] for c in cs),
+                "fg_fraction": fg / vox if vox else 0.0,
+                "empty_labels": sum(1 for c in cs if c["empty_label"]),
+            }
+        )
+    return rows

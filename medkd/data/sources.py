@@ -1,0 +1,103 @@
+"""Finding cases in a source folder.
+
+Two layouts are accepted:
+
+* **MSD** (Medical Segmentation Decathlon): ``SOURCE/dataset.json`` with a ``training`` list of
+  ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``; the modality and label values
+  come from ``dataset.json`` (``modality``, ``labels``).
+* **Folder of cases**: every ``<id>.nii[.gz]`` file or ``<id>/`` DICOM series folder in SOURCE is an image;
+  its label is ``<id>_label.nii[.gz]`` beside it (pairing rule). Files ending in ``_label`` are labels, never images.
+  Hidden entries are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Set
+
+from medkd.data.io import NIFTI_SUFFIXES, strip_nifti_suffix
+from medkd.errors import DataError
+
+LABEL_SUFFIX = "_label"
+
+
+@dataclass
+class CaseSource:
+    """One case to preprocess."""
+
+    id: str
+    image: Path
+    label: Optional[Path]
+    modality: Optional[str] = None
+    label_values: Set[int] = field(default_factory=lambda: {0, 1})
+
+
+def discover(source: Path) -> List[CaseSource]:
+    """List the cases in ``source`` (MSD layout or folder of cases).
+
+    Raises:
+        DataError: the folder does not exist, ``dataset.json`` is unreadable, or no case was found.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise DataError(f"{source}: not a folder")
+    if (source / "dataset.json").is_file():
+        return _discover_msd(source)
+    return _discover_folder(source)
+
+
+def _discover_msd(source: Path) -> List[CaseSource]:
+    path = source / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+        training = meta["training"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a valid MSD dataset.json ({type(e).__name__}: {e})") from None
+    modality = None
+    mod = meta.get("modality") or {}
+    if isinstance(mod, dict) and mod:
+        modality = str(mod.get("0", next(iter(mod.values())))).upper()
+    labels = meta.get("labels") or {"0": "background", "1": "foreground"}
+    try:
+        label_values = {int(k) for k in labels}
+    except ValueError:
+        raise DataError(f"{path}: 'labels' keys must be integers") from None
+    cases = []
+    for entry in training:
+        img = source / str(entry["image"])
+        lbl = source / str(entry["label"]) if entry.get("label") else None
+        cid = strip_nifti_suffix(Path(entry["image"]).name)
+        cases.append(CaseSource(cid, img, lbl, modality, label_values))
+    if not cases:
+        raise DataError(f"{path}: no training cases listed")
+    return cases
+
+
+def _discover_folder(source: Path) -> List[CaseSource]:
+    cases = []
+    for p in sorted(source.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            cid = p.name
+        elif p.name.lower().endswith(NIFTI_SUFFIXES):
+            cid = strip_nifti_suffix(p.name)
+            if cid.endswith(LABEL_SUFFIX):
+                continue
+        else:
+            continue
+        label = None
+        for suf in NIFTI_SUFFIXES:
+            cand = source / f"{cid}{LABEL_SUFFIX}{suf}"
+            if cand.is_file():
+                label = cand
+                break
+        cases.append(CaseSource(cid, p, label))
+    if not cases:
+        raise DataError(
+            f"{source}: no cases found (expected dataset.json, or <id>.nii.gz / <id>/ DICOM folders "
+            f"with <id>_label.nii.gz)"
+        )
+    return cases

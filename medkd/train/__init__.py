@@ -1,0 +1,1 @@
+"""Training: the short loop, checkpoints, run folders."""

@@ -1,0 +1,339 @@
+"""The training loop: short on purpose. Losses, hooks and metrics live elsewhere.
+
+A *task* is an ``nn.Module`` with:
+
+* ``model``: the network saved in ``best.pt`` (loadable alone);
+* ``forward(images, masks, index) -> dict[str, Tensor]``: the **weighted** loss terms, named; the loop sums them;
+* ``predict(images) -> logits``: for validation;
+* optionally ``trainable_state()`` / ``load_trainable_state()`` for modules saved beside the model (adapters, heads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader, Dataset
+
+import medkd
+from medkd.config import TrainConfig, to_dict, write_yaml
+from medkd.data.prepared import PreparedData
+from medkd.errors import TrainingError
+from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
+from medkd.train.checkpoint import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(device: torch.device) -> None:
+    """Same seed + config on CPU -> same numbers. (CUDA keeps cuDNN's fast non-deterministic kernels.)"""
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def make_scheduler(opt, cfg: TrainConfig):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
+    return None
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    """Random flips (per sample, both axes) and intensity scale/shift; ``gen`` is seeded per epoch."""
+    b = x.shape[0]
+    r = torch.rand(b, 4, generator=gen)
+    fh, fw = r[:, 0] < 0.5, r[:, 1] < 0.5
+    x, y = x.clone(), y.clone()
+    x[fh], y[fh] = x[fh].flip(-2), y[fh].flip(-2)
+    x[fw], y[fw] = x[fw].flip(-1), y[fw].flip(-1)
+    scale = (0.9 + 0.2 * r[:, 2]).view(b, 1, 1, 1)
+    shift = (-0.05 + 0.1 * r[:, 3]).view(b, 1, 1, 1)
+    return x * scale + shift, y
+
+
+def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channels: int, batch_size: int) -> float:
+    """Mean 3D Dice over the validation cases (cases with empty GT and empty prediction are left out)."""
+    dices = []
+    for cid in ids:
+        pred = logits_to_mask(predict_volume(predict, data.image(cid), device, in_channels, batch_size))
+        gt = np.asarray(data.label(cid)) > 0
+        tp = float((pred & gt).sum())
+        denom = float(pred.sum() + gt.sum())
+        if denom > 0:
+            dices.append(2 * tp / denom)
+    return float(np.mean(dices)) if dices else 0.0
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Parameter]) -> None:
+    """Every enabled term must be finite, non-zero and send gradient to the trainable modules."""
+    for name, v in terms.items():
+        if not torch.isfinite(v):
+            raise TrainingError(f"loss term {name!r} is {v.item()} at the first step")
+        if v.detach().abs().item() == 0.0:
+            raise TrainingError(f"loss term {name!r} is exactly zero at the first step (it would teach nothing)")
+        grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+            raise TrainingError(f"loss term {name!r} gives no gradient to the trainable modules")
+
+
+def fit(
+    task: torch.nn.Module,
+    cfg: TrainConfig,
+    data: PreparedData,
+    train_set: Dataset,
+    run: Path,
+    *,
+    kind: str,
+    summary_extra: Optional[Dict[str, Any]] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Optional[Console] = None,
+    on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> Dict[str, Any]:
+    """Train ``task`` and write the run folder. Returns ``summary.json``'s content.
+
+    Raises:
+        TrainingError: NaN/inf loss (the last good ``last.pt`` is kept in ``RUN.partial``), dead loss term.
+        MedkdError: run folder problems.
+    """
+    console = console or Console(stderr=True)
+    run = Path(run)
+    resume_from = prepare_run_dir(run, resume, overwrite)
+    work = partial_dir(run)
+    device = resolve_device(cfg.device)
+    set_deterministic(device)
+    task.to(device)
+    model = task.model
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        task.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = bool(cfg.amp and use_cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    params = [p for p in task.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg)
+    val_ids = data.require_split("val")
+
+    history: List[Dict[str, Any]] = []
+    best = {"epoch": 0, "val_dice": -1.0}
+    start_epoch, seconds = 0, 0.0
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from, device)
+        model.load_state_dict(ck["model"])
+        if hasattr(task, "load_trainable_state"):
+            task.load_trainable_state(ck.get("extra", {}))
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        history, best = ck["history"], ck["best"]
+        start_epoch, seconds = ck["epoch"], ck.get("seconds", 0.0)
+        _set_rng_state(ck["rng"])
+        if start_epoch >= cfg.epochs:
+            console.print(f"{run}: already trained for {start_epoch} epoch(s); nothing to resume", highlight=False)
+    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg), **(summary_extra or {})}
+    import yaml
+
+    (work / "config.yaml").write_text(yaml.safe_dump(config_doc, sort_keys=False))
+
+    def ckpt(epoch: int, full: bool) -> Dict[str, Any]:
+        d = {
+            "model": model.state_dict(), "model_config": model.config, "kind": kind, "epoch": epoch,
+            "config": config_doc, "medkd_version": medkd.__version__,
+            "data": {"root": str(data.root.resolve()), "fingerprint": data.fingerprint(), "size": data.size,
+                     "settings": data.settings},
+        }
+        if full:
+            d.update(optimizer=opt.state_dict(), scheduler=sched.state_dict() if sched else None,
+                     scaler=scaler.state_dict(), history=history, best=best, rng=_rng_state(), seconds=seconds)
+            if hasattr(task, "trainable_state"):
+                d["extra"] = task.trainable_state()
+        return d
+
+    progress = _Progress(console, cfg.epochs, start_epoch, kind)
+    bs = cfg.batch_size
+    try:
+        with progress:
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.time()
+                gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+                # drop a final batch of 1: BatchNorm cannot train on it (the contrastive loss also needs >= 2)
+                drop_last = len(train_set) % bs == 1
+                loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=gen, drop_last=drop_last,
+                                    num_workers=cfg.num_workers, pin_memory=use_cuda)
+                task.train()
+                sums: Dict[str, float] = {}
+                n = 0
+                progress.start_epoch(epoch, len(loader))
+                for step, (x, y, idx) in enumerate(loader):
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    if cfg.augment:
+                        x, y = augment_batch(x, y, gen)
+                    x = match_channels(x, cfg.in_channels)
+                    if use_cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        terms = task(x, y, idx)
+                    terms = {k: v.float() for k, v in terms.items()}
+                    loss = sum(terms.values())
+                    if not torch.isfinite(loss):
+                        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                        raise TrainingError(
+                            f"{run}: loss term(s) {bad} became non-finite at epoch {epoch + 1} step {step + 1}; "
+                            f"stopped (last good checkpoint: {work / 'last.pt'})"
+                        )
+                    if epoch == 0 and step == 0 and resume_from is None:
+                        check_first_step(terms, params)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
+                    n += x.shape[0]
+                    progress.step({k: s / n for k, s in sums.items()})
+                task.eval()
+                val_dice = validate(task.predict, data, val_ids, device, cfg.in_channels, bs * 2)
+                lr = opt.param_groups[0]["lr"]
+                if sched is not None:
+                    sched.step(val_dice) if cfg.schedule == "plateau" else sched.step()
+                seconds += time.time() - t0
+                row = {"epoch": epoch + 1, "loss": sum(sums.values()) / max(n, 1),
+                       **{k: s / max(n, 1) for k, s in sums.items()}, "val_dice": val_dice, "lr": lr,
+                       "seconds": round(time.time() - t0, 3)}
+                history.append(row)
+                improved = val_dice > best["val_dice"]
+                if improved:
+                    best = {"epoch": epoch + 1, "val_dice": val_dice}
+                    atomic_save(ckpt(epoch + 1, full=False), work / "best.pt")
+                    if hasattr(task, "trainable_state"):
+                        atomic_save(task.trainable_state(), work / "distill_heads.pt")
+                atomic_save(ckpt(epoch + 1, full=True), work / "last.pt")
+                with open(work / "history.jsonl", "w") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in history))
+                progress.end_epoch(row, improved)
+                if on_epoch:
+                    on_epoch(row)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: last completed epoch kept in {work / 'last.pt'}; rerun with --resume",
+                      highlight=False)
+        raise
+    finally:
+        if history:
+            _plot_curves(history, work / "curves.png")
+
+    from medkd.metrics.efficiency import count_params
+
+    summary = {
+        "kind": kind, "arch": model.arch, "params": count_params(model), "epochs_done": len(history),
+        "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+        "final_val_dice": history[-1]["val_dice"] if history else None, "seconds": round(seconds, 2),
+        "seed": cfg.seed, "device": str(device), "medkd_version": medkd.__version__,
+        "data": str(data.root.resolve()), "train_cases": len(getattr(train_set, "case_ids", [])),
+        "train_slices": len(train_set), **(summary_extra or {}),
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    finalize_run_dir(run)
+    return summary
+
+
+def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    skip = {"epoch", "val_dice", "lr", "seconds"}
+    names = [k for k in history[0] if k not in skip]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in names:
+        a.plot(epochs, [r.get(k, math.nan) for r in history], label=k, lw=2 if k == "loss" else 1)
+    a.set_xlabel("epoch"), a.set_ylabel("loss term (weighted)"), a.set_yscale("log"), a.legend(fontsize=7)
+    b.plot(epochs, [r["val_dice"] for r in history], marker="o")
+    b.set_xlabel("epoch"), b.set_ylabel("val Dice"), b.set_ylim(0, 1), b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class _Progress:
+    """Rich epoch + batch bars with live loss terms on a terminal; one plain line per epoch otherwise."""
+
+    def __init__(self, console: Console, epochs: int, start: int, kind: str):
+        self.console, self.epochs, self.kind = console, epochs, kind
+        self.live = console.is_terminal and not console.quiet
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                                transient=True)
+            self.t_epoch = self.bar.add_task("", total=epochs, completed=start, label=f"{kind} epochs")
+            self.t_batch = self.bar.add_task("", total=1, label="batches")
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, n_batches: int) -> None:
+        if self.bar:
+            self.bar.reset(self.t_batch, total=n_batches, label=f"epoch {epoch + 1}")
+
+    def step(self, means: Dict[str, float]) -> None:
+        if self.bar:
+            self.bar.update(self.t_batch, advance=1, description=" ".join(f"{k}={v:.4f}" for k, v in means.items()))
+
+    def end_epoch(self, row: Dict[str, Any], improved: bool) -> None:
+        terms = " ".join(f"{k}={row[k]:.4f}" for k in row if k not in ("epoch", "val_dice", "lr", "seconds"))
+        line = (f"{self.kind} epoch {row['epoch']}/{self.epochs} {terms} val_dice={row['val_dice']:.4f}"
+                f"{' *' if improved else ''} ({row['seconds']:.1f}s)")
+        if self.bar:
+            self.bar.advance(self.t_epoch)
+            self.bar.console.print(line, highlight=False)
+        else:
+            self.console.print(line, highlight=False)

@@ -1,0 +1,76 @@
+"""``medkd train-teacher``: the multi-task teacher (segmentation + reconstruction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from rich.console import Console
+
+from medkd.config import TeacherConfig
+from medkd.data.prepared import PreparedData, SliceDataset
+from medkd.errors import MedkdError
+from medkd.models import build_model
+from medkd.train.loop import fit, seed_everything
+
+
+class SegLoss(nn.Module):
+    """Dice (MONAI, sigmoid/softmax on logits) + BCE/CE. Returns ``(dice, ce)``."""
+
+    def __init__(self, num_classes: int = 1):
+        super().__init__()
+        self.num_classes = num_classes
+        if num_classes == 1:
+            self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        else:
+            self.dice = DiceLoss(softmax=True, to_onehot_y=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor):
+        if self.num_classes == 1:
+            return self.dice(logits, target), F.binary_cross_entropy_with_logits(logits, target)
+        return self.dice(logits, target), F.cross_entropy(logits, target[:, 0].long())
+
+
+class TeacherTask(nn.Module):
+    """Loss terms: ``dice`` + ``bce`` on the segmentation head, ``recon`` = recon_weight x MSE(recon, input)."""
+
+    def __init__(self, model: nn.Module, recon_weight: float):
+        super().__init__()
+        self.model = model
+        self.recon_weight = recon_weight
+        self.seg_loss = SegLoss(model.num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        seg, recon = self.model(x)
+        dice, bce = self.seg_loss(seg, y)
+        terms = {"dice": dice, "bce": bce}
+        if self.recon_weight > 0:
+            terms["recon"] = self.recon_weight * F.mse_loss(recon.float(), x.float())
+        return terms
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def train_teacher(
+    data_dir: Path,
+    run: Path,
+    cfg: TeacherConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Optional[Console] = None,
+) -> Dict[str, Any]:
+    """Train a multi-task teacher on all training cases. Returns the run summary."""
+    data = PreparedData(data_dir)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, in_channels=cfg.in_channels, num_classes=1, width=cfg.width, **cfg.model_kwargs)
+    if data.size < getattr(model, "min_size", 1):
+        raise MedkdError(f"{data_dir}: slices of {data.size} px are smaller than {cfg.arch}'s minimum {model.min_size}")
+    train_set = SliceDataset(data, "train")
+    task = TeacherTask(model, cfg.recon_weight)
+    return fit(task, cfg, data, train_set, run, kind="teacher", resume=resume, overwrite=overwrite, console=console,
+               summary_extra={"width": cfg.width})
