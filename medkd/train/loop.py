@@ -334,6 +334,6 @@ class _Progress:
                 f"{' *' if improved else ''} ({row['seconds']:.1f}s)")
         if self.bar:
             self.bar.advance(self.t_epoch)
-            self.bar.console.print(line, highlight=False)
+            self.bar.console.print(line, highlight=False, soft_wrap=True)
         else:
-            self.console.print(line, highlight=False)
+            self.console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,146 @@
+"""The Distiller: student + frozen teacher + adapters + losses -> a dict of named, weighted loss terms.
+
+    total = w_seg * (Dice + BCE) + sum_scales w_scale * L_loss(adapter(student_feat), teacher_feat) + w_pmd * PMD
+
+The teacher is frozen by construction (mdistiller ``_base.py``): ``requires_grad=False`` on every parameter,
+``train()`` keeps it in eval mode, and its forward runs under ``torch.no_grad()``.
+Features are caught by forward hooks on the tap module paths (no model edits).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from medkd.config import DistillConfig
+from medkd.distill.adapters import AdapterSet
+from medkd.distill.cache import TeacherCache
+from medkd.distill.hooks import FeatureExtractor
+from medkd.distill.losses import PMDLoss, build_loss
+from medkd.infer import seg_logits
+from medkd.train.teacher import SegLoss
+
+
+def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The module paths for ``scales``: the model's named taps, overridable by path."""
+    paths = {s: model.taps[s] for s in scales}
+    paths.update({s: p for s, p in (overrides or {}).items() if s in scales})
+    return paths
+
+
+@torch.no_grad()
+def probe_channels(model: nn.Module, paths: Dict[str, str], in_channels: int, size: int) -> Dict[str, int]:
+    """Channels at each tap, found by one forward pass (works for overridden paths too)."""
+    was = model.training
+    model.eval()
+    with FeatureExtractor(model, paths) as fx:
+        model(torch.zeros(1, in_channels, size, size, device=next(model.parameters()).device))
+        feats = fx.pop()
+    model.train(was)
+    return {k: int(v.shape[1]) for k, v in feats.items()}
+
+
+class Distiller(nn.Module):
+    """Distillation task for :func:`medkd.train.loop.fit`.
+
+    Args:
+        student: the student model (saved alone in ``best.pt``).
+        teacher: the trained teacher, or ``None`` for plain supervised training (``scales=[]``, ``pmd=False``).
+        cfg: the distill config (scales, loss, weights, temperature, taps).
+        size: slice size (to probe tap channels).
+        cache: optional teacher-output cache; ``None`` runs the teacher live every step.
+        index_keys: dataset index -> ``(case_id, z)``, to look rows up in the cache.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, size: int,
+                 cache: Optional[TeacherCache] = None, index_keys: Optional[List[Tuple[str, int]]] = None):
+        super().__init__()
+        self.model = student
+        self.cfg = cfg
+        self.scales = list(cfg.scales)
+        self.cache = cache
+        self.index_keys = index_keys
+        self.seg_loss = SegLoss(student.num_classes)
+        self.teacher_forwards = 0  # teacher batches run live (tests and benchmarks count them)
+        if cfg.uses_teacher and teacher is None:
+            raise ValueError("scales or pmd need a teacher")
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.teacher = teacher
+        s_paths = tap_paths(student, self.scales, cfg.taps.get("student"))
+        self.s_hooks = FeatureExtractor(student, s_paths).register() if self.scales else None
+        self.t_hooks = None
+        if teacher is not None:
+            self.t_paths = tap_paths(teacher, self.scales, cfg.taps.get("teacher"))
+            self.t_hooks = FeatureExtractor(teacher, self.t_paths).register() if self.scales else None
+            s_ch = probe_channels(student, s_paths, student.in_channels, size)
+            t_ch = probe_channels(teacher, self.t_paths, teacher.in_channels, size)
+            self.adapters = AdapterSet(s_ch, t_ch, self.scales)
+            self.losses = nn.ModuleDict({
+                s: build_loss(cfg.scale_losses.get(s, cfg.loss), t_ch[s], **cfg.loss_options) for s in self.scales
+            })
+        else:
+            self.adapters, self.losses = AdapterSet({}, {}, []), nn.ModuleDict()
+        self.pmd = PMDLoss(cfg.temperature) if cfg.pmd else None
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen forever
+        return self
+
+    @torch.no_grad()
+    def run_teacher(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Teacher outputs at the taps + its seg logits: ``{scale: (B,C,h,w), "logits": (B,K,H,W)}``."""
+        self.teacher_forwards += 1
+        logits = seg_logits(self.teacher(x))
+        feats = self.t_hooks.pop() if self.t_hooks else {}
+        return {**feats, "logits": logits}
+
+    def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.cache is not None and self.index_keys is not None:
+            keys = [self.index_keys[int(i)] for i in index]
+            if not self.cache.missing(keys):
+                return self.cache.get(keys, x.device)
+        return self.run_teacher(x)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Args: x ``(B,C,H,W)`` images, y ``(B,1,H,W)`` masks, index ``(B,)`` dataset indices.
+
+        Returns:
+            Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``.
+        """
+        w = self.cfg.weight
+        s_logits = self.model(x)
+        s_feats = self.s_hooks.pop() if self.s_hooks else {}
+        dice, bce = self.seg_loss(s_logits, y)
+        terms = {"seg": w("seg") * (dice + bce)} if self.cfg.uses_teacher else {"seg": dice + bce}
+        if not self.cfg.uses_teacher:
+            return terms
+        t = self.teacher_outputs(x, index)
+        for s in self.scales:
+            tf = t[s].float()
+            sf = self.adapters[s](s_feats[s], tf.shape[-2:])
+            terms[s] = w(s) * self.losses[s](sf, tf, y)
+        if self.pmd is not None:
+            terms["pmd"] = w("pmd") * self.pmd(s_logits.float(), t["logits"].float())
+        return terms
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.s_hooks:
+            self.s_hooks.pop()
+        return out
+
+    def trainable_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Adapters and loss heads: saved beside the student (``distill_heads.pt`` and inside ``last.pt``)."""
+        return {"adapters": self.adapters.state_dict(), "losses": self.losses.state_dict()}
+
+    def load_trainable_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        if state:
+            self.adapters.load_state_dict(state["adapters"])
+            self.losses.load_state_dict(state["losses"])

@@ -1,0 +1,105 @@
+"""``medkd distill``: train a student, with or without a teacher (the no-KD baseline uses the same path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from rich.console import Console
+
+from medkd.config import SCALES, DistillConfig
+from medkd.data.prepared import PreparedData, SliceDataset
+from medkd.distill.cache import TeacherCache
+from medkd.distill.distiller import Distiller, tap_paths
+from medkd.errors import MedkdError
+from medkd.infer import resolve_device
+from medkd.models import build_model
+from medkd.train.checkpoint import load_model_from_run
+from medkd.train.loop import fit, seed_everything
+
+
+def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
+    """Load a teacher run's best checkpoint and check it fits the data. Returns (model, checkpoint path)."""
+    teacher_run = Path(teacher_run)
+    model, ckpt = load_model_from_run(teacher_run, "best")
+    if ckpt.get("kind") != "teacher":
+        raise MedkdError(f"{teacher_run}: not a teacher run (kind={ckpt.get('kind')!r})")
+    size = ckpt.get("data", {}).get("size")
+    if size is not None and int(size) != data.size:
+        raise MedkdError(f"{teacher_run}: teacher was trained on {size}px slices, {data.root} has {data.size}px")
+    if model.in_channels != cfg.in_channels:
+        raise MedkdError(
+            f"{teacher_run}: teacher takes {model.in_channels} input channel(s), distill config has "
+            f"in_channels={cfg.in_channels} (set --in-channels {model.in_channels})")
+    path = teacher_run / "best.pt"
+    return model, path
+
+
+def distill(
+    data_dir: Path,
+    run: Path,
+    cfg: DistillConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Optional[Console] = None,
+    cache_dir: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Train a student on a seeded ``cfg.fraction`` of the training cases. Returns the run summary.
+
+    With ``cfg.scales == []`` and ``cfg.pmd == False`` no teacher is loaded (plain supervised baseline).
+    """
+    console = console or Console(stderr=True, quiet=True)
+    data = PreparedData(data_dir)
+    train_set = SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.seed)
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, in_channels=cfg.in_channels, num_classes=1, width=cfg.student_width)
+    if data.size < student.min_size:
+        raise MedkdError(f"{data_dir}: slices of {data.size}px are smaller than {cfg.student}'s minimum {student.min_size}")
+    teacher = cache = None
+    if cfg.uses_teacher:
+        teacher, ckpt_path = load_teacher(Path(cfg.teacher), cfg, data)
+        if cfg.cache and not cfg.augment:
+            device = resolve_device(cfg.device)
+            teacher.to(device)
+            # the cache stores every scale so all ablation cells share it
+            all_taps = tap_paths(teacher, SCALES, cfg.taps.get("teacher"))
+            cache = TeacherCache(Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache", ckpt_path, data,
+                                 all_taps, cfg.in_channels, data.case_ids("train"))
+    task = Distiller(student, teacher, cfg, data.size, cache=cache, index_keys=train_set.index)
+    if cache is not None:
+        _fill_cache(task, cache, train_set, cfg, console)
+    summary_extra = {
+        "student": cfg.student, "scales": list(cfg.scales), "loss": cfg.loss if cfg.scales else None,
+        "pmd": cfg.pmd, "fraction": cfg.fraction, "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
+        "weights": {k: cfg.weight(k) for k in ("seg", *cfg.scales, *(["pmd"] if cfg.pmd else []))} if cfg.uses_teacher else {"seg": 1.0},
+        "temperature": cfg.temperature if cfg.pmd else None,
+        "teacher_cache": cache.key if cache is not None else None,
+    }
+    return fit(task, cfg, data, train_set, run, kind="student", summary_extra=summary_extra, resume=resume,
+               overwrite=overwrite, console=console)
+
+
+def _fill_cache(task: Distiller, cache: TeacherCache, train_set: SliceDataset, cfg: DistillConfig,
+                console: Console) -> None:
+    """Compute teacher outputs for every slice of the student's training subset not cached yet."""
+    from medkd.distill.hooks import FeatureExtractor
+    from medkd.infer import match_channels, seg_logits
+
+    device = resolve_device(cfg.device)
+    task.teacher.to(device)
+    missing = cache.missing(train_set.index)
+    if not missing:
+        return
+    console.print(f"teacher cache {cache.key}: computing {len(missing)} slice(s) once", highlight=False)
+    with FeatureExtractor(task.teacher, cache.taps) as fx:
+        def run_teacher(x: torch.Tensor):
+            with torch.no_grad():
+                logits = seg_logits(task.teacher(match_channels(x, cfg.in_channels)))
+                feats = fx.pop()
+            if task.t_hooks:
+                task.t_hooks.pop()
+            return {**feats, "logits": logits}
+
+        cache.fill(missing, run_teacher, device, batch_size=max(2, cfg.batch_size * 2))
+
