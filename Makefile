@@ -1,0 +1,37 @@
+# medkd: `make demo` (set up + the whole job on the sample data), `make test` (set up + the test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+MEDKD  := $(BIN)/medkd
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch's exact CPU build is pinned in requirements/torch.txt (one place); pyproject only constrains the range.
+$(VENV)/.installed: pyproject.toml requirements/torch.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/torch.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: install
+	$(MEDKD) preprocess sample_data -o $(OUT)/data --overwrite
+	$(MEDKD) train-teacher $(OUT)/data -o $(OUT)/teacher --overwrite
+	$(MEDKD) distill $(OUT)/data -o $(OUT)/student --scales none --no-pmd --overwrite
+	$(MEDKD) distill $(OUT)/data -o $(OUT)/distilled --teacher $(OUT)/teacher --overwrite
+	$(MEDKD) evaluate $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split val
+	$(MEDKD) evaluate $(OUT)/teacher $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split test --overlays $(OUT)/overlays
+	$(MEDKD) predict $(OUT)/distilled sample_data/imagesTr/spleen_000.nii.gz sample_data/dicom/spleen_000 -o $(OUT)/predictions --overwrite
+	$(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	cd benchmarks && ../$(BIN)/python bench_models.py
+	cd benchmarks && ../$(BIN)/python bench_distill.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

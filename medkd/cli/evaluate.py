@@ -1,0 +1,66 @@
+"""``medkd evaluate RUN [RUN ...] --data DATA``: thin wrapper over :func:`medkd.evaluate.evaluate_runs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from medkd.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    handle_errors,
+    log_console,
+    print_json,
+    stdout_console,
+)
+from medkd.metrics import DEFAULT_TOLERANCE_MM
+
+
+@handle_errors
+def command(
+    runs: Annotated[List[Path], typer.Argument(help="Run folder(s); the first is the reference for relative change.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared dataset folder (from medkd preprocess).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: test | val | train.")] = "test",
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Surface-Dice tolerance in mm.")
+    ] = DEFAULT_TOLERANCE_MM,
+    overlays: Annotated[
+        Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs.", file_okay=False)
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Test-split metrics (per case 3D Dice, IoU, recall, precision, HD95; pooled) and efficiency, one row per run.
+
+    Saves RUN/eval-<split>.json for every run. With --json, one JSON document on stdout (the run's dict, or
+    {"runs": [...]} for several runs) and the table on stderr.
+    """
+    from medkd.evaluate import evaluate_runs
+    from rich.markup import escape
+
+    from medkd.report.tables import eval_table, print_table
+
+    log = log_console(quiet)
+
+    def progress(run: str, i: int, n: int, cid: str) -> None:
+        log.print(escape(f"[{run}] {i}/{n} {cid}"), highlight=False)
+
+    results = evaluate_runs(runs, data, split=split, device=device or "auto", tolerance_mm=tolerance,
+                            batch_size=max(1, batch_size), overlays=overlays, progress=progress)
+    for r in results:
+        for w in r.get("warnings") or []:
+            log.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    table = eval_table(results)
+    if json_out:
+        print_json(results[0] if len(results) == 1 else {"runs": results})
+        print_table(log, table)
+    else:
+        print_table(stdout_console, table)
+    if overlays is not None:
+        log.print(f"overlays: {overlays}", highlight=False)

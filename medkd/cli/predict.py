@@ -1,0 +1,74 @@
+"""``medkd predict RUN INPUT... -o OUT``: thin wrapper over :func:`medkd.predict.predict_paths`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from medkd.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    handle_errors,
+    log_console,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
+
+
+@handle_errors
+def command(
+    run: Annotated[Path, typer.Argument(help="Run folder (its best.pt is used).")],
+    inputs: Annotated[
+        List[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of them.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <case>_seg.nii.gz masks.")],
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write <case>_prob.nii.gz (float32 foreground probability).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    modality: Annotated[
+        Optional[str], typer.Option(help="CT | MR: override detection (DICOM tag, else CT when min < -500 HU).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Segment volumes with a trained run; masks keep each input's shape and orientation (affine).
+
+    Bad inputs are reported one line each and skipped (exit 1); the good ones are still written.
+    """
+    from medkd.predict import predict_paths
+    from medkd.report.tables import print_table
+
+    log = log_console(quiet)
+
+    def progress(i: int, n: int, case: str) -> None:
+        log.print(f"[{i}/{n}] {case}", highlight=False)
+
+    result = predict_paths(run, inputs, out, probabilities=probabilities, overwrite=overwrite,
+                           device=device or "auto", batch_size=max(1, batch_size),
+                           modality=modality.upper() if modality else None, progress=progress)
+    for f in result.failed:
+        stderr_console.print(f"[bold red]error:[/] {f['reason']}", highlight=False, soft_wrap=True)
+    if json_out:
+        print_json({"run": str(run), "out": str(out), "written": result.written, "failed": result.failed})
+    elif result.written:  # the result table is stdout output; --quiet only silences stderr logs
+        table = Table(title=f"predicted masks: {out}", title_justify="left")
+        for col, j in (("case", "left"), ("output", "left"), ("shape", "right"), ("modality", "left"),
+                       ("fg voxels", "right"), ("fg mL", "right"), ("s", "right")):
+            table.add_column(col, justify=j)  # type: ignore[arg-type]
+        for w in result.written:
+            table.add_row(w["case"], Path(w["seg"]).name, "×".join(str(v) for v in w["shape"]), w["modality"],
+                          f"{w['fg_voxels']:,}", f"{w['fg_ml']:.1f}", f"{w['seconds']:.1f}")
+        print_table(stdout_console, table)
+    if result.failed or not result.written:
+        if not result.failed:
+            stderr_console.print("[bold red]error:[/] no input to segment", highlight=False)
+        raise typer.Exit(1)

@@ -1,0 +1,232 @@
+"""Ablation reports, all rendered from the one results dict of :func:`medkd.ablate.compute_results`:
+the Rich table (stdout), ``results.json``, ``results.csv``, ``results.md`` and ``results.png``.
+
+Rows are the settings in grid order with the baseline(s) first; a rule separates groups of the same
+(loss, PMD) so that scale subsets read down a column, as in the reference study's Table 4.2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from rich.table import Table
+from rich.text import Text
+
+from medkd.report.tables import NA, fmt_count, fmt_mean_std, fmt_num
+
+METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Precision", "hd95": "HD95 mm"}
+LOWER_IS_BETTER = ("hd95",)
+
+
+def fmt_gain(pct: Any, digits: int = 2) -> str:
+    """A relative change already in percent: ``7.97 -> "+7.97%"``; ``"–"`` when undefined."""
+    if pct is None:
+        return NA
+    if round(float(pct), digits) == 0:
+        return f"{0:.{digits}f}%"
+    return f"{float(pct):+.{digits}f}%"
+
+
+def fmt_p(p: Any) -> str:
+    if p is None:
+        return NA
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric == "hd95" else 4
+
+
+def _group(row: Dict[str, Any]) -> Tuple[Any, ...]:
+    return (row.get("is_baseline"), row.get("loss") if row.get("scales") else None, bool(row.get("pmd")))
+
+
+def setting_cells(row: Dict[str, Any]) -> Tuple[str, str, str]:
+    scales = "+".join({"enc": "E", "bottleneck": "B", "dec": "D"}[s] for s in row.get("scales") or []) or "–"
+    return scales, (row.get("loss") or "–"), ("✓" if row.get("pmd") else "–")
+
+
+def caption(results: Dict[str, Any]) -> str:
+    t = results.get("test") or {}
+    seeds = results.get("seeds") or []
+    text = (f"{results.get('split', 'test')} split; mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
+            f"of each run's mean over cases; (±%) = relative change vs the row's baseline (HD95: lower is better); "
+            f"p = {t.get('description', '?')} over per-case Dice (seed-averaged) vs the baseline, "
+            f"n = {t.get('n_cases', '?')} case(s); * p < {t.get('alpha', 0.05)}, no multiple-comparison correction.")
+    if t.get("note"):
+        text += f" Note: {t['note']}."
+    failed = results.get("failed") or []
+    if failed:
+        text += f" {len(failed)} run(s) failed and are left out: " + ", ".join(f"{f['name']} seed {f['seed']}" for f in failed) + "."
+    return text
+
+
+def title(results: Dict[str, Any]) -> str:
+    o = results.get("options") or {}
+    rows = results.get("rows") or []
+    return (f"ablation ({results.get('grid', '?')}): {len(rows)} settings, student {o.get('student', '?')}, "
+            f"fraction {o.get('fraction', '?')}, {o.get('epochs', '?')} epochs")
+
+
+def ablate_table(results: Dict[str, Any]) -> Table:
+    """Rich table: one row per setting; per metric ``mean ± std`` with the relative change below it."""
+    table = Table(title=title(results), title_justify="left", caption=caption(results), caption_justify="left",
+                  show_lines=False)
+    table.add_column("setting", no_wrap=True)
+    table.add_column("seeds", justify="right")
+    table.add_column("params", justify="right")
+    for m in results.get("metrics") or METRIC_LABELS:
+        table.add_column(METRIC_LABELS.get(m, m), justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    rows = results.get("rows") or []
+    for i, r in enumerate(rows):
+        cells: List[Any] = [Text(r["name"], style="bold" if r.get("is_baseline") else ""),
+                            str(len(r.get("seeds") or [])), fmt_count(r.get("params"))]
+        for m in results.get("metrics") or METRIC_LABELS:
+            top = fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), _digits(m))
+            if r.get("is_baseline"):
+                cells.append(Text(top + "\n") + Text("(ref)", style="dim"))
+                continue
+            g = r.get(f"{m}_rel_gain")
+            better = None if g is None or round(g, 2) == 0 else ((g < 0) if m in LOWER_IS_BETTER else (g > 0))
+            style = "" if better is None else ("green" if better else "red")
+            cells.append(Text(top + "\n") + Text(f"({fmt_gain(g)})", style=style))
+        if r.get("is_baseline"):
+            cells.append(Text("ref", style="dim"))
+        else:
+            star = "*" if r.get("significant") else ""
+            cells.append(Text(fmt_p(r.get("p_value")) + star, style="bold green" if star else ""))
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        table.add_row(*cells, end_section=nxt is not None and _group(nxt) != _group(r))
+    return table
+
+
+def to_markdown(results: Dict[str, Any]) -> str:
+    """``results.md``: the same table as GitHub markdown, then the caption and the test in words."""
+    metrics = results.get("metrics") or list(METRIC_LABELS)
+    head = ["setting", "scales", "loss", "PMD", "seeds", "params",
+            *[METRIC_LABELS.get(m, m) for m in metrics], "ΔDice (95% CI)", "p"]
+    lines = [f"# {title(results)}", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join([":---", ":---:", ":---:", ":---:", "---:", "---:"] + ["---:"] * (len(metrics) + 2)) + "|"]
+    for r in results.get("rows") or []:
+        sc, loss, pmd = setting_cells(r)
+        cells = [f"**{r['name']}**" if r.get("is_baseline") else r["name"], sc, loss, pmd,
+                 str(len(r.get("seeds") or [])), fmt_count(r.get("params"))]
+        for m in metrics:
+            s = fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), _digits(m))
+            cells.append(s if r.get("is_baseline") else f"{s} ({fmt_gain(r.get(f'{m}_rel_gain'))})")
+        if r.get("is_baseline"):
+            cells += ["ref", "ref"]
+        else:
+            ci = r.get("dice_diff_ci")
+            diff = fmt_num(r.get("dice_diff"))
+            if ci:
+                diff += f" [{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
+            p = fmt_p(r.get("p_value"))
+            cells += [diff, f"**{p}\\***" if r.get("significant") else p]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = results.get("test") or {}
+    lines += ["", caption(results), "",
+              f"Statistical test: {t.get('description', '?')}, unit = {t.get('unit', '?')}; "
+              f"ΔDice = mean per-case Dice difference vs the baseline with a {t.get('bootstrap', 'bootstrap CI')}.", ""]
+    return "\n".join(lines)
+
+
+CSV_FIXED = ["name", "is_baseline", "baseline", "scales", "loss", "pmd", "student", "fraction", "epochs", "seeds",
+             "n_seeds", "params"]
+CSV_TAIL = ["pooled_dice_mean", "dice_diff", "dice_diff_ci_low", "dice_diff_ci_high", "n_pairs", "test", "statistic",
+            "p_value", "significant"]
+
+
+def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    out = []
+    for r in results.get("rows") or []:
+        d: Dict[str, Any] = {k: r.get(k) for k in CSV_FIXED}
+        d["scales"] = "+".join(r.get("scales") or []) or "none"
+        d["seeds"] = " ".join(map(str, r.get("seeds") or []))
+        d["n_seeds"] = len(r.get("seeds") or [])
+        for m in results.get("metrics") or METRIC_LABELS:
+            for suffix in ("mean", "std", "rel_gain"):
+                d[f"{m}_{suffix}"] = r.get(f"{m}_{suffix}")
+        ci = r.get("dice_diff_ci") or [None, None]
+        d.update({k: r.get(k) for k in CSV_TAIL})
+        d["dice_diff_ci_low"], d["dice_diff_ci_high"] = ci
+        out.append(d)
+    return out
+
+
+def to_csv(results: Dict[str, Any]) -> str:
+    """``results.csv``: one line per row; empty cells for undefined values; gains in percent."""
+    rows = csv_rows(results)
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        for d in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in d.items()})
+    return buf.getvalue()
+
+
+def plot_results(results: Dict[str, Any], path: Path) -> None:
+    """``results.png``: Dice mean ± std per setting (seed values as dots), the baseline as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results.get("rows") or []
+    n = max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.36 * n))
+    ys = list(range(n))[::-1]
+    base = results.get("baseline") or {}
+    for y, r in zip(ys, rows):
+        m, s = r.get("dice_mean"), r.get("dice_std")
+        color = "0.35" if r.get("is_baseline") else ("tab:green" if r.get("significant") else "tab:blue")
+        if m is not None:
+            ax.errorbar([m], [y], xerr=[[s or 0.0], [s or 0.0]], fmt="s" if r.get("is_baseline") else "o",
+                        color=color, capsize=3, ms=6)
+        pts = [v for v in r.get("dice_per_seed") or [] if v is not None]
+        ax.scatter(pts, [y] * len(pts), s=10, color=color, alpha=0.45, zorder=3)
+    if base.get("dice_mean") is not None:
+        ax.axvline(base["dice_mean"], ls="--", color="0.35", lw=1, label=f"baseline {base['dice_mean']:.4f}")
+        ax.legend(loc="lower right", fontsize=8)
+    labels = [r["name"] + (" *" if r.get("significant") else "") for r in rows]
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlabel(f"test Dice (mean ± std over seeds; * p < {(results.get('test') or {}).get('alpha', 0.05)})")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title(results), fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_reports(results: Dict[str, Any], out: Path, plot: bool = True) -> Dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``results.md`` (and ``results.png``) into ``out``."""
+    from medkd.metrics import to_jsonable
+
+    out = Path(out)
+    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md", "png")}
+    _atomic_text(paths["json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    _atomic_text(paths["csv"], to_csv(results))
+    _atomic_text(paths["md"], to_markdown(results))
+    if plot:
+        tmp = out / f".results.tmp-{os.getpid()}.png"
+        plot_results(results, tmp)
+        os.replace(tmp, paths["png"])
+    return paths
+
+
+def load_results(out: Path) -> Optional[Dict[str, Any]]:
+    p = Path(out) / "results.json"
+    return json.loads(p.read_text()) if p.is_file() else None

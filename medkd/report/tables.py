@@ -1,0 +1,163 @@
+"""Rich tables rendered from result dicts (the same dicts that are written as JSON).
+
+Formatting helpers (``fmt_*``, :func:`rel_change`) are shared by ``evaluate`` and ``ablate``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+NA = "–"
+
+
+def _num(value: Any) -> Optional[float]:
+    """``value`` as a finite float, else ``None`` (``None``/NaN/inf/non-numbers)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def rel_change(value: Any, ref: Any) -> Optional[float]:
+    """Relative change ``(value - ref) / |ref|``; ``None`` when either is missing or ``ref`` is 0."""
+    v, r = _num(value), _num(ref)
+    if v is None or r is None or r == 0:
+        return None
+    return (v - r) / abs(r)
+
+
+def fmt_pct_change(value: Any, ref: Any, digits: int = 2) -> str:
+    """Relative change as a signed percentage, e.g. ``fmt_pct_change(0.7555, 0.6997) == "+7.97%"``.
+
+    Returns ``"–"`` when undefined (missing value, NaN, or a zero reference).
+    """
+    rc = rel_change(value, ref)
+    if rc is None:
+        return NA
+    pct = 100.0 * rc
+    if round(pct, digits) == 0:
+        return f"{0:.{digits}f}%"
+    return f"{pct:+.{digits}f}%"
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    """A float with ``digits`` decimals; ``"–"`` for ``None``/NaN."""
+    v = _num(value)
+    return NA if v is None else f"{v:.{digits}f}"
+
+
+def fmt_mean_std(mean: Any, std: Any, digits: int = 4) -> str:
+    """``"0.8123 ± 0.0456"``; the ``± std`` part is left out when the std is undefined."""
+    m, s = _num(mean), _num(std)
+    if m is None:
+        return NA
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def fmt_count(n: Any) -> str:
+    """Compact count: ``57297 -> "57.3k"``, ``43236036 -> "43.24M"``, ``1.2e9 -> "1.20G"``."""
+    v = _num(n)
+    if v is None:
+        return NA
+    for div, suffix, d in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1)):
+        if abs(v) >= div:
+            return f"{v / div:.{d}f}{suffix}"
+    return f"{v:.0f}"
+
+
+def fmt_ms(value: Any) -> str:
+    """Milliseconds with precision that fits the magnitude (``0.412``, ``12.3``, ``1234``)."""
+    v = _num(value)
+    if v is None:
+        return NA
+    if v < 1:
+        return f"{v:.3f}"
+    if v < 100:
+        return f"{v:.1f}"
+    return f"{v:.0f}"
+
+
+def _styled_change(value: Any, ref: Any) -> Text:
+    s = fmt_pct_change(value, ref)
+    rc = rel_change(value, ref)
+    style = "" if rc is None or s.startswith("0") else ("green" if rc > 0 else "red")
+    return Text(s, style=style)
+
+
+def run_labels(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """Row labels: each run's folder name, made unique (``name``, ``name (2)``, ...)."""
+    labels, seen = [], {}
+    for r in results:
+        name = str(r.get("name") or Path(str(r.get("run", "?"))).name)
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return labels
+
+
+def eval_table(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -> Table:
+    """One row per evaluated run (dicts from :func:`medkd.evaluate.evaluate_run`).
+
+    Columns: run, kind, arch, params, Dice ± std, ΔDice (relative to the first row), IoU, recall, precision,
+    HD95 (mm), pooled Dice, latency (ms per slice). The caption states the split, cases and conventions.
+    """
+    results = list(results)
+    first = results[0] if results else {}
+    split = first.get("split", "?")
+    table = Table(title=title or f"evaluation on the {split} split", title_justify="left")
+    cols = [("run", "left"), ("kind", "left"), ("arch", "left"), ("params", "right"), ("Dice ± std", "right"),
+            ("Δ Dice", "right"), ("IoU", "right"), ("recall", "right"), ("precision", "right"),
+            ("HD95 mm", "right"), ("pooled Dice", "right"), ("ms/slice", "right")]
+    for name, justify in cols:
+        table.add_column(name, justify=justify, no_wrap=name != "run")  # type: ignore[arg-type]
+    ref = first.get("dice")
+    for i, (label, r) in enumerate(zip(run_labels(results), results)):
+        change = Text("ref", style="dim") if i == 0 else _styled_change(r.get("dice"), ref)
+        table.add_row(
+            label,
+            str(r.get("kind") or NA),
+            str(r.get("arch") or NA),
+            fmt_count(r.get("params")),
+            fmt_mean_std(r.get("dice"), r.get("dice_std")),
+            change,
+            fmt_num(r.get("iou")),
+            fmt_num(r.get("recall")),
+            fmt_num(r.get("precision")),
+            fmt_num(r.get("hd95"), 2),
+            fmt_num((r.get("pooled") or {}).get("dice")),
+            fmt_ms(r.get("latency_ms")),
+        )
+    n_cases = first.get("n_cases", "?")
+    n_empty = first.get("n_empty", 0)
+    devices = sorted({str(r.get("device")) for r in results if r.get("device")})
+    caption = (
+        f"{split}: {n_cases} case(s){f', {n_empty} with both masks empty (excluded)' if n_empty else ''}; "
+        f"means over cases of 3D metrics; pooled = TP/FP/FN summed over all slices; "
+        f"Δ Dice relative to the first row; latency on {', '.join(devices) or '?'}"
+    )
+    table.caption = caption
+    return table
+
+
+def print_table(console, table: Table) -> None:
+    """Print ``table`` whole: on a terminal Rich fits it to the window; when the output is piped or captured
+    (Rich's default width there is 80 columns) it is rendered at the table's natural width instead of
+    truncating cells to ``…``."""
+    if console.quiet:
+        return
+    if not console.is_terminal:
+        from rich.console import Console
+        from rich.measure import Measurement
+
+        need = Measurement.get(console, console.options.update(max_width=1000), table).maximum
+        if need > console.width:
+            console = Console(file=console.file, width=need, color_system=console.color_system and "auto",
+                              no_color=console.no_color)
+    console.print(table)
