@@ -43,8 +43,10 @@ def log_console(quiet: bool = False) -> Console:
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print ``error: message`` on one line to stderr and return the Exit to raise."""
+    from rich.markup import escape
+
     first = " ".join(str(message).split())
-    stderr_console.print(f"[bold red]error:[/] {first}", highlight=False, soft_wrap=True)
+    stderr_console.print(f"[bold red]error:[/] {escape(first)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

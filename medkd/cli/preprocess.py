@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typing_extensions import Annotated
 
@@ -67,7 +68,14 @@ def command(
         result = preprocess(source, out, settings, overwrite=overwrite, progress=progress)
 
     for b in result.bad:
-        stderr_console.print(f"[red]bad case:[/] {b['reason']}", highlight=False, soft_wrap=True)
+        stderr_console.print(f"[red]bad case:[/] {escape(b['reason'])}", highlight=False, soft_wrap=True)
+    if result.bad:
+        n_good = len(result.manifest["cases"])
+        hint = "" if skip_bad else " (exit 1; --skip-bad to accept)"
+        stderr_console.print(
+            f"{len(result.bad)} bad case(s) skipped, {n_good} good case(s) written to {escape(str(result.out))}{hint}",
+            highlight=False, soft_wrap=True,
+        )
     rows = split_summary(result.manifest)
     if json_out:
         print_json({"out": str(result.out), "splits": rows, "skipped": result.manifest["skipped"],

@@ -7,6 +7,8 @@ Canonical orientation is RAS (``nibabel.as_closest_canonical``'s rule); axial sl
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -63,15 +65,22 @@ def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
         arr = np.asarray(img.dataobj)
-    except Exception as e:  # nibabel raises many kinds (EOFError, ImageFileError, zlib.error, ...)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        why = f"{type(e).__name__}: {_short(e)}"
+        raise DataError(f"{path}: cannot read NIfTI, file is truncated or corrupt ({why})") from None
+    except Exception as e:  # nibabel raises many kinds (ImageFileError, HeaderDataError, OSError, ...)
         raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {_short(e)})") from None
-    if arr.ndim == 4 and arr.shape[3] == 1:
+    while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {tuple(arr.shape)}")
+        raise DataError(f"{path}: expected a 3D volume, got shape {tuple(arr.shape)} ({arr.ndim}D)")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path}: unsupported voxel type {arr.dtype} (expected integers or floats)")
     return Volume(arr, np.asarray(img.affine, dtype=np.float64), None, str(path))
 
 
@@ -87,25 +96,35 @@ def read_dicom_series(folder: Path) -> Volume:
     import pydicom
 
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
     dsets = []
     for f in files:
         try:
             ds = pydicom.dcmread(str(f))
-            ds.pixel_array  # noqa: B018 - force decoding now so truncation is caught here
+            px = ds.pixel_array  # force decoding now so truncation is caught here
         except Exception as e:
-            raise DataError(f"{f}: cannot read DICOM ({type(e).__name__}: {_short(e)})") from None
+            why = f"{type(e).__name__}: {_short(e)}"
+            raise DataError(f"{f}: cannot read DICOM, file is truncated or corrupt ({why})") from None
+        if px.ndim != 2:
+            raise DataError(f"{f}: expected one 2D slice per file, got pixel data of shape {tuple(px.shape)}")
         dsets.append(ds)
     if not dsets:
-        raise DataError(f"{folder}: no DICOM files")
+        raise DataError(f"{folder}: no DICOM files in the folder")
     uids = {str(getattr(d, "SeriesInstanceUID", "")) for d in dsets}
     if len(uids) > 1:
-        raise DataError(f"{folder}: mixed series in one folder ({len(uids)} SeriesInstanceUIDs)")
+        raise DataError(
+            f"{folder}: {len(uids)} different DICOM series mixed in one folder (SeriesInstanceUID differs); "
+            f"put each series in its own folder"
+        )
     try:
         iop = np.array([float(v) for v in dsets[0].ImageOrientationPatient])
         ps = [float(v) for v in dsets[0].PixelSpacing]
-    except AttributeError as e:
-        raise DataError(f"{folder}: DICOM geometry missing ({_short(e)})") from None
+        for d in dsets:
+            d.ImageOrientationPatient, d.PixelSpacing  # noqa: B018
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"{folder}: DICOM geometry missing or invalid ({_short(e)})") from None
     for d in dsets:
         if not np.allclose([float(v) for v in d.ImageOrientationPatient], iop, atol=1e-4):
             raise DataError(f"{folder}: inconsistent ImageOrientationPatient within the series")
@@ -115,7 +134,10 @@ def read_dicom_series(folder: Path) -> Volume:
             raise DataError(f"{folder}: inconsistent image size within the series")
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in dsets])
+    try:
+        pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in dsets])
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"{folder}: DICOM ImagePositionPatient missing or invalid ({_short(e)})") from None
     proj = pos @ normal
     order = np.argsort(proj)
     dsets = [dsets[i] for i in order]
@@ -127,7 +149,8 @@ def read_dicom_series(folder: Path) -> Volume:
         step = float(np.median(steps))
         if np.max(np.abs(steps - step)) > DICOM_SPACING_RTOL * step:
             raise DataError(
-                f"{folder}: inconsistent slice spacing ({steps.min():.3f}-{steps.max():.3f} mm)"
+                f"{folder}: inconsistent slice spacing ({steps.min():.3f}-{steps.max():.3f} mm between slices; "
+                f"a slice may be missing)"
             )
         step_vec = (pos[-1] - pos[0]) / (len(dsets) - 1)
     else:

@@ -35,9 +35,9 @@ class PreparedData:
             self.manifest = json.loads(path.read_text())
             self.cases: List[dict] = self.manifest["cases"]
             self.settings: dict = self.manifest["settings"]
+            self._by_id = {c["id"]: c for c in self.cases}
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
-        self._by_id = {c["id"]: c for c in self.cases}
         self._cache: Dict[Tuple[str, str], np.ndarray] = {}
 
     @property
@@ -56,7 +56,10 @@ class PreparedData:
         return ids
 
     def case(self, cid: str) -> dict:
-        return self._by_id[cid]
+        try:
+            return self._by_id[cid]
+        except KeyError:
+            raise DataError(f"{self.root}: unknown case {cid!r} (not in manifest.json)") from None
 
     def image(self, cid: str) -> np.ndarray:
         """``(Z, S, S)`` float32 memmap."""

@@ -19,10 +19,12 @@ Output folder: ``manifest.json`` and ``cases/<id>_img.npy`` (float32 ``(Z, S, S)
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -149,7 +151,10 @@ def check_label(case: CaseSource, image_vol, label_vol) -> None:
         )
     if not np.allclose(label_vol.affine, image_vol.affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
         diff = float(np.max(np.abs(label_vol.affine - image_vol.affine)))
-        raise DataError(f"{case.label}: label geometry differs from the image (affine max diff {diff:.3g})")
+        raise DataError(
+            f"{case.label}: label affine differs from the image's (max difference {diff:.3g}; "
+            f"label and image must share the same voxel grid)"
+        )
     lab = label_vol.array
     if not np.all(np.isfinite(lab)):
         raise DataError(f"{case.label}: label contains NaN/inf")
@@ -170,11 +175,16 @@ def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path
         DataError: any integrity problem, naming the file and the reason.
     """
     if case.label is None:
-        raise DataError(f"{case.image}: missing label (expected {case.id}_label.nii.gz beside it)")
+        where = "no \"label\" in its dataset.json entry" if case.layout == "msd" else (
+            f"expected {case.id}_label.nii.gz beside it")
+        raise DataError(f"{case.image}: missing label ({where})")
+    if not case.label.is_file():
+        raise DataError(f"{case.label}: label file not found (listed for image {case.image.name})")
     image = read_volume(case.image)
-    if not np.all(np.isfinite(image.array)):
-        n = int(np.size(image.array) - np.isfinite(image.array).sum())
-        raise DataError(f"{case.image}: {n} NaN/inf voxels")
+    finite = np.isfinite(image.array)
+    if not finite.all():
+        n = int(finite.size - finite.sum())
+        raise DataError(f"{case.image}: image has {n} NaN/inf voxel(s)")
     label = read_nifti(case.label)
     check_label(case, image, label)
 
@@ -216,14 +226,25 @@ def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path
     }
 
 
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one case per process; no oversubscription
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _process_safe(args) -> Tuple[Optional[dict], Optional[dict]]:
     case, settings, cases_dir = args
     try:
         return process_case(case, settings, cases_dir), None
     except DataError as e:
-        return None, {"id": case.id, "source": str(case.image), "reason": str(e)}
+        return None, {"id": case.id, "source": str(case.image), "reason": _one_line(e)}
     except Exception as e:  # a reader bug must not take down the other cases
-        return None, {"id": case.id, "source": str(case.image), "reason": f"{case.image}: {type(e).__name__}: {e}"}
+        reason = _one_line(f"{case.image}: unexpected error ({type(e).__name__}: {e})")
+        return None, {"id": case.id, "source": str(case.image), "reason": reason}
 
 
 def assign_splits(ids: List[str], test_fraction: float, val_fraction: float, seed: int) -> Dict[str, str]:
@@ -254,16 +275,22 @@ def preprocess(
 ) -> PreprocessResult:
     """Prepare ``source`` into ``out``. Good cases are always written; bad ones are listed under ``skipped``.
 
+    With ``settings.workers > 1`` cases run in processes started by a fork server (torch's OpenMP pool makes
+    plain fork deadlock); a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
+
     Raises:
-        MedkdError: OUT exists without ``overwrite``, no case found, or every case was bad.
+        MedkdError: OUT exists without ``overwrite``, OUT inside/around SOURCE, no case found, or every case was bad.
     """
     settings = settings or PreprocessSettings()
     settings.validate()
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
         raise MedkdError(f"{out}: already exists (use --overwrite to replace it)")
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+    src_r, out_r = source.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
         raise MedkdError(f"{out}: output must not be inside SOURCE (the source is never modified)")
+    if out_r in src_r.parents:
+        raise MedkdError(f"{out}: output must not contain SOURCE (replacing it would delete the source)")
     t0 = time.time()
     cases = discover(source)
     ids = [c.id for c in cases]
@@ -271,19 +298,34 @@ def preprocess(
     if dup:
         raise MedkdError(f"{source}: duplicate case ids {dup[:5]}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "cases").mkdir(parents=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "cases").mkdir(parents=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MedkdError(f"{out}: cannot create the output folder ({type(e).__name__}: {e.strerror or e})") from None
     try:
         jobs = [(c, settings, tmp / "cases") for c in cases]
         results: List[Tuple[Optional[dict], Optional[dict]]] = []
         if settings.workers > 1:
-            with ProcessPoolExecutor(max_workers=settings.workers) as ex:
-                for i, r in enumerate(ex.map(_process_safe, jobs)):
-                    results.append(r)
-                    if progress:
-                        progress(i + 1, len(jobs), cases[i].id)
+            # Not plain fork: a process that already ran torch ops (OpenMP pool) deadlocks its forked children.
+            # A fork server that has only imported torch (never run an op) forks workers safely and cheaply.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "medkd.data.preprocess"])
+            n_proc = min(settings.workers, len(jobs))
+            try:
+                with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=_worker_init) as ex:
+                    for i, r in enumerate(ex.map(_process_safe, jobs)):
+                        results.append(r)
+                        if progress:
+                            progress(i + 1, len(jobs), cases[i].id)
+            except BrokenProcessPool:
+                raise MedkdError(
+                    f"{source}: a worker process died (out of memory?); try fewer --workers "
+                    f"(a script calling preprocess(workers>1) needs an `if __name__ == \"__main__\":` guard)"
+                ) from None
         else:
             for i, job in enumerate(jobs):
                 results.append(_process_safe(job))
@@ -307,11 +349,18 @@ def preprocess(
             "skipped": [{"source": b["source"], "reason": b["reason"]} for b in bad],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # put the previous dataset back
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, out)
     finally:

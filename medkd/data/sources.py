@@ -32,6 +32,7 @@ class CaseSource:
     label: Optional[Path]
     modality: Optional[str] = None
     label_values: Set[int] = field(default_factory=lambda: {0, 1})
+    layout: str = "folder"  # "folder" | "msd"
 
 
 def discover(source: Path) -> List[CaseSource]:
@@ -52,9 +53,11 @@ def _discover_msd(source: Path) -> List[CaseSource]:
     path = source / "dataset.json"
     try:
         meta = json.loads(path.read_text())
-        training = meta["training"]
+        training = meta["training"] if isinstance(meta, dict) else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a valid MSD dataset.json ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a valid MSD dataset.json (expected a JSON object)")
     modality = None
     mod = meta.get("modality") or {}
     if isinstance(mod, dict) and mod:
@@ -62,14 +65,21 @@ def _discover_msd(source: Path) -> List[CaseSource]:
     labels = meta.get("labels") or {"0": "background", "1": "foreground"}
     try:
         label_values = {int(k) for k in labels}
-    except ValueError:
+    except (ValueError, TypeError):
         raise DataError(f"{path}: 'labels' keys must be integers") from None
+    if not isinstance(training, list):
+        raise DataError(f"{path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries")
     cases = []
-    for entry in training:
-        img = source / str(entry["image"])
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise DataError(
+                f"{path}: training entry {i} must be {{\"image\": \"./imagesTr/<id>.nii.gz\", "
+                f"\"label\": \"./labelsTr/<id>.nii.gz\"}}, got {_short(entry)}"
+            )
+        img = source / entry["image"]
         lbl = source / str(entry["label"]) if entry.get("label") else None
         cid = strip_nifti_suffix(Path(entry["image"]).name)
-        cases.append(CaseSource(cid, img, lbl, modality, label_values))
+        cases.append(CaseSource(cid, img, lbl, modality, label_values, layout="msd"))
     if not cases:
         raise DataError(f"{path}: no training cases listed")
     return cases
@@ -101,3 +111,8 @@ def _discover_folder(source: Path) -> List[CaseSource]:
             f"with <id>_label.nii.gz)"
         )
     return cases
+
+
+def _short(obj: object, n: int = 60) -> str:
+    s = " ".join(repr(obj).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
