@@ -124,6 +124,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 C = TypeVar("C", bound=TrainConfig)
 
+# Keys a run's ``config.yaml`` records beside the options (what was trained, on which data); ignored by --config.
+RUN_METADATA = ("kind", "data")
+
 
 def _check(ok: bool, msg: str) -> None:
     if not ok:
@@ -166,6 +169,8 @@ def build_config(
         merged.update({k: v for k, v in PRESETS[preset].items() if k in names})
     if yaml_path is not None:
         doc = read_yaml(yaml_path)
+        for k in RUN_METADATA:  # a run's config.yaml is re-usable as --config
+            doc.pop(k, None)
         unknown = [k for k in doc if k not in names]
         if unknown:
             raise MedkdError(f"{yaml_path}: unknown option(s) {unknown}; valid: {', '.join(names)}")

@@ -88,4 +88,4 @@ def command(
         log_console().print(
             f"student {summary['arch']} ({summary['params']:,} params, {what}, fraction {cfg.fraction}): best val Dice "
             f"{summary['best_val_dice']:.4f} at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}",
-            highlight=False)
+            highlight=False, soft_wrap=True)

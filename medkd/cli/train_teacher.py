@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import ConfigOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, SeedOpt, handle_errors, log_console, print_json
+from medkd.cli.common import (ConfigOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, SeedOpt, fail, handle_errors,
+                              log_console, print_json)
 from medkd.config import TeacherConfig, build_config
 
 
@@ -37,8 +38,12 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-task teacher (segmentation + image reconstruction) on all training cases."""
+    from medkd.models import MODELS, is_teacher
     from medkd.train.teacher import train_teacher
 
+    teachers = [n for n in MODELS.names() if is_teacher(n)]
+    if arch is not None and arch not in teachers:  # a usage error: exit 2 listing the valid names
+        raise fail(f"unknown --arch {arch!r}; valid: {', '.join(teachers)}", 2)
     cfg = build_config(TeacherConfig, config, dict(
         arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, recon_weight=recon_weight, in_channels=in_channels,
@@ -49,4 +54,4 @@ def command(
     elif not quiet:
         log_console().print(
             f"teacher {summary['arch']} ({summary['params']:,} params): best val Dice {summary['best_val_dice']:.4f} "
-            f"at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}", highlight=False)
+            f"at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}", highlight=False, soft_wrap=True)

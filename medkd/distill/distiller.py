@@ -19,6 +19,7 @@ from medkd.distill.adapters import AdapterSet
 from medkd.distill.cache import TeacherCache
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import PMDLoss, build_loss
+from medkd.errors import MedkdError
 from medkd.infer import seg_logits
 from medkd.train.teacher import SegLoss
 
@@ -59,7 +60,9 @@ class Distiller(nn.Module):
         super().__init__()
         self.model = student
         self.cfg = cfg
-        self.scales = list(cfg.scales)
+        # a zero weight switches a term off (no hooks, adapter or loss are built for it)
+        self.scales = [s for s in cfg.scales if cfg.weight(s) > 0]
+        self.use_seg = not cfg.uses_teacher or cfg.weight("seg") > 0
         self.cache = cache
         self.index_keys = index_keys
         self.seg_loss = SegLoss(student.num_classes)
@@ -85,7 +88,9 @@ class Distiller(nn.Module):
             })
         else:
             self.adapters, self.losses = AdapterSet({}, {}, []), nn.ModuleDict()
-        self.pmd = PMDLoss(cfg.temperature) if cfg.pmd else None
+        self.pmd = PMDLoss(cfg.temperature) if cfg.pmd and cfg.weight("pmd") > 0 else None
+        if not (self.use_seg or self.scales or self.pmd is not None):
+            raise MedkdError("every loss term has weight 0: nothing to train (check --weights)")
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -112,14 +117,17 @@ class Distiller(nn.Module):
         """Args: x ``(B,C,H,W)`` images, y ``(B,1,H,W)`` masks, index ``(B,)`` dataset indices.
 
         Returns:
-            Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``.
+            Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``; terms whose weight
+            is 0 are left out.
         """
         w = self.cfg.weight
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
         dice, bce = self.seg_loss(s_logits, y)
-        terms = {"seg": w("seg") * (dice + bce)} if self.cfg.uses_teacher else {"seg": dice + bce}
-        if not self.cfg.uses_teacher:
+        terms = {}
+        if self.use_seg:
+            terms["seg"] = w("seg") * (dice + bce) if self.cfg.uses_teacher else dice + bce
+        if not self.scales and self.pmd is None:
             return terms
         t = self.teacher_outputs(x, index)
         for s in self.scales:

@@ -58,7 +58,8 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Create/choose the working folder ``RUN.partial``. Returns the checkpoint to resume from (or None).
 
     Raises:
-        MedkdError: RUN exists without --overwrite/--resume; --resume with nothing to resume.
+        MedkdError: RUN (or an interrupted RUN.partial) exists without --overwrite/--resume; --resume with
+            nothing to resume.
     """
     run = Path(run)
     work = partial_dir(run)
@@ -73,6 +74,8 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> Optional[Path]:
         raise MedkdError(f"{run}: nothing to resume (no last.pt in {run} or {work})")
     if run.exists() and not overwrite:
         raise MedkdError(f"{run}: already exists (use --overwrite to replace it or --resume to continue)")
+    if (work / "last.pt").is_file() and not overwrite:  # never throw away an interrupted run's epochs silently
+        raise MedkdError(f"{work}: holds an interrupted run (use --resume to continue it or --overwrite to start again)")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

@@ -99,6 +99,21 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
+    """A resumed cosine schedule follows the *current* ``epochs`` (resuming with more epochs extends the run).
+
+    The learning rate is recomputed in closed form, so stopping after epoch k of N and resuming gives the same
+    rates as an uninterrupted N-epoch run, and extending a finished run does not continue at lr ~ 0.
+    """
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == epochs:
+        return
+    sched.T_max = epochs
+    t = sched.last_epoch
+    for g, base in zip(opt.param_groups, sched.base_lrs):
+        g["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Parameter]) -> None:
     """Every enabled term must be finite, non-zero and send gradient to the trainable modules."""
     for name, v in terms.items():
@@ -161,6 +176,7 @@ def fit(
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler"):
             sched.load_state_dict(ck["scheduler"])
+            _extend_schedule(sched, opt, cfg.epochs)
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         history, best = ck["history"], ck["best"]
@@ -168,7 +184,8 @@ def fit(
         _set_rng_state(ck["rng"])
         if start_epoch >= cfg.epochs:
             console.print(f"{run}: already trained for {start_epoch} epoch(s); nothing to resume", highlight=False)
-    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg), **(summary_extra or {})}
+    # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
+    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
     import yaml
 
     (work / "config.yaml").write_text(yaml.safe_dump(config_doc, sort_keys=False))
@@ -254,7 +271,7 @@ def fit(
                     on_epoch(row)
     except KeyboardInterrupt:
         console.print(f"interrupted: last completed epoch kept in {work / 'last.pt'}; rerun with --resume",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         raise
     finally:
         if history:

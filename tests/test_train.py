@@ -1,0 +1,287 @@
+"""``medkd train-teacher``: the training loop, checkpoints, resume, determinism, NaN stop and the CLI.
+
+Runs are tiny (width 4, 32 px, 1-2 epochs); module-scoped fixtures train each run once and share it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import _quiet, tiny_teacher_config
+from medkd.cli import app
+from medkd.errors import MedkdError, TrainingError
+from medkd.train.checkpoint import atomic_save, load_checkpoint, load_model_from_run, partial_dir
+from medkd.train.teacher import train_teacher
+
+SUMMARY_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val_dice", "seconds", "seed",
+                "medkd_version"}
+
+
+def _weights(run: Path, which: str = "last") -> dict:
+    return load_checkpoint(Path(run) / f"{which}.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _metrics(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("seconds",)}
+
+
+def _history(run: Path) -> list:
+    return [json.loads(line) for line in (Path(run) / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("train_runs")
+
+
+@pytest.fixture(scope="module")
+def run2(tiny_data, runs):
+    """An uninterrupted 2-epoch teacher run (the reference for resume tests)."""
+    run = runs / "straight2"
+    summary = train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), console=_quiet())
+    return run, summary
+
+
+# ------------------------------------------------------------------------------------------- library: the loop
+
+
+def test_two_epochs_reduce_loss_and_write_contract_files(run2):
+    run, summary = run2
+    assert not partial_dir(run).exists()
+    for name in ("best.pt", "last.pt", "config.yaml", "summary.json", "history.jsonl"):
+        assert (run / name).is_file(), name
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["kind"] == "teacher" and summary["arch"] == "unet" and summary["epochs_done"] == 2
+    assert summary["seed"] == 0 and summary["params"] > 0
+    assert 1 <= summary["best_epoch"] <= 2 and 0.0 <= summary["best_val_dice"] <= 1.0
+    hist = _history(run)
+    assert [r["epoch"] for r in hist] == [1, 2]
+    for r in hist:  # every term by name, plus the total
+        assert {"loss", "dice", "bce", "recon", "val_dice", "lr"} <= set(r)
+        assert r["loss"] == pytest.approx(r["dice"] + r["bce"] + r["recon"], rel=1e-6)
+    assert hist[1]["loss"] < hist[0]["loss"]
+    assert summary["best_val_dice"] == max(r["val_dice"] for r in hist)
+
+
+def test_config_yaml_is_resolved(run2, tiny_data):
+    run, _ = run2
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    assert doc["kind"] == "teacher" and Path(doc["data"]) == Path(tiny_data).resolve()
+    assert doc["width"] == 4 and doc["epochs"] == 2 and doc["arch"] == "unet" and doc["lr"] == 3e-3
+    from medkd.config import TeacherConfig, build_config, to_dict
+
+    again = build_config(TeacherConfig, run / "config.yaml")  # re-usable as --config
+    assert to_dict(again) == to_dict(tiny_teacher_config(epochs=2))
+
+
+def test_best_loads_alone(run2):
+    run, summary = run2
+    model, ck = load_model_from_run(run)
+    assert not model.training and model.arch == "unet" and ck["epoch"] == summary["best_epoch"]
+    seg, recon = model(torch.zeros(2, 1, 32, 32))
+    assert seg.shape == (2, 1, 32, 32) and recon.shape == (2, 1, 32, 32)
+
+
+def test_same_seed_is_deterministic(tiny_data, tiny_teacher, runs):
+    run = runs / "again"
+    summary = train_teacher(tiny_data, run, tiny_teacher_config(), console=_quiet())
+    first = json.loads((tiny_teacher / "summary.json").read_text())
+    assert _metrics(summary) == _metrics(first)
+    assert _history(run)[0]["loss"] == _history(tiny_teacher)[0]["loss"]
+    assert_same_weights(_weights(run), _weights(tiny_teacher))
+
+
+def test_extending_a_finished_run_with_resume_equals_straight_run(tiny_data, tiny_teacher, run2, runs):
+    """1 epoch (finished), then ``--resume`` with epochs=2 == 2 epochs straight, bit for bit."""
+    run = runs / "extended"
+    shutil.copytree(tiny_teacher, run)
+    summary = train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), resume=True, console=_quiet())
+    assert summary["epochs_done"] == 2 and not partial_dir(run).exists()
+    assert_same_weights(_weights(run), _weights(run2[0]))
+    assert _metrics(summary) == _metrics(run2[1])
+    assert [r["loss"] for r in _history(run)] == [r["loss"] for r in _history(run2[0])]
+
+
+def test_interrupted_then_resumed_equals_straight_run(tiny_data, run2, runs, monkeypatch):
+    """Ctrl-C during epoch 2 keeps RUN.partial/last.pt (epoch 1); --resume ends with the straight run's weights."""
+    import medkd.train.loop as loop
+
+    run = runs / "interrupted"
+    real = loop.validate
+    calls = {"n": 0}
+
+    def validate_then_interrupt(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "validate", validate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), console=_quiet())
+    monkeypatch.setattr(loop, "validate", real)
+    assert not run.exists()
+    assert load_checkpoint(partial_dir(run) / "last.pt")["epoch"] == 1
+    with pytest.raises(MedkdError, match="interrupted run.*--resume"):  # its epochs are not thrown away silently
+        train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), console=_quiet())
+    assert (partial_dir(run) / "last.pt").is_file()
+    summary = train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), resume=True, console=_quiet())
+    assert summary["epochs_done"] == 2
+    assert_same_weights(_weights(run), _weights(run2[0]))
+    assert _metrics(summary) == _metrics(run2[1])
+
+
+def test_resume_with_nothing_to_resume_fails(tiny_data, runs):
+    with pytest.raises(MedkdError, match="nothing to resume"):
+        train_teacher(tiny_data, runs / "nothing", tiny_teacher_config(), resume=True, console=_quiet())
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny_data, runs, monkeypatch):
+    import medkd.train.loop as loop
+    from medkd.train.teacher import TeacherTask
+
+    run = runs / "nan"
+    real_validate, real_forward = loop.validate, TeacherTask.forward
+    state = {"epochs": 0}
+
+    def counting_validate(*a, **kw):
+        state["epochs"] += 1
+        return real_validate(*a, **kw)
+
+    def forward(self, x, y, index=None):
+        terms = real_forward(self, x, y, index)
+        if state["epochs"] >= 1:  # epoch 2
+            terms["recon"] = terms["recon"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(loop, "validate", counting_validate)
+    monkeypatch.setattr(TeacherTask, "forward", forward)
+    with pytest.raises(TrainingError) as e:
+        train_teacher(tiny_data, run, tiny_teacher_config(epochs=3), console=_quiet())
+    msg = str(e.value)
+    assert "\n" not in msg and "recon" in msg and "epoch 2" in msg and "last.pt" in msg
+    assert not run.exists()
+    ck = load_checkpoint(partial_dir(run) / "last.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_first_step_check_names_a_dead_term(tiny_data, runs, monkeypatch):
+    from medkd.train.teacher import TeacherTask
+
+    real_forward = TeacherTask.forward
+
+    def forward(self, x, y, index=None):
+        terms = real_forward(self, x, y, index)
+        terms["recon"] = torch.zeros((), requires_grad=True) + 0.5  # constant: no gradient to the model
+        return terms
+
+    monkeypatch.setattr(TeacherTask, "forward", forward)
+    with pytest.raises(TrainingError, match="'recon' gives no gradient"):
+        train_teacher(tiny_data, runs / "dead", tiny_teacher_config(), console=_quiet())
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_atomic_save_crash_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.ones(3)}, "model_config": {}}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **kw):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"model": {"w": torch.zeros(3)}, "model_config": {}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(MedkdError, match="cannot load checkpoint") as e:
+        load_checkpoint(tmp_path / "last.pt")
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_json_with_config_and_flag_override(tiny_data, tiny_teacher, runs):
+    """``--config`` a run's config.yaml (width 4, lr 3e-3) with ``--lr`` overriding it; ``--json`` = only JSON."""
+    run = runs / "cli"
+    r = _cli(["train-teacher", tiny_data, "-o", run, "--config", tiny_teacher / "config.yaml", "--lr", "0.001",
+              "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)  # the whole of stdout is one JSON document
+    assert SUMMARY_KEYS <= set(doc) and doc["epochs_done"] == 1 and doc["kind"] == "teacher"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["lr"] == 0.001 and cfg["width"] == 4 and cfg["batch_size"] == 4
+    assert json.loads((run / "summary.json").read_text()) == doc
+
+
+def test_cli_existing_run_needs_overwrite(tiny_data, tiny_teacher):
+    before = (tiny_teacher / "summary.json").read_text()
+    r = _cli(["train-teacher", tiny_data, "-o", tiny_teacher, "--width", "4", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 1
+    assert "already exists" in r.stderr and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tiny_teacher / "summary.json").read_text() == before
+
+
+def test_cli_unknown_arch_is_usage_error(tiny_data, tmp_path):
+    r = _cli(["train-teacher", tiny_data, "-o", tmp_path / "r", "--arch", "resnet", "--device", "cpu"])
+    assert r.exit_code == 2
+    assert "resnet" in r.stderr and "unet" in r.stderr and "transunet" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_missing_data_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _cli(["train-teacher", tmp_path / "empty", "-o", tmp_path / "r", "--device", "cpu"])
+    assert r.exit_code == 1
+    assert "manifest.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not partial_dir(tmp_path / "r").exists()
+
+
+def test_cli_config_unknown_key_is_named(tiny_data, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("width: 4\nepocs: 2\n")
+    r = _cli(["train-teacher", tiny_data, "-o", tmp_path / "r", "--config", bad, "--device", "cpu"])
+    assert r.exit_code == 1
+    assert "epocs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_value_is_one_line_error(tiny_data, tmp_path):
+    r = _cli(["train-teacher", tiny_data, "-o", tmp_path / "r", "--epochs", "0", "--device", "cpu"])
+    assert r.exit_code == 1 and "epochs must be >= 1" in r.stderr
+
+
+def test_flags_override_yaml(tmp_path):
+    from medkd.config import TeacherConfig, build_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("width: 8\nlr: 1e-4\nepochs: 3\n")
+    cfg = build_config(TeacherConfig, y, {"epochs": 5, "width": None})
+    assert (cfg.width, cfg.lr, cfg.epochs) == (8, 1e-4, 5)
