@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -54,48 +55,91 @@ def setting_cells(row: Dict[str, Any]) -> Tuple[str, str, str]:
 def caption(results: Dict[str, Any]) -> str:
     t = results.get("test") or {}
     seeds = results.get("seeds") or []
-    text = (f"{results.get('split', 'test')} split; mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
-            f"of each run's mean over cases; (±%) = relative change vs the row's baseline (HD95: lower is better); "
+    text = (f"{results.get('split', 'test')} split; mean ± std over {len(seeds)} seed(s) "
+            f"({', '.join(map(str, seeds))}) of each run's mean over cases (HD95 in mm); (±%) = relative change vs "
+            f"the row's baseline (HD95: lower is better); "
             f"p = {t.get('description', '?')} over per-case Dice (seed-averaged) vs the baseline, "
             f"n = {t.get('n_cases', '?')} case(s); * p < {t.get('alpha', 0.05)}, no multiple-comparison correction.")
     if t.get("note"):
         text += f" Note: {t['note']}."
     failed = results.get("failed") or []
     if failed:
-        text += f" {len(failed)} run(s) failed and are left out: " + ", ".join(f"{f['name']} seed {f['seed']}" for f in failed) + "."
+        which = ", ".join(f"{f['name']} seed {f['seed']}" for f in failed)
+        text += f" {len(failed)} run(s) failed and are left out: {which}."
     return text
 
 
 def title(results: Dict[str, Any]) -> str:
     o = results.get("options") or {}
     rows = results.get("rows") or []
-    return (f"ablation ({results.get('grid', '?')}): {len(rows)} settings, student {o.get('student', '?')}, "
+    params = {r.get("params") for r in rows} - {None}
+    student = f"student {o.get('student', '?')}" + (f" ({fmt_count(params.pop())} params)" if len(params) == 1 else "")
+    return (f"ablation ({results.get('grid', '?')}): {len(rows)} settings, {student}, "
             f"fraction {o.get('fraction', '?')}, {o.get('epochs', '?')} epochs")
 
 
-def ablate_table(results: Dict[str, Any]) -> Table:
-    """Rich table: one row per setting; per metric ``mean ± std`` with the relative change below it."""
-    table = Table(title=title(results), title_justify="left", caption=caption(results), caption_justify="left",
-                  show_lines=False)
-    table.add_column("setting", no_wrap=True)
-    table.add_column("seeds", justify="right")
-    table.add_column("params", justify="right")
-    for m in results.get("metrics") or METRIC_LABELS:
-        table.add_column(METRIC_LABELS.get(m, m), justify="right", no_wrap=True)
-    table.add_column("p", justify="right", no_wrap=True)
+class AblateTable:
+    """The ablation table as a Rich renderable that fits the console: ``mean ± std`` on one line when there is
+    room, else ``mean`` / ``±std`` stacked (never truncated numbers). Build the Table itself with
+    :func:`build_table`."""
+
+    def __init__(self, results: Dict[str, Any]):
+        self.results = results
+
+    def __rich_console__(self, console, options):
+        wide = build_table(self.results, compact=False)
+        if console.measure(wide, options=options.update_width(10_000)).maximum <= options.max_width:
+            yield wide
+        else:
+            yield build_table(self.results, compact=True)
+
+
+def ablate_table(results: Dict[str, Any]) -> AblateTable:
+    """Rich renderable of the results: one row per setting, per metric mean ± std with the relative change below
+    it, and the p-value (see :func:`build_table`)."""
+    return AblateTable(results)
+
+
+def build_table(results: Dict[str, Any], compact: bool = False) -> Table:
+    """Rich table: one row per setting; per metric ``mean ± std`` (``compact``: std on its own line) with the
+    relative change vs the row's baseline below it; ``p`` with ``*`` when significant.
+
+    A ``params`` column appears only when the rows differ (else the title gives them), a ``seeds`` column only
+    when some row lacks a seed's result (failed runs). A blank line separates groups of the same (loss, PMD).
+    """
     rows = results.get("rows") or []
+    metrics = results.get("metrics") or list(METRIC_LABELS)
+    n_seeds = len(results.get("seeds") or [])
+    show_seeds = any(len(r.get("seeds") or []) != n_seeds for r in rows)
+    show_params = len({r.get("params") for r in rows}) > 1
+    table = Table(title=Text(title(results)), title_justify="left", caption=Text(caption(results)),
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0 if compact else (0, 1))
+    table.add_column("setting", no_wrap=True)
+    if show_seeds:
+        table.add_column("seeds", justify="right", no_wrap=True)
+    if show_params:
+        table.add_column("params", justify="right", no_wrap=True)
+    for m in metrics:
+        label = METRIC_LABELS.get(m, m)
+        table.add_column(label.replace(" mm", "") if compact else label, justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    sep = "\n±" if compact else " ± "
     for i, r in enumerate(rows):
-        cells: List[Any] = [Text(r["name"], style="bold" if r.get("is_baseline") else ""),
-                            str(len(r.get("seeds") or [])), fmt_count(r.get("params"))]
-        for m in results.get("metrics") or METRIC_LABELS:
-            top = fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), _digits(m))
+        cells: List[Any] = [Text(r["name"], style="bold" if r.get("is_baseline") else "")]
+        if show_seeds:
+            cells.append(f"{len(r.get('seeds') or [])}/{n_seeds}")
+        if show_params:
+            cells.append(fmt_count(r.get("params")))
+        for m in metrics:
+            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            top = fmt_num(mean, _digits(m)) + ("" if std is None or mean is None else sep + fmt_num(std, _digits(m)))
             if r.get("is_baseline"):
                 cells.append(Text(top + "\n") + Text("(ref)", style="dim"))
                 continue
             g = r.get(f"{m}_rel_gain")
-            better = None if g is None or round(g, 2) == 0 else ((g < 0) if m in LOWER_IS_BETTER else (g > 0))
+            better = None if g is None or round(g, 1) == 0 else ((g < 0) if m in LOWER_IS_BETTER else (g > 0))
             style = "" if better is None else ("green" if better else "red")
-            cells.append(Text(top + "\n") + Text(f"({fmt_gain(g)})", style=style))
+            cells.append(Text(top + "\n") + Text(f"({fmt_gain(g, 1)})", style=style))
         if r.get("is_baseline"):
             cells.append(Text("ref", style="dim"))
         else:

@@ -1,0 +1,82 @@
+"""``medkd ablate DATA --teacher TEACHER_RUN -o DIR [--grid GRID.yaml | --preset quick|study]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from medkd.cli.common import (ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, fail, handle_errors, log_console,
+                              print_json, stdout_console)
+from medkd.errors import MedkdError
+
+
+@handle_errors
+def command(
+    data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
+    teacher: Annotated[Path, typer.Option(help="Teacher run folder (its teacher-output cache is shared by every run).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Ablation folder: runs/<setting>/seed<k>/ and results.*")],
+    grid: Annotated[Optional[Path], typer.Option(help="YAML list of cells, each a mapping of distill options, e.g. "
+                                                   "- {scales: \\[enc, dec], loss: contrastive, pmd: true}.",
+                                              dir_okay=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="quick (minutes on the sample data) | study (the reference "
+                                                       "study's scales x PMD x loss grid).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma list of seeds for every row. \\[default: the grid's, else 0,1,2]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="s1 | s2, for every cell that does not set it. \\[default: s1]")] = None,
+    student_width: Annotated[Optional[int], typer.Option(help="Student base width (s1: 16, s2: 32).")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="Seeded fraction of the training cases. \\[default: 0.5]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per run. \\[default: the grid's, else 12]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")] = None,
+    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (must match the teacher).")] = None,
+    test: Annotated[str, typer.Option(help="Paired test over per-case Dice vs the baseline: auto (Wilcoxon with >= 6 "
+                                           "test cases, else paired t-test) | wilcoxon | ttest.")] = "auto",
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain finished runs whose config differs from "
+                                                                "the grid's (default: stop with an error).")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distill over a grid of settings x seeds plus the no-KD baseline; table of mean ± std, gains and p-values.
+
+    Resumable: rerun the same command to skip finished runs and finish the rest.
+    """
+    from medkd.ablate import PRESETS, TESTS, ablate, parse_seeds
+    from medkd.cli.distill import _usage_checks
+    from medkd.report.ablate_table import ablate_table
+
+    if grid is not None and preset is not None:
+        raise fail("give either --grid or --preset, not both", 2)
+    if grid is None and preset is None:
+        raise fail("give --grid GRID.yaml or --preset quick|study", 2)
+    if preset is not None and preset not in PRESETS:
+        raise fail(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}", 2)
+    if test not in TESTS:
+        raise fail(f"unknown --test {test!r}; valid: {', '.join(TESTS)}", 2)
+    if seeds is not None and seed is not None:
+        raise fail("give --seeds or --seed, not both", 2)
+    _usage_checks(None, None, student)
+    seed_list = None
+    try:
+        if seeds is not None:
+            seed_list = parse_seeds(seeds)
+        elif seed is not None:
+            seed_list = parse_seeds([seed], "--seed")
+    except MedkdError as e:
+        raise fail(str(e), 2)
+    results = ablate(
+        data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, test=test, overwrite=overwrite,
+        base_overrides=dict(student=student, student_width=student_width, fraction=fraction, epochs=epochs,
+                            batch_size=batch_size, lr=lr, in_channels=in_channels, device=device),
+        console=log_console(quiet),
+    )
+    if json_out:
+        print_json(results)  # stdout holds only the JSON; the table goes to stderr (as `medkd evaluate --json`)
+        if not quiet:
+            log_console().print(ablate_table(results))
+    elif not quiet:
+        stdout_console.print(ablate_table(results))

@@ -1,0 +1,402 @@
+"""``medkd ablate``: grid parsing/validation, baseline, statistics (hand-computed), resume, shared teacher cache,
+output files and schema, and the CLI on a 2-cell x 2-seed tiny grid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import medkd.ablate as ab
+from medkd.cli import app
+from medkd.errors import MedkdError
+
+runner = CliRunner()
+TINY = dict(student="s1", student_width=4, epochs=1, batch_size=4, device="cpu")
+GRID = [{"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": "none", "pmd": True}]
+ROW_KEYS = {"name", "scales", "loss", "pmd", "seeds", "dice_mean", "dice_std", "dice_rel_gain", "iou_mean",
+            "iou_std", "iou_rel_gain", "recall_mean", "precision_mean", "hd95_mean", "hd95_rel_gain", "p_value",
+            "significant", "params", "is_baseline", "baseline", "dice_diff_ci"}
+
+
+def write_grid(path: Path, cells=GRID) -> Path:
+    path.write_text(yaml.safe_dump(cells))
+    return path
+
+
+def plan_of(cells, base=None, teacher="T", seeds=None, options=None):
+    doc = {"source": "grid.yaml", "cells": cells, "seeds": None, "options": options or {}}
+    return ab.build_plan(doc, Path(teacher), seeds, {**TINY, **(base or {})})
+
+
+# --------------------------------------------------------------------------------------------- grid and validation
+
+
+def test_grid_file_forms_and_errors(tmp_path):
+    doc = ab.load_grid_doc(write_grid(tmp_path / "g.yaml"))
+    assert doc["cells"] == GRID and doc["seeds"] is None
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"seeds": [3, 4], "options": {"epochs": 2}, "cells": GRID}))
+    doc = ab.load_grid_doc(m)
+    assert doc["seeds"] == [3, 4] and doc["options"] == {"epochs": 2}
+    with pytest.raises(MedkdError, match="exactly one"):
+        ab.load_grid_doc(None, None)
+    with pytest.raises(MedkdError, match="exactly one"):
+        ab.load_grid_doc(m, "quick")
+    with pytest.raises(MedkdError, match="unknown preset"):
+        ab.load_grid_doc(None, "huge")
+    (tmp_path / "bad.yaml").write_text("- {scales: [enc\n")
+    with pytest.raises(MedkdError, match="invalid YAML"):
+        ab.load_grid_doc(tmp_path / "bad.yaml")
+    (tmp_path / "empty.yaml").write_text("[]")
+    with pytest.raises(MedkdError, match="non-empty"):
+        ab.load_grid_doc(tmp_path / "empty.yaml")
+    (tmp_path / "top.yaml").write_text("cells: []\nepochs: 3\n")
+    with pytest.raises(MedkdError, match="'epochs'"):
+        ab.load_grid_doc(tmp_path / "top.yaml")
+
+
+def test_unknown_and_reserved_keys_are_named():
+    with pytest.raises(MedkdError, match=r"cell 2: unknown key 'scale'"):
+        plan_of([{"scales": ["enc"]}, {"scale": ["dec"]}])
+    with pytest.raises(MedkdError, match=r"cell 1: 'seed' cannot be set per cell \(use --seeds\)"):
+        plan_of([{"seed": 3}])
+    with pytest.raises(MedkdError, match=r"cell 1: .*unknown loss 'l2'"):
+        plan_of([{"scales": ["enc"], "loss": "l2"}])
+    with pytest.raises(MedkdError, match=r"cell 1: .*unknown scale"):
+        plan_of([{"scales": ["middle"]}])
+    with pytest.raises(MedkdError, match="same setting as cell 1"):
+        plan_of([{"scales": ["enc"], "loss": "mse"}, {"scales": "enc", "loss": "mse", "temperature": 4.0}])
+    with pytest.raises(MedkdError, match="needs --teacher"):
+        ab.build_plan({"source": "g", "cells": [{"scales": ["enc"]}]}, None, None, TINY)
+    with pytest.raises(MedkdError, match="seeds must be integers"):
+        ab.parse_seeds("0,x")
+
+
+def test_baseline_always_present_names_and_precedence():
+    plan = plan_of([{"scales": ["enc", "bottleneck", "dec"], "loss": "contrastive", "pmd": True},
+                    {"scales": "none", "pmd": True}, {"scales": ["dec"], "loss": "mse", "pmd": False, "epochs": 3}],
+                   base={"epochs": 2}, options={"epochs": 5, "lr": 0.01})
+    names = [c.name for c in plan.cells]
+    assert names == ["baseline", "baseline [epochs=3]", "E+B+D contrastive +PMD", "PMD only", "D mse [epochs=3]"]
+    base = plan.cells[0]
+    assert base.is_baseline and base.cfg.scales == [] and base.cfg.pmd is False and base.cfg.teacher is None
+    assert base.cfg.student_width == 4 and base.cfg.fraction == 0.5
+    assert plan.cells[2].cfg.epochs == 2  # command line beats grid options
+    assert plan.cells[2].cfg.lr == 0.01  # grid options beat defaults
+    assert plan.cells[4].cfg.epochs == 3  # the cell beats the command line
+    # ... and D mse at 3 epochs is compared with its own 3-epoch baseline
+    assert plan.cells[4].baseline == "baseline [epochs=3]" and plan.cells[1].cfg.epochs == 3
+    assert plan.cells[2].baseline == plan.cells[3].baseline == "baseline"
+    assert plan.seeds == [0, 1, 2]
+    assert [c.slug for c in plan.cells] == ["baseline", "baseline-epochs-3", "e-b-d-contrastive-pmd", "pmd-only",
+                                            "d-mse-epochs-3"]
+
+
+def test_baseline_per_fraction_and_grid_baseline_merged():
+    plan = plan_of([{"scales": "none", "pmd": False, "name": "student alone"}, {"scales": ["enc"], "loss": "mse"},
+                    {"scales": ["enc"], "loss": "mse", "fraction": 0.25}])
+    by = {c.name: c for c in plan.cells}
+    assert [c.name for c in plan.cells if c.is_baseline] == ["student alone", "baseline [fraction=0.25]"]
+    assert by["E mse +PMD"].baseline == "student alone"
+    assert by["E mse +PMD [fraction=0.25]"].baseline == "baseline [fraction=0.25]"
+    assert by["baseline [fraction=0.25]"].cfg.fraction == 0.25
+
+
+def test_presets_load_and_validate():
+    quick = ab.build_plan(ab.load_grid_doc(preset="quick"), Path("T"), None, {"device": "cpu"})
+    assert len(quick.cells) == 4 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
+    assert {c.name for c in quick.cells} == {"baseline", "E+B+D contrastive +PMD", "PMD only", "D mse"}
+    study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"})
+    assert len(study.cells) == 30 and study.seeds == [0, 1, 2]
+    assert all(c.cfg.student == "s2" for c in study.cells)
+    kd = [c for c in study.cells if c.cfg.scales]
+    assert len(kd) == 28 and {c.cfg.loss for c in kd} == {"contrastive", "mse"}
+    assert {tuple(c.cfg.scales) for c in kd} == {("enc",), ("bottleneck",), ("dec",), ("enc", "bottleneck"),
+                                                 ("enc", "dec"), ("bottleneck", "dec"), ("enc", "bottleneck", "dec")}
+    # configs/ holds the same files (links), not copies that could drift
+    root = Path(__file__).resolve().parents[1]
+    for name in ab.PRESETS:
+        assert (root / "configs" / f"ablate-{name}.yaml").read_text() == ab.preset_file(name).read_text()
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def test_paired_tests_hand_computed():
+    # diffs 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641, df 2;
+    # two-sided p = 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / 3.7417 = 0.074180
+    r = ab.paired_test([0.6, 0.7, 0.8], [0.5, 0.5, 0.5], "auto")
+    assert r["test"] == "ttest" and r["n"] == 3
+    assert r["statistic"] == pytest.approx(2 * np.sqrt(3), abs=1e-9)
+    assert r["p_value"] == pytest.approx(1 - 2 * np.sqrt(3) / np.sqrt(14), abs=1e-9)
+    # Wilcoxon, 6 positive differences: exact two-sided p = 2 / 2^6
+    r = ab.paired_test([1, 2, 3, 4, 5, 6.5], [0, 0, 0, 0, 0, 0], "auto")
+    assert r["test"] == "wilcoxon" and r["p_value"] == pytest.approx(2 / 64) and r["statistic"] == 0
+    # 3 cases: the smallest p a two-sided Wilcoxon can give is 2 / 2^3 = 0.25
+    assert ab.paired_test([1, 2, 3], [0, 0, 0], "wilcoxon")["p_value"] == pytest.approx(0.25)
+    assert ab.paired_test([0.5, 0.7], [0.5, 0.7])["p_value"] == 1.0
+    assert ab.paired_test([0.6, 0.8], [0.5, 0.7], "ttest")["p_value"] is None  # zero variance of differences
+    assert ab.mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(np.sqrt(0.02)))
+    assert ab.mean_std([0.5]) == (0.5, None)
+    assert ab.rel_gain(0.66, 0.6) == pytest.approx(10.0) and ab.rel_gain(1, 0) is None
+    ci = ab.bootstrap_ci([0.1, 0.2, 0.3])
+    assert 0.1 <= ci[0] < 0.2 < ci[1] <= 0.3
+
+
+def _fake_eval(per_case, **means):
+    return {"dice": float(np.mean([v for v in per_case.values() if v is not None])), "iou": means.get("iou", 0.5), "recall": 0.5,
+            "precision": 0.5, "hd95": means.get("hd95", 10.0), "params": 1234, "pooled": {"dice": 0.5},
+            "per_case": [{"id": k, "dice": v} for k, v in per_case.items()]}
+
+
+def test_compute_results_hand_computed():
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}], seeds=[0, 1])
+    base, kd = plan.cells[0].name, plan.cells[1].name
+    evals = {
+        (base, 0): _fake_eval({"a": 0.5, "b": 0.6, "c": None}, hd95=10.0),
+        (base, 1): _fake_eval({"a": 0.7, "b": 0.6, "c": 0.2}, hd95=20.0),
+        (kd, 0): _fake_eval({"a": 0.8, "b": 0.8, "c": 0.3}, hd95=9.0),
+        (kd, 1): _fake_eval({"a": 0.8, "b": 1.0, "c": None}, hd95=9.0),
+    }
+    res = ab.compute_results(plan, evals, test="ttest")
+    b, r = res["rows"]
+    assert res["baseline"] is b and b["is_baseline"] and b["p_value"] is None
+    # baseline seed Dice means: (0.5+0.6)/2 = 0.55 and (0.7+0.6+0.2)/3 = 0.5
+    assert b["dice_per_seed"] == pytest.approx([0.55, 0.5])
+    assert b["dice_mean"] == pytest.approx(0.525) and b["dice_std"] == pytest.approx(np.sqrt(2 * 0.025 ** 2))
+    kd_mean = ((0.8 + 0.8 + 0.3) / 3 + 0.9) / 2  # seed means 0.6333 and 0.9
+    assert r["dice_mean"] == pytest.approx(kd_mean)
+    assert r["dice_rel_gain"] == pytest.approx(100 * (kd_mean - 0.525) / 0.525)
+    assert r["hd95_rel_gain"] == pytest.approx(100 * (9 - 15) / 15)
+    assert r["hd95_std"] == 0.0 and r["seeds"] == [0, 1]
+    # per-case seed means: kd a .8 b .9 c .3 ; baseline a .6 b .6 c .2 -> diffs .2 .3 .1
+    assert r["n_pairs"] == 3 and r["dice_diff"] == pytest.approx(0.2)
+    assert r["p_value"] == pytest.approx(1 - 2 * np.sqrt(3) / np.sqrt(14), abs=1e-9)
+    assert r["significant"] is False and r["test"] == "ttest"
+    assert res["test"]["n_cases"] == 3 and "cannot reach p < 0.05" in res["test"]["note"]
+    # a missing seed (failed run) leaves the row with the seeds it has
+    del evals[(kd, 1)]
+    r = ab.compute_results(plan, evals)["rows"][1]
+    assert r["seeds"] == [0] and r["dice_std"] is None
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher, tmp_path_factory) -> Path:
+    """A private copy of the teacher without any teacher-output cache."""
+    dst = tmp_path_factory.mktemp("abl_teacher") / "teacher"
+    shutil.copytree(tiny_teacher, dst, ignore=shutil.ignore_patterns("cache"))
+    return dst
+
+
+class Counter:
+    def __init__(self):
+        self.distill_calls, self.eval_calls, self.cache_keys, self.live_forwards = [], 0, [], 0
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny_data, teacher, tmp_path_factory):
+    """The CLI on a 2-cell x 2-seed grid (+ baseline = 6 runs) with --json, counting the teacher's work."""
+    import medkd.distill.cache as cache_mod
+    import medkd.distill.run as run_mod
+
+    mp = pytest.MonkeyPatch()
+    count = Counter()
+    orig_fill = cache_mod.TeacherCache.fill
+
+    def fill(self, keys, run_teacher, device, batch_size=16):
+        count.cache_keys += self.missing(keys)
+        return orig_fill(self, keys, run_teacher, device, batch_size)
+
+    distillers = []
+    orig_distiller = run_mod.Distiller
+
+    def distiller(*a, **kw):
+        d = orig_distiller(*a, **kw)
+        distillers.append(d)
+        return d
+
+    mp.setattr(cache_mod.TeacherCache, "fill", fill)
+    mp.setattr(run_mod, "Distiller", distiller)
+    root = tmp_path_factory.mktemp("ablate")
+    out = root / "abl"
+    grid = write_grid(root / "grid.yaml")
+    args = ["ablate", str(tiny_data), "--teacher", str(teacher), "-o", str(out), "--grid", str(grid),
+            "--seeds", "0,1", "--student-width", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    try:
+        res = runner.invoke(app, [*args, "--json"])
+    finally:
+        mp.undo()
+    assert res.exit_code == 0, res.stderr
+    count.live_forwards = sum(d.teacher_forwards for d in distillers)
+    count.n_runs = len(distillers)
+    return {"out": out, "grid": grid, "cli": res, "args": args, "results": json.loads(res.stdout), "count": count,
+            "root": root}
+
+
+def test_runs_outputs_and_schema(ablation, tiny_data):
+    out, res = ablation["out"], ablation["results"]
+    assert ablation["count"].n_runs == 6
+    for slug in ("baseline", "d-mse", "pmd-only"):
+        for s in (0, 1):
+            run = out / "runs" / slug / f"seed{s}"
+            assert (run / "summary.json").is_file() and (run / "eval-test.json").is_file()
+    summ = json.loads((out / "runs" / "d-mse" / "seed1" / "summary.json").read_text())
+    assert summ["scales"] == ["dec"] and summ["loss"] == "mse" and summ["seed"] == 1 and summ["pmd"] is False
+    assert json.loads((out / "runs" / "baseline" / "seed0" / "summary.json").read_text())["teacher"] is None
+    doc = json.loads((out / "results.json").read_text())
+    assert doc == res  # --json printed the results.json document
+    assert [r["name"] for r in doc["rows"]] == ["baseline", "D mse", "PMD only"]
+    assert doc["baseline"]["name"] == "baseline"
+    for r in doc["rows"]:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["seeds"] == [0, 1] and 0 <= r["dice_mean"] <= 1 and r["params"] > 0
+    assert doc["rows"][0]["dice_rel_gain"] == 0.0
+    assert doc["test"]["name"] in ("ttest", "wilcoxon") and doc["test"]["n_cases"] >= 1
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("name,is_baseline,baseline,scales")
+    md = (out / "results.md").read_text()
+    assert "| **baseline** |" in md and "D mse" in md and "Statistical test" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = yaml.safe_load((out / "ablation.yaml").read_text())
+    assert [r["folder"] for r in plan["rows"]] == ["runs/baseline", "runs/d-mse", "runs/pmd-only"]
+
+
+def test_teacher_runs_once_per_ablation(ablation, tiny_data):
+    """Every training slice reaches the teacher at most once; no run computes the teacher live."""
+    from medkd.data.prepared import PreparedData
+
+    c = ablation["count"]
+    keys = c.cache_keys
+    assert keys and len(keys) == len(set(keys))
+    n_train = sum(int(PreparedData(tiny_data).case(cid)["prepared_shape"][0])
+                  for cid in PreparedData(tiny_data).case_ids("train"))
+    assert len(keys) <= n_train
+    assert c.live_forwards == 0
+
+
+def _copy(ablation, name):
+    dst = ablation["root"] / name
+    shutil.copytree(ablation["out"], dst)
+    return dst
+
+
+def _patch_counts(monkeypatch):
+    import medkd.distill.run as run_mod
+    import medkd.evaluate as ev_mod
+
+    calls = {"distill": [], "eval": 0}
+    orig, orig_ev = run_mod.distill, ev_mod.evaluate_runs
+
+    def distill(data, run, cfg, resume=False, overwrite=False, **kw):
+        calls["distill"].append((Path(run), resume, overwrite))
+        return orig(data, run, cfg, resume=resume, overwrite=overwrite, **kw)
+
+    def evaluate_runs(*a, **kw):
+        calls["eval"] += 1
+        return orig_ev(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "distill", distill)
+    monkeypatch.setattr(ev_mod, "evaluate_runs", evaluate_runs)
+    return calls
+
+
+def test_rerun_skips_finished_runs(ablation, tiny_data, teacher, monkeypatch):
+    out = _copy(ablation, "rerun")
+    calls = _patch_counts(monkeypatch)
+    res = ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
+    assert calls == {"distill": [], "eval": 0}
+    assert [r["dice_mean"] for r in res["rows"]] == [r["dice_mean"] for r in ablation["results"]["rows"]]
+
+
+def test_resume_killed_runs(ablation, tiny_data, teacher, monkeypatch):
+    out = _copy(ablation, "resume")
+    run = out / "runs" / "pmd-only" / "seed1"
+    # a run killed after its last epoch: RUN.partial with last.pt, no summary.json
+    partial = run.with_name("seed1.partial")
+    run.rename(partial)
+    (partial / "summary.json").unlink()
+    # a run killed during its first epoch: RUN.partial with config.yaml only
+    run0 = out / "runs" / "d-mse" / "seed0"
+    shutil.rmtree(run0)
+    p0 = run0.with_name("seed0.partial")
+    p0.mkdir()
+    shutil.copy(out / "runs" / "d-mse" / "seed1" / "config.yaml", p0 / "config.yaml")
+    cfgdoc = yaml.safe_load((p0 / "config.yaml").read_text())
+    cfgdoc["seed"] = 0
+    (p0 / "config.yaml").write_text(yaml.safe_dump(cfgdoc))
+    calls = _patch_counts(monkeypatch)
+    res = ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
+    assert sorted(calls["distill"]) == sorted([(run, True, False), (run0, False, True)])
+    assert (run / "summary.json").is_file() and not partial.exists() and (run0 / "summary.json").is_file()
+    assert all(r["seeds"] == [0, 1] for r in res["rows"])
+
+
+def test_changed_config_is_an_error_unless_overwrite(ablation, tiny_data, teacher, monkeypatch):
+    out = _copy(ablation, "changed")
+    grid = write_grid(ablation["root"] / "grid2.yaml", [{"scales": "none", "pmd": False}])  # the baseline alone
+    with pytest.raises(MedkdError, match=r"seed0: finished with a different config \(epochs: 1 -> 2\)"):
+        ab.ablate(tiny_data, teacher, out, grid=grid, seeds=[0], base_overrides={**TINY, "epochs": 2})
+    calls = _patch_counts(monkeypatch)
+    res = ab.ablate(tiny_data, teacher, out, grid=grid, seeds=[0], base_overrides={**TINY, "epochs": 2},
+                    overwrite=True)
+    assert len(calls["distill"]) == 1 and calls["eval"] == 1
+    assert res["rows"][0]["epochs"] == 2
+    assert json.loads((out / "runs" / "baseline" / "seed0" / "summary.json").read_text())["epochs_done"] == 2
+
+
+def test_failed_run_reported_others_kept(ablation, tiny_data, teacher, monkeypatch):
+    import medkd.distill.run as run_mod
+    from medkd.errors import TrainingError
+
+    out = _copy(ablation, "failing")
+    shutil.rmtree(out / "runs" / "pmd-only" / "seed0")
+
+    def distill(data, run, cfg, **kw):
+        raise TrainingError(f"{run}: loss term(s) ['pmd'] became non-finite")
+
+    monkeypatch.setattr(run_mod, "distill", distill)
+    with pytest.raises(MedkdError, match="1 run\\(s\\) failed"):
+        ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["failed"][0]["name"] == "PMD only" and "non-finite" in doc["failed"][0]["error"]
+    assert [r["seeds"] for r in doc["rows"]] == [[0, 1], [0, 1], [1]]
+    assert "1 run(s) failed" in (out / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_json_then_table(ablation):
+    res = ablation["cli"]
+    assert ablation["results"]["rows"][0]["name"] == "baseline"  # stdout was exactly one JSON document
+    assert "6 run(s)" in res.stderr and "0 already finished" in res.stderr
+    assert "Dice" in res.stderr  # with --json the table goes to stderr
+    res = runner.invoke(app, ablation["args"])  # resumed: nothing to train, table on stdout
+    assert res.exit_code == 0, res.stderr
+    assert "6 already finished" in res.stderr
+    assert "PMD only" in res.stdout and "(ref)" in res.stdout and "Dice" in res.stdout and "HD95" in res.stdout
+    assert json.loads((ablation["out"] / "results.json").read_text())["rows"] == ablation["results"]["rows"]
+
+
+def test_cli_errors(tiny_data, teacher, tmp_path):
+    base = ["ablate", str(tiny_data), "--teacher", str(teacher), "-o", str(tmp_path / "x")]
+    bad = write_grid(tmp_path / "bad.yaml", [{"scales": ["enc"]}, {"sclaes": ["dec"]}])
+    res = runner.invoke(app, [*base, "--grid", str(bad)])
+    assert res.exit_code == 1 and res.stdout == ""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "bad.yaml: cell 2: unknown key 'sclaes'" in lines[0]
+    assert runner.invoke(app, [*base, "--preset", "huge"]).exit_code == 2
+    assert runner.invoke(app, base).exit_code == 2
+    assert runner.invoke(app, [*base, "--preset", "quick", "--grid", str(bad)]).exit_code == 2
+    assert runner.invoke(app, [*base, "--preset", "quick", "--seeds", "a"]).exit_code == 2
+    assert runner.invoke(app, [*base, "--preset", "quick", "--student", "s9"]).exit_code == 2
+    assert not (tmp_path / "x").exists()
