@@ -72,6 +72,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import medkd
+from medkd.report.progress import BarContext
 from medkd.config import (SCALES, STUDY_WEIGHTS, DistillConfig, build_config, field_names, parse_scales, read_yaml,
                           to_dict)
 from medkd.errors import MedkdError
@@ -401,7 +402,7 @@ def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
     run = Path(run)
     partial = run.with_name(run.name + ".partial")
     if (run / "summary.json").is_file():
-        diff = config_diff(run / "config.yaml", cfg, data)
+        diff = config_diff(run / "config.yaml", cfg, data) or inputs_newer(run / "summary.json", cfg, data)
         return ("mismatch", diff) if diff else ("done", "")
     if run.exists():
         return "stray", "exists but is not a finished run (no summary.json)"
@@ -413,6 +414,17 @@ def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
             return "resume", ""
         return "restart", "unfinished run has no completed epoch"
     return "new", ""
+
+
+def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
+    """A finished run is stale when its data was re-prepared or its teacher retrained after it finished."""
+    t = Path(summary).stat().st_mtime
+    if (Path(data) / "manifest.json").is_file() and (Path(data) / "manifest.json").stat().st_mtime > t:
+        return f"data {data} was prepared again after this run"
+    ckpt = Path(cfg.teacher) / "best.pt" if cfg.uses_teacher and cfg.teacher else None
+    if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime > t:
+        return f"teacher {cfg.teacher} was trained again after this run"
+    return ""
 
 
 def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
@@ -447,7 +459,7 @@ def eval_is_fresh(run: Path, data: Path) -> bool:
     return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT
 
 
-class _Progress:
+class _Progress(BarContext):
     """Overall bar (runs done / total, ETA) above the current run's epoch bar (drawn by the training loop, nested
     under this one); plain lines when stderr is not a terminal (or Rich cannot nest live displays)."""
 
@@ -462,15 +474,6 @@ class _Progress:
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                 TextColumn("{task.description}"), console=console, transient=False)
             self.task = self.bar.add_task("", total=total, completed=done)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
 
     def start(self, label: str) -> None:
         if self.bar:

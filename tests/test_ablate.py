@@ -110,8 +110,8 @@ def test_baseline_per_fraction_and_grid_baseline_merged():
 
 def test_presets_load_and_validate():
     quick = ab.build_plan(ab.load_grid_doc(preset="quick"), Path("T"), None, {"device": "cpu"})
-    assert len(quick.cells) == 4 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
-    assert {c.name for c in quick.cells} == {"baseline", "E+B+D contrastive +PMD", "PMD only", "D mse"}
+    assert len(quick.cells) == 3 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
+    assert {c.name for c in quick.cells} == {"baseline", "E+B+D contrastive +PMD", "PMD only"}
     study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"})
     assert len(study.cells) == 30 and study.seeds == [0, 1, 2]
     assert all(c.cfg.student == "s2" for c in study.cells)

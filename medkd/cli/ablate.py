@@ -36,8 +36,8 @@ def command(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain finished runs whose config differs from "
-                                                                "the grid's (default: stop with an error).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain finished runs that are stale (config differs, or data/teacher "
+                                                                "newer than the run) instead of stopping with an error.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -38,8 +38,13 @@ class FeatureAdapter(nn.Module):
         Returns:
             ``(B, Ct, H, W)``.
         """
-        y = self.bn(self.proj(x))  # (B, Ct, hs, ws)
         size = (int(size[0]), int(size[1]))
+        if size[0] * size[1] < x.shape[-2] * x.shape[-1]:
+            # Shrinking: resize first. The 1x1 conv and bilinear resizing are both linear and commute,
+            # so this is the same map at a fraction of the cost (BN then sees the teacher-sized map).
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, Cs, H, W)
+            return self.bn(self.proj(x))
+        y = self.bn(self.proj(x))  # (B, Ct, hs, ws)
         if tuple(y.shape[-2:]) != size:
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return y

@@ -23,6 +23,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 import medkd
+from medkd.report.progress import BarContext
 from medkd.config import TrainConfig, to_dict, write_yaml
 from medkd.data.prepared import PreparedData
 from medkd.errors import TrainingError
@@ -312,7 +313,7 @@ def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-class _Progress:
+class _Progress(BarContext):
     """Rich epoch + batch bars with live loss terms on a terminal; one plain line per epoch otherwise."""
 
     def __init__(self, console: Console, epochs: int, start: int, kind: str):
@@ -327,15 +328,6 @@ class _Progress:
                                 transient=True)
             self.t_epoch = self.bar.add_task("", total=epochs, completed=start, label=f"{kind} epochs")
             self.t_batch = self.bar.add_task("", total=1, label="batches")
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
 
     def start_epoch(self, epoch: int, n_batches: int) -> None:
         if self.bar:

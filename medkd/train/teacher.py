@@ -25,9 +25,9 @@ class SegLoss(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         if num_classes == 1:
-            self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+            self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
         else:
-            self.dice = DiceLoss(softmax=True, to_onehot_y=True, smooth_nr=1e-5, smooth_dr=1e-5)
+            self.dice = DiceLoss(softmax=True, to_onehot_y=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor):
         if self.num_classes == 1:

@@ -15,7 +15,7 @@ Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is n
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,41 @@ def check_pair(student_feat: torch.Tensor, teacher_feat: torch.Tensor, name: str
             f"{name} loss needs student and teacher features of the same (B, C, H, W) shape; "
             f"got {tuple(student_feat.shape)} and {tuple(teacher_feat.shape)} (adapt the student first)"
         )
+
+
+class FeatureLoss(nn.Module):
+    """Base of the feature losses: one signature, shapes checked once.
+
+    Subclasses set ``name`` and implement ``compute(student_feat, teacher_feat, targets)``.
+
+    Args:
+        channels: Teacher channels at the tap (losses without learnable parts ignore it).
+    """
+
+    name = "feature"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = int(channels)
+
+    def forward(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Args:
+            student_feat: Adapted student feature ``(B, C, H, W)``.
+            teacher_feat: Teacher feature ``(B, C, H, W)``.
+            targets: Masks ``(B, 1, H0, W0)`` in {0, 1}, or ``None`` (used by label-aware losses only).
+
+        Returns:
+            Scalar tensor.
+        """
+        check_pair(student_feat, teacher_feat, self.name)
+        return self.compute(student_feat, teacher_feat, targets)
+
+    def compute(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
@@ -65,4 +100,4 @@ def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
 from medkd.distill.losses import attention, contrastive, cosine, cwd, mse  # noqa: E402,F401
 from medkd.distill.losses.pmd import PMDLoss, pmd_loss  # noqa: E402,F401
 
-__all__ = ["LOSSES", "build_loss", "check_pair", "PMDLoss", "pmd_loss"]
+__all__ = ["LOSSES", "FeatureLoss", "build_loss", "check_pair", "PMDLoss", "pmd_loss"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.distill.losses import LOSSES, check_pair
+from medkd.distill.losses import LOSSES, FeatureLoss
 
 
 def attention_map(feat: torch.Tensor, p: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
@@ -42,7 +40,7 @@ def attention_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: fl
 
 
 @LOSSES.register("attention")
-class AttentionTransferLoss(nn.Module):
+class AttentionTransferLoss(FeatureLoss):
     """Attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017).
 
     Attention map ``a = vec(mean_c |f|^p) / ||vec(mean_c |f|^p)||_2`` (``p = 2``), per sample.
@@ -56,23 +54,13 @@ class AttentionTransferLoss(nn.Module):
         p: Exponent of the attention map (default 2).
     """
 
+    name = "attention"
+
     def __init__(self, channels: int, p: float = 2.0):
-        super().__init__()
-        self.channels = int(channels)
+        super().__init__(channels)
         self.p = float(p)
 
-    def forward(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Args:
-            student_feat: Adapted student feature ``(B, C, H, W)``.
-            teacher_feat: Teacher feature ``(B, C, H, W)``.
-            targets: Ignored.
-
-        Returns:
-            Scalar tensor.
-        """
-        check_pair(student_feat, teacher_feat, "attention")
+    def compute(self, student_feat, teacher_feat, targets=None):
         return attention_loss(student_feat, teacher_feat, self.p)
 
     def extra_repr(self) -> str:

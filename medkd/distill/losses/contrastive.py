@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.distill.losses import LOSSES, check_pair
+from medkd.distill.losses import LOSSES, FeatureLoss
 
 
 def info_nce(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -126,7 +126,7 @@ def _head(channels: int, hidden_dim: int, proj_dim: int) -> nn.Sequential:
 
 
 @LOSSES.register("contrastive")
-class ContrastiveFeatureLoss(nn.Module):
+class ContrastiveFeatureLoss(FeatureLoss):
     """Contrastive distillation: InfoNCE (van den Oord et al., "Representation Learning with Contrastive
     Predictive Coding", 2018) over slices, plus supervised region contrast (Khosla et al., "Supervised
     Contrastive Learning", NeurIPS 2020). See the module docstring for the variants and fallbacks.
@@ -147,6 +147,8 @@ class ContrastiveFeatureLoss(nn.Module):
         region_weight: Weight of the region term.
     """
 
+    name = "contrastive"
+
     def __init__(
         self,
         channels: int,
@@ -158,10 +160,9 @@ class ContrastiveFeatureLoss(nn.Module):
         slice_weight: float = 1.0,
         region_weight: float = 1.0,
     ):
-        super().__init__()
+        super().__init__(channels)
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
-        self.channels = int(channels)
         self.region = bool(region)
         self.slice_weight = float(slice_weight)
         self.region_weight = float(region_weight)
@@ -207,18 +208,10 @@ class ContrastiveFeatureLoss(nn.Module):
         zs, zt = self.embed(ps, pt)
         return supcon_cross(zs, zt, classes, self.temperature)
 
-    def forward(
+    def compute(
         self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Args:
-            student_feat: Adapted student feature ``(B, C, H, W)``.
-            teacher_feat: Teacher feature ``(B, C, H, W)``.
-            targets: Label mask ``(B, 1, H0, W0)`` in ``{0, 1}``, or ``None`` (region term skipped).
-
-        Returns:
-            Scalar tensor.
-        """
-        check_pair(student_feat, teacher_feat, "contrastive")
+        """Slice-level InfoNCE (B >= 2) + region SupCon (when ``targets`` has both classes); see the module doc."""
         terms = []
         if student_feat.shape[0] >= 2 and self.slice_weight != 0.0:
             zs, zt = self.embed(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)))  # (B, D) each

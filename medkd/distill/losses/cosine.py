@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.distill.losses import LOSSES, check_pair
+from medkd.distill.losses import LOSSES, FeatureLoss
 
 
 def cosine_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -27,7 +25,7 @@ def cosine_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, eps: flo
 
 
 @LOSSES.register("cosine")
-class CosineFeatureLoss(nn.Module):
+class CosineFeatureLoss(FeatureLoss):
     """Cosine feature distance: 1 - cosine similarity over channels per pixel, averaged over pixels and batch.
 
     Scale-invariant counterpart of the FitNets hint (Romero et al., ICLR 2015); only the direction of each
@@ -38,21 +36,11 @@ class CosineFeatureLoss(nn.Module):
         eps: Guards zero-norm feature vectors.
     """
 
+    name = "cosine"
+
     def __init__(self, channels: int, eps: float = 1e-8):
-        super().__init__()
-        self.channels = int(channels)
+        super().__init__(channels)
         self.eps = float(eps)
 
-    def forward(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Args:
-            student_feat: Adapted student feature ``(B, C, H, W)``.
-            teacher_feat: Teacher feature ``(B, C, H, W)``.
-            targets: Ignored.
-
-        Returns:
-            Scalar tensor.
-        """
-        check_pair(student_feat, teacher_feat, "cosine")
+    def compute(self, student_feat, teacher_feat, targets=None):
         return cosine_loss(student_feat, teacher_feat, self.eps)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.distill.losses import LOSSES, check_pair
+from medkd.distill.losses import LOSSES, FeatureLoss
 
 
 def cwd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -33,7 +31,7 @@ def cwd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, temperature
 
 
 @LOSSES.register("cwd")
-class ChannelWiseDistillationLoss(nn.Module):
+class ChannelWiseDistillationLoss(FeatureLoss):
     """Channel-wise distillation (Shu et al., "Channel-wise Knowledge Distillation for Dense
     Prediction", ICCV 2021).
 
@@ -46,25 +44,15 @@ class ChannelWiseDistillationLoss(nn.Module):
         temperature: ``tau`` (default 4).
     """
 
+    name = "cwd"
+
     def __init__(self, channels: int, temperature: float = 4.0):
-        super().__init__()
+        super().__init__(channels)
         if temperature <= 0:
             raise ValueError(f"cwd temperature must be > 0, got {temperature}")
-        self.channels = int(channels)
         self.temperature = float(temperature)
 
-    def forward(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Args:
-            student_feat: Adapted student feature ``(B, C, H, W)``.
-            teacher_feat: Teacher feature ``(B, C, H, W)``.
-            targets: Ignored.
-
-        Returns:
-            Scalar tensor.
-        """
-        check_pair(student_feat, teacher_feat, "cwd")
+    def compute(self, student_feat, teacher_feat, targets=None):
         return cwd_loss(student_feat, teacher_feat, self.temperature)
 
     def extra_repr(self) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.distill.losses import LOSSES, check_pair
+from medkd.distill.losses import LOSSES, FeatureLoss
 
 
 def mse_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -25,7 +23,7 @@ def mse_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Te
 
 
 @LOSSES.register("mse")
-class MSEFeatureLoss(nn.Module):
+class MSEFeatureLoss(FeatureLoss):
     """FitNets hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015).
 
     ``mean_{b,c,h,w} (s - t)^2``. The regressor of the paper is the :class:`~medkd.distill.adapters.FeatureAdapter`.
@@ -34,20 +32,7 @@ class MSEFeatureLoss(nn.Module):
         channels: Teacher channels at the tap (unused; kept for the common signature).
     """
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = int(channels)
+    name = "mse"
 
-    def forward(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Args:
-            student_feat: Adapted student feature ``(B, C, H, W)``.
-            teacher_feat: Teacher feature ``(B, C, H, W)``.
-            targets: Ignored.
-
-        Returns:
-            Scalar tensor.
-        """
-        check_pair(student_feat, teacher_feat, "mse")
+    def compute(self, student_feat, teacher_feat, targets=None):
         return mse_loss(student_feat, teacher_feat)
