@@ -23,7 +23,7 @@ demo: install
 	$(MEDKD) distill $(OUT)/data -o $(OUT)/distilled --teacher $(OUT)/teacher --overwrite
 	$(MEDKD) evaluate $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split val
 	$(MEDKD) evaluate $(OUT)/teacher $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split test --overlays $(OUT)/overlays
-	$(MEDKD) predict $(OUT)/distilled sample_data/imagesTr/spleen_000.nii.gz sample_data/dicom/spleen_000 -o $(OUT)/predictions --overwrite
+	$(MEDKD) predict $(OUT)/distilled sample_data/imagesTr/spleen_001.nii.gz sample_data/dicom/spleen_000 -o $(OUT)/predictions --overwrite
 	$(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick --overwrite
 
 test: install
