@@ -8,8 +8,10 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import (ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, fail, handle_errors, log_console,
-                              print_json, stdout_console)
+from medkd.cli.common import (
+    BatchSizeOpt, ConfigOpt, DeviceOpt, InChannelsOpt, JsonOpt, LrOpt, QuietOpt, SeedOpt, fail, handle_errors,
+    log_console, print_json, stdout_console
+)
 from medkd.errors import MedkdError
 
 
@@ -28,9 +30,9 @@ def command(
     student_width: Annotated[Optional[int], typer.Option(help="Student base width (s1: 16, s2: 32).")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Seeded fraction of the training cases. \\[default: 0.5]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per run. \\[default: the grid's, else 12]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")] = None,
-    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (must match the teacher).")] = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    in_channels: InChannelsOpt = None,
     test: Annotated[str, typer.Option(help="Paired test over per-case Dice vs the baseline: auto (Wilcoxon with >= 6 "
                                            "test cases, else paired t-test) | wilcoxon | ttest.")] = "auto",
     config: ConfigOpt = None,

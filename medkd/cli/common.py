@@ -31,6 +31,16 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on st
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 
+# Training options shared by train-teacher, distill and ablate (defaults live in medkd.config).
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs. [default: 12]")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")]
+WeightDecayOpt = Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")]
+InChannelsOpt = Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (a student must match its teacher). [default: 1]")]
+AugmentOpt = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter (distill: the teacher then runs live).")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Named settings: 'study' (the reference study's).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")]
+
 # Human output (tables) -> stdout; logs/progress -> stderr.
 stdout_console = Console()
 stderr_console = Console(stderr=True)

@@ -8,8 +8,10 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import (ConfigOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, SeedOpt, fail, handle_errors,
-                              log_console, print_json)
+from medkd.cli.common import (
+    AugmentOpt, BatchSizeOpt, ConfigOpt, DeviceOpt, EpochsOpt, InChannelsOpt, JsonOpt, LrOpt, OverwriteOpt,
+    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, fail, handle_errors, log_console, print_json
+)
 from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, parse_scales, parse_weights, read_yaml
 from medkd.errors import MedkdError
 
@@ -49,18 +51,18 @@ def command(
     temperature: Annotated[Optional[float], typer.Option(help="PMD temperature. [default: 4]")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Seeded case-level fraction of the training cases. [default: 0.5]")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Term weights, e.g. seg=0.4,enc=0.1,bottleneck=0.2,dec=0.1,pmd=0.2 (the study's, default).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 12]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")] = None,
-    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (must match the teacher).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter (teacher then runs live).")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    in_channels: InChannelsOpt = None,
+    augment: AugmentOpt = None,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Reuse cached teacher outputs. [default: on]")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Named settings, e.g. 'study'.")] = None,
+    preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")] = False,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,

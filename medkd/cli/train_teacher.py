@@ -8,8 +8,10 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import (ConfigOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, SeedOpt, fail, handle_errors,
-                              log_console, print_json)
+from medkd.cli.common import (
+    AugmentOpt, BatchSizeOpt, ConfigOpt, DeviceOpt, EpochsOpt, InChannelsOpt, JsonOpt, LrOpt, OverwriteOpt,
+    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, fail, handle_errors, log_console, print_json
+)
 from medkd.config import TeacherConfig, build_config
 
 
@@ -19,20 +21,20 @@ def command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     arch: Annotated[Optional[str], typer.Option(help="unet | transunet. [default: unet]")] = None,
     width: Annotated[Optional[int], typer.Option(help="Base channel width (64 = the study's T1). [default: 16]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 12]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WeightDecayOpt = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw | adam | sgd. [default: adamw]")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="cosine | plateau | none. [default: cosine]")] = None,
     recon_weight: Annotated[Optional[float], typer.Option(help="Weight of the reconstruction MSE. [default: 0.2]")] = None,
-    in_channels: Annotated[Optional[int], typer.Option(help="1, or 3 as in the study. [default: 1]")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Named settings, e.g. 'study' (the reference study).")] = None,
+    in_channels: InChannelsOpt = None,
+    augment: AugmentOpt = None,
+    preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")] = False,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
