@@ -35,25 +35,19 @@ def _root(
 
 
 def _register() -> None:
-    # One module per command; a command is registered only when it works.
-    import importlib
+    # One module per command, each exposing ``command``.
+    from medkd.cli import ablate, distill, evaluate, predict, preprocess, sample_data, train_teacher
 
-    for mod_name, cmd_name in [
-        ("sample_data", "sample-data"),
-        ("preprocess", "preprocess"),
-        ("train_teacher", "train-teacher"),
-        ("distill", "distill"),
-        ("evaluate", "evaluate"),
-        ("predict", "predict"),
-        ("ablate", "ablate"),
+    for mod, name in [
+        (sample_data, "sample-data"),
+        (preprocess, "preprocess"),
+        (train_teacher, "train-teacher"),
+        (distill, "distill"),
+        (evaluate, "evaluate"),
+        (predict, "predict"),
+        (ablate, "ablate"),
     ]:
-        try:
-            mod = importlib.import_module(f"medkd.cli.{mod_name}")
-        except ModuleNotFoundError as e:  # command not written yet
-            if e.name == f"medkd.cli.{mod_name}":
-                continue
-            raise
-        app.command(cmd_name)(mod.command)
+        app.command(name)(mod.command)
 
 
 _register()
