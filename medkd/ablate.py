@@ -72,10 +72,10 @@ from rich.console import Console
 from rich.markup import escape
 
 import medkd
-from medkd.report.progress import BarContext
 from medkd.config import (SCALES, STUDY_WEIGHTS, DistillConfig, build_config, field_names, parse_scales, read_yaml,
                           to_dict)
 from medkd.errors import MedkdError
+from medkd.report.progress import BarContext
 
 METRICS = ("dice", "iou", "recall", "precision", "hd95")
 LOWER_IS_BETTER = frozenset({"hd95"})

@@ -242,6 +242,3 @@ def parse_weights(value: Optional[str]) -> Optional[Dict[str, float]]:
 def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def write_yaml(cfg: Any, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

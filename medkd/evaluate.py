@@ -37,7 +37,7 @@ from medkd.metrics import (
     summarize,
     to_jsonable,
 )
-from medkd.train.checkpoint import load_model_from_run
+from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
 
 #: Per-case keys kept in the result (``case_metrics`` output minus nothing; order = JSON order).
 CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "gt_empty", "pred_empty", "tp", "fp", "fn")
@@ -55,11 +55,6 @@ class LoadedRun:
     checkpoint: Path
     summary: Dict[str, Any]
     warnings: List[str] = field(default_factory=list)
-
-
-def _checkpoint_path(run: Path, which: str) -> Path:
-    path = run / f"{which}.pt"
-    return path if path.is_file() else run / "last.pt"
 
 
 def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
@@ -89,8 +84,8 @@ def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
         except ValueError:
             summary = {}
     settings = (ckpt.get("data") or {}).get("settings") or {}
-    run_size = settings.get("size", (ckpt.get("data") or {}).get("size"))
-    if run_size is not None and int(run_size) != data.size:
+    run_size = trained_size(ckpt)
+    if run_size is not None and run_size != data.size:
         raise MedkdError(
             f"{run}: model was trained on {int(run_size)}x{int(run_size)} slices but {data.root} has "
             f"{data.size}x{data.size} (preprocess the data with --size {int(run_size)})"
@@ -103,7 +98,7 @@ def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
     rw, dw = settings.get("window"), data.settings.get("window")
     if rw is not None and dw is not None and [float(v) for v in rw] != [float(v) for v in dw]:
         warnings.append(f"{run}: trained with CT window {list(rw)} but {data.root} uses {list(dw)}")
-    return LoadedRun(run, model, ckpt, _checkpoint_path(run, which), summary, warnings)
+    return LoadedRun(run, model, ckpt, run_checkpoint(run, which), summary, warnings)
 
 
 def _data_channels(data: PreparedData) -> int:

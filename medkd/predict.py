@@ -36,7 +36,7 @@ from medkd.data.preprocess import WINDOW_PRESETS, detect_modality, normalise_int
 from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError
 from medkd.infer import predict_volume, resolve_device
-from medkd.train.checkpoint import load_model_from_run
+from medkd.train.checkpoint import load_model_from_run, trained_size
 
 THRESHOLD = 0.5
 
@@ -235,8 +235,8 @@ def predict_paths(
     dev = resolve_device(device)
     model, ckpt = load_model_from_run(run)
     settings = dict((ckpt.get("data") or {}).get("settings") or {})
-    settings.setdefault("size", (ckpt.get("data") or {}).get("size"))
-    if settings.get("size") is None:
+    settings["size"] = trained_size(ckpt)
+    if settings["size"] is None:
         raise MedkdError(f"{run}: checkpoint does not record the preprocess size")
     if out.exists() and not out.is_dir():
         raise MedkdError(f"{out}: exists and is not a folder")

@@ -567,7 +567,7 @@ def _readme(n_cases, seed, size, n_slices, dicom_case, vary_slices, spacing) -> 
         "# medkd sample data (synthetic abdominal CT, spleen labels)",
         "",
         "Made by `medkd.data.phantom` -- no patient data. An MSD Task09-style dataset: `dataset.json`,",
-        f"`imagesTr/spleen_XXX.nii.gz` (int16 Hounsfield units) and `labelsTr/spleen_XXX.nii.gz` (uint8, 1 = spleen),",
+        "`imagesTr/spleen_XXX.nii.gz` (int16 Hounsfield units) and `labelsTr/spleen_XXX.nii.gz` (uint8, 1 = spleen),",
         f"{n_cases} cases of {size}x{size} voxels x "
         + (f"{n_slices - 4}-{n_slices + 4} slices" if vary_slices else f"{n_slices} slices")
         + f", spacing {sx:g} x {sy:g} x {sz:g} mm (RAS+ affine `diag(-sx, -sy, sz)`).",

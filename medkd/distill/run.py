@@ -15,7 +15,7 @@ from medkd.distill.distiller import Distiller, tap_paths
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
-from medkd.train.checkpoint import load_model_from_run
+from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
 from medkd.train.loop import fit, seed_everything
 
 
@@ -25,15 +25,14 @@ def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
     model, ckpt = load_model_from_run(teacher_run, "best")
     if ckpt.get("kind") != "teacher":
         raise MedkdError(f"{teacher_run}: not a teacher run (kind={ckpt.get('kind')!r})")
-    size = ckpt.get("data", {}).get("size")
-    if size is not None and int(size) != data.size:
+    size = trained_size(ckpt)
+    if size is not None and size != data.size:
         raise MedkdError(f"{teacher_run}: teacher was trained on {size}px slices, {data.root} has {data.size}px")
     if model.in_channels != cfg.in_channels:
         raise MedkdError(
             f"{teacher_run}: teacher takes {model.in_channels} input channel(s), distill config has "
             f"in_channels={cfg.in_channels} (set --in-channels {model.in_channels})")
-    path = teacher_run / "best.pt"
-    return model, path
+    return model, run_checkpoint(teacher_run, "best")
 
 
 def distill(
@@ -60,8 +59,6 @@ def distill(
     if cfg.uses_teacher:
         teacher, ckpt_path = load_teacher(Path(cfg.teacher), cfg, data)
         if cfg.cache and not cfg.augment:
-            device = resolve_device(cfg.device)
-            teacher.to(device)
             # the cache stores every scale so all ablation cells share it
             all_taps = tap_paths(teacher, SCALES, cfg.taps.get("teacher"))
             cache = TeacherCache(Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache", ckpt_path, data,

@@ -95,6 +95,26 @@ def finalize_run_dir(run: Path) -> None:
         os.replace(work, run)
 
 
+def run_checkpoint(run: Path, which: str = "best") -> Path:
+    """The checkpoint file a run's model is loaded from: ``RUN/{which}.pt``, else ``RUN/last.pt``.
+
+    Raises:
+        MedkdError: neither exists.
+    """
+    run = Path(run)
+    for path in (run / f"{which}.pt", run / "last.pt"):
+        if path.is_file():
+            return path
+    raise MedkdError(f"{run}: no {which}.pt checkpoint (is this a finished medkd run?)")
+
+
+def trained_size(ckpt: Dict[str, Any]) -> Optional[int]:
+    """In-plane slice size the checkpoint's model was trained on (from the prepared data's settings)."""
+    data = ckpt.get("data") or {}
+    size = (data.get("settings") or {}).get("size", data.get("size"))
+    return None if size is None else int(size)
+
+
 def load_model_from_run(run: Path, which: str = "best", map_location: Any = "cpu"):
     """Build the model saved in ``RUN/{which}.pt`` (alone: no adapters, no teacher needed).
 
@@ -103,12 +123,7 @@ def load_model_from_run(run: Path, which: str = "best", map_location: Any = "cpu
     """
     from medkd.models import build_model
 
-    run = Path(run)
-    path = run / f"{which}.pt"
-    if not path.is_file() and (run / "last.pt").is_file():
-        path = run / "last.pt"
-    if not path.is_file():
-        raise MedkdError(f"{run}: no {which}.pt checkpoint (is this a finished medkd run?)")
+    path = run_checkpoint(run, which)
     ckpt = load_checkpoint(path, map_location)
     model = build_model(**ckpt["model_config"])
     try:

@@ -23,11 +23,13 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 import medkd
-from medkd.report.progress import BarContext
-from medkd.config import TrainConfig, to_dict, write_yaml
+from medkd.config import TrainConfig, to_dict
 from medkd.data.prepared import PreparedData
 from medkd.errors import TrainingError
 from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
+from medkd.metrics.efficiency import count_params
+from medkd.metrics.segmentation import confusion, overlap_from_counts
+from medkd.report.progress import BarContext
 from medkd.train.checkpoint import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
 
 
@@ -77,11 +79,10 @@ def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channel
     dices = []
     for cid in ids:
         pred = logits_to_mask(predict_volume(predict, data.image(cid), device, in_channels, batch_size))
-        gt = np.asarray(data.label(cid)) > 0
-        tp = float((pred & gt).sum())
-        denom = float(pred.sum() + gt.sum())
-        if denom > 0:
-            dices.append(2 * tp / denom)
+        c = confusion(pred, np.asarray(data.label(cid)) > 0)
+        dice = overlap_from_counts(c["tp"], c["fp"], c["fn"])["dice"]
+        if not np.isnan(dice):
+            dices.append(dice)
     return float(np.mean(dices)) if dices else 0.0
 
 
@@ -277,8 +278,6 @@ def fit(
     finally:
         if history:
             _plot_curves(history, work / "curves.png")
-
-    from medkd.metrics.efficiency import count_params
 
     summary = {
         "kind": kind, "arch": model.arch, "params": count_params(model), "epochs_done": len(history),
