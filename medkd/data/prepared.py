@@ -38,6 +38,7 @@ class PreparedData:
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
         self._cache: Dict[Tuple[str, str], np.ndarray] = {}
+        self._fingerprint: Optional[str] = None
 
     @property
     def size(self) -> int:
@@ -79,10 +80,12 @@ class PreparedData:
         return self._cache[key]
 
     def fingerprint(self) -> str:
-        """Identifies the prepared content (manifest text hash) for caches."""
-        import hashlib
+        """Identifies the prepared content (manifest text hash) for caches; computed once."""
+        if self._fingerprint is None:
+            import hashlib
 
-        return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()[:16]
+            self._fingerprint = hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()[:16]
+        return self._fingerprint
 
 
 def select_fraction(case_ids: Sequence[str], fraction: float, seed: int) -> List[str]:
