@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medkd.data.prepared import PreparedData
+from medkd.locks import exclusive_lock
 
 
 def file_hash(path: Path, chunk: int = 1 << 22) -> str:
@@ -65,18 +66,28 @@ class TeacherCache:
         self.filled = np.zeros(len(self.rows), dtype=bool)
         self.hits = 0
         self.teacher_slices = 0  # slices the teacher was run on to fill the cache
-        if (self.dir / "filled.npy").is_file():
-            self._open("r+")
-            self.filled = np.load(self.dir / "filled.npy")
+        self._reload()
 
-    def _open(self, mode: str, shapes: Dict[str, Tuple[int, ...]] = None) -> None:
+    def _reload(self) -> None:
+        """Re-read which rows are filled (another process may have filled some) and open the arrays."""
+        if (self.dir / "filled.npy").is_file():
+            self.filled = np.load(self.dir / "filled.npy")
+            if not self.arrays:
+                self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r+") for name in self.names}
+
+    def _create(self, shapes: Dict[str, Tuple[int, ...]]) -> None:
+        """Create the arrays, each written to a temp file and moved into place (never truncating a published one).
+
+        Called with the lock held and only when no ``filled.npy`` exists yet.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
         for name in self.names:
-            path = self.dir / f"{name}.npy"
-            if mode == "w+":
-                self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                                              shape=(len(self.rows), *shapes[name]))
-            else:
-                self.arrays[name] = np.load(path, mmap_mode="r+")
+            tmp = self.dir / f".{name}.{os.getpid()}.npy"
+            a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(self.rows), *shapes[name]))
+            a.flush()
+            del a
+            os.replace(tmp, self.dir / f"{name}.npy")
+        self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r+") for name in self.names}
 
     def row_of(self, cid: str, z: int) -> int:
         return self.rows[(cid, z)]
@@ -86,26 +97,36 @@ class TeacherCache:
 
     def fill(self, keys: Sequence[Tuple[str, int]], run_teacher: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
              device: torch.device, batch_size: int = 16) -> int:
-        """Run the teacher on the slices in ``keys`` not cached yet. Returns how many slices were computed."""
-        todo = self.missing(keys)
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            x = torch.from_numpy(np.stack([np.asarray(self.data.image(c)[z], dtype=np.float32) for c, z in chunk]))
-            outs = run_teacher(x[:, None].to(device))
-            if not self.arrays:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                self._open("w+", {k: tuple(v.shape[1:]) for k, v in outs.items()})
-            rows = np.array([self.rows[k] for k in chunk])
-            for name, v in outs.items():
-                self.arrays[name][rows] = v.detach().float().cpu().numpy().astype(np.float16)
-            self.filled[rows] = True
-            self.teacher_slices += len(chunk)
-        if todo:
-            for a in self.arrays.values():
-                a.flush()
-            tmp = self.dir / f".filled.{os.getpid()}.npy"
-            np.save(tmp, self.filled)
-            os.replace(tmp, self.dir / "filled.npy")
+        """Run the teacher on the slices in ``keys`` not cached yet. Returns how many slices were computed.
+
+        Concurrency-safe: the whole fill holds the cache's lock (:func:`medkd.locks.exclusive_lock`), re-reads
+        which rows other processes filled meanwhile, creates missing arrays atomically and publishes the filled
+        rows (``filled.npy``, temp file + ``os.replace``) only after their data is flushed. A reader therefore
+        never sees a truncated array or a row marked filled before its data; a fill killed midway leaves its
+        rows unmarked (recomputed by the next run) and no stale lock (the kernel drops it with the process).
+        """
+        if not self.missing(keys):
+            return 0
+        with exclusive_lock(self.dir.parent / f".{self.key}.lock"):
+            self._reload()
+            todo = self.missing(keys)
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                x = torch.from_numpy(np.stack([np.asarray(self.data.image(c)[z], dtype=np.float32) for c, z in chunk]))
+                outs = run_teacher(x[:, None].to(device))
+                if not self.arrays:
+                    self._create({k: tuple(v.shape[1:]) for k, v in outs.items()})
+                rows = np.array([self.rows[k] for k in chunk])
+                for name, v in outs.items():
+                    self.arrays[name][rows] = v.detach().float().cpu().numpy().astype(np.float16)
+                self.filled[rows] = True
+                self.teacher_slices += len(chunk)
+            if todo:
+                for a in self.arrays.values():
+                    a.flush()
+                tmp = self.dir / f".filled.{os.getpid()}.npy"
+                np.save(tmp, self.filled)
+                os.replace(tmp, self.dir / "filled.npy")
         return len(todo)
 
     def get(self, keys: Sequence[Tuple[str, int]], device: torch.device) -> Dict[str, torch.Tensor]:
