@@ -573,18 +573,18 @@ def ablate(
                 try:
                     distill(data, run, cfg, resume=state == "resume",
                             overwrite=state in ("restart", "mismatch", "stray"), console=console)
-                except MedkdError as e:
-                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": str(e)})
-                    progress.log(f"[red]failed[/] {escape(label)}: {escape(str(e))}")
+                except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
+                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
+                    progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
                     progress.advance()
                     continue
                 progress.advance()
             if not eval_is_fresh(run, data):
                 try:
                     evaluate_runs([run], prepared, SPLIT, device=cfg.device)
-                except MedkdError as e:
-                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": f"evaluate: {e}"})
-                    progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(str(e))}")
+                except Exception as e:
+                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": f"evaluate: {run_error(e)}"})
+                    progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
     evals = {}
     for cell, seed, run, *_ in states:
         ev = Path(run) / f"eval-{SPLIT}.json"
@@ -603,6 +603,15 @@ def ablate(
         raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']}); "
                          f"results of the others are in {out / 'results.json'}")
     return results
+
+
+def run_error(e: BaseException) -> str:
+    """One line for a failed run: the message of a :class:`MedkdError`, else the exception type and its first line
+    (e.g. ``RuntimeError: CUDA out of memory ...``)."""
+    if isinstance(e, MedkdError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path]) -> None:

@@ -353,21 +353,27 @@ def test_changed_config_is_an_error_unless_overwrite(ablation, tiny_data, teache
     assert json.loads((out / "runs" / "baseline" / "seed0" / "summary.json").read_text())["epochs_done"] == 2
 
 
-def test_failed_run_reported_others_kept(ablation, tiny_data, teacher, monkeypatch):
+@pytest.mark.parametrize("error, message", [
+    ("training", "loss term(s) ['pmd'] became non-finite"),
+    ("runtime", "RuntimeError: CUDA error: an illegal memory access was encountered"),  # not a MedkdError
+])
+def test_failed_run_reported_others_kept(ablation, tiny_data, teacher, monkeypatch, error, message):
     import medkd.distill.run as run_mod
     from medkd.errors import TrainingError
 
-    out = _copy(ablation, "failing")
+    out = _copy(ablation, f"failing-{error}")
     shutil.rmtree(out / "runs" / "pmd-only" / "seed0")
 
     def distill(data, run, cfg, **kw):
+        if error == "runtime":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
         raise TrainingError(f"{run}: loss term(s) ['pmd'] became non-finite")
 
     monkeypatch.setattr(run_mod, "distill", distill)
     with pytest.raises(MedkdError, match="1 run\\(s\\) failed"):
         ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
     doc = json.loads((out / "results.json").read_text())
-    assert doc["failed"][0]["name"] == "PMD only" and "non-finite" in doc["failed"][0]["error"]
+    assert doc["failed"][0]["name"] == "PMD only" and message in doc["failed"][0]["error"]
     assert [r["seeds"] for r in doc["rows"]] == [[0, 1], [0, 1], [1]]
     assert "1 run(s) failed" in (out / "results.md").read_text()
 

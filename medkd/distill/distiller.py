@@ -123,7 +123,7 @@ class Distiller(nn.Module):
         w = self.cfg.weight
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
-        dice, bce = self.seg_loss(s_logits, y)
+        dice, bce = self.seg_loss(s_logits.float(), y)  # fp32 under CUDA autocast
         terms = {}
         if self.use_seg:
             terms["seg"] = w("seg") * (dice + bce) if self.cfg.uses_teacher else dice + bce

@@ -62,9 +62,15 @@ def make_scheduler(opt, cfg: TrainConfig):
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-    """Random flips (per sample, both axes) and intensity scale/shift; ``gen`` is seeded per epoch."""
+    """Random flips (per sample, both axes) and intensity scale/shift; ``gen`` is seeded per epoch.
+
+    ``gen`` is a CPU generator (the same draws on every device); the draws are moved to ``x``'s device.
+
+    Args:
+        x: images ``(B, C, H, W)``; y: masks ``(B, 1, H, W)`` on the same device.
+    """
     b = x.shape[0]
-    r = torch.rand(b, 4, generator=gen)
+    r = torch.rand(b, 4, generator=gen).to(x.device)  # (B, 4): flip H, flip W, scale, shift
     fh, fw = r[:, 0] < 0.5, r[:, 1] < 0.5
     x, y = x.clone(), y.clone()
     x[fh], y[fh] = x[fh].flip(-2), y[fh].flip(-2)
@@ -72,6 +78,28 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     scale = (0.9 + 0.2 * r[:, 2]).view(b, 1, 1, 1)
     shift = (-0.05 + 0.1 * r[:, 3]).view(b, 1, 1, 1)
     return x * scale + shift, y
+
+
+def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: bool = False):
+    """The epoch's DataLoader and its augmentation generator.
+
+    The sample order is a permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s), drawn once per
+    epoch from its own generator, so DataLoader workers and augmentation draws cannot change it. The augmentation
+    generator is seeded by ``(cfg.seed, epoch)`` as well; it also seeds the workers.
+
+    Returns:
+        ``(loader, generator)``.
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    # drop a final batch of 1: BatchNorm cannot train on it (the contrastive loss also needs >= 2)
+    drop_last = len(sampler) % cfg.batch_size == 1
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=gen, drop_last=drop_last,
+                        num_workers=cfg.num_workers, pin_memory=pin_memory)
+    return loader, gen
 
 
 def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channels: int, batch_size: int) -> float:
@@ -94,11 +122,14 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
+    """Restore the RNG states of :func:`_rng_state`. Generator states are CPU ``ByteTensor``s whatever device the
+    checkpoint was mapped to (``torch.set_rng_state`` and the CUDA generators accept nothing else)."""
+    torch.set_rng_state(st["torch"].cpu())
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if st.get("cuda") and torch.cuda.is_available():
+        # a run may resume on a machine with fewer GPUs than it was saved on
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]][: torch.cuda.device_count()])
 
 
 def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
@@ -171,7 +202,7 @@ def fit(
     best = {"epoch": 0, "val_dice": -1.0}
     start_epoch, seconds = 0, 0.0
     if resume_from is not None:
-        ck = load_checkpoint(resume_from, device)
+        ck = load_checkpoint(resume_from, "cpu")  # load_state_dict copies to the modules' device
         model.load_state_dict(ck["model"])
         if hasattr(task, "load_trainable_state"):
             task.load_trainable_state(ck.get("extra", {}))
@@ -212,11 +243,7 @@ def fit(
         with progress:
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.time()
-                gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-                # drop a final batch of 1: BatchNorm cannot train on it (the contrastive loss also needs >= 2)
-                drop_last = len(train_set) % bs == 1
-                loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=gen, drop_last=drop_last,
-                                    num_workers=cfg.num_workers, pin_memory=use_cuda)
+                loader, gen = epoch_loader(train_set, cfg, epoch, pin_memory=use_cuda)
                 task.train()
                 sums: Dict[str, float] = {}
                 n = 0

@@ -46,7 +46,7 @@ class TeacherTask(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         seg, recon = self.model(x)
-        dice, bce = self.seg_loss(seg, y)
+        dice, bce = self.seg_loss(seg.float(), y)  # losses in fp32 under CUDA autocast
         terms = {"dice": dice, "bce": bce}
         if self.recon_weight > 0:
             terms["recon"] = self.recon_weight * F.mse_loss(recon.float(), x.float())
