@@ -1,10 +1,23 @@
 """``medkd evaluate``: test-split metrics and efficiency of trained runs, as one dict per run.
 
-For every case of the split, every slice is predicted (batched), thresholded (``logits_to_mask``) and
-:func:`medkd.metrics.case_metrics` is computed on the case's 3D ``(Z, S, S)`` volume with the prepared
-voxel spacing (``prepared_spacing``, mm, same axis order). ``summarize`` gives the means over cases (NaN
-excluded, see the empty-mask policy in :mod:`medkd.metrics.segmentation`) and the pooled metrics (TP/FP/FN
-summed over every slice of every case, the reference study's convention).
+For every case of the split, every prepared slice is predicted (batched) and the metrics of
+:func:`medkd.metrics.case_metrics` are computed on the case's 3D volume, at one of two resolutions:
+
+- ``native`` (default, as nnU-Net reports): the foreground probabilities are taken back to the case's original
+  voxel grid with :func:`medkd.infer.prob_to_native` (the very mapping ``predict`` uses), thresholded, and compared
+  with the original label file (``label_source`` in the manifest) at the original voxel spacing;
+- ``prepared``: the mask on the resized ``(Z, S, S)`` training grid (``logits_to_mask``) against the prepared label,
+  with the prepared spacing (``prepared_spacing``).
+
+``summarize`` gives the means over cases (NaN excluded, see the empty-mask policy in
+:mod:`medkd.metrics.segmentation`) and the pooled metrics (TP/FP/FN summed over every voxel of every case, the
+reference study's convention). The top-level metrics are the network's own; the run's connected-component
+postprocessing (:mod:`medkd.postprocess`, chosen on the val split and stored in ``RUN/postprocessing.json``) is
+applied on top and reported separately under ``"postprocessed"``, so a distillation gain is never confused
+with a postprocessing gain.
+
+Surface-Dice tolerance: ``tolerance_mm`` if given, else per case ``max(2 mm, largest voxel spacing)`` (never
+below the voxel size of the grid the metrics are computed on); each case records the value used.
 
 The result dict (the "Evaluate JSON" of the design contract) is the single source of the Rich table
 (:func:`medkd.report.tables.eval_table`), the JSON document and ``RUN/eval-<split>.json``.
@@ -26,7 +39,7 @@ from torch import nn
 import medkd
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
-from medkd.infer import logits_to_mask, predict_volume, resolve_device
+from medkd.infer import THRESHOLD, foreground_prob, logits_to_mask, predict_volume, prob_to_native, resolve_device
 from medkd.metrics import (
     DEFAULT_TOLERANCE_MM,
     case_metrics,
@@ -41,6 +54,12 @@ from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_
 
 #: Per-case keys kept in the result (``case_metrics`` output minus nothing; order = JSON order).
 CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "gt_empty", "pred_empty", "tp", "fp", "fn")
+#: Per-case metric keys reported again after postprocessing.
+PP_CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "pred_empty", "tp", "fp", "fn")
+#: Summary keys (means over cases) of a result, with and without postprocessing.
+SUMMARY_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice")
+#: Grids metrics can be computed on (``--resolution``); the first is the default.
+RESOLUTIONS = ("native", "prepared")
 LATENCY_WARMUP = 3
 LATENCY_REPEATS = 10
 
@@ -115,53 +134,183 @@ def predict_mask(model: nn.Module, volume: np.ndarray, device: torch.device, in_
     return logits_to_mask(predict_volume(model, volume, device, in_channels, batch_size))
 
 
+def _case_file(data: PreparedData, path: str) -> Path:
+    """A manifest's source path: as stored (absolute, or relative to the working directory), else relative to
+    the folder that was preprocessed (the manifest's top-level ``source``)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    src = data.manifest.get("source")
+    if src:
+        parts = p.parts
+        for k in range(len(parts)):  # strip the leading components that named the source folder
+            q = Path(src).joinpath(*parts[k:])
+            if q.exists():
+                return q
+    return p
+
+
+def native_label(data: PreparedData, cid: str):
+    """The case's original label file: ``(mask (I, J, K) bool, spacing (3,) mm)`` in its own voxel grid.
+
+    Raises:
+        MedkdError: the label file is gone or no longer matches the manifest's geometry.
+    """
+    from medkd.data.io import read_nifti
+
+    entry = data.case(cid)
+    if "label_source" not in entry or "canonical_shape" not in entry:
+        raise MedkdError(f"{data.root}: manifest has no original geometry for case {cid!r} "
+                         f"(re-run medkd preprocess, or use --resolution prepared)")
+    path = _case_file(data, entry["label_source"])
+    if not path.is_file():
+        raise MedkdError(f"{path}: original label of case {cid!r} not found (needed for --resolution native; "
+                         f"use --resolution prepared)")
+    vol = read_nifti(path)
+    if list(vol.array.shape) != list(entry["shape"]):
+        raise MedkdError(f"{path}: label shape {list(vol.array.shape)} differs from the manifest's {entry['shape']} "
+                         f"(the source changed since preprocessing)")
+    return np.asarray(vol.array) > 0, tuple(float(v) for v in vol.spacing)
+
+
+def case_masks(
+    model: nn.Module,
+    data: PreparedData,
+    cid: str,
+    device: torch.device,
+    in_channels: int,
+    batch_size: int = 16,
+    resolution: str = "native",
+):
+    """Predict one case and return ``(pred, gt, spacing, prepared_pred)`` on the chosen grid.
+
+    ``prepared_pred`` is the ``(Z, S, S)`` mask on the training grid (for overlays) whatever ``resolution`` is.
+    """
+    logits = predict_volume(model, data.image(cid), device, in_channels, batch_size)  # (Z, K, S, S)
+    prepared_pred = logits_to_mask(logits)
+    if resolution == "prepared":
+        gt = np.asarray(data.label(cid)) > 0
+        return prepared_pred, gt, tuple(data.case(cid)["prepared_spacing"]), prepared_pred
+    entry = data.case(cid)
+    gt, spacing = native_label(data, cid)
+    prob = prob_to_native(foreground_prob(logits), entry["canonical_shape"][:2], entry["affine"], entry["shape"])
+    return prob > THRESHOLD, gt, spacing, prepared_pred
+
+
+def case_tolerance(spacing, tolerance_mm: Optional[float]) -> float:
+    """Surface-Dice tolerance of one case: the given value, else ``max(2 mm, largest voxel spacing)``."""
+    if tolerance_mm is not None:
+        return float(tolerance_mm)
+    return max(float(DEFAULT_TOLERANCE_MM), max(float(s) for s in spacing))
+
+
+def run_postprocessing(
+    loaded: LoadedRun,
+    data: PreparedData,
+    device: torch.device,
+    batch_size: int = 16,
+    save: bool = True,
+) -> Dict[str, Any]:
+    """The run's postprocessing rule: ``RUN/postprocessing.json`` when it belongs to this checkpoint, else chosen now
+    on the **val** split of ``data`` at native resolution (:func:`medkd.postprocess.choose`) and saved.
+
+    Returns:
+        The rule's document (``method``, ``min_volume_ml``, ``val_dice_without``, ``val_dice_with``, ...); with no
+        val case the rule is ``none`` and ``chosen_on`` is ``None`` (nothing saved).
+    """
+    from medkd import postprocess as pp
+
+    doc = pp.for_checkpoint(loaded.run, loaded.checkpoint)
+    if doc is not None:
+        return doc
+    val_ids = data.case_ids("val")
+    if not val_ids:
+        return {**pp.Postprocessing().to_dict(), "chosen_on": None,
+                "note": f"{data.root}: no val split to choose postprocessing on"}
+    model = loaded.model.to(device).eval()
+    in_ch = int(getattr(model, "in_channels", 1))
+    preds, gts, spacings = [], [], []
+    for cid in val_ids:
+        pred, gt, spacing, _ = case_masks(model, data, cid, device, in_ch, batch_size, "native")
+        preds.append(pred), gts.append(gt), spacings.append(spacing)
+    rule, report = pp.choose(preds, gts, spacings)
+    doc = {**rule.to_dict(), "chosen_on": "val", "resolution": "native", "n_cases": len(val_ids), **report,
+           "data": str(data.root.resolve()), "data_fingerprint": data.fingerprint(),
+           **pp.checkpoint_stamp(loaded.checkpoint),
+           "medkd_version": medkd.__version__}
+    doc = to_jsonable(doc)
+    if save:
+        pp.save(loaded.run, doc)
+    return doc
+
+
 def evaluate_loaded(
     loaded: LoadedRun,
     data: PreparedData,
     split: str = "test",
     device: str = "auto",
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     keep_predictions: bool = False,
     progress: Optional[Callable[[str, int, int, str], None]] = None,
     save: bool = True,
+    resolution: str = "native",
+    postprocessing: bool = True,
+    model_file: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Evaluate one loaded run; see :func:`evaluate_run`.
 
     With ``keep_predictions`` the returned dict also holds ``"_predictions"``: ``{case_id: (Z, S, S) bool}``
     (not JSON; removed by :func:`public`).
     """
+    from medkd.postprocess import Postprocessing
+
+    if resolution not in RESOLUTIONS:
+        raise MedkdError(f"unknown resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
     t0 = time.time()
     ids = data.require_split(split)
     dev = resolve_device(device)
     model = loaded.model.to(dev).eval()
     in_ch = int(getattr(model, "in_channels", 1))
+    pp_doc = (run_postprocessing(loaded, data, dev, batch_size, save=save) if postprocessing
+              else {**Postprocessing().to_dict(), "chosen_on": None, "note": "disabled (--no-postprocessing)"})
+    rule = Postprocessing.from_dict(pp_doc)
     per_case: List[Dict[str, Any]] = []
+    pp_case: List[Dict[str, Any]] = []
     preds: Dict[str, np.ndarray] = {}
     for i, cid in enumerate(ids):
         if progress:
             progress(loaded.run.name, i + 1, len(ids), cid)
-        pred = predict_mask(model, data.image(cid), dev, in_ch, batch_size)
-        gt = np.asarray(data.label(cid)) > 0
-        spacing = data.case(cid)["prepared_spacing"]  # (z, x, y) mm of the (Z, S, S) arrays
-        m = case_metrics(pred, gt, spacing, tolerance_mm)
-        per_case.append({"id": cid, **{k: m[k] for k in CASE_KEYS}})
+        pred, gt, spacing, prepared_pred = case_masks(model, data, cid, dev, in_ch, batch_size, resolution)
+        tol = case_tolerance(spacing, tolerance_mm)
+        m = case_metrics(pred, gt, spacing, tol)
+        per_case.append({"id": cid, **{k: m[k] for k in CASE_KEYS}, "tolerance_mm": tol})
+        post = rule.apply(pred, spacing)
+        mp = m if rule.method == "none" or np.array_equal(post, pred) else case_metrics(post, gt, spacing, tol)
+        pp_case.append({"id": cid, **{k: mp[k] for k in PP_CASE_KEYS}, "gt_empty": mp["gt_empty"]})
         if keep_predictions:
-            preds[cid] = pred
+            preds[cid] = prepared_pred
     stats = summarize(per_case)
+    pp_stats = summarize(pp_case)
     in_shape = (in_ch, data.size, data.size)
     result: Dict[str, Any] = {
         "run": str(loaded.run),
         "name": loaded.run.name,
         "split": split,
+        "resolution": resolution,
         "n_cases": stats["n_cases"],
         "n_empty": stats["n_empty"],
     }
-    for key in ("dice", "iou", "recall", "precision", "hd95", "surface_dice"):
+    for key in SUMMARY_KEYS:
         result[key] = stats[key]
         result[f"{key}_std"] = stats[f"{key}_std"]
     result["pooled"] = stats["pooled"]
     result["per_case"] = per_case
+    result["postprocessing"] = pp_doc
+    result["postprocessed"] = {
+        **{k: pp_stats[k] for key in SUMMARY_KEYS for k in (key, f"{key}_std")},
+        "n_empty": pp_stats["n_empty"], "pooled": pp_stats["pooled"], "per_case": pp_case,
+    }
     result.update(
         kind=loaded.ckpt.get("kind", loaded.summary.get("kind")),
         arch=getattr(model, "arch", loaded.ckpt["model_config"].get("name")),
@@ -172,7 +321,9 @@ def evaluate_loaded(
         checkpoint=loaded.checkpoint.name,
         device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        tolerance_mm=float(tolerance_mm),
+        tolerance_mm=None if tolerance_mm is None else float(tolerance_mm),
+        tolerance_rule="given" if tolerance_mm is not None else
+        f"per case max({DEFAULT_TOLERANCE_MM:g} mm, largest voxel spacing)",
         input_shape=list(in_shape),
         data=str(data.root.resolve()),
         epoch=loaded.ckpt.get("epoch"),
@@ -180,6 +331,12 @@ def evaluate_loaded(
         seconds=round(time.time() - t0, 2),
         medkd_version=medkd.__version__,
     )
+    if model_file is not None:
+        from medkd.export import ort_latency_ms
+
+        result.update(model_file=str(model_file), model_file_mb=checkpoint_size_mb(model_file),
+                      latency_ms_ort=ort_latency_ms(model_file, in_shape, warmup=LATENCY_WARMUP,
+                                                    repeats=LATENCY_REPEATS))
     for key in ("scales", "loss", "pmd", "fraction", "teacher"):
         if key in loaded.summary:
             result[key] = loaded.summary[key]
@@ -196,9 +353,11 @@ def evaluate_run(
     data: Path,
     split: str = "test",
     device: str = "auto",
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     save: bool = True,
+    resolution: str = "native",
+    postprocessing: bool = True,
 ) -> Dict[str, Any]:
     """Evaluate one run on a prepared dataset split and save ``RUN/eval-<split>.json``.
 
@@ -207,21 +366,25 @@ def evaluate_run(
         data: prepared dataset folder.
         split: ``"test"`` (default), ``"val"`` or ``"train"``.
         device: ``auto | cpu | cuda``: where slices are predicted and latency is timed.
-        tolerance_mm: surface-Dice tolerance.
+        tolerance_mm: surface-Dice tolerance in mm; ``None``: per case ``max(2 mm, largest voxel spacing)``.
         batch_size: slices per forward pass.
-        save: write ``RUN/eval-<split>.json``.
+        save: write ``RUN/eval-<split>.json`` (and ``RUN/postprocessing.json`` when it is chosen now).
+        resolution: ``"native"`` (original voxel grid, default) or ``"prepared"`` (the resized training grid).
+        postprocessing: choose (on val) / apply the run's connected-component rule and report ``"postprocessed"``.
 
     Returns:
-        The Evaluate-JSON dict (JSON-safe: NaN -> ``None``): ``run``, ``name``, ``split``, ``n_cases``,
+        The Evaluate-JSON dict (JSON-safe: NaN -> ``None``): ``run``, ``name``, ``split``, ``resolution``, ``n_cases``,
         ``n_empty``, ``dice``/``iou``/``recall``/``precision``/``hd95``/``surface_dice`` (means over cases) and
         their ``*_std``, ``pooled`` {dice, iou, recall, precision}, ``per_case`` [{id, metrics, gt_empty,
         pred_empty, tp, fp, fn}], ``kind``, ``arch``, ``params``, ``flops`` (per slice), ``latency_ms``
-        (median per slice), ``checkpoint_mb``, ``device``, ``tolerance_mm``, ...
+        (median per slice), ``checkpoint_mb``, ``device``, ``tolerance_mm``, ``postprocessing`` (the rule) and
+        ``postprocessed`` (the same metrics, pooled and per case, after the rule), ...
 
     Raises:
         MedkdError: missing run/checkpoint, missing manifest or empty split, incompatible slice size.
     """
-    return evaluate_runs([run], data, split, device, tolerance_mm, batch_size, save=save)[0]
+    return evaluate_runs([run], data, split, device, tolerance_mm, batch_size, save=save, resolution=resolution,
+                         postprocessing=postprocessing)[0]
 
 
 def evaluate_runs(
@@ -229,11 +392,14 @@ def evaluate_runs(
     data: Path,
     split: str = "test",
     device: str = "auto",
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     overlays: Optional[Path] = None,
     save: bool = True,
     progress: Optional[Callable[[str, int, int, str], None]] = None,
+    resolution: str = "native",
+    postprocessing: bool = True,
+    model_files: Optional[Sequence[Path]] = None,
 ) -> List[Dict[str, Any]]:
     """Evaluate several runs on the same split, in order. Every run is checked before any is evaluated.
 
@@ -241,6 +407,8 @@ def evaluate_runs(
         runs: run folders; the first one is the reference row of the table.
         data: prepared dataset folder.
         overlays: if given, write one PNG per case there (input, ground truth, each run's prediction).
+        model_files: exported models (``.onnx``), one per run in the same order: their ONNX Runtime latency is
+            reported as ``latency_ms_ort`` beside PyTorch's ``latency_ms``.
         progress: ``fn(run_name, i, n, case_id)`` called before each case.
         Others: as in :func:`evaluate_run`.
 
@@ -252,16 +420,26 @@ def evaluate_runs(
     """
     if not runs:
         raise MedkdError("no run given")
-    if tolerance_mm <= 0:
+    if tolerance_mm is not None and tolerance_mm <= 0:
         raise MedkdError(f"--tolerance must be > 0 mm, got {tolerance_mm}")
+    if resolution not in RESOLUTIONS:
+        raise MedkdError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+    model_files = list(model_files or [])
+    if model_files and len(model_files) != len(runs):
+        raise MedkdError(f"--onnx given {len(model_files)} time(s) for {len(runs)} run(s): give one model per run")
+    for f in model_files:
+        if not Path(f).is_file():
+            raise MedkdError(f"{f}: model file not found")
     prepared = data if isinstance(data, PreparedData) else PreparedData(Path(data))
     prepared.require_split(split)
     resolve_device(device)  # fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
     results = []
-    for lr in loaded:
+    for i, lr in enumerate(loaded):
         results.append(evaluate_loaded(lr, prepared, split, device, tolerance_mm, batch_size,
-                                       keep_predictions=overlays is not None, progress=progress, save=save))
+                                       keep_predictions=overlays is not None, progress=progress, save=save,
+                                       resolution=resolution, postprocessing=postprocessing,
+                                       model_file=Path(model_files[i]) if model_files else None))
         lr.model.to("cpu")
     if overlays is not None:
         from medkd.report.overlays import write_overlays

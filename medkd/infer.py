@@ -59,3 +59,54 @@ def logits_to_mask(logits: np.ndarray) -> np.ndarray:
     if logits.shape[1] == 1:
         return logits[:, 0] > 0
     return logits.argmax(axis=1) > 0
+
+
+def foreground_prob(logits: np.ndarray) -> np.ndarray:
+    """``(Z, K, H, W)`` logits -> ``(Z, H, W)`` float32 foreground probability.
+
+    One output channel: ``sigmoid``; several: ``1 - softmax(...)[background]``. Thresholding the result at
+    :data:`THRESHOLD` gives the same mask as :func:`logits_to_mask` (up to float rounding at exactly 0.5).
+    """
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    if t.shape[1] == 1:
+        return torch.sigmoid(t[:, 0]).numpy()
+    return (1.0 - torch.softmax(t, dim=1)[:, 0]).numpy()
+
+
+#: Foreground probability above which a voxel is foreground (predict, native evaluate, exported metadata).
+THRESHOLD = 0.5
+
+
+def resize_prob(prob: np.ndarray, shape) -> np.ndarray:
+    """Bilinear resize of ``(Z, S, S)`` probabilities to ``(Z, *shape)`` (antialiased when shrinking)."""
+    import torch.nn.functional as F
+
+    if tuple(prob.shape[1:]) == tuple(shape):
+        return np.asarray(prob, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[:, None]
+    shrink = shape[0] < prob.shape[1] or shape[1] < prob.shape[2]
+    out = F.interpolate(t, size=tuple(int(v) for v in shape), mode="bilinear", align_corners=False, antialias=shrink)
+    return out[:, 0].clamp_(0.0, 1.0).numpy()
+
+
+def prob_to_native(prob: np.ndarray, canonical_xy, affine: np.ndarray, shape) -> np.ndarray:
+    """The inverse of the preprocess geometry, shared by ``predict`` and native-resolution ``evaluate``.
+
+    Foreground **probabilities** on the prepared grid are resized back to the canonical (RAS) in-plane size with
+    bilinear interpolation, **then** (by the caller) thresholded: smoother borders than resizing a small mask with
+    nearest neighbour. Axes go back from ``(Z, X, Y)`` to ``(X, Y, Z)`` and the RAS reorientation is undone.
+
+    Args:
+        prob: ``(Z, S, S)`` foreground probability on the prepared grid.
+        canonical_xy: ``(X, Y)`` in-plane size of the volume in RAS orientation (before the resize).
+        affine: the original volume's 4x4 voxel-to-world affine.
+        shape: the original volume's shape ``(I, J, K)``.
+
+    Returns:
+        float32 ``(I, J, K)`` probability in the original voxel grid.
+    """
+    from medkd.data.io import from_canonical
+
+    back = resize_prob(prob, tuple(canonical_xy))  # (Z, X, Y)
+    return from_canonical(np.moveaxis(back, 0, 2), np.asarray(affine, dtype=np.float64), tuple(shape)).astype(
+        np.float32)

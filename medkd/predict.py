@@ -1,22 +1,31 @@
-"""``medkd predict``: segment new volumes with a trained run and write masks in the input's own geometry.
+"""``medkd predict``: segment new volumes with a trained run or an exported model and write masks in the input's
+own geometry.
 
-Per input (the same steps as :func:`medkd.data.preprocess.process_case`, then back):
+MODEL is a run folder (PyTorch, ``best.pt``) or a file written by ``medkd export`` (``.onnx`` under ONNX Runtime,
+or TorchScript with its ``.json`` sidecar). An exported model carries the whole recipe in its metadata
+(:mod:`medkd.export`), so it needs neither the run folder nor the training data. Both paths share every step
+but the network call:
 
 1. read (NIfTI file or DICOM series folder, :func:`medkd.data.io.read_volume`);
 2. reorient to RAS (:func:`~medkd.data.io.to_canonical`);
-3. intensity: the run's preprocess rule (CT: the run's window; MR/other: 0.5/99.5 percentiles of this volume),
+3. intensity: the preprocess rule (CT: the run's window; MR/other: 0.5/99.5 percentiles of this volume),
    modality from the DICOM ``Modality`` tag or, for NIfTI, :func:`~medkd.data.preprocess.detect_modality`
    (override with ``modality``);
-4. ``(X, Y, Z) -> (Z, X, Y)``, resize in-plane to the run's size, predict slice by slice (batched);
-5. foreground **probabilities** (sigmoid, or 1 - softmax background) resized back to the canonical in-plane size
-   with bilinear interpolation, **then** thresholded at 0.5: smoother borders than resizing a small mask with
-   nearest neighbour (which gives S-pixel staircases);
-6. axes moved back and the RAS reorientation undone (:func:`~medkd.data.io.from_canonical`).
+4. ``(X, Y, Z) -> (Z, X, Y)``, resize in-plane to the prepared size, predict slice by slice (batched);
+5. foreground **probabilities** (sigmoid, or 1 - softmax background) taken back to the input's voxel grid by
+   :func:`medkd.infer.prob_to_native` (bilinear in-plane resize, axes back, RAS reorientation undone; the same
+   mapping native-resolution ``evaluate`` uses), **then** thresholded at 0.5;
+6. the run's connected-component postprocessing (:mod:`medkd.postprocess`, chosen on val; embedded in exported
+   models), unless disabled.
 
 Output: ``OUT/<case>_seg.nii.gz`` (uint8, 0/1) with the input's shape and affine (for DICOM, the RAS affine
-computed by the reader) and, with ``probabilities``, ``OUT/<case>_prob.nii.gz`` (float32). Files are written
-to a temp name and moved into place; existing outputs are never replaced without ``overwrite``.
-Bad inputs are reported one line each and skipped; the others are still written.
+computed by the reader) and, with ``probabilities``, ``OUT/<case>_prob.nii.gz`` (float32, before
+postprocessing). Files are written to a temp name and moved into place; existing outputs are never replaced
+without ``overwrite``. Bad inputs are reported one line each and skipped; the others are still written.
+
+ONNX path and torch: the network runs in ONNX Runtime only (no checkpoint, no run folder); the slice resampling
+still uses the same torch functions as the PyTorch path (``resize_slices``/``prob_to_native``), which is what makes
+the masks identical, so torch (CPU) remains a dependency of ``medkd`` itself.
 """
 
 from __future__ import annotations
@@ -29,16 +38,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medkd.data.io import NIFTI_SUFFIXES, Volume, from_canonical, is_nifti, read_volume, strip_nifti_suffix, to_canonical
+from medkd.data.io import NIFTI_SUFFIXES, Volume, is_nifti, read_volume, strip_nifti_suffix, to_canonical
 from medkd.data.preprocess import WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError
-from medkd.infer import predict_volume, resolve_device
-from medkd.train.checkpoint import load_model_from_run, trained_size
-
-THRESHOLD = 0.5
+from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
+from medkd.postprocess import Postprocessing
+from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
 
 
 @dataclass
@@ -56,6 +63,9 @@ class PredictResult:
     out: Path
     written: List[dict] = field(default_factory=list)
     failed: List[dict] = field(default_factory=list)
+    engine: str = "pytorch"
+    postprocessing: dict = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
 
 
 def _visible(p: Path) -> bool:
@@ -123,64 +133,114 @@ def collect_inputs(inputs: Sequence[Path]) -> Tuple[List[PredictInput], List[dic
     return unique, failed
 
 
-def _foreground_prob(logits: np.ndarray) -> np.ndarray:
-    """``(Z, K, S, S)`` logits -> ``(Z, S, S)`` foreground probability."""
-    t = torch.from_numpy(logits)
-    if t.shape[1] == 1:
-        return torch.sigmoid(t[:, 0]).numpy()
-    return (1.0 - torch.softmax(t, dim=1)[:, 0]).numpy()
+@dataclass
+class Segmenter:
+    """What ``predict`` needs from a model: a logits function and the recipe it was trained with.
+
+    Attributes:
+        logits: ``(B, C, S, S)`` float32 numpy -> ``(B, K, S, S)`` logits (numpy).
+        in_channels: C.
+        size: prepared slice size S.
+        window: CT window ``(low, high)``.
+        postprocessing: the connected-component rule to apply.
+        engine: ``pytorch`` | ``onnxruntime`` | ``torchscript``.
+        source: the run folder or model file.
+    """
+
+    logits: Callable[[np.ndarray], np.ndarray]
+    in_channels: int
+    size: int
+    window: Tuple[float, float]
+    postprocessing: Postprocessing
+    engine: str
+    source: str
+    notes: List[str] = field(default_factory=list)
 
 
-def _resize_prob(prob: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``(Z, S, S)`` probabilities to ``(Z, *shape)`` (antialiased when shrinking)."""
-    if tuple(prob.shape[1:]) == tuple(shape):
-        return prob.astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[:, None]
-    shrink = shape[0] < prob.shape[1] or shape[1] < prob.shape[2]
-    out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrink)
-    return out[:, 0].clamp_(0.0, 1.0).numpy()
+def load_segmenter(model: Path, device: str = "auto", postprocessing: bool = True) -> Segmenter:
+    """A run folder (PyTorch) or an exported model file (metadata only; no run folder needed).
+
+    Raises:
+        MedkdError: not loadable, no recorded size, ``--device cuda`` without CUDA (run folders), or an exported
+            model without the deploy extra installed.
+    """
+    from medkd import postprocess as pp
+
+    model = Path(model)
+    notes: List[str] = []
+    if model.is_file():
+        from medkd.export import load_exported
+
+        m = load_exported(model)
+        meta = m.metadata
+        ct = (meta.get("intensity") or {}).get("CT") or {}
+        window = (float(ct.get("low", WINDOW_PRESETS["abdomen"][0])), float(ct.get("high", WINDOW_PRESETS["abdomen"][1])))
+        rule = Postprocessing.from_dict(meta.get("postprocessing")) if postprocessing else Postprocessing()
+        return Segmenter(m, int(meta["input_channels"]), int(meta["prepared_size"]), window, rule, m.engine,
+                         str(model), notes)
+    dev = resolve_device(device)
+    net, ckpt = load_model_from_run(model)
+    settings = dict((ckpt.get("data") or {}).get("settings") or {})
+    size = trained_size(ckpt)
+    if size is None:
+        raise MedkdError(f"{model}: checkpoint does not record the preprocess size")
+    net = net.to(dev).eval()
+    in_ch = int(getattr(net, "in_channels", 1))
+    rule = Postprocessing()
+    if postprocessing:
+        doc = pp.for_checkpoint(model, run_checkpoint(model))
+        if doc is None:
+            notes.append(f"{model}: no postprocessing chosen yet (medkd evaluate or export chooses it on val); "
+                         f"masks are not postprocessed")
+        else:
+            rule = Postprocessing.from_dict(doc)
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+            return seg_logits(net(t)).float().cpu().numpy()
+
+    window = tuple(float(v) for v in settings.get("window") or WINDOW_PRESETS["abdomen"])
+    return Segmenter(logits, in_ch, int(size), window, rule, "pytorch", str(model), notes)  # type: ignore[arg-type]
 
 
 def segment_volume(
-    model: torch.nn.Module,
+    seg: Segmenter,
     vol: Volume,
-    settings: dict,
-    device: torch.device,
     batch_size: int = 16,
     modality: Optional[str] = None,
 ) -> Tuple[np.ndarray, np.ndarray, dict]:
     """Segment one volume in its own voxel grid.
 
     Args:
-        model: the run's model (eval mode, on ``device``).
+        seg: the model and its recipe (:func:`load_segmenter`).
         vol: the input as read (any orientation), array ``(I, J, K)``.
-        settings: the run's preprocess settings (``size``, ``window``).
-        device: where to predict.
         batch_size: slices per forward pass.
         modality: ``"CT"``/``"MR"``/... to override detection.
 
     Returns:
-        ``(mask (I, J, K) uint8, prob (I, J, K) float32, info)``, same voxel grid as ``vol``;
-        ``info`` has the modality and the intensity rule used.
+        ``(mask (I, J, K) uint8, prob (I, J, K) float32, info)``, same voxel grid as ``vol``; the mask is
+        postprocessed, the probability is not; ``info`` has the modality and the intensity rule used.
     """
     if not np.all(np.isfinite(vol.array)):
         n = int(np.size(vol.array) - np.isfinite(vol.array).sum())
         raise DataError(f"{vol.source}: {n} NaN/inf voxels")
-    size = int(settings["size"])
-    window = tuple(float(v) for v in settings.get("window") or WINDOW_PRESETS["abdomen"])
     can, _ = to_canonical(vol)
     mod = detect_modality(modality or vol.modality, can.array)
-    norm, rule = normalise_intensity(can.array, mod, window)  # type: ignore[arg-type]
+    norm, rule = normalise_intensity(can.array, mod, seg.window)  # type: ignore[arg-type]
     slices = np.moveaxis(norm, 2, 0)  # (X, Y, Z) -> (Z, X, Y)
     X, Y = slices.shape[1:]
-    inp = resize_slices(slices, size, is_label=False)  # (Z, S, S)
-    in_ch = int(getattr(model, "in_channels", 1))
-    logits = predict_volume(model, inp, device, in_ch, batch_size)  # (Z, K, S, S)
-    prob = _resize_prob(_foreground_prob(logits), (X, Y))  # (Z, X, Y)
-    prob_c = np.moveaxis(prob, 0, 2)  # (X, Y, Z) canonical
-    prob_o = from_canonical(prob_c, vol.affine, vol.array.shape).astype(np.float32)
-    mask = (prob_o > THRESHOLD).astype(np.uint8)
-    return mask, prob_o, {"modality": mod, "intensity": rule}
+    inp = resize_slices(slices, seg.size, is_label=False)  # (Z, S, S)
+    outs = []
+    for z0 in range(0, inp.shape[0], batch_size):
+        x = inp[z0:z0 + batch_size][:, None]  # (B, 1, S, S)
+        if seg.in_channels > 1:
+            x = np.repeat(x, seg.in_channels, axis=1)
+        outs.append(np.asarray(seg.logits(x), dtype=np.float32))
+    logits = np.concatenate(outs)  # (Z, K, S, S)
+    prob_o = prob_to_native(foreground_prob(logits), (X, Y), vol.affine, vol.array.shape)
+    mask = seg.postprocessing.apply(prob_o > THRESHOLD, vol.spacing).astype(np.uint8)
+    return mask, prob_o, {"modality": mod, "intensity": rule, "postprocessing": seg.postprocessing.method}
 
 
 def _write_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, overwrite: bool) -> None:
@@ -211,38 +271,35 @@ def predict_paths(
     batch_size: int = 16,
     modality: Optional[str] = None,
     progress: Optional[Callable[[int, int, str], None]] = None,
+    postprocessing: bool = True,
 ) -> PredictResult:
-    """Segment every input with ``RUN/best.pt`` and write ``OUT/<case>_seg.nii.gz`` (+ ``_prob``).
+    """Segment every input with a run's ``best.pt`` or an exported model; write ``OUT/<case>_seg.nii.gz`` (+ ``_prob``).
 
     Args:
-        run: run folder.
+        run: run folder, or a model file from ``medkd export`` (``.onnx`` / TorchScript).
         inputs: NIfTI files, DICOM series folders, or folders of them (see :func:`collect_inputs`).
         out: output folder (created).
         probabilities: also write ``<case>_prob.nii.gz`` (float32 foreground probability).
         overwrite: replace existing output files.
-        device: ``auto | cpu | cuda``.
+        device: ``auto | cpu | cuda`` (run folders; exported models run on the CPU).
         batch_size: slices per forward pass.
         modality: override the CT/MR detection for every input.
         progress: ``fn(i, n, case)`` called before each case.
+        postprocessing: apply the run's / model's connected-component rule.
 
     Returns:
         A :class:`PredictResult`; ``failed`` lists bad inputs (one line each), the rest were written.
 
     Raises:
-        MedkdError: the run cannot be loaded, ``out`` is a file, or ``--device cuda`` without CUDA.
+        MedkdError: the model cannot be loaded, ``out`` is a file, or ``--device cuda`` without CUDA.
     """
     run, out = Path(run), Path(out)
-    dev = resolve_device(device)
-    model, ckpt = load_model_from_run(run)
-    settings = dict((ckpt.get("data") or {}).get("settings") or {})
-    settings["size"] = trained_size(ckpt)
-    if settings["size"] is None:
-        raise MedkdError(f"{run}: checkpoint does not record the preprocess size")
+    seg = load_segmenter(run, device, postprocessing)
     if out.exists() and not out.is_dir():
         raise MedkdError(f"{out}: exists and is not a folder")
-    model = model.to(dev).eval()
     cases, failed = collect_inputs(inputs)
-    result = PredictResult(out, [], list(failed))
+    result = PredictResult(out, [], list(failed), engine=seg.engine, postprocessing=seg.postprocessing.to_dict(),
+                           notes=list(seg.notes))
     if cases:
         out.mkdir(parents=True, exist_ok=True)
     for i, c in enumerate(cases):
@@ -259,7 +316,7 @@ def predict_paths(
         t0 = time.time()
         try:
             vol = read_volume(c.path)
-            mask, prob, info = segment_volume(model, vol, settings, dev, batch_size, modality)
+            mask, prob, info = segment_volume(seg, vol, batch_size, modality)
             _write_nifti(mask, vol.affine, seg_path, overwrite)
             if probabilities:
                 _write_nifti(prob, vol.affine, prob_path, overwrite)
@@ -276,6 +333,7 @@ def predict_paths(
             "case": c.case, "input": str(c.path), "seg": str(seg_path),
             "prob": str(prob_path) if probabilities else None,
             "shape": [int(v) for v in mask.shape], "fg_voxels": fg, "fg_ml": round(fg * voxel_ml, 3),
-            "modality": info["modality"], "seconds": round(time.time() - t0, 3),
+            "modality": info["modality"], "postprocessing": info["postprocessing"],
+            "seconds": round(time.time() - t0, 3),
         })
     return result

@@ -42,7 +42,7 @@ def run_b(run_a) -> Path:
 def train_result(run_a, tiny_data):
     from medkd.evaluate import evaluate_run
 
-    return evaluate_run(run_a, tiny_data, split="train", device="cpu")
+    return evaluate_run(run_a, tiny_data, split="train", device="cpu", resolution="prepared", tolerance_mm=2.0)
 
 
 def _independent_masks(run: Path, data_dir: Path, split: str):
@@ -65,7 +65,7 @@ def test_result_schema_and_saved_json(train_result, run_a, tiny_data):
     r = train_result
     assert CONTRACT_KEYS | EXTRA_KEYS <= set(r)
     assert set(r["pooled"]) == {"dice", "iou", "recall", "precision"}
-    assert r["split"] == "train" and r["run"] == str(run_a)
+    assert r["split"] == "train" and r["run"] == str(run_a) and r["resolution"] == "prepared"
     assert r["kind"] == "teacher" and r["arch"] == "unet" and r["device"] == "cpu"
     assert r["n_cases"] == len(r["per_case"]) == 4
     for c in r["per_case"]:
@@ -109,6 +109,7 @@ def test_cli_json_single_run(run_a, tiny_data):
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)  # the whole of stdout is one JSON document
     assert CONTRACT_KEYS <= set(doc) and doc["split"] == "test"
+    assert doc["resolution"] == "native"
     assert (run_a / "eval-test.json").is_file()
     assert "Dice" in res.stderr  # the table went to stderr
 
@@ -197,3 +198,106 @@ def test_pick_slices():
     pred[8, :2, :2] = True  # false positives on an empty-GT slice
     assert pick_slices(gt, [pred]) == [(3, "GT edge"), (4, "largest GT"), (8, "GT empty")]
     assert pick_slices(gt) == [(2, "GT empty"), (3, "GT edge"), (4, "largest GT")]  # nearest empty slice
+
+
+# ----------------------------------------------------------------------------------- native-geometry metrics
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the given ``(Z, S, S)`` mask as logits, batch after batch (as predict_volume calls it)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.logits = torch.from_numpy(np.where(np.asarray(mask) > 0, 10.0, -10.0).astype(np.float32))[:, None]
+        self.z = 0
+        self.in_channels = 1
+
+    def forward(self, x):
+        out = self.logits[self.z:self.z + len(x)]
+        self.z += len(x)
+        return out
+
+
+@pytest.fixture(scope="module")
+def native_size_data(tiny_raw, tmp_path_factory):
+    """The tiny dataset prepared at its native in-plane size (48): the prepared label is the native one."""
+    from medkd.data.preprocess import PreprocessSettings, preprocess
+
+    out = tmp_path_factory.mktemp("prep48") / "data"
+    preprocess(tiny_raw, out, PreprocessSettings(size=48, test_fraction=0.2, val_fraction=0.2, seed=0))
+    return out
+
+
+def test_native_dice_is_one_when_prediction_equals_label(native_size_data):
+    """Every case (NIfTI and the DICOM series' reoriented grid) through the inverse mapping that predict uses:
+    a prediction equal to the label scores Dice 1 and HD95 0 against the original label file."""
+    from medkd.data.io import read_nifti
+    from medkd.data.prepared import PreparedData
+    from medkd.evaluate import case_masks
+
+    data = PreparedData(native_size_data)
+    for cid in [c["id"] for c in data.cases]:
+        oracle = _Oracle(data.label(cid))
+        pred, gt, spacing, _ = case_masks(oracle, data, cid, torch.device("cpu"), 1, batch_size=5)
+        ref = read_nifti(Path(data.case(cid)["label_source"]))
+        assert gt.shape == ref.array.shape and spacing == pytest.approx(ref.spacing)
+        m = case_metrics(pred, gt, spacing)
+        if m["gt_empty"]:
+            assert m["pred_empty"]
+            continue
+        assert m["dice"] == 1.0 and m["hd95"] == 0.0, cid
+
+
+def test_native_hd95_of_a_shifted_mask_is_the_shift_in_mm(tmp_path):
+    """A one-voxel-thick plate shifted by 3 voxels along axis 0 of an anisotropic, non-RAS label file: every
+    surface voxel is exactly 3 x 0.7 mm from the other plate, so HD95 = 2.1 mm (not 3 or 9 mm: the native
+    spacing is taken per voxel axis)."""
+    import nibabel as nib
+
+    from medkd.data.prepared import PreparedData
+    from medkd.evaluate import native_label
+
+    lab = np.zeros((20, 12, 6), np.uint8)
+    lab[5, 2:10, 1:5] = 1
+    affine = np.diag([-0.7, 1.0, 3.0, 1.0])  # LAS-like: axis 0 flipped
+    nib.save(nib.Nifti1Image(lab, affine), str(tmp_path / "lab.nii.gz"))
+    manifest = {"schema": 1, "settings": {"size": 16}, "cases": [
+        {"id": "c", "split": "test", "label_source": str(tmp_path / "lab.nii.gz"), "shape": [20, 12, 6],
+         "canonical_shape": [20, 12, 6], "affine": affine.tolist()}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    gt, spacing = native_label(PreparedData(tmp_path), "c")
+    assert spacing == pytest.approx((0.7, 1.0, 3.0))
+    shifted = np.roll(gt, 3, axis=0)
+    m = case_metrics(shifted, gt, spacing, tolerance_mm=2.0)
+    assert m["hd95"] == pytest.approx(3 * 0.7)
+    assert m["dice"] == 0.0 and m["surface_dice"] == 0.0
+    assert case_metrics(shifted, gt, spacing, tolerance_mm=2.2)["surface_dice"] == 1.0
+
+
+def test_native_json_with_postprocessing(run_b, tiny_data):
+    """Default evaluate: native resolution, the postprocessing rule chosen on val and saved in the run,
+    metrics with and without it, per-case tolerance never below the voxel size."""
+    from medkd.evaluate import evaluate_run
+
+    r = evaluate_run(run_b, tiny_data, split="test", device="cpu")
+    assert r["resolution"] == "native"
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    shapes = {c["id"]: c["shape"] for c in manifest["cases"]}
+    for c in r["per_case"]:
+        assert c["tolerance_mm"] >= 2.0
+        assert c["tp"] + c["fn"] > 0 or c["gt_empty"]
+        vox = np.prod(shapes[c["id"]])
+        assert c["tp"] + c["fp"] + c["fn"] <= vox  # counted on the native grid
+    pp = json.loads((run_b / "postprocessing.json").read_text())
+    assert pp["chosen_on"] == "val" and pp["method"] == r["postprocessing"]["method"]
+    assert pp["val_dice_with"] >= pp["val_dice_without"]
+    post = r["postprocessed"]
+    assert set(post) >= {"dice", "hd95", "pooled", "per_case"} and len(post["per_case"]) == r["n_cases"]
+    if pp["method"] == "none":
+        assert post["dice"] == r["dice"]
+    # reused, not chosen again, while the checkpoint is unchanged
+    mtime = (run_b / "postprocessing.json").stat().st_mtime_ns
+    evaluate_run(run_b, tiny_data, split="test", device="cpu", save=False)
+    assert (run_b / "postprocessing.json").stat().st_mtime_ns == mtime
+    res = runner.invoke(app, ["evaluate", str(run_b), "--data", str(tiny_data), "--resolution", "bogus"])
+    assert res.exit_code == 1 and "--resolution" in res.stderr

@@ -36,7 +36,7 @@ def _root(
 
 def _register() -> None:
     # One module per command, each exposing ``command``.
-    from medkd.cli import ablate, distill, evaluate, predict, preprocess, sample_data, train_teacher
+    from medkd.cli import ablate, distill, evaluate, export, predict, preprocess, sample_data, train_teacher
 
     for mod, name in [
         (sample_data, "sample-data"),
@@ -45,6 +45,7 @@ def _register() -> None:
         (distill, "distill"),
         (evaluate, "evaluate"),
         (predict, "predict"),
+        (export, "export"),
         (ablate, "ablate"),
     ]:
         app.command(name)(mod.command)

@@ -26,8 +26,23 @@ def command(
     data: Annotated[Path, typer.Option("--data", help="Prepared dataset folder (from medkd preprocess).")],
     split: Annotated[str, typer.Option(help="Split to evaluate: test | val | train.")] = "test",
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Surface-Dice tolerance in mm.")
-    ] = DEFAULT_TOLERANCE_MM,
+        Optional[float],
+        typer.Option("--tolerance", help=f"Surface-Dice tolerance in mm. [default: per case max({DEFAULT_TOLERANCE_MM:g} mm, "
+                                         f"largest voxel spacing), never below the voxel size]"),
+    ] = None,
+    resolution: Annotated[
+        str, typer.Option("--resolution", help="Grid the metrics are computed on: native (each case's original "
+                                               "voxels, as nnU-Net reports) | prepared (the resized training grid).")
+    ] = "native",
+    postprocessing: Annotated[
+        bool, typer.Option("--postprocessing/--no-postprocessing",
+                           help="Choose (on the val split, saved in RUN/postprocessing.json) and apply the run's "
+                                "connected-component postprocessing; reported beside the raw metrics.")
+    ] = True,
+    onnx: Annotated[
+        Optional[List[Path]], typer.Option("--onnx", help="Exported model per run (same order, medkd export): "
+                                                          "adds its ONNX Runtime latency.", dir_okay=False)
+    ] = None,
     overlays: Annotated[
         Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs.", file_okay=False)
     ] = None,
@@ -36,9 +51,11 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Test-split metrics (per case 3D Dice, IoU, recall, precision, HD95; pooled) and efficiency, one row per run.
+    """Test-split metrics (per case 3D Dice, IoU, recall, precision, HD95, surface Dice; pooled) and efficiency,
+    one row per run, in each case's native voxel grid by default.
 
-    Saves RUN/eval-<split>.json for every run. With --json, one JSON document on stdout (the run's dict, or
+    Metrics are shown without and with the run's postprocessing (chosen on val). Saves RUN/eval-<split>.json for
+    every run. With --json, one JSON document on stdout (the run's dict, or
     {"runs": [...]} for several runs) and the table on stderr.
     """
     from medkd.evaluate import evaluate_runs
@@ -52,7 +69,8 @@ def command(
         log.print(escape(f"[{run}] {i}/{n} {cid}"), highlight=False)
 
     results = evaluate_runs(runs, data, split=split, device=device or "auto", tolerance_mm=tolerance,
-                            batch_size=max(1, batch_size), overlays=overlays, progress=progress)
+                            batch_size=max(1, batch_size), overlays=overlays, progress=progress,
+                            resolution=resolution, postprocessing=postprocessing, model_files=onnx)
     for r in results:
         for w in r.get("warnings") or []:
             log.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -23,7 +23,8 @@ from medkd.cli.common import (
 
 @handle_errors
 def command(
-    run: Annotated[Path, typer.Argument(help="Run folder (its best.pt is used).")],
+    run: Annotated[Path, typer.Argument(help="Run folder (its best.pt is used) or a model file from medkd export "
+                                             "(.onnx under ONNX Runtime; no run folder needed).")],
     inputs: Annotated[
         List[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of them.")
     ],
@@ -36,11 +37,15 @@ def command(
         Optional[str], typer.Option(help="CT | MR: override detection (DICOM tag, else CT when min < -500 HU).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    postprocessing: Annotated[
+        bool, typer.Option("--postprocessing/--no-postprocessing",
+                           help="Apply the run's connected-component postprocessing (chosen on val by evaluate/export).")
+    ] = True,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Segment volumes with a trained run; masks keep each input's shape and orientation (affine).
+    """Segment volumes with a trained run or an exported model; masks keep each input's shape and orientation.
 
     Bad inputs are reported one line each and skipped (exit 1); the good ones are still written.
     """
@@ -54,11 +59,15 @@ def command(
 
     result = predict_paths(run, inputs, out, probabilities=probabilities, overwrite=overwrite,
                            device=device or "auto", batch_size=max(1, batch_size),
-                           modality=modality.upper() if modality else None, progress=progress)
+                           modality=modality.upper() if modality else None, progress=progress,
+                           postprocessing=postprocessing)
+    for note in result.notes:
+        log.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for f in result.failed:
         stderr_console.print(f"[bold red]error:[/] {f['reason']}", highlight=False, soft_wrap=True)
     if json_out:
-        print_json({"run": str(run), "out": str(out), "written": result.written, "failed": result.failed})
+        print_json({"run": str(run), "out": str(out), "engine": result.engine,
+                    "postprocessing": result.postprocessing, "written": result.written, "failed": result.failed})
     elif result.written:  # the result table is stdout output; --quiet only silences stderr logs
         table = Table(title=f"predicted masks: {out}", title_justify="left")
         for col, j in (("case", "left"), ("output", "left"), ("shape", "right"), ("modality", "left"),

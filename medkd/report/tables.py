@@ -112,15 +112,20 @@ def eval_table(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -
     first = results[0] if results else {}
     split = first.get("split", "?")
     table = Table(title=title or f"evaluation on the {split} split", title_justify="left")
+    has_pp = any(r.get("postprocessed") for r in results)
+    has_ort = any(r.get("latency_ms_ort") is not None for r in results)
     cols = [("run", "left"), ("kind", "left"), ("arch", "left"), ("params", "right"), ("Dice ± std", "right"),
             ("Δ Dice", "right"), ("IoU", "right"), ("recall", "right"), ("precision", "right"),
-            ("HD95 mm", "right"), ("pooled Dice", "right"), ("ms/slice", "right")]
+            ("HD95 mm", "right"), ("pooled Dice", "right")]
+    if has_pp:
+        cols += [("postproc", "left"), ("Dice pp", "right"), ("HD95 pp", "right")]
+    cols += [("ms/slice", "right")] + ([("ORT ms", "right")] if has_ort else [])
     for name, justify in cols:
         table.add_column(name, justify=justify, no_wrap=name != "run")  # type: ignore[arg-type]
     ref = first.get("dice")
     for i, (label, r) in enumerate(zip(run_labels(results), results)):
         change = Text("ref", style="dim") if i == 0 else _styled_change(r.get("dice"), ref)
-        table.add_row(
+        row = [
             label,
             str(r.get("kind") or NA),
             str(r.get("arch") or NA),
@@ -132,18 +137,36 @@ def eval_table(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -
             fmt_num(r.get("precision")),
             fmt_num(r.get("hd95"), 2),
             fmt_num((r.get("pooled") or {}).get("dice")),
-            fmt_ms(r.get("latency_ms")),
-        )
+        ]
+        if has_pp:
+            pp, rule = r.get("postprocessed") or {}, r.get("postprocessing") or {}
+            row += [_rule_label(rule), fmt_num(pp.get("dice")), fmt_num(pp.get("hd95"), 2)]
+        row.append(fmt_ms(r.get("latency_ms")))
+        if has_ort:
+            row.append(fmt_ms(r.get("latency_ms_ort")))
+        table.add_row(*row)
     n_cases = first.get("n_cases", "?")
     n_empty = first.get("n_empty", 0)
     devices = sorted({str(r.get("device")) for r in results if r.get("device")})
+    resolution = first.get("resolution", "prepared")
+    grid = "native voxel grid" if resolution == "native" else "prepared (resized) grid"
     caption = (
         f"{split}: {n_cases} case(s){f', {n_empty} with both masks empty (excluded)' if n_empty else ''}; "
-        f"means over cases of 3D metrics; pooled = TP/FP/FN summed over all slices; "
+        f"means over cases of 3D metrics on the {grid}; pooled = TP/FP/FN summed over all voxels; "
+        f"{'pp = after the run' + chr(39) + 's postprocessing (chosen on val); ' if has_pp else ''}"
         f"Δ Dice relative to the first row; latency on {', '.join(devices) or '?'}"
     )
     table.caption = caption
     return table
+
+
+def _rule_label(rule: Dict[str, Any]) -> str:
+    method = rule.get("method") or "none"
+    if method == "largest":
+        return "largest CC"
+    if method == "min_volume":
+        return f"CC ≥ {fmt_num(rule.get('min_volume_ml'), 2)} mL"
+    return "none"
 
 
 def print_table(console, table: Table) -> None:
