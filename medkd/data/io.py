@@ -8,6 +8,7 @@ Canonical orientation is RAS (``nibabel.as_closest_canonical``'s rule); axial sl
 from __future__ import annotations
 
 import gzip
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,23 +94,15 @@ def read_dicom_series(folder: Path) -> Volume:
         DataError: no readable DICOM files, several series in the folder, inconsistent
             orientation, pixel size or slice spacing.
     """
-    import pydicom
-
     folder = Path(folder)
     files = sorted(
         p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
     )
-    dsets = []
+    dsets, pixels = [], []
     for f in files:
-        try:
-            ds = pydicom.dcmread(str(f))
-            px = ds.pixel_array  # force decoding now so truncation is caught here
-        except Exception as e:
-            why = f"{type(e).__name__}: {_short(e)}"
-            raise DataError(f"{f}: cannot read DICOM, file is truncated or corrupt ({why})") from None
-        if px.ndim != 2:
-            raise DataError(f"{f}: expected one 2D slice per file, got pixel data of shape {tuple(px.shape)}")
+        ds, px = read_dicom_slice(f)
         dsets.append(ds)
+        pixels.append(px)
     if not dsets:
         raise DataError(f"{folder}: no DICOM files in the folder")
     uids = {str(getattr(d, "SeriesInstanceUID", "")) for d in dsets}
@@ -141,6 +134,7 @@ def read_dicom_series(folder: Path) -> Volume:
     proj = pos @ normal
     order = np.argsort(proj)
     dsets = [dsets[i] for i in order]
+    pixels = [pixels[i] for i in order]
     pos, proj = pos[order], proj[order]
     if len(dsets) > 1:
         steps = np.diff(proj)
@@ -157,8 +151,7 @@ def read_dicom_series(folder: Path) -> Volume:
         step = float(getattr(dsets[0], "SliceThickness", 1.0) or 1.0)
         step_vec = normal * step
     slices = []
-    for d in dsets:
-        a = d.pixel_array.astype(np.float32)
+    for d, a in zip(dsets, pixels):
         slope = float(getattr(d, "RescaleSlope", 1.0) or 1.0)
         inter = float(getattr(d, "RescaleIntercept", 0.0) or 0.0)
         slices.append(a * slope + inter)
@@ -171,6 +164,108 @@ def read_dicom_series(folder: Path) -> Volume:
     lps[:3, 3] = pos[0]
     modality = str(getattr(dsets[0], "Modality", "") or "") or None
     return Volume(arr, LPS_TO_RAS @ lps, modality, str(folder), {"n_files": len(dsets)})
+
+
+# Modalities whose objects are not images of the patient (plans, structures, doses, reports, segmentations, ...).
+NON_IMAGE_MODALITIES = {
+    "RTPLAN": "a radiotherapy plan", "RTSTRUCT": "a radiotherapy structure set", "RTDOSE": "a radiotherapy dose grid",
+    "RTRECORD": "a radiotherapy treatment record", "SEG": "a segmentation (a label map, not an image)",
+    "SR": "a structured report", "PR": "a presentation state", "KO": "a key-object selection", "REG": "a registration",
+    "ECG": "a waveform", "DOC": "an encapsulated document",
+}
+
+
+def _dicom_ts_name(ds) -> str:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+
+
+def read_dicom_slice(path: Path):
+    """Read one DICOM file holding one grayscale 2D image; decode its pixels (compressed ones included).
+
+    Compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE) are decoded by pydicom's pixel
+    decoders with the pylibjpeg plugins (a medkd dependency). A file without the DICOM file-meta header
+    (no ``DICM`` preamble, common in old archives) is read with ``force=True``; its transfer syntax is then
+    taken from the encoding pydicom detected. Colour images (RGB/YBR, e.g. secondary captures) are reduced
+    to luminance (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B).
+
+    Returns:
+        ``(dataset, pixels)``: ``pixels`` float32 ``(rows, cols)`` before RescaleSlope/Intercept.
+
+    Raises:
+        DataError: one line naming the file and what is wrong: not a DICOM file, not an image (modality /
+            SOP class, no pixel data), an encoding no installed decoder supports (naming the transfer
+            syntax), truncated or corrupt pixel data, several frames per file.
+    """
+    import pydicom
+    from pydicom import uid as dicom_uid
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not a DICOM image")
+    with warnings.catch_warnings(record=True) as caught:  # pydicom warns (and reads on) at a premature end of file
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(str(path))
+        except InvalidDicomError:
+            ds = None
+        except Exception as e:
+            raise DataError(f"{path}: cannot read DICOM, file is truncated or corrupt "
+                            f"({type(e).__name__}: {_short(e)})") from None
+        if ds is None:  # no file-meta header / DICM prefix: old archives write bare datasets
+            try:
+                ds = pydicom.dcmread(str(path), force=True)
+            except Exception as e:
+                raise DataError(f"{path}: not a DICOM file ({type(e).__name__}: {_short(e)})") from None
+            if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
+                raise DataError(f"{path}: not a DICOM file (no DICOM header and no image attributes)")
+    eof = [w for w in caught if "end of file" in str(w.message).lower()]
+    if eof or len(ds) == 0:
+        why = _short(Exception(eof[0].message)) if eof else "no data elements"
+        raise DataError(f"{path}: cannot read DICOM, file is truncated or corrupt ({why})")
+    meta = ds.file_meta if hasattr(ds, "file_meta") else None
+    if meta is None or "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ts = (dicom_uid.ImplicitVRLittleEndian if implicit else
+              dicom_uid.ExplicitVRLittleEndian if little else dicom_uid.ExplicitVRBigEndian)
+        if meta is None:
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    modality = str(ds.get("Modality", "") or "").upper()
+    sop = ds.get("SOPClassUID")
+    sop_name = getattr(sop, "name", str(sop)) if sop else "unknown SOP class"
+    if modality in NON_IMAGE_MODALITIES:
+        raise DataError(f"{path}: not an image: {NON_IMAGE_MODALITIES[modality]} (Modality {modality}, {sop_name})")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(f"{path}: not an image: no pixel data ({sop_name}, Modality {modality or 'not set'})")
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise DataError(f"{path}: unsupported encoding {_dicom_ts_name(ds)}: no pixel decoder exists for it "
+                            f"(convert the series to an uncompressed or JPEG/JPEG-LS/JPEG 2000/RLE syntax)") from None
+        if not decoder.is_available:
+            raise DataError(f"{path}: unsupported encoding {_dicom_ts_name(ds)}: no decoder plugin installed "
+                            f"(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle)")
+    try:
+        px = ds.pixel_array
+    except AttributeError as e:  # pydicom: "Missing required element: (0028,0100) 'Bits Allocated'"
+        raise DataError(f"{path}: not a valid image, DICOM attributes missing ({_short(e)})") from None
+    except Exception as e:
+        what = f"{_dicom_ts_name(ds)} pixel data" if ts.is_compressed else "pixel data"
+        raise DataError(f"{path}: cannot decode DICOM {what}, file is truncated or corrupt "
+                        f"({type(e).__name__}: {_short(e)})") from None
+    colour = px.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 3 and px.shape[-1] == 3
+    if colour:
+        px = px.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if px.ndim != 2:
+        raise DataError(f"{path}: expected one 2D slice per file, got pixel data of shape {tuple(px.shape)} "
+                        f"({int(ds.get('NumberOfFrames', 1) or 1)} frame(s))")
+    return ds, px.astype(np.float32)
 
 
 def read_volume(path: Path) -> Volume:

@@ -1,0 +1,171 @@
+"""The bad-input corpus: every case ends with a one-line reason, the documented exit code and no traceback.
+
+Exit codes (design contract): 0 success; 1 the work failed or the input was bad (one line naming the file or
+case and the reason); 2 usage error. Each case builds its input at test time from ``sample_data/`` files, the
+shipped pydicom test files and the session's one tiny prepared dataset and tiny teacher run (``conftest.py``),
+runs one command through Typer's ``CliRunner`` and checks:
+
+* the exit code;
+* no ``Traceback`` anywhere in the output;
+* every ``error:`` line is a single line, and one line of stderr matches the expected reason.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medkd.cli import app
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+PREP = ["--size", "16", "--test-fraction", "0", "--val-fraction", "0"]
+
+
+@dataclass
+class Env:
+    """What a case may build on: a fresh temp folder, the tiny prepared dataset and the tiny teacher run."""
+
+    tmp: Path
+    data: Path
+    teacher: Path
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Env], List[str]]  # -> command line
+    code: int
+    reason: str  # regex one stderr line must match
+
+    def __str__(self) -> str:
+        return self.id
+
+
+# ---------------------------------------------------------------- builders
+
+
+def pydicom_file(name: str) -> Path:
+    import pydicom
+
+    path = Path(pydicom.data.__file__).parent / "test_files" / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not shipped with this pydicom version")
+    return path
+
+
+def source_with(env: Env, case_id: str, make_image: Callable[[Path], None], label: bool = True) -> Path:
+    """A folder-of-cases SOURCE: one good sample_data case plus ``case_id`` built by ``make_image(path)``."""
+    src = env.tmp / "src"
+    src.mkdir()
+    shutil.copy(SAMPLE / "imagesTr" / "spleen_001.nii.gz", src / "good.nii.gz")
+    shutil.copy(SAMPLE / "labelsTr" / "spleen_001.nii.gz", src / "good_label.nii.gz")
+    make_image(src / case_id)
+    if label:
+        shutil.copy(SAMPLE / "labelsTr" / "spleen_001.nii.gz", src / f"{case_id}_label.nii.gz")
+    return src
+
+
+def dicom_folder_with(name: str, copies: int = 1) -> Callable[[Path], None]:
+    """A series folder holding ``copies`` copies of a shipped pydicom file (distinct positions)."""
+
+    def make(folder: Path) -> None:
+        import pydicom
+
+        folder.mkdir()
+        src = pydicom_file(name)
+        for k in range(copies):
+            dst = folder / f"IM{k:04d}.dcm"
+            shutil.copy(src, dst)
+            if copies > 1:
+                ds = pydicom.dcmread(str(dst))
+                ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+                ds.InstanceNumber = k + 1
+                ds.save_as(str(dst))
+
+    return make
+
+
+def bytes_file(data: bytes) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "IM0000.dcm").write_bytes(data)
+
+    return make
+
+
+def preprocess_bad_dicom(make: Callable[[Path], None]) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        src = source_with(env, "bad", make)
+        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
+
+    return build
+
+
+def preprocess_dicom_series_ok(name: str) -> Callable[[Env], List[str]]:
+    """A 3-slice series from one shipped compressed file, with a matching (empty) label: preprocesses fine."""
+
+    def build(env: Env) -> List[str]:
+        from medkd.data.io import read_dicom_series
+
+        src = env.tmp / "src"
+        src.mkdir()
+        dicom_folder_with(name, copies=3)(src / "series")
+        vol = read_dicom_series(src / "series")
+        nib.save(nib.Nifti1Image(np.zeros(vol.array.shape, np.uint8), vol.affine), str(src / "series_label.nii.gz"))
+        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
+
+    return build
+
+
+# ---------------------------------------------------------------- the corpus
+
+CASES: List[Case] = [
+    # DICOM: what is wrong, not just "truncated or corrupt"
+    Case("dicom-rtplan", preprocess_bad_dicom(dicom_folder_with("rtplan.dcm")), 1,
+         r"^bad case: .*IM0000\.dcm: not an image: a radiotherapy plan \(Modality RTPLAN"),
+    Case("dicom-seg", preprocess_bad_dicom(dicom_folder_with("liver_1frame.dcm")), 1,
+         r"^bad case: .*: not an image: a segmentation"),
+    Case("dicom-truncated", preprocess_bad_dicom(dicom_folder_with("MR_truncated.dcm")), 1,
+         r"^bad case: .*IM0000\.dcm: cannot decode DICOM pixel data, file is truncated or corrupt"),
+    Case("dicom-zero-bytes", preprocess_bad_dicom(bytes_file(b"")), 1, r"^bad case: .*IM0000\.dcm: empty file"),
+    Case("dicom-not-dicom", preprocess_bad_dicom(bytes_file(b"not a DICOM file\n" * 20)), 1,
+         r"^bad case: .*IM0000\.dcm: not a DICOM file"),
+    Case("dicom-multiframe", preprocess_bad_dicom(dicom_folder_with("SC_rgb_rle_2frame.dcm")), 1,
+         r"^bad case: .*expected one 2D slice per file"),
+    Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
+    Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
+]
+
+
+@pytest.fixture
+def env(tmp_path, tiny_data, tiny_teacher) -> Env:
+    return Env(tmp_path, tiny_data, tiny_teacher)
+
+
+def run_cli(argv: List[str]):
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input(case: Case, env: Env):
+    argv = case.build(env)
+    r = run_cli(argv)
+    out, err = r.stdout, r.stderr
+    assert "Traceback" not in out + err, out + err
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(r.exception).__name__}: {r.exception}")
+    assert r.exit_code == case.code, f"exit {r.exit_code}, expected {case.code}\n{err}"
+    if case.code != 0:
+        lines = err.splitlines()
+        assert any(re.search(case.reason, line) for line in lines), f"no line matches {case.reason!r}:\n{err}"
+        for line in lines:
+            if line.startswith(("error:", "bad case:")):
+                assert len(line) < 2000
