@@ -16,7 +16,7 @@ from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
 from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
-from medkd.train.loop import fit, seed_everything
+from medkd.train.loop import claims_run, fit, seed_everything
 
 
 def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
@@ -35,6 +35,7 @@ def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
     return model, run_checkpoint(teacher_run, "best")
 
 
+@claims_run  # before the teacher cache is filled: a second process to the same RUN fails at once
 def distill(
     data_dir: Path,
     run: Path,

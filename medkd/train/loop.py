@@ -159,6 +159,25 @@ def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Param
             raise TrainingError(f"loss term {name!r} gives no gradient to the trainable modules")
 
 
+def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn(..., run, ...)`` holding the claim on ``run`` (argument ``run`` by name or 5th position): a second
+    process training into the same folder fails at once (:class:`medkd.claim.ClaimedError`) naming the owner."""
+    import functools
+    import inspect
+
+    from medkd.claim import Claim
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with Claim(Path(sig.bind(*args, **kwargs).arguments["run"])):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@claims_run
 def fit(
     task: torch.nn.Module,
     cfg: TrainConfig,

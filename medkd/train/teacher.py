@@ -15,7 +15,7 @@ from medkd.config import TeacherConfig
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError
 from medkd.models import build_model
-from medkd.train.loop import fit, seed_everything
+from medkd.train.loop import claims_run, fit, seed_everything
 
 
 class SegLoss(nn.Module):
@@ -56,6 +56,7 @@ class TeacherTask(nn.Module):
         return self.model(x)[0]
 
 
+@claims_run  # before reading anything: a second process to the same RUN fails at once
 def train_teacher(
     data_dir: Path,
     run: Path,
