@@ -32,6 +32,7 @@ test: install
 bench: install
 	cd benchmarks && ../$(BIN)/python bench_models.py
 	cd benchmarks && ../$(BIN)/python bench_distill.py
+	cd benchmarks && ../$(BIN)/python bench_stats.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
