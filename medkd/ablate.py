@@ -72,8 +72,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import medkd
-from medkd.config import (SCALES, STUDY_WEIGHTS, DistillConfig, build_config, field_names, parse_scales, read_yaml,
-                          to_dict)
+from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, to_dict
 from medkd.errors import MedkdError
 from medkd.report.progress import BarContext
 
@@ -210,8 +209,6 @@ def _normalize_cell(cell: Dict[str, Any], where: str) -> Dict[str, Any]:
         if k != "name" and k not in names:
             valid = ", ".join(n for n in names if n not in CELL_RESERVED)
             raise MedkdError(f"{where}: unknown key {k!r}; valid: name, {valid}")
-    if "scales" in out:
-        out["scales"] = parse_scales(out["scales"])
     if "name" in out and (not isinstance(out["name"], str) or not out["name"].strip()):
         raise MedkdError(f"{where}: 'name' must be a non-empty string")
     return out
@@ -234,29 +231,17 @@ def build_plan(
     teacher_s = str(Path(teacher).resolve()) if teacher else None
     options = _normalize_cell(grid_doc.get("options") or {}, f"{source}: options")
     options.pop("name", None)
-    common: Dict[str, Any] = {}
-    if config is not None:
-        cfg_doc = read_yaml(config)
-        bad = [k for k in cfg_doc if k not in field_names(DistillConfig)]
-        if bad:
-            raise MedkdError(f"{config}: unknown option(s) {bad}; valid: {', '.join(field_names(DistillConfig))}")
-        common.update({k: v for k, v in cfg_doc.items() if k not in CELL_RESERVED})
-    common.update({k: v for k, v in (base_overrides or {}).items() if v is not None and k not in CELL_RESERVED})
-    if "scales" in common:
-        common["scales"] = parse_scales(common["scales"])
-    layered = {**options, **common}
+    # a --config file may be a run's config.yaml: its teacher and seed are the ablation's to set
+    from_file = {k: v for k, v in config_file(DistillConfig, config).items() if k not in CELL_RESERVED} \
+        if config is not None else {}
+    common = {k: v for k, v in (base_overrides or {}).items() if k not in CELL_RESERVED}
 
     def resolve(cell: Dict[str, Any], where: str) -> DistillConfig:
-        merged = {**layered, **{k: v for k, v in cell.items() if k != "name"}}
-        if "weights" in cell and isinstance(cell["weights"], dict):
-            merged["weights"] = {**STUDY_WEIGHTS, **(layered.get("weights") or {}), **cell["weights"]}
-        merged["teacher"] = teacher_s
-        merged.setdefault("seed", 0)
+        layers = [options, from_file, common, {k: v for k, v in cell.items() if k != "name"}, {"teacher": teacher_s}]
         try:
-            cfg = build_config(DistillConfig, overrides={k: v for k, v in merged.items()})
+            return build_config(DistillConfig, layers=layers)
         except MedkdError as e:
             raise MedkdError(f"{where}: {e}") from None
-        return cfg
 
     base = resolve({}, f"{source}: common options")
     cells: List[Cell] = []
@@ -325,29 +310,10 @@ def baseline_config(cfg: DistillConfig) -> DistillConfig:
 
 
 def identity(d: Dict[str, Any]) -> Dict[str, Any]:
-    """The options that decide what a run learns, from ``to_dict(cfg)`` or a run's ``config.yaml``.
-
-    Irrelevant options are dropped (the feature loss without scales, the temperature without PMD, weights and
-    taps without a teacher) so that equivalent settings compare equal.
-    """
-    out = {k: d.get(k) for k in field_names(DistillConfig) if k not in NON_IDENTITY}
-    scales = [s for s in SCALES if s in (d.get("scales") or [])]
-    pmd = bool(d.get("pmd"))
-    out["scales"], out["pmd"] = scales, pmd
-    if not scales:
-        for k in ("loss", "scale_losses", "loss_options"):
-            out.pop(k, None)
-    else:
-        out["scale_losses"] = {k: v for k, v in (d.get("scale_losses") or {}).items() if k in scales}
-    if not pmd:
-        out.pop("temperature", None)
-    if not scales and not pmd:
-        out.pop("weights", None)
-        out.pop("taps", None)
-    else:
-        w = {**STUDY_WEIGHTS, **(d.get("weights") or {})}
-        out["weights"] = {k: float(w[k]) for k in ("seg", *scales, *(["pmd"] if pmd else []))}
-    return out
+    """The options that decide what a run learns, from ``to_dict(cfg)`` or a run's ``config.yaml``: the config's
+    :meth:`~medkd.config.DistillConfig.effective` form without the options that do not change what is learnt."""
+    eff = DistillConfig.from_record(d).effective()
+    return {k: v for k, v in eff.items() if k not in NON_IDENTITY}
 
 
 def _canon(d: Dict[str, Any]) -> str:
@@ -357,7 +323,7 @@ def _canon(d: Dict[str, Any]) -> str:
 def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
     """``"baseline"``, ``"PMD only"``, ``"E+B+D contrastive +PMD"``, plus ``[key=value, ...]`` for options that
     differ from the ablation's common options (e.g. ``"D mse [fraction=0.25]"``)."""
-    scales = [s for s in SCALES if s in cfg.scales]
+    scales = cfg.effective()["scales"]
     if not scales and not cfg.pmd:
         core = "baseline"
     elif not scales:
@@ -370,8 +336,10 @@ def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
         if k in ("scales", "pmd", "loss"):
             continue
         r = ref.get(k)
-        if k == "weights" and isinstance(v, dict):
-            rw = {**STUDY_WEIGHTS, **(to_dict(base).get("weights") or {})}
+        if k == "weights":
+            if not cfg.uses_teacher:
+                continue  # the supervised term alone is not weighted
+            rw = {**STUDY_WEIGHTS, **base.weights}
             extras += [f"w_{n}={_short(x)}" for n, x in v.items() if float(rw.get(n, math.nan)) != x]
         elif isinstance(v, dict):
             extras += [f"{k}.{n}={_short(x)}" for n, x in v.items() if (r or {}).get(n) != x]
@@ -435,7 +403,10 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
         return f"{path} unreadable"
     if not isinstance(doc, dict):
         return f"{path} malformed"
-    mine, theirs = identity(to_dict(cfg)), identity(doc)
+    try:
+        mine, theirs = identity(to_dict(cfg)), identity(doc)
+    except MedkdError as e:
+        return f"{path} malformed ({e})"
     diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     if doc.get("data") and str(Path(doc["data"]).resolve()) != str(Path(data).resolve()):
         diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
@@ -753,10 +724,10 @@ def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], te
     per_case: Dict[str, Dict[str, float]] = {}
     for c in plan.cells:
         got = [(s, evals[(c.name, s)]) for s in plan.seeds if (c.name, s) in evals]
-        cfg = c.cfg
+        cfg, eff = c.cfg, c.cfg.effective()
         row: Dict[str, Any] = {
             "name": c.name, "slug": c.slug, "is_baseline": c.is_baseline, "baseline": c.baseline,
-            "scales": [s for s in SCALES if s in cfg.scales], "loss": cfg.loss if cfg.scales else None,
+            "scales": eff["scales"], "loss": eff.get("loss"),
             "pmd": cfg.pmd, "student": cfg.student, "fraction": cfg.fraction, "epochs": cfg.epochs,
             "overrides": c.overrides, "seeds": [s for s, _ in got],
             "runs": [f"runs/{c.slug}/seed{s}" for s, _ in got],

@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
 from medkd.errors import MedkdError
+from medkd import options as opt
+from medkd.options import DEFAULT_DEVICE, SCALES, parse_scales, parse_weights  # noqa: F401 (re-exported)
 
-SCALES = ("enc", "bottleneck", "dec")
+#: The reference study's loss weights; a config's ``weights`` are merged over them.
 STUDY_WEIGHTS = {"seg": 0.4, "enc": 0.1, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.2}
 
 
@@ -30,21 +32,29 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adam | sgd
     schedule: str = "cosine"  # cosine | plateau | none
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = DEFAULT_DEVICE  # auto | cpu | cuda
     augment: bool = False  # random flips + intensity jitter (seeded per epoch)
     amp: bool = True  # CUDA only: bf16 when supported, else fp16 with a grad scaler
     num_workers: int = 0  # DataLoader workers (CUDA runs: set >0; pinned memory is automatic on CUDA)
     in_channels: int = 1  # 3 reproduces the reference study (slice repeated over channels)
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.optimizer in ("adamw", "adam", "sgd"), f"optimizer must be adamw|adam|sgd, got {self.optimizer!r}")
-        _check(self.schedule in ("cosine", "plateau", "none"), f"schedule must be cosine|plateau|none, got {self.schedule!r}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"device must be auto|cpu|cuda, got {self.device!r}")
-        _check(self.in_channels in (1, 3), f"in_channels must be 1 or 3, got {self.in_channels}")
+        """Check every option with the validators of :mod:`medkd.options`.
+
+        Raises:
+            OptionError: the first bad value, named.
+        """
+        opt.check_range(self.epochs, "epochs", lo=1)
+        opt.check_range(self.batch_size, "batch_size", lo=1)
+        opt.check_range(self.lr, "lr", lo=0, lo_open=True)
+        opt.check_choice(self.optimizer, opt.OPTIMIZERS, "optimizer")
+        opt.check_choice(self.schedule, opt.SCHEDULES, "schedule")
+        opt.check_device(self.device)
+        opt.check_choice(self.in_channels, opt.IN_CHANNELS, "in_channels")
+
+    def effective(self) -> Dict[str, Any]:
+        """The options that decide what a run does, in canonical form (the whole config for teachers)."""
+        return to_dict(self)
 
 
 @dataclass
@@ -58,12 +68,9 @@ class TeacherConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from medkd.models import MODELS, is_teacher
-
-        _check(self.arch in MODELS and is_teacher(self.arch),
-               f"unknown teacher arch {self.arch!r}; valid: {', '.join(n for n in MODELS.names() if is_teacher(n))}")
-        _check(self.width >= 1, f"width must be >= 1, got {self.width}")
-        _check(self.recon_weight >= 0, f"recon_weight must be >= 0, got {self.recon_weight}")
+        opt.check_teacher(self.arch)
+        opt.check_range(self.width, "width", lo=1)
+        opt.check_range(self.recon_weight, "recon_weight", lo=0)
 
 
 @dataclass
@@ -86,31 +93,59 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from medkd.distill.losses import LOSSES
-        from medkd.models import MODELS, is_teacher
-
-        students = [n for n in MODELS.names() if not is_teacher(n)]
-        _check(self.student in students, f"unknown student {self.student!r}; valid: {', '.join(students)}")
-        bad = [s for s in self.scales if s not in SCALES]
-        _check(not bad, f"unknown scale(s) {bad}; valid: {', '.join(SCALES)} or none")
+        opt.check_student(self.student)
+        self.scales = opt.parse_scales(self.scales)
         for name in [self.loss, *self.scale_losses.values()]:
-            _check(name in LOSSES, f"unknown loss {name!r}; valid: {', '.join(LOSSES.names())}")
-        bad = [k for k in self.scale_losses if k not in SCALES]
-        _check(not bad, f"scale_losses keys must be scales, got {bad}")
-        _check(0 < self.fraction <= 1, f"fraction must be in (0, 1], got {self.fraction}")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        bad = [k for k in self.weights if k not in ("seg", "pmd", *SCALES)]
-        _check(not bad, f"unknown weight name(s) {bad}; valid: seg, enc, bottleneck, dec, pmd")
-        _check(all(v >= 0 for v in self.weights.values()), "weights must be >= 0")
-        if self.scales or self.pmd:
-            _check(bool(self.teacher), "distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
+            opt.check_loss(name)
+        opt.check_scale_names(self.scale_losses, "scale_losses")
+        opt.check_range(self.fraction, "fraction", lo=0, hi=1, lo_open=True)
+        opt.check_range(self.temperature, "temperature", lo=0, lo_open=True)
+        opt.check_weights(self.weights)
+        if self.uses_teacher and not self.teacher:
+            raise opt.OptionError("distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
 
     @property
     def uses_teacher(self) -> bool:
         return bool(self.scales) or self.pmd
 
-    def weight(self, name: str) -> float:
-        return float(self.weights.get(name, STUDY_WEIGHTS.get(name, 0.0)))
+    def effective_weights(self) -> Dict[str, float]:
+        """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`STUDY_WEIGHTS`.
+
+        Without a teacher the supervised loss is the only term and is not weighted (``{"seg": 1.0}``).
+        """
+        if not self.uses_teacher:
+            return {"seg": 1.0}
+        w = {**STUDY_WEIGHTS, **(self.weights or {})}
+        used = ("seg", *opt.parse_scales(self.scales), *(["pmd"] if self.pmd else []))
+        return {k: float(w[k]) for k in used}
+
+    def effective(self) -> Dict[str, Any]:
+        """This config in its canonical form: scales in :data:`SCALES` order, weights over the study defaults
+        (only the terms used), and the options that cannot act dropped (the feature loss, ``scale_losses`` and
+        ``loss_options`` without scales, the temperature without PMD, teacher and taps without a teacher).
+
+        Two configs that train the same thing have equal ``effective()`` dicts.
+        """
+        out = to_dict(self)
+        scales = opt.parse_scales(self.scales)
+        out.update(scales=scales, pmd=bool(self.pmd), weights=self.effective_weights())
+        if scales:
+            out["scale_losses"] = {k: v for k, v in (self.scale_losses or {}).items() if k in scales}
+        else:
+            for k in ("loss", "scale_losses", "loss_options"):
+                out.pop(k)
+        if not self.pmd:
+            out.pop("temperature")
+        if not self.uses_teacher:
+            out.pop("teacher")
+            out.pop("taps")
+        return out
+
+    @classmethod
+    def from_record(cls, doc: Dict[str, Any]) -> "DistillConfig":
+        """A config from a run's recorded ``config.yaml`` (run metadata and unknown keys ignored; not validated)."""
+        names = field_names(cls)
+        return cls(**{k: v for k, v in doc.items() if k in names})
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -126,11 +161,6 @@ C = TypeVar("C", bound=TrainConfig)
 
 # Keys a run's ``config.yaml`` records beside the options (what was trained, on which data); ignored by --config.
 RUN_METADATA = ("kind", "data")
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise MedkdError(msg)
 
 
 def field_names(cls: Type[Any]) -> List[str]:
@@ -150,37 +180,79 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     return doc
 
 
+def config_file(cls: Type[Any], path: Path) -> Dict[str, Any]:
+    """The options of a ``--config`` YAML file (a run's ``config.yaml`` works: its run metadata is skipped).
+
+    Raises:
+        MedkdError: unreadable file, unknown option (named, with the valid ones).
+    """
+    doc = read_yaml(path)
+    for k in RUN_METADATA:
+        doc.pop(k, None)
+    names = field_names(cls)
+    unknown = [k for k in doc if k not in names]
+    if unknown:
+        raise MedkdError(f"{path}: unknown option(s) {unknown}; valid: {', '.join(names)}")
+    return doc
+
+
+Layer = Union[Path, Mapping[str, Any], None]
+
+
+def merge_options(base: Dict[str, Any], layer: Mapping[str, Any]) -> Dict[str, Any]:
+    """``layer`` over ``base``: ``None`` values are skipped and mapping options (``weights``, ``taps``, ...) are
+    merged key by key, so a layer lists only what it changes."""
+    out = dict(base)
+    for k, v in layer.items():
+        if v is None:
+            continue
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            v = merge_options(dict(out[k]), v)
+        out[k] = v
+    return out
+
+
 def build_config(
     cls: Type[C],
     yaml_path: Optional[Path] = None,
     overrides: Optional[Dict[str, Any]] = None,
     preset: Optional[str] = None,
+    *,
+    layers: Sequence[Layer] = (),
 ) -> C:
-    """Merge defaults < preset < YAML < overrides (``None`` values in overrides are ignored) and validate.
+    """The one way to make a config: defaults < preset < ``layers`` < YAML < overrides, then validated.
+
+    Every layer lists only what it changes: ``None`` values are ignored, mapping options (``weights`` over the
+    study weights, ``scale_losses``, ``loss_options``, ``taps``, ``model_kwargs``) merge key by key.
+
+    Args:
+        cls: :class:`TeacherConfig` or :class:`DistillConfig`.
+        yaml_path: a ``--config`` file (see :func:`config_file`).
+        overrides: command-line values.
+        preset: a named training preset (:data:`PRESETS`).
+        layers: further layers between the preset and the YAML file, in order; each a mapping of options or a
+            path to a YAML file (``medkd ablate``: the grid's common options). Callers that need to layer
+            something *over* the YAML file pass ``yaml_path=None`` and put the path in ``layers``.
 
     Raises:
-        MedkdError: unknown key (named, with the valid ones), bad value, unknown preset.
+        MedkdError: unknown key (named, with the valid ones), bad value (an :class:`~medkd.options.OptionError`),
+            unknown preset.
     """
     names = field_names(cls)
-    merged: Dict[str, Any] = {}
+    merged: Dict[str, Any] = to_dict(cls())
     if preset:
         if preset not in PRESETS:
             raise MedkdError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-        merged.update({k: v for k, v in PRESETS[preset].items() if k in names})
-    if yaml_path is not None:
-        doc = read_yaml(yaml_path)
-        for k in RUN_METADATA:  # a run's config.yaml is re-usable as --config
-            doc.pop(k, None)
-        unknown = [k for k in doc if k not in names]
-        if unknown:
-            raise MedkdError(f"{yaml_path}: unknown option(s) {unknown}; valid: {', '.join(names)}")
-        merged.update(doc)
-    for k, v in (overrides or {}).items():
-        if v is None:
+        merged = merge_options(merged, {k: v for k, v in PRESETS[preset].items() if k in names})
+    for layer in [*layers, yaml_path, overrides]:
+        if layer is None:
             continue
-        if k not in names:
-            raise MedkdError(f"unknown option {k!r}; valid: {', '.join(names)}")
-        merged[k] = v
+        if isinstance(layer, (str, Path)):
+            layer = config_file(cls, Path(layer))
+        unknown = [k for k in layer if k not in names]
+        if unknown:
+            raise MedkdError(f"unknown option(s) {unknown}; valid: {', '.join(names)}")
+        merged = merge_options(merged, layer)
     try:
         cfg = cls(**merged)
     except TypeError as e:
@@ -204,39 +276,6 @@ def _coerce_types(cfg: Any) -> None:
                 setattr(cfg, f.name, v.lower() in ("1", "true", "yes", "on"))
         except (TypeError, ValueError):
             raise MedkdError(f"option {f.name!r} must be {t}, got {v!r}") from None
-    if hasattr(cfg, "scales") and isinstance(cfg.scales, str):
-        cfg.scales = parse_scales(cfg.scales)
-
-
-def parse_scales(value: Any) -> List[str]:
-    """``"enc,dec"`` / ``["enc","dec"]`` / ``"none"`` -> list of scales."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(s).strip() for s in items if str(s).strip()]
-    if items in (["none"], []):
-        return []
-    if "none" in items:
-        raise MedkdError("--scales none cannot be combined with other scales")
-    return items
-
-
-def parse_weights(value: Optional[str]) -> Optional[Dict[str, float]]:
-    """``"seg=0.4,enc=0.1"`` -> dict (merged over the study weights by the caller)."""
-    if value is None:
-        return None
-    out: Dict[str, float] = {}
-    for part in value.split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise MedkdError(f"--weights expects name=value pairs, got {part!r}")
-        k, v = part.split("=", 1)
-        try:
-            out[k.strip()] = float(v)
-        except ValueError:
-            raise MedkdError(f"--weights: {k.strip()} must be a number, got {v!r}") from None
-    return out
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -40,6 +40,7 @@ import medkd
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, logits_to_mask, predict_volume, prob_to_native, resolve_device
+from medkd.options import DEFAULT_DEVICE
 from medkd.metrics import (
     DEFAULT_TOLERANCE_MM,
     case_metrics,
@@ -248,7 +249,7 @@ def evaluate_loaded(
     loaded: LoadedRun,
     data: PreparedData,
     split: str = "test",
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     keep_predictions: bool = False,
@@ -257,18 +258,19 @@ def evaluate_loaded(
     resolution: str = "native",
     postprocessing: bool = True,
     model_file: Optional[Path] = None,
+    ids: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Evaluate one loaded run; see :func:`evaluate_run`.
 
     With ``keep_predictions`` the returned dict also holds ``"_predictions"``: ``{case_id: (Z, S, S) bool}``
-    (not JSON; removed by :func:`public`).
+    (not JSON; removed by :func:`public`). ``ids``: the split's case ids when the caller has them already.
     """
     from medkd.postprocess import Postprocessing
 
     if resolution not in RESOLUTIONS:
         raise MedkdError(f"unknown resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
     t0 = time.time()
-    ids = data.require_split(split)
+    ids = list(ids) if ids is not None else data.require_split(split)
     dev = resolve_device(device)
     model = loaded.model.to(dev).eval()
     in_ch = int(getattr(model, "in_channels", 1))
@@ -352,7 +354,7 @@ def evaluate_run(
     run: Path,
     data: Path,
     split: str = "test",
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     save: bool = True,
@@ -391,7 +393,7 @@ def evaluate_runs(
     runs: Sequence[Path],
     data: Path,
     split: str = "test",
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     tolerance_mm: Optional[float] = None,
     batch_size: int = 16,
     overlays: Optional[Path] = None,
@@ -431,20 +433,20 @@ def evaluate_runs(
         if not Path(f).is_file():
             raise MedkdError(f"{f}: model file not found")
     prepared = data if isinstance(data, PreparedData) else PreparedData(Path(data))
-    prepared.require_split(split)
-    resolve_device(device)  # fail early on --device cuda without CUDA
+    ids = prepared.require_split(split)
+    dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
     results = []
     for i, lr in enumerate(loaded):
-        results.append(evaluate_loaded(lr, prepared, split, device, tolerance_mm, batch_size,
+        results.append(evaluate_loaded(lr, prepared, split, dev, tolerance_mm, batch_size,
                                        keep_predictions=overlays is not None, progress=progress, save=save,
                                        resolution=resolution, postprocessing=postprocessing,
-                                       model_file=Path(model_files[i]) if model_files else None))
+                                       model_file=Path(model_files[i]) if model_files else None, ids=ids))
         lr.model.to("cpu")
     if overlays is not None:
         from medkd.report.overlays import write_overlays
 
-        write_overlays(Path(overlays), prepared, results, split)
+        write_overlays(Path(overlays), prepared, results)
     return [public(r) for r in results]
 
 

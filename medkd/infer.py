@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
 
+from medkd.options import DEFAULT_DEVICE, check_device
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
+
+def resolve_device(name: Union[str, torch.device, None] = DEFAULT_DEVICE) -> torch.device:
+    """``auto`` (or ``None``) -> CUDA when available, else CPU. A ``torch.device`` is returned as it is.
+
+    Raises:
+        OptionError: not a device name (see :func:`medkd.options.check_device`).
+        MedkdError: CUDA asked for without one.
+    """
     from medkd.errors import MedkdError
 
-    if name in (None, "auto"):
+    if isinstance(name, torch.device):
+        return name
+    if name is None or check_device(name) == DEFAULT_DEVICE:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MedkdError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")

@@ -44,6 +44,7 @@ from medkd.data.preprocess import WINDOW_PRESETS, detect_modality, normalise_int
 from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
+from medkd.options import DEFAULT_DEVICE
 from medkd.postprocess import Postprocessing
 from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
 
@@ -157,7 +158,7 @@ class Segmenter:
     notes: List[str] = field(default_factory=list)
 
 
-def load_segmenter(model: Path, device: str = "auto", postprocessing: bool = True) -> Segmenter:
+def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bool = True) -> Segmenter:
     """A run folder (PyTorch) or an exported model file (metadata only; no run folder needed).
 
     Raises:
@@ -267,7 +268,7 @@ def predict_paths(
     out: Path,
     probabilities: bool = False,
     overwrite: bool = False,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     batch_size: int = 16,
     modality: Optional[str] = None,
     progress: Optional[Callable[[int, int, str], None]] = None,

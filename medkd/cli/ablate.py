@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from medkd.cli.common import (
     BatchSizeOpt, ConfigOpt, DeviceOpt, InChannelsOpt, JsonOpt, LrOpt, QuietOpt, SeedOpt, fail, handle_errors,
-    log_console, print_json, stdout_console
+    log_console, print_json, stdout_console, usage_checks
 )
 from medkd.errors import MedkdError
 
@@ -48,7 +48,6 @@ def command(
     Resumable: rerun the same command to skip finished runs and finish the rest.
     """
     from medkd.ablate import PRESETS, TESTS, ablate, parse_seeds
-    from medkd.cli.distill import _usage_checks
     from medkd.report.ablate_table import ablate_table
 
     if grid is not None and preset is not None:
@@ -61,7 +60,7 @@ def command(
         raise fail(f"unknown --test {test!r}; valid: {', '.join(TESTS)}", 2)
     if seeds is not None and seed is not None:
         raise fail("give --seeds or --seed, not both", 2)
-    _usage_checks(None, None, student)
+    usage_checks(student=student, device=device)
     seed_list = None
     try:
         if seeds is not None:

@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import typer
 from rich.console import Console
@@ -96,8 +96,33 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def parse_csv(value: Optional[str]) -> Optional[list]:
-    """``"enc,dec"`` -> ``["enc", "dec"]``; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+#: Command-line option -> its validator in :mod:`medkd.options` (the value it returns is the canonical form).
+_VALIDATORS = {
+    "student": "check_student", "arch": "check_teacher", "loss": "check_loss", "scales": "parse_scales",
+    "device": "check_device", "split": "check_split", "weights": "parse_weights",
+}
+
+
+def usage_checks(**values: Any) -> Dict[str, Any]:
+    """Check command-line values with the validators the configs use; a bad one is a usage error (exit 2).
+
+    ``None`` values (flag not given) are skipped. Returns the checked values in canonical form (e.g. ``scales``
+    parsed into a list), ``None`` kept.
+
+    Raises:
+        typer.Exit: code 2, after one ``error: unknown --student 's9'; valid: s1, s2`` line.
+    """
+    from medkd import options
+
+    out: Dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            out[name] = None
+            continue
+        check = getattr(options, _VALIDATORS[name])
+        try:
+            out[name] = check(value, "--" + name.replace("_", "-"))
+        except options.OptionError as e:
+            raise fail(str(e), 2)
+    return out
+

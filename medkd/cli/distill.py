@@ -10,32 +10,9 @@ from typing_extensions import Annotated
 
 from medkd.cli.common import (
     AugmentOpt, BatchSizeOpt, ConfigOpt, DeviceOpt, EpochsOpt, InChannelsOpt, JsonOpt, LrOpt, OverwriteOpt,
-    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, fail, handle_errors, log_console, print_json
+    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, handle_errors, log_console, print_json, usage_checks
 )
-from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, parse_scales, parse_weights, read_yaml
-from medkd.errors import MedkdError
-
-
-def _usage_checks(scales: Optional[str], loss: Optional[str], student: Optional[str]) -> Optional[list]:
-    """Bad --scales/--loss/--student are usage errors: exit 2 listing the valid names."""
-    from medkd.config import SCALES
-    from medkd.distill.losses import LOSSES
-    from medkd.models import MODELS, is_teacher
-
-    try:
-        parsed = parse_scales(scales) if scales is not None else None
-    except MedkdError as e:
-        raise fail(str(e), 2)
-    if parsed:
-        bad = [s for s in parsed if s not in SCALES]
-        if bad:
-            raise fail(f"unknown --scales {bad}; valid: {', '.join(SCALES)} or none", 2)
-    if loss is not None and loss not in LOSSES:
-        raise fail(f"unknown --loss {loss!r}; valid: {', '.join(LOSSES.names())}", 2)
-    students = [n for n in MODELS.names() if not is_teacher(n)]
-    if student is not None and student not in students:
-        raise fail(f"unknown --student {student!r}; valid: {', '.join(students)}", 2)
-    return parsed
+from medkd.config import DistillConfig, build_config
 
 
 @handle_errors
@@ -70,23 +47,18 @@ def command(
     """Train a student, distilling a frozen teacher at the chosen scales ([bold]--scales none --no-pmd[/] = no-KD baseline)."""
     from medkd.distill.run import distill
 
-    parsed_scales = _usage_checks(scales, loss, student)
-    w = parse_weights(weights)
-    if w is not None:
-        base = dict(STUDY_WEIGHTS)
-        if config is not None:
-            base.update(read_yaml(config).get("weights") or {})
-        w = {**base, **w}
+    checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device)
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
-        scales=parsed_scales, loss=loss, pmd=pmd, temperature=temperature, fraction=fraction, weights=w,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, in_channels=in_channels,
-        augment=augment, cache=cache, device=device, seed=seed), preset=preset)
+        scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,
+        weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        in_channels=in_channels, augment=augment, cache=cache, device=device, seed=seed), preset=preset)
     summary = distill(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
     if json_out:
         print_json(summary)
     elif not quiet:
-        what = f"scales={','.join(cfg.scales) or 'none'} loss={cfg.loss if cfg.scales else '-'} pmd={'on' if cfg.pmd else 'off'}"
+        eff = cfg.effective()
+        what = f"scales={','.join(eff['scales']) or 'none'} loss={eff.get('loss', '-')} pmd={'on' if cfg.pmd else 'off'}"
         log_console().print(
             f"student {summary['arch']} ({summary['params']:,} params, {what}, fraction {cfg.fraction}): best val Dice "
             f"{summary['best_val_dice']:.4f} at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}",

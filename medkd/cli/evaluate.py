@@ -16,8 +16,10 @@ from medkd.cli.common import (
     log_console,
     print_json,
     stdout_console,
+    usage_checks,
 )
 from medkd.metrics import DEFAULT_TOLERANCE_MM
+from medkd.options import DEFAULT_DEVICE
 
 
 @handle_errors
@@ -63,12 +65,13 @@ def command(
 
     from medkd.report.tables import eval_table, print_table
 
+    usage_checks(split=split, device=device)
     log = log_console(quiet)
 
     def progress(run: str, i: int, n: int, cid: str) -> None:
         log.print(escape(f"[{run}] {i}/{n} {cid}"), highlight=False)
 
-    results = evaluate_runs(runs, data, split=split, device=device or "auto", tolerance_mm=tolerance,
+    results = evaluate_runs(runs, data, split=split, device=device or DEFAULT_DEVICE, tolerance_mm=tolerance,
                             batch_size=max(1, batch_size), overlays=overlays, progress=progress,
                             resolution=resolution, postprocessing=postprocessing, model_files=onnx)
     for r in results:

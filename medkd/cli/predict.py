@@ -18,7 +18,9 @@ from medkd.cli.common import (
     print_json,
     stderr_console,
     stdout_console,
+    usage_checks,
 )
+from medkd.options import DEFAULT_DEVICE
 
 
 @handle_errors
@@ -52,13 +54,14 @@ def command(
     from medkd.predict import predict_paths
     from medkd.report.tables import print_table
 
+    usage_checks(device=device)
     log = log_console(quiet)
 
     def progress(i: int, n: int, case: str) -> None:
         log.print(f"[{i}/{n}] {case}", highlight=False)
 
     result = predict_paths(run, inputs, out, probabilities=probabilities, overwrite=overwrite,
-                           device=device or "auto", batch_size=max(1, batch_size),
+                           device=device or DEFAULT_DEVICE, batch_size=max(1, batch_size),
                            modality=modality.upper() if modality else None, progress=progress,
                            postprocessing=postprocessing)
     for note in result.notes:

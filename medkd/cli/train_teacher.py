@@ -10,7 +10,8 @@ from typing_extensions import Annotated
 
 from medkd.cli.common import (
     AugmentOpt, BatchSizeOpt, ConfigOpt, DeviceOpt, EpochsOpt, InChannelsOpt, JsonOpt, LrOpt, OverwriteOpt,
-    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, fail, handle_errors, log_console, print_json
+    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, handle_errors, log_console, print_json,
+    usage_checks
 )
 from medkd.config import TeacherConfig, build_config
 
@@ -40,12 +41,9 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-task teacher (segmentation + image reconstruction) on all training cases."""
-    from medkd.models import MODELS, is_teacher
     from medkd.train.teacher import train_teacher
 
-    teachers = [n for n in MODELS.names() if is_teacher(n)]
-    if arch is not None and arch not in teachers:  # a usage error: exit 2 listing the valid names
-        raise fail(f"unknown --arch {arch!r}; valid: {', '.join(teachers)}", 2)
+    usage_checks(arch=arch, device=device)
     cfg = build_config(TeacherConfig, config, dict(
         arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, recon_weight=recon_weight, in_channels=in_channels,

@@ -61,8 +61,9 @@ class Distiller(nn.Module):
         self.model = student
         self.cfg = cfg
         # a zero weight switches a term off (no hooks, adapter or loss are built for it)
-        self.scales = [s for s in cfg.scales if cfg.weight(s) > 0]
-        self.use_seg = not cfg.uses_teacher or cfg.weight("seg") > 0
+        self.weights = cfg.effective_weights()
+        self.scales = [s for s in cfg.effective()["scales"] if self.weights[s] > 0]
+        self.use_seg = self.weights["seg"] > 0
         self.cache = cache
         self.index_keys = index_keys
         self.seg_loss = SegLoss(student.num_classes)
@@ -88,7 +89,7 @@ class Distiller(nn.Module):
             })
         else:
             self.adapters, self.losses = AdapterSet({}, {}, []), nn.ModuleDict()
-        self.pmd = PMDLoss(cfg.temperature) if cfg.pmd and cfg.weight("pmd") > 0 else None
+        self.pmd = PMDLoss(cfg.temperature) if cfg.pmd and self.weights["pmd"] > 0 else None
         if not (self.use_seg or self.scales or self.pmd is not None):
             raise MedkdError("every loss term has weight 0: nothing to train (check --weights)")
 
@@ -120,22 +121,22 @@ class Distiller(nn.Module):
             Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``; terms whose weight
             is 0 are left out.
         """
-        w = self.cfg.weight
+        w = self.weights
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
         dice, bce = self.seg_loss(s_logits.float(), y)  # fp32 under CUDA autocast
         terms = {}
         if self.use_seg:
-            terms["seg"] = w("seg") * (dice + bce) if self.cfg.uses_teacher else dice + bce
+            terms["seg"] = w["seg"] * (dice + bce) if self.cfg.uses_teacher else dice + bce
         if not self.scales and self.pmd is None:
             return terms
         t = self.teacher_outputs(x, index)
         for s in self.scales:
             tf = t[s].float()
             sf = self.adapters[s](s_feats[s], tf.shape[-2:])
-            terms[s] = w(s) * self.losses[s](sf, tf, y)
+            terms[s] = w[s] * self.losses[s](sf, tf, y)
         if self.pmd is not None:
-            terms["pmd"] = w("pmd") * self.pmd(s_logits.float(), t["logits"].float())
+            terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
         return terms
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

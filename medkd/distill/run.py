@@ -64,27 +64,27 @@ def distill(
             all_taps = tap_paths(teacher, SCALES, cfg.taps.get("teacher"))
             cache = TeacherCache(Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache", ckpt_path, data,
                                  all_taps, cfg.in_channels, data.case_ids("train"))
+    device = resolve_device(cfg.device)
     task = Distiller(student, teacher, cfg, data.size, cache=cache, index_keys=train_set.index)
     if cache is not None:
-        _fill_cache(task, cache, train_set, cfg, console)
+        _fill_cache(task, cache, train_set, cfg, device, console)
+    eff = cfg.effective()
     summary_extra = {
-        "student": cfg.student, "scales": list(cfg.scales), "loss": cfg.loss if cfg.scales else None,
-        "pmd": cfg.pmd, "fraction": cfg.fraction, "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
-        "weights": {k: cfg.weight(k) for k in ("seg", *cfg.scales, *(["pmd"] if cfg.pmd else []))} if cfg.uses_teacher else {"seg": 1.0},
-        "temperature": cfg.temperature if cfg.pmd else None,
+        "student": cfg.student, "scales": eff["scales"], "loss": eff.get("loss"), "pmd": eff["pmd"],
+        "fraction": cfg.fraction, "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
+        "weights": eff["weights"], "temperature": eff.get("temperature"),
         "teacher_cache": cache.key if cache is not None else None,
     }
     return fit(task, cfg, data, train_set, run, kind="student", summary_extra=summary_extra, resume=resume,
-               overwrite=overwrite, console=console)
+               overwrite=overwrite, console=console, device=device)
 
 
 def _fill_cache(task: Distiller, cache: TeacherCache, train_set: SliceDataset, cfg: DistillConfig,
-                console: Console) -> None:
+                device: torch.device, console: Console) -> None:
     """Compute teacher outputs for every slice of the student's training subset not cached yet."""
     from medkd.distill.hooks import FeatureExtractor
     from medkd.infer import match_channels, seg_logits
 
-    device = resolve_device(cfg.device)
     task.teacher.to(device)
     missing = cache.missing(train_set.index)
     if not missing:

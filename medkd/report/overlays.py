@@ -156,14 +156,13 @@ def render_case(
     return path
 
 
-def write_overlays(out: Path, data, results: Sequence[Dict[str, Any]], split: str) -> List[Path]:
-    """One PNG per case of ``split`` into ``out``, from evaluate results holding ``"_predictions"``.
+def write_overlays(out: Path, data, results: Sequence[Dict[str, Any]]) -> List[Path]:
+    """One PNG per evaluated case into ``out``, from evaluate results holding ``"_predictions"``.
 
     Args:
         out: folder (created).
         data: the :class:`~medkd.data.prepared.PreparedData` evaluated.
         results: evaluate dicts in table order, each with ``_predictions`` ``{case_id: (Z, S, S) bool}``.
-        split: the evaluated split.
 
     Returns:
         The written paths.
@@ -174,7 +173,7 @@ def write_overlays(out: Path, data, results: Sequence[Dict[str, Any]], split: st
     out.mkdir(parents=True, exist_ok=True)
     labels = run_labels(results)
     written = []
-    for cid in data.require_split(split):
+    for cid in (results[0]["_predictions"] if results else {}):
         runs = []
         for label, r in zip(labels, results):
             dice = next((c.get("dice") for c in r["per_case"] if c["id"] == cid), None)

@@ -191,8 +191,11 @@ def fit(
     overwrite: bool = False,
     console: Optional[Console] = None,
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+    device: Optional[torch.device] = None,
 ) -> Dict[str, Any]:
     """Train ``task`` and write the run folder. Returns ``summary.json``'s content.
+
+    ``device``: where to train when the caller resolved it already (default: ``cfg.device``).
 
     Raises:
         TrainingError: NaN/inf loss (the last good ``last.pt`` is kept in ``RUN.partial``), dead loss term.
@@ -202,7 +205,7 @@ def fit(
     run = Path(run)
     resume_from = prepare_run_dir(run, resume, overwrite)
     work = partial_dir(run)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device if device is not None else cfg.device)
     set_deterministic(device)
     task.to(device)
     model = task.model

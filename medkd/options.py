@@ -1,0 +1,167 @@
+"""Option values: the valid names, the defaults and one validator per option (MONAI's ``look_up_option`` habit).
+
+Every check of an option value lives here and is used twice: by the configs' ``validate()`` (a bad value in a
+YAML file or from Python is a :class:`~medkd.errors.MedkdError`, exit 1) and by the command-line pre-checks in
+:func:`medkd.cli.common.usage_checks` (the same check on a flag is a usage error, exit 2). A validator takes the
+value and ``what`` (how the option is named in the message: ``"student"`` in a config, ``"--student"`` on the
+command line), raises :class:`OptionError` with one line that names the option and the valid values, and returns
+the value in its canonical form (e.g. scales parsed and put in ``SCALES`` order).
+
+Range checks (numbers) follow the same shape: :func:`check_range` with ``what`` naming the option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Optional, Sequence
+
+from medkd.errors import MedkdError
+
+#: The device default, written once: CUDA when available, else CPU.
+DEFAULT_DEVICE = "auto"
+DEVICES = (DEFAULT_DEVICE, "cpu", "cuda")  # also "cuda:N"
+SPLITS = ("train", "val", "test")
+#: Distillation tap points, in network order (the canonical order of ``scales``).
+SCALES = ("enc", "bottleneck", "dec")
+#: Weighted loss terms of a distillation run: the supervised term, one per scale, prediction-map distillation.
+WEIGHT_NAMES = ("seg", *SCALES, "pmd")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "plateau", "none")
+IN_CHANNELS = (1, 3)
+
+
+class OptionError(MedkdError):
+    """An option value is not valid (the CLI makes it exit 2; elsewhere it is an ordinary ``MedkdError``)."""
+
+
+def check_choice(value: Any, valid: Sequence[Any], what: str) -> Any:
+    """``value`` if it is one of ``valid``.
+
+    Raises:
+        OptionError: ``unknown <what> 'x'; valid: a, b``.
+    """
+    if value not in valid:
+        raise OptionError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+    return value
+
+
+def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[float] = None,
+                lo_open: bool = False, hi_open: bool = False) -> Any:
+    """``value`` if ``lo <= value <= hi`` (``<`` for an open end; ``None`` = unbounded).
+
+    Raises:
+        OptionError: ``<what> must be in (0, 1], got 2``, or ``must be >= 1`` / ``must be > 0`` for one bound.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be a number, got {value!r}") from None
+    ok = v == v  # NaN fails every bound
+    if lo is not None:
+        ok = ok and (v > lo if lo_open else v >= lo)
+    if hi is not None:
+        ok = ok and (v < hi if hi_open else v <= hi)
+    if not ok:
+        if lo is not None and hi is not None:
+            bounds = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            bounds = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            bounds = f"{'<' if hi_open else '<='} {hi:g}"
+        raise OptionError(f"{what} must be {bounds}, got {value}")
+    return value
+
+
+def students() -> List[str]:
+    """Registered student model names."""
+    from medkd.models import MODELS, is_teacher
+
+    return [n for n in MODELS.names() if not is_teacher(n)]
+
+
+def teachers() -> List[str]:
+    """Registered teacher model names."""
+    from medkd.models import MODELS, is_teacher
+
+    return [n for n in MODELS.names() if is_teacher(n)]
+
+
+def check_student(name: Any, what: str = "student") -> str:
+    return check_choice(name, students(), what)
+
+
+def check_teacher(name: Any, what: str = "teacher arch") -> str:
+    return check_choice(name, teachers(), what)
+
+
+def check_loss(name: Any, what: str = "loss") -> str:
+    from medkd.distill.losses import LOSSES
+
+    return check_choice(name, LOSSES.names(), what)
+
+
+def parse_scales(value: Any, what: str = "scales") -> List[str]:
+    """``"enc,dec"`` / ``["dec", "enc"]`` / ``"none"`` / ``[]`` / ``None`` -> checked scales in ``SCALES`` order.
+
+    Raises:
+        OptionError: unknown scale (listing the valid ones), ``none`` combined with scales.
+    """
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(s).strip() for s in items if str(s).strip()]
+    if items in (["none"], []):
+        return []
+    if "none" in items:
+        raise OptionError(f"{what}: 'none' cannot be combined with other scales")
+    bad = [s for s in items if s not in SCALES]
+    if bad:
+        raise OptionError(f"unknown {what} {bad}; valid: {', '.join(SCALES)} or none")
+    return [s for s in SCALES if s in items]
+
+
+def check_scale_names(names: Iterable[Any], what: str) -> None:
+    """Keys of per-scale mappings (``scale_losses``, ``taps``) must be scales."""
+    bad = [k for k in names if k not in SCALES]
+    if bad:
+        raise OptionError(f"{what} keys must be scales ({', '.join(SCALES)}), got {bad}")
+
+
+def check_device(name: Any, what: str = "device") -> str:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (whether CUDA is present is checked when it is resolved)."""
+    if isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    return check_choice(name, DEVICES, f"{what}")
+
+
+def check_split(name: Any, what: str = "split") -> str:
+    return check_choice(name, SPLITS, what)
+
+
+def check_weights(weights: Any, what: str = "weights") -> dict:
+    """A mapping of term name -> weight >= 0."""
+    if not isinstance(weights, dict):
+        raise OptionError(f"{what} must be a mapping of term names to numbers, got {weights!r}")
+    bad = [k for k in weights if k not in WEIGHT_NAMES]
+    if bad:
+        raise OptionError(f"unknown {what} name(s) {bad}; valid: {', '.join(WEIGHT_NAMES)}")
+    for k, v in weights.items():
+        check_range(v, f"{what} {k}", lo=0)
+    return weights
+
+
+def parse_weights(value: Optional[str], what: str = "--weights") -> Optional[dict]:
+    """``"seg=0.4,enc=0.1"`` -> ``{"seg": 0.4, "enc": 0.1}`` (merged over the other layers by ``build_config``)."""
+    if value is None:
+        return None
+    out: dict = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise OptionError(f"{what} expects name=value pairs, got {part!r}")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise OptionError(f"{what}: {k.strip()} must be a number, got {v!r}") from None
+    return check_weights(out, what)
