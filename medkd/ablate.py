@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -72,6 +71,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import medkd
+from medkd import rundir
 from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, to_dict
 from medkd.errors import MedkdError
 from medkd.report.progress import BarContext
@@ -368,17 +368,17 @@ def slugify(name: str) -> str:
 def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
     """``("done"|"resume"|"restart"|"new"|"mismatch"|"stray", detail)`` for one planned run folder."""
     run = Path(run)
-    partial = run.with_name(run.name + ".partial")
-    if (run / "summary.json").is_file():
-        diff = config_diff(run / "config.yaml", cfg, data) or inputs_newer(run / "summary.json", cfg, data)
+    partial = rundir.partial_dir(run)
+    if (run / rundir.SUMMARY).is_file():
+        diff = config_diff(run / rundir.CONFIG, cfg, data) or inputs_newer(run / rundir.SUMMARY, cfg, data)
         return ("mismatch", diff) if diff else ("done", "")
     if run.exists():
-        return "stray", "exists but is not a finished run (no summary.json)"
+        return "stray", f"exists but is not a finished run (no {rundir.SUMMARY})"
     if partial.is_dir():
-        diff = config_diff(partial / "config.yaml", cfg, data)
+        diff = config_diff(partial / rundir.CONFIG, cfg, data)
         if diff:
             return "restart", f"unfinished run had another config ({diff})"
-        if (partial / "last.pt").is_file():
+        if (partial / rundir.LAST).is_file():
             return "resume", ""
         return "restart", "unfinished run has no completed epoch"
     return "new", ""
@@ -389,7 +389,7 @@ def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
     t = Path(summary).stat().st_mtime
     if (Path(data) / "manifest.json").is_file() and (Path(data) / "manifest.json").stat().st_mtime > t:
         return f"data {data} was prepared again after this run"
-    ckpt = Path(cfg.teacher) / "best.pt" if cfg.uses_teacher and cfg.teacher else None
+    ckpt = Path(cfg.teacher) / rundir.BEST if cfg.uses_teacher and cfg.teacher else None
     if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime > t:
         return f"teacher {cfg.teacher} was trained again after this run"
     return ""
@@ -418,7 +418,7 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
 
 def eval_is_fresh(run: Path, data: Path) -> bool:
     """``RUN/eval-test.json`` exists, is newer than ``best.pt`` and was computed on ``data``."""
-    ev, best = Path(run) / f"eval-{SPLIT}.json", Path(run) / "best.pt"
+    ev, best = rundir.eval_json(run, SPLIT), Path(run) / rundir.BEST
     if not ev.is_file():
         return False
     if best.is_file() and ev.stat().st_mtime < best.stat().st_mtime:
@@ -558,7 +558,7 @@ def ablate(
                     progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
     evals = {}
     for cell, seed, run, *_ in states:
-        ev = Path(run) / f"eval-{SPLIT}.json"
+        ev = rundir.eval_json(run, SPLIT)
         if ev.is_file() and not any(f["run"] == str(run) for f in failed):
             evals[(cell.name, seed)] = json.loads(ev.read_text())
     results = compute_results(plan, evals, test=test)
@@ -592,9 +592,7 @@ def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path]) -> N
         "rows": [{"name": c.name, "folder": f"runs/{c.slug}", "baseline": c.baseline, "grid": c.overrides,
                   "config": {k: v for k, v in to_dict(c.cfg).items() if k != "seed"}} for c in plan.cells],
     }
-    tmp = out / f".ablation.yaml.tmp-{os.getpid()}"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, out / "ablation.yaml")
+    rundir.write_text(out / "ablation.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------------- statistics

@@ -25,8 +25,6 @@ The result dict (the "Evaluate JSON" of the design contract) is the single sourc
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +49,8 @@ from medkd.metrics import (
     summarize,
     to_jsonable,
 )
-from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
+from medkd import rundir
+from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
 
 #: Per-case keys kept in the result (``case_metrics`` output minus nothing; order = JSON order).
 CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "gt_empty", "pred_empty", "tp", "fp", "fn")
@@ -93,16 +92,11 @@ def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
     """
     run = Path(run)
     if not run.is_dir():
-        partial = run.with_name(run.name + ".partial")
+        partial = rundir.partial_dir(run)
         hint = f" (training not finished: {partial} exists)" if partial.is_dir() else ""
         raise MedkdError(f"{run}: run folder not found{hint}")
     model, ckpt = load_model_from_run(run, which)
-    summary: Dict[str, Any] = {}
-    if (run / "summary.json").is_file():
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-        except ValueError:
-            summary = {}
+    summary = rundir.read_summary(run)
     settings = (ckpt.get("data") or {}).get("settings") or {}
     run_size = trained_size(ckpt)
     if run_size is not None and run_size != data.size:
@@ -344,7 +338,7 @@ def evaluate_loaded(
             result[key] = loaded.summary[key]
     result = to_jsonable(result)
     if save:
-        write_json_atomic(loaded.run / f"eval-{split}.json", result)
+        rundir.write_json(rundir.eval_json(loaded.run, split), result)
     if keep_predictions:
         result["_predictions"] = preds
     return result
@@ -454,16 +448,3 @@ def public(result: Dict[str, Any]) -> Dict[str, Any]:
     """The result without private keys (``_predictions``)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and ``os.replace`` it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MedkdError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 import medkd
+from medkd import rundir
 from medkd.errors import MedkdError
 
 FORMATS = ("onnx", "torchscript")
@@ -96,7 +96,7 @@ def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[
     from medkd.data.preprocess import CT_MIN_HU, MR_PERCENTILES, WINDOW_PRESETS
     from medkd.infer import THRESHOLD
     from medkd.metrics import count_params
-    from medkd.train.checkpoint import trained_size
+    from medkd.rundir import trained_size
 
     data = ckpt.get("data") or {}
     settings = data.get("settings") or {}
@@ -379,7 +379,7 @@ def export_run(
     from medkd.data.prepared import PreparedData
     from medkd.evaluate import load_run, run_postprocessing
     from medkd.infer import match_channels, resolve_device, seg_logits
-    from medkd.train.checkpoint import load_checkpoint, run_checkpoint
+    from medkd.rundir import load_checkpoint, run_checkpoint
 
     t0 = time.time()
     run, out = Path(run), Path(out)
@@ -423,37 +423,33 @@ def export_run(
     tol = float(tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_side = sidecar_path(tmp)
-    try:
-        if fmt == "onnx":
-            _export_onnx(net, x, tmp, opset, fp16, meta, onnx)
-            runner = OnnxModel(tmp, threads=None)
-        else:
-            _export_torchscript(net, x, tmp, meta)
-            runner = TorchScriptModel(tmp)
-        got_full = runner(x.numpy())
-        got_one = runner(x[:1].numpy())  # dynamic batch
-        diff = float(max(np.max(np.abs(got_full - ref)), np.max(np.abs(got_one - ref[:1]))))
-        if not np.isfinite(diff) or diff > tol:
-            raise MedkdError(f"{out}: export verification failed: max |{runner.engine} - PyTorch| logit difference "
-                             f"{diff:.3g} > tolerance {tol:g} on {len(x)} prepared slices ({where}); nothing written")
-        meta["verification"] = {"engine": runner.engine, "slices": int(len(x)), "from": where,
-                                "max_abs_diff": diff, "tolerance": tol}
-        if fmt == "onnx":  # record the verification in the file itself
-            proto = onnx.load(str(tmp))
-            _set_props(proto, meta)
-            onnx.save(proto, str(tmp))
-            onnx.checker.check_model(str(tmp))
-        else:
-            tmp_side.write_text(json.dumps(_encode(meta), indent=2) + "\n")
-        if fmt == "torchscript":
-            os.replace(tmp_side, sidecar_path(out))
-        os.replace(tmp, out)
-    finally:
-        for t in (tmp, tmp_side):
-            if t.exists():
-                t.unlink()
+    with rundir.atomic_path(out) as tmp:  # the model file appears only once verified
+        tmp_side = sidecar_path(tmp)
+        try:
+            if fmt == "onnx":
+                _export_onnx(net, x, tmp, opset, fp16, meta, onnx)
+                runner = OnnxModel(tmp, threads=None)
+            else:
+                _export_torchscript(net, x, tmp, meta)
+                runner = TorchScriptModel(tmp)
+            got_full = runner(x.numpy())
+            got_one = runner(x[:1].numpy())  # dynamic batch
+            diff = float(max(np.max(np.abs(got_full - ref)), np.max(np.abs(got_one - ref[:1]))))
+            if not np.isfinite(diff) or diff > tol:
+                raise MedkdError(f"{out}: export verification failed: max |{runner.engine} - PyTorch| logit difference "
+                                 f"{diff:.3g} > tolerance {tol:g} on {len(x)} prepared slices ({where}); nothing written")
+            meta["verification"] = {"engine": runner.engine, "slices": int(len(x)), "from": where,
+                                    "max_abs_diff": diff, "tolerance": tol}
+            if fmt == "onnx":  # record the verification in the file itself
+                proto = onnx.load(str(tmp))
+                _set_props(proto, meta)
+                onnx.save(proto, str(tmp))
+                onnx.checker.check_model(str(tmp))
+            else:
+                rundir.write_text(sidecar_path(out), json.dumps(_encode(meta), indent=2) + "\n")
+        finally:
+            if tmp_side.exists():
+                tmp_side.unlink()
     return ExportResult(out, fmt, meta, diff, tol, int(len(x)), out.stat().st_size / 2**20,
                         round(time.time() - t0, 2), [str(f) for f in files])
 

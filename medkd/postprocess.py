@@ -27,10 +27,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from medkd import rundir
 from medkd.errors import MedkdError
 
 #: Run-folder file that records the chosen rule.
-POSTPROCESSING_FILE = "postprocessing.json"
+POSTPROCESSING_FILE = rundir.POSTPROCESSING
 #: ``min_volume`` thresholds tried, as fractions of the smallest non-empty validation ground-truth volume.
 MIN_VOLUME_FRACTIONS = (0.05, 0.1, 0.25, 0.5)
 METHODS = ("none", "largest", "min_volume")
@@ -181,10 +182,9 @@ def for_checkpoint(run: Path, checkpoint: Path) -> Optional[Dict[str, Any]]:
 
 
 def save(run: Path, doc: Dict[str, Any]) -> Path:
-    """Write ``RUN/postprocessing.json`` atomically (temp file + ``os.replace``)."""
-    from medkd.evaluate import write_json_atomic
+    """Write ``RUN/postprocessing.json`` atomically."""
     from medkd.metrics import to_jsonable
 
     path = Path(run) / POSTPROCESSING_FILE
-    write_json_atomic(path, to_jsonable(doc))
+    rundir.write_json(path, to_jsonable(doc))
     return path

@@ -30,7 +30,6 @@ the masks identical, so torch (CPU) remains a dependency of ``medkd`` itself.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,9 @@ from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
 from medkd.options import DEFAULT_DEVICE
+from medkd import rundir
 from medkd.postprocess import Postprocessing
-from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
+from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
 
 
 @dataclass
@@ -251,15 +251,10 @@ def _write_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, overwrite: boo
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
-    try:
+    with rundir.atomic_path(path) as tmp:
         nib.save(img, str(tmp))
         if path.exists() and not overwrite:  # appeared meanwhile
             raise DataError(f"{path}: already exists (use --overwrite to replace it)")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def predict_paths(

@@ -26,7 +26,7 @@ def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
     from medkd.distill.distiller import tap_paths
     from medkd.distill.hooks import FeatureExtractor
     from medkd.infer import seg_logits
-    from medkd.train.checkpoint import load_model_from_run
+    from medkd.rundir import load_model_from_run
 
     data = PreparedData(data_dir)
     model, _ = load_model_from_run(Path(teacher_run), "best")

@@ -16,7 +16,7 @@ import torch
 
 from conftest import _quiet, tiny_teacher_config
 from medkd.errors import MedkdError
-from medkd.train.checkpoint import load_checkpoint, partial_dir
+from medkd.rundir import load_checkpoint, partial_dir
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import _quiet, tiny_teacher_config
 from medkd.cli import app
 from medkd.errors import MedkdError, TrainingError
-from medkd.train.checkpoint import atomic_save, load_checkpoint, load_model_from_run, partial_dir
+from medkd.rundir import atomic_save, load_checkpoint, load_model_from_run, partial_dir
 from medkd.train.teacher import train_teacher
 
 SUMMARY_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val_dice", "seconds", "seed",
@@ -208,7 +208,7 @@ def test_atomic_save_crash_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MedkdError, match=r"last.pt: cannot write \(disk full\)"):
         atomic_save({"model": {"w": torch.zeros(3)}, "model_config": {}}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))

@@ -37,7 +37,7 @@ def command(
 
     log = log_console(quiet)
     res = export_run(run, out, fmt=fmt, opset=opset, fp16=fp16, data=data, overwrite=overwrite,
-                     tolerance=tolerance, device=device or "auto")
+                     tolerance=tolerance, device=device or DEFAULT_DEVICE)
     v = res.metadata["verification"]
     pp = res.metadata.get("postprocessing") or {}
     if json_out:

@@ -622,12 +622,11 @@ def make_sample_data(
     Raises:
         MedkdError: ``out`` exists and is not empty (without ``overwrite``), or bad arguments.
     """
-    import os
     import shutil
-    import tempfile
     import time
 
     from medkd.errors import MedkdError
+    from medkd.rundir import replace_dir, temp_dir_beside
 
     out = Path(out)
     if n_cases < 1:
@@ -638,22 +637,14 @@ def make_sample_data(
     if exists and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise MedkdError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         write_msd_dataset(tmp, n_cases=n_cases, seed=seed, size=size, n_slices=n_slices, dicom_case=dicom_case)
         files = [p for p in tmp.rglob("*") if p.is_file()]
         n_bytes = sum(p.stat().st_size for p in files)
-        if exists:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(out, 0o755)  # mkdtemp makes it 0700
     return {"out": str(out), "cases": n_cases, "files": len(files), "bytes": n_bytes,
             "seconds": time.perf_counter() - t0}

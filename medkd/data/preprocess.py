@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +34,7 @@ import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
 from medkd.data.sources import CaseSource, discover
 from medkd.errors import DataError, MedkdError
+from medkd.rundir import replace_dir, temp_dir_beside
 
 SCHEMA = 1
 AFFINE_ATOL = 1e-2  # mm
@@ -298,13 +298,13 @@ def preprocess(
     if dup:
         raise MedkdError(f"{source}: duplicate case ids {dup[:5]}")
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "cases").mkdir(parents=True)
+        tmp = temp_dir_beside(out)
+        (tmp / "cases").mkdir()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise MedkdError(f"{out}: cannot create the output folder ({type(e).__name__}: {e.strerror or e})") from None
     try:
         jobs = [(c, settings, tmp / "cases") for c in cases]
@@ -349,20 +349,7 @@ def preprocess(
             "skipped": [{"source": b["source"], "reason": b["reason"]} for b in bad],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)  # put the previous dataset back
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreprocessResult(out, manifest, bad, time.time() - t0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -24,6 +23,7 @@ import torch
 
 from medkd.data.prepared import PreparedData
 from medkd.locks import exclusive_lock
+from medkd.rundir import atomic_path
 
 
 def file_hash(path: Path, chunk: int = 1 << 22) -> str:
@@ -82,11 +82,10 @@ class TeacherCache:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         for name in self.names:
-            tmp = self.dir / f".{name}.{os.getpid()}.npy"
-            a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(self.rows), *shapes[name]))
-            a.flush()
-            del a
-            os.replace(tmp, self.dir / f"{name}.npy")
+            with atomic_path(self.dir / f"{name}.npy") as tmp:
+                a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(self.rows), *shapes[name]))
+                a.flush()
+                del a
         self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r+") for name in self.names}
 
     def row_of(self, cid: str, z: int) -> int:
@@ -124,9 +123,8 @@ class TeacherCache:
             if todo:
                 for a in self.arrays.values():
                     a.flush()
-                tmp = self.dir / f".filled.{os.getpid()}.npy"
-                np.save(tmp, self.filled)
-                os.replace(tmp, self.dir / "filled.npy")
+                with atomic_path(self.dir / "filled.npy") as tmp:
+                    np.save(tmp, self.filled)
         return len(todo)
 
     def get(self, keys: Sequence[Tuple[str, int]], device: torch.device) -> Dict[str, torch.Tensor]:

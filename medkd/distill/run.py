@@ -15,7 +15,7 @@ from medkd.distill.distiller import Distiller, tap_paths
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
-from medkd.train.checkpoint import load_model_from_run, run_checkpoint, trained_size
+from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
 from medkd.train.loop import claims_run, fit, seed_everything
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,6 +17,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from medkd import rundir
 from medkd.report.tables import NA, fmt_count, fmt_mean_std, fmt_num
 
 METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Precision", "hd95": "HD95 mm"}
@@ -249,25 +249,18 @@ def plot_results(results: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_reports(results: Dict[str, Any], out: Path, plot: bool = True) -> Dict[str, Path]:
     """Write ``results.json``, ``results.csv``, ``results.md`` (and ``results.png``) into ``out``."""
     from medkd.metrics import to_jsonable
 
     out = Path(out)
     paths = {k: out / f"results.{k}" for k in ("json", "csv", "md", "png")}
-    _atomic_text(paths["json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
-    _atomic_text(paths["csv"], to_csv(results))
-    _atomic_text(paths["md"], to_markdown(results))
+    rundir.write_json(paths["json"], to_jsonable(results))
+    rundir.write_text(paths["csv"], to_csv(results))
+    rundir.write_text(paths["md"], to_markdown(results))
     if plot:
-        tmp = out / f".results.tmp-{os.getpid()}.png"
-        plot_results(results, tmp)
-        os.replace(tmp, paths["png"])
+        with rundir.atomic_path(paths["png"]) as tmp:
+            plot_results(results, tmp)
     return paths
 
 

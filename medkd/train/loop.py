@@ -30,7 +30,8 @@ from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_
 from medkd.metrics.efficiency import count_params
 from medkd.metrics.segmentation import confusion, overlap_from_counts
 from medkd.report.progress import BarContext
-from medkd.train.checkpoint import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
+from medkd import rundir
+from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -243,7 +244,7 @@ def fit(
     config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
     import yaml
 
-    (work / "config.yaml").write_text(yaml.safe_dump(config_doc, sort_keys=False))
+    rundir.write_text(work / rundir.CONFIG, yaml.safe_dump(config_doc, sort_keys=False))
 
     def ckpt(epoch: int, full: bool) -> Dict[str, Any]:
         d = {
@@ -286,7 +287,7 @@ def fit(
                         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                         raise TrainingError(
                             f"{run}: loss term(s) {bad} became non-finite at epoch {epoch + 1} step {step + 1}; "
-                            f"stopped (last good checkpoint: {work / 'last.pt'})"
+                            f"stopped (last good checkpoint: {work / rundir.LAST})"
                         )
                     if epoch == 0 and step == 0 and resume_from is None:
                         check_first_step(terms, params)
@@ -311,22 +312,21 @@ def fit(
                 improved = val_dice > best["val_dice"]
                 if improved:
                     best = {"epoch": epoch + 1, "val_dice": val_dice}
-                    atomic_save(ckpt(epoch + 1, full=False), work / "best.pt")
+                    atomic_save(ckpt(epoch + 1, full=False), work / rundir.BEST)
                     if hasattr(task, "trainable_state"):
-                        atomic_save(task.trainable_state(), work / "distill_heads.pt")
-                atomic_save(ckpt(epoch + 1, full=True), work / "last.pt")
-                with open(work / "history.jsonl", "w") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in history))
+                        atomic_save(task.trainable_state(), work / rundir.HEADS)
+                atomic_save(ckpt(epoch + 1, full=True), work / rundir.LAST)
+                rundir.write_text(work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in history))
                 progress.end_epoch(row, improved)
                 if on_epoch:
                     on_epoch(row)
     except KeyboardInterrupt:
-        console.print(f"interrupted: last completed epoch kept in {work / 'last.pt'}; rerun with --resume",
+        console.print(f"interrupted: last completed epoch kept in {work / rundir.LAST}; rerun with --resume",
                       highlight=False, soft_wrap=True)
         raise
     finally:
         if history:
-            _plot_curves(history, work / "curves.png")
+            _plot_curves(history, work / rundir.CURVES)
 
     summary = {
         "kind": kind, "arch": model.arch, "params": count_params(model), "epochs_done": len(history),
@@ -336,7 +336,7 @@ def fit(
         "data": str(data.root.resolve()), "train_cases": len(getattr(train_set, "case_ids", [])),
         "train_slices": len(train_set), **(summary_extra or {}),
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.write_text(work / rundir.SUMMARY, json.dumps(summary, indent=2))
     finalize_run_dir(run)
     return summary
 

@@ -1,0 +1,253 @@
+"""The run-folder contract and the file-writing helpers every module uses (nnU-Net's ``file_path_utilities`` habit).
+
+A run folder ``RUN/`` holds (names defined here, once):
+
+* ``config.yaml``: the fully resolved config (re-usable with ``--config``);
+* ``summary.json``: what was trained and how well (``kind``, ``arch``, ``params``, ``best_val_dice``, ...);
+* ``history.jsonl``: one line per epoch, every loss term by name;
+* ``best.pt`` (model alone, best validation Dice) and ``last.pt`` (everything needed to resume);
+* ``distill_heads.pt`` (students: adapters and loss heads beside the model), ``curves.png``;
+* ``postprocessing.json``: the postprocessing rule chosen on the validation split;
+* ``eval-<split>.json``: the evaluate result of that split (:func:`eval_json`).
+
+A run is trained in ``RUN.partial/`` (:func:`partial_dir`) and moved into place as ``RUN/`` when it finishes
+(:func:`finalize_run_dir`), so ``RUN/`` is never half-written; an interrupted or failed run leaves
+``RUN.partial/last.pt`` (the last completed epoch) for ``--resume``.
+
+Every file medkd writes goes through :func:`atomic_path` (temp file beside the target, fsync, ``os.replace``:
+a crash leaves the old file or the new one, never a torn one), and every output folder is moved into place with
+:func:`replace_dir` (an old folder is swapped aside, restored if the move fails, and removed only after success).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from medkd.errors import MedkdError
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+HISTORY = "history.jsonl"
+BEST = "best.pt"
+LAST = "last.pt"
+HEADS = "distill_heads.pt"
+CURVES = "curves.png"
+POSTPROCESSING = "postprocessing.json"  # the connected-component rule chosen on val (medkd.postprocess)
+PARTIAL_SUFFIX = ".partial"
+CHECKPOINTS = ("best", "last")
+
+
+def eval_json(run: Path, split: str) -> Path:
+    """``RUN/eval-<split>.json``: the saved evaluate result of ``split``."""
+    return Path(run) / f"eval-{split}.json"
+
+
+def partial_dir(run: Path) -> Path:
+    """``RUN.partial``: the folder a run is trained in until it finishes."""
+    run = Path(run)
+    return run.with_name(run.name + PARTIAL_SUFFIX)
+
+
+def checkpoint_path(run: Path, which: str = "best") -> Path:
+    """``RUN/best.pt`` or ``RUN/last.pt`` (not checked)."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {CHECKPOINTS}, got {which!r}")
+    return Path(run) / (BEST if which == "best" else LAST)
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+
+
+def _temp_name(path: Path, kind: str) -> Path:
+    """A hidden, unique sibling of ``path`` that keeps its extension (``.nii.gz`` and ``.npy`` savers need it)."""
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(ext)] if ext else path.name
+    return path.with_name(f".{stem}.{kind}-{os.getpid()}-{secrets.token_hex(3)}{ext}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; write it inside the ``with``; on success it is fsynced and moved onto
+    ``path`` with ``os.replace``. On any error the temp file is removed and ``path`` is left as it was.
+
+    Raises:
+        MedkdError: the file cannot be written (``<path>: cannot write (<reason>)``).
+    """
+    path = Path(path)
+    tmp = _temp_name(path, "tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MedkdError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, doc: Any, indent: int = 2) -> None:
+    """Write strict JSON (no NaN/inf) to ``path`` atomically."""
+    write_text(path, json.dumps(doc, indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically: a crash leaves the old checkpoint."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+def temp_dir_beside(dest: Path) -> Path:
+    """A new, empty, hidden folder beside ``dest`` (parents created) to build an output in before
+    :func:`replace_dir` moves it into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(dest, "tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the finished folder ``src`` into place as ``dest`` (same parent folder).
+
+    An existing ``dest`` (folder, file or link) is first renamed aside; if moving ``src`` then fails it is put
+    back, so ``dest`` is never lost; it is deleted only after ``src`` is in place.
+    """
+    src, dest = Path(src), Path(dest)
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(src, dest)
+        return
+    old = _temp_name(dest, "old")
+    os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except OSError:
+        os.replace(old, dest)  # put the previous folder back
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+# ------------------------------------------------------------------------------------------------- run folders
+
+
+def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Create/choose the working folder ``RUN.partial``. Returns the checkpoint to resume from (or None).
+
+    Raises:
+        MedkdError: RUN (or an interrupted RUN.partial) exists without --overwrite/--resume; --resume with
+            nothing to resume.
+    """
+    run = Path(run)
+    work = partial_dir(run)
+    if resume:
+        if (work / LAST).is_file():
+            return work / LAST
+        if (run / LAST).is_file():
+            if work.exists():
+                shutil.rmtree(work)
+            shutil.copytree(run, work)
+            return work / LAST
+        raise MedkdError(f"{run}: nothing to resume (no {LAST} in {run} or {work})")
+    if run.exists() and not overwrite:
+        raise MedkdError(f"{run}: already exists (use --overwrite to replace it or --resume to continue)")
+    if (work / LAST).is_file() and not overwrite:  # never throw away an interrupted run's epochs silently
+        raise MedkdError(f"{work}: holds an interrupted run (use --resume to continue it or --overwrite to start again)")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return None
+
+
+def finalize_run_dir(run: Path) -> None:
+    """Move ``RUN.partial`` into place as ``RUN`` (replacing an old RUN only now, after success)."""
+    replace_dir(partial_dir(run), Path(run))
+
+
+def read_summary(run: Path) -> Dict[str, Any]:
+    """``RUN/summary.json`` as a dict (``{}`` when missing or unreadable)."""
+    path = Path(run) / SUMMARY
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def run_checkpoint(run: Path, which: str = "best") -> Path:
+    """The checkpoint file a run's model is loaded from: ``RUN/{which}.pt``, else ``RUN/last.pt``.
+
+    Raises:
+        MedkdError: neither exists.
+    """
+    run = Path(run)
+    for path in (checkpoint_path(run, which), run / LAST):
+        if path.is_file():
+            return path
+    raise MedkdError(f"{run}: no {which}.pt checkpoint (is this a finished medkd run?)")
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a medkd checkpoint.
+
+    Raises:
+        MedkdError: missing, truncated or not a medkd checkpoint.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedkdError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise MedkdError(f"{path}: cannot load checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise MedkdError(f"{path}: not a medkd checkpoint")
+    return ckpt
+
+
+def trained_size(ckpt: Dict[str, Any]) -> Optional[int]:
+    """In-plane slice size the checkpoint's model was trained on (from the prepared data's settings)."""
+    data = ckpt.get("data") or {}
+    size = (data.get("settings") or {}).get("size", data.get("size"))
+    return None if size is None else int(size)
+
+
+def load_model_from_run(run: Path, which: str = "best", map_location: Any = "cpu"):
+    """Build the model saved in ``RUN/{which}.pt`` (alone: no adapters, no teacher needed).
+
+    Returns:
+        (model in eval mode, checkpoint dict)
+    """
+    from medkd.models import build_model
+
+    path = run_checkpoint(run, which)
+    ckpt = load_checkpoint(path, map_location)
+    model = build_model(**ckpt["model_config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise MedkdError(f"{path}: weights do not match the saved architecture ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, ckpt
