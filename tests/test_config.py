@@ -115,12 +115,13 @@ def test_a_runs_config_yaml_is_a_config_for_distill_and_ablate(tmp_path):
         ab.build_plan(doc, Path("T2"), None, {}, config=bad)
 
 
-@pytest.mark.parametrize("cmd", ["evaluate", "predict", "distill", "train-teacher", "ablate"])
+@pytest.mark.parametrize("cmd", ["evaluate", "predict", "distill", "train-teacher", "ablate", "export"])
 def test_cli_device_typo_is_a_usage_error(cmd, tmp_path):
     args = {"evaluate": ["evaluate", str(tmp_path / "RUN"), "--data", str(tmp_path)],
             "predict": ["predict", str(tmp_path / "RUN"), str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "o")],
             "distill": ["distill", str(tmp_path), "-o", str(tmp_path / "r")],
             "train-teacher": ["train-teacher", str(tmp_path), "-o", str(tmp_path / "r")],
+            "export": ["export", str(tmp_path / "RUN"), "-o", str(tmp_path / "m.onnx")],
             "ablate": ["ablate", str(tmp_path), "--teacher", str(tmp_path), "-o", str(tmp_path / "a"),
                        "--preset", "quick"]}[cmd]
     r = runner.invoke(app, [*args, "--device", "typo"])

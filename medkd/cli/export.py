@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, log_console, print_json
+from medkd.cli.common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, log_console, print_json, usage_checks
 from medkd.export import DEFAULT_OPSET
+from medkd.options import DEFAULT_DEVICE
 
 
 @handle_errors
@@ -35,6 +36,7 @@ def command(
     verified against PyTorch on real prepared slices (refused above the tolerance). Needs medkd[deploy]."""
     from medkd.export import export_run
 
+    usage_checks(device=device)
     log = log_console(quiet)
     res = export_run(run, out, fmt=fmt, opset=opset, fp16=fp16, data=data, overwrite=overwrite,
                      tolerance=tolerance, device=device or DEFAULT_DEVICE)
