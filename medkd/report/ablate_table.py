@@ -1,4 +1,4 @@
-"""Ablation reports, all rendered from the one results dict of :func:`medkd.ablate.compute_results`:
+"""Ablation reports, all rendered from the one results dict of :func:`medkd.ablate.report.compute_results`:
 the Rich table (stdout), ``results.json``, ``results.csv``, ``results.md`` and ``results.png``.
 
 Rows are the settings in grid order with the baseline(s) first; a rule separates groups of the same

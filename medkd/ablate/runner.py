@@ -1,0 +1,251 @@
+"""Running an ablation: the state of each planned run folder (done / resume / restart / new / stale), training
+and evaluating what is missing, then writing the reports. See :mod:`medkd.ablate`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from medkd import rundir
+from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
+from medkd.ablate.report import TESTS, compute_results
+from medkd.config import DistillConfig, to_dict
+from medkd.errors import MedkdError
+from medkd.report.progress import BarContext
+
+
+def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
+    """``("done"|"resume"|"restart"|"new"|"mismatch"|"stray", detail)`` for one planned run folder."""
+    run = Path(run)
+    partial = rundir.partial_dir(run)
+    if (run / rundir.SUMMARY).is_file():
+        diff = config_diff(run / rundir.CONFIG, cfg, data) or inputs_newer(run / rundir.SUMMARY, cfg, data)
+        return ("mismatch", diff) if diff else ("done", "")
+    if run.exists():
+        return "stray", f"exists but is not a finished run (no {rundir.SUMMARY})"
+    if partial.is_dir():
+        diff = config_diff(partial / rundir.CONFIG, cfg, data)
+        if diff:
+            return "restart", f"unfinished run had another config ({diff})"
+        if (partial / rundir.LAST).is_file():
+            return "resume", ""
+        return "restart", "unfinished run has no completed epoch"
+    return "new", ""
+
+
+def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
+    """A finished run is stale when its data was re-prepared or its teacher retrained after it finished."""
+    t = Path(summary).stat().st_mtime
+    if (Path(data) / "manifest.json").is_file() and (Path(data) / "manifest.json").stat().st_mtime > t:
+        return f"data {data} was prepared again after this run"
+    ckpt = Path(cfg.teacher) / rundir.BEST if cfg.uses_teacher and cfg.teacher else None
+    if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime > t:
+        return f"teacher {cfg.teacher} was trained again after this run"
+    return ""
+
+
+def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
+    """What differs between a run's recorded ``config.yaml`` and ``cfg`` (``""`` when they match)."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return f"{path} unreadable"
+    if not isinstance(doc, dict):
+        return f"{path} malformed"
+    try:
+        mine, theirs = identity(to_dict(cfg)), identity(doc)
+    except MedkdError as e:
+        return f"{path} malformed ({e})"
+    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if doc.get("data") and str(Path(doc["data"]).resolve()) != str(Path(data).resolve()):
+        diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
+    teacher = doc.get("teacher")
+    if cfg.uses_teacher and teacher and str(Path(teacher).resolve()) != str(Path(cfg.teacher).resolve()):
+        diffs.append(f"teacher: {doc['teacher']} -> {cfg.teacher}")
+    return "; ".join(diffs)
+
+
+def eval_is_fresh(run: Path, data: Path) -> bool:
+    """``RUN/eval-test.json`` exists, is newer than ``best.pt`` and was computed on ``data``."""
+    ev, best = rundir.eval_json(run, SPLIT), Path(run) / rundir.BEST
+    if not ev.is_file():
+        return False
+    if best.is_file() and ev.stat().st_mtime < best.stat().st_mtime:
+        return False
+    try:
+        doc = json.loads(ev.read_text())
+    except ValueError:
+        return False
+    return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT
+
+
+class _Progress(BarContext):
+    """Overall bar (runs done / total, ETA) above the current run's epoch bar (drawn by the training loop, nested
+    under this one); plain lines when stderr is not a terminal (or Rich cannot nest live displays)."""
+
+    def __init__(self, console: Console, total: int, done: int):
+        self.console, self.total, self.done = console, total, done
+        self.bar = None
+        if console.is_terminal and not console.quiet and hasattr(console, "_live_stack"):
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]ablation[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                TextColumn("{task.description}"), console=console, transient=False)
+            self.task = self.bar.add_task("", total=total, completed=done)
+
+    def start(self, label: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=escape(label))
+        else:
+            self.console.print(f"\\[{self.done + 1}/{self.total}] {escape(label)}", highlight=False, soft_wrap=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar:
+            self.bar.advance(self.task)
+
+    def log(self, msg: str) -> None:
+        (self.bar.console if self.bar else self.console).print(msg, highlight=False, soft_wrap=True)
+
+
+def ablate(
+    data: Path,
+    teacher: Optional[Path],
+    out: Path,
+    grid: Optional[Path] = None,
+    preset: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+    base_overrides: Optional[Dict[str, Any]] = None,
+    console: Optional[Console] = None,
+    config: Optional[Path] = None,
+    test: str = "auto",
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """Run (or resume) an ablation and write ``DIR/results.{json,csv,md,png}``.
+
+    Args:
+        data: prepared dataset folder.
+        teacher: teacher run folder (shared teacher-output cache in ``TEACHER_RUN/cache/``).
+        out: the ablation folder ``DIR``.
+        grid: grid YAML file (see the module docstring); exclusive with ``preset``.
+        preset: ``"quick"`` or ``"study"``.
+        seeds: seeds of every row (default: the grid file's ``seeds``, else 0, 1, 2).
+        base_overrides: distill options for every cell unless the cell sets them (``None`` values ignored),
+            e.g. ``{"epochs": 4, "device": "cpu", "student": "s2", "fraction": 0.5}``.
+        console: logs and progress (stderr); quiet when ``None``.
+        config: a distill options YAML applied under ``base_overrides``.
+        test: ``"auto"``, ``"wilcoxon"`` or ``"ttest"`` (see the module docstring).
+        overwrite: retrain finished runs whose recorded config differs from the grid's (else an error).
+
+    Returns:
+        The results document (also ``DIR/results.json``): ``{"baseline": row, "rows": [row, ...], "test": {...},
+        ...}``; see :func:`compute_results`.
+
+    Raises:
+        MedkdError: bad grid/options (before anything runs), config mismatch of a finished run, failed runs
+            (after the results of the other runs are written).
+    """
+    from medkd.data.prepared import PreparedData
+    from medkd.distill.run import distill, load_teacher
+    from medkd.evaluate import evaluate_runs
+    from medkd.report.ablate_table import write_reports
+
+    console = console or Console(stderr=True, quiet=True)
+    if test not in TESTS:
+        raise MedkdError(f"unknown test {test!r}; valid: {', '.join(TESTS)}")
+    data, out = Path(data), Path(out)
+    prepared = PreparedData(data)
+    prepared.require_split(SPLIT)
+    plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config)
+    if any(c.cfg.uses_teacher for c in plan.cells):
+        if teacher is None:
+            raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
+        load_teacher(Path(teacher), next(c.cfg for c in plan.cells if c.cfg.uses_teacher), prepared)
+    runs = plan.runs(out)
+    states = []
+    for cell, seed, run in runs:
+        cfg = replace(cell.cfg, seed=seed)
+        state, detail = run_state(run, cfg, data)
+        if state == "mismatch" and not overwrite:
+            raise MedkdError(f"{run}: finished with a different config ({detail}); use another -o DIR, or "
+                             f"--overwrite to retrain such runs")
+        if state == "stray" and not overwrite:
+            raise MedkdError(f"{run}: {detail}; remove it or use --overwrite")
+        states.append((cell, seed, run, cfg, state, detail))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_plan(out, plan, data, teacher)
+
+    n_done = sum(1 for s in states if s[4] == "done")
+    console.print(f"ablation {escape(str(out))}: {len(plan.cells)} row(s) x {len(plan.seeds)} seed(s) = "
+                  f"{len(runs)} run(s) ({escape(plan.source)}); {n_done} already finished", highlight=False,
+                  soft_wrap=True)
+    failed: List[Dict[str, str]] = []
+    t0 = time.time()
+    with _Progress(console, len(runs), n_done) as progress:
+        for cell, seed, run, cfg, state, detail in states:
+            label = f"{cell.name} seed {seed}"
+            if state != "done":
+                progress.start(label)
+                if detail:
+                    progress.log(escape(f"{run}: {detail}; restarting"))
+                try:
+                    distill(data, run, cfg, resume=state == "resume",
+                            overwrite=state in ("restart", "mismatch", "stray"), console=console)
+                except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
+                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
+                    progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
+                    progress.advance()
+                    continue
+                progress.advance()
+            if not eval_is_fresh(run, data):
+                try:
+                    evaluate_runs([run], prepared, SPLIT, device=cfg.device)
+                except Exception as e:
+                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": f"evaluate: {run_error(e)}"})
+                    progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
+    evals = {}
+    for cell, seed, run, *_ in states:
+        ev = rundir.eval_json(run, SPLIT)
+        if ev.is_file() and not any(f["run"] == str(run) for f in failed):
+            evals[(cell.name, seed)] = json.loads(ev.read_text())
+    results = compute_results(plan, evals, test=test)
+    results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
+                   out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1))
+    from medkd.metrics import to_jsonable
+
+    results = to_jsonable(results)  # NaN/inf -> None, as written to results.json
+    write_reports(results, out)
+    console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png", highlight=False,
+                  soft_wrap=True)
+    if failed:
+        raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']}); "
+                         f"results of the others are in {out / 'results.json'}")
+    return results
+
+
+def run_error(e: BaseException) -> str:
+    """One line for a failed run: the message of a :class:`MedkdError`, else the exception type and its first line
+    (e.g. ``RuntimeError: CUDA out of memory ...``)."""
+    if isinstance(e, MedkdError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path]) -> None:
+    doc = {
+        "source": plan.source, "data": str(Path(data).resolve()),
+        "teacher": str(Path(teacher).resolve()) if teacher else None, "seeds": plan.seeds,
+        "rows": [{"name": c.name, "folder": f"runs/{c.slug}", "baseline": c.baseline, "grid": c.overrides,
+                  "config": {k: v for k, v in to_dict(c.cfg).items() if k != "seed"}} for c in plan.cells],
+    }
+    rundir.write_text(out / "ablation.yaml", yaml.safe_dump(doc, sort_keys=False))
