@@ -24,6 +24,8 @@ demo: install
 	$(MEDKD) evaluate $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split val
 	$(MEDKD) evaluate $(OUT)/teacher $(OUT)/student $(OUT)/distilled --data $(OUT)/data --split test --overlays $(OUT)/overlays
 	$(MEDKD) predict $(OUT)/distilled sample_data/imagesTr/spleen_001.nii.gz sample_data/dicom/spleen_000 -o $(OUT)/predictions --overwrite
+	$(MEDKD) export $(OUT)/distilled -o $(OUT)/distilled.onnx --overwrite
+	$(MEDKD) predict $(OUT)/distilled.onnx sample_data/imagesTr/spleen_001.nii.gz -o $(OUT)/predictions-onnx --overwrite
 	$(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick --overwrite
 
 test: install
@@ -33,6 +35,7 @@ bench: install
 	cd benchmarks && ../$(BIN)/python bench_models.py
 	cd benchmarks && ../$(BIN)/python bench_distill.py
 	cd benchmarks && ../$(BIN)/python bench_stats.py
+	cd benchmarks && ../$(BIN)/python bench_deploy.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -153,3 +153,13 @@ def test_refusals_are_one_line(student, tmp_path, exported, monkeypatch):
 
     monkeypatch.setattr(importlib, "import_module", no_onnx)
     one_line(runner.invoke(app, ["export", str(student), "-o", str(out)]), "medkd[deploy]")
+
+
+def test_evaluate_reports_onnx_runtime_latency(student, exported, tiny_data):
+    res = runner.invoke(app, ["evaluate", str(student), "--data", str(tiny_data), "--onnx", str(exported), "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["latency_ms_ort"] > 0 and doc["latency_ms"] > 0 and doc["model_file"] == str(exported)
+    assert "ORT ms" in res.stderr
+    res = runner.invoke(app, ["evaluate", str(student), str(student), "--data", str(tiny_data), "--onnx", str(exported)])
+    assert res.exit_code == 1 and "one model per run" in res.stderr
