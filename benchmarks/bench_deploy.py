@@ -8,7 +8,7 @@ and ONNX Runtime, side by side in one run, plus model file sizes.
 - Latency: rounds alternate eager and ORT (one call each per round, after warm-up) so machine load hits both alike;
   the median per engine and the ratio ORT / eager are printed.
 - Peak memory: each (model, engine) runs in a fresh subprocess that imports only its runtime (the ORT one never
-  imports torch), loads the model file, runs the slices, and reports its peak RSS (``ru_maxrss``) and the growth
+  imports torch), loads the model file, runs the slices, and reports its peak RSS (``VmHWM``, Linux) and the growth
   over the bare runtime import.
 - Sizes: ``state_dict`` checkpoint (``torch.save``), ONNX float32, ONNX with ``--fp16`` weights.
 
@@ -45,7 +45,11 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 engine, path, slices, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+def rss():  # peak resident set of this process image in MiB (VmHWM; ru_maxrss would carry the parent's over fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 x = np.load(slices)
 if engine == "eager":
     import torch
@@ -102,7 +106,7 @@ def main() -> None:
 
     prepared = PreparedData(data)
     cid = prepared.case_ids("test")[0]
-    slices = np.ascontiguousarray(prepared.image(cid), dtype=np.float32)  # (Z, 128, 128) real prepared slices
+    slices = np.array(prepared.image(cid), dtype=np.float32)  # (Z, 128, 128) real prepared slices
     work = Path(tempfile.mkdtemp(prefix="medkd-deploy-"))
     np.save(work / "slices.npy", slices[: args.mem_slices])
     models = MODELS + ([] if args.no_study_teacher else [STUDY_TEACHER])
