@@ -167,14 +167,28 @@ def field_names(cls: Type[Any]) -> List[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def read_yaml(path: Path) -> Dict[str, Any]:
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file (any top-level type).
+
+    Raises:
+        MedkdError: unreadable, not UTF-8 text, or invalid YAML (one line naming the file).
+    """
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise MedkdError(f"{path}: cannot read ({e.strerror})") from None
+        raise MedkdError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise MedkdError(f"{path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"expected YAML") from None
     except yaml.YAMLError as e:
         raise MedkdError(f"{path}: invalid YAML ({' '.join(str(e).split())[:150]})") from None
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    """A YAML file of options: a mapping at the top level (an empty file is ``{}``)."""
+    path = Path(path)
+    doc = load_yaml(path) or {}
     if not isinstance(doc, dict):
         raise MedkdError(f"{path}: expected a mapping of options at the top level")
     return doc

@@ -125,6 +125,41 @@ def preprocess_dicom_series_ok(name: str) -> Callable[[Env], List[str]]:
     return build
 
 
+def nifti_file(shape, dtype=np.float32) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        nib.save(nib.Nifti1Image(np.zeros(shape, dtype), np.diag([2.9, 2.9, 5.0, 1.0])), str(path) + ".nii.gz")
+
+    return make
+
+
+def preprocess_bad_nifti(make: Callable[[Path], None]) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        src = source_with(env, "bad", make)
+        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
+
+    return build
+
+
+def preprocess_too_few(env: Env) -> List[str]:
+    """One good case and two bad ones, with fractions that need three good cases."""
+    src = source_with(env, "empty", nifti_file((128, 128, 0)))
+    (src / "junk.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    shutil.copy(SAMPLE / "labelsTr" / "spleen_001.nii.gz", src / "junk_label.nii.gz")
+    return ["preprocess", str(src), "-o", str(env.tmp / "out"), "--size", "16"]
+
+
+NOT_UTF8 = b"epochs: 1\nlr: \xff\xfe0.1\n"
+
+
+def with_file(name: str, data: bytes, argv: Callable[[Env, Path], List[str]]) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        path = env.tmp / name
+        path.write_bytes(data)
+        return argv(env, path)
+
+    return build
+
+
 # ---------------------------------------------------------------- the corpus
 
 CASES: List[Case] = [
@@ -140,6 +175,28 @@ CASES: List[Case] = [
          r"^bad case: .*IM0000\.dcm: not a DICOM file"),
     Case("dicom-multiframe", preprocess_bad_dicom(dicom_folder_with("SC_rgb_rle_2frame.dcm")), 1,
          r"^bad case: .*expected one 2D slice per file"),
+    # NIfTI
+    Case("nifti-zero-slices", preprocess_bad_nifti(nifti_file((128, 128, 0))), 1,
+         r"^bad case: .*bad\.nii\.gz: empty volume, shape \(128, 128, 0\) has no voxels"),
+    Case("nifti-2d", preprocess_bad_nifti(nifti_file((128, 128))), 1, r"^bad case: .*expected a 3D volume"),
+    Case("nifti-truncated", preprocess_bad_nifti(
+        lambda p: Path(str(p) + ".nii.gz").write_bytes((SAMPLE / "imagesTr" / "spleen_002.nii.gz").read_bytes()[:5000])),
+         1, r"^bad case: .*bad\.nii\.gz: cannot read NIfTI, file is truncated or corrupt"),
+    # preprocess stops: the reasons of the bad cases come first
+    Case("preprocess-too-few-good-shows-why", preprocess_too_few, 1,
+         r"^bad case: .*empty\.nii\.gz: empty volume"),
+    Case("preprocess-too-few-good-error", preprocess_too_few, 1,
+         r"^error: .*1 good case\(s\) are too few .*\(2 bad case\(s\) listed above\)"),
+    # option files that are not UTF-8 text
+    Case("config-not-utf8-train", with_file("cfg.yaml", NOT_UTF8, lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "run", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: not a UTF-8 text file \(byte 0xff at offset 14\)"),
+    Case("config-not-utf8-distill", with_file("cfg.yaml", NOT_UTF8, lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "run", "--scales", "none", "--no-pmd", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: not a UTF-8 text file"),
+    Case("grid-not-utf8", with_file("grid.yaml", b"- {scales: [enc], loss: mse}\n- \xff\n", lambda e, p: [
+        "ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl", "--grid", p]), 1,
+         r"^error: .*grid\.yaml: not a UTF-8 text file"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
 ]
@@ -169,3 +226,19 @@ def test_bad_input(case: Case, env: Env):
         for line in lines:
             if line.startswith(("error:", "bad case:")):
                 assert len(line) < 2000
+
+
+def test_grid_cell_equal_to_baseline_is_explained(tmp_path, tiny_teacher):
+    """A cell with no teacher is the baseline row itself: a note says so, and the caption has no 'n = 0'."""
+    import medkd.ablate as ab
+    from medkd.report.ablate_table import caption
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- {scales: none, pmd: false}\n")
+    plan = ab.build_plan(ab.load_grid_doc(grid, None), tiny_teacher, [0], {"epochs": 1}, None)
+    assert [c.is_baseline for c in plan.cells] == [True]
+    assert any("cell 1 uses no teacher, so it is the no-KD baseline row" in n for n in plan.notes)
+    assert any("no distillation cell" in n for n in plan.notes)
+    text = caption({"seeds": [0], "rows": [{"is_baseline": True}],
+                    "test": {"n_cases": 0, "note": "no distillation row in the grid"}})
+    assert "n = 0" not in text and "no distillation row" in text

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, to_dict
+from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml, to_dict
 from medkd.errors import MedkdError
 
 PRESETS = ("quick", "study")
@@ -44,6 +44,7 @@ class Plan:
     seeds: List[int]
     source: str
     base: DistillConfig
+    notes: List[str] = field(default_factory=list)  # shown before the runs (e.g. a cell merged into the baseline)
 
     def runs(self, out: Path) -> List[Tuple[Cell, int, Path]]:
         """(cell, seed, run folder), seed-major."""
@@ -73,17 +74,9 @@ def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> 
         raise MedkdError("give exactly one of --grid GRID.yaml or --preset quick|study")
     if preset is not None:
         source = f"preset {preset}"
-        text = preset_file(preset).read_text()
     else:
         source = str(grid)
-        try:
-            text = Path(grid).read_text()
-        except OSError as e:
-            raise MedkdError(f"{grid}: cannot read ({e.strerror})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MedkdError(f"{source}: invalid YAML ({' '.join(str(e).split())[:150]})") from None
+    doc = load_yaml(preset_file(preset) if preset is not None else Path(grid))
     seeds = options = None
     if isinstance(doc, dict):
         unknown = [k for k in doc if k not in ("cells", "seeds", "options", "description")]
@@ -198,8 +191,11 @@ def build_plan(
         c.baseline = bkey
     # a grid cell that is itself a baseline merges into it (keeping its name/overrides)
     kd_cells: List[Cell] = []
-    for c in cells:
+    notes: List[str] = []
+    for i, c in enumerate(cells):
         if not c.cfg.uses_teacher:
+            notes.append(f"{source}: cell {i + 1} uses no teacher, so it is the no-KD baseline row (which ablate "
+                         f"always runs), not a setting compared with it")
             b = baselines[c.baseline]
             b.overrides, b.name = c.overrides, c.name or b.name
         else:
@@ -229,7 +225,9 @@ def build_plan(
     for c in kd_cells:
         c.baseline = bname[c.baseline]
     seeds_l = list(seeds) if seeds is not None else (grid_doc.get("seeds") or list(DEFAULT_SEEDS))
-    return Plan(cells=all_cells, seeds=parse_seeds(seeds_l), source=source, base=base)
+    if not kd_cells:
+        notes.append(f"{source}: no distillation cell, so no row is compared with the baseline")
+    return Plan(cells=all_cells, seeds=parse_seeds(seeds_l), source=source, base=base, notes=notes)
 
 
 def baseline_config(cfg: DistillConfig) -> DistillConfig:

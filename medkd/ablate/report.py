@@ -181,6 +181,8 @@ def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], te
     n = min(n_cases_all) if n_cases_all else 0
     test_doc = test_description(choose_test(test, n), n)
     test_doc["requested"] = test
+    if not n_cases_all:  # only baseline rows: say so instead of "n = 0 case(s)"
+        test_doc["note"] = "no distillation row in the grid, so nothing was compared with the baseline"
     primary = next((r for r in rows if r["is_baseline"]), None)
     base = plan.base
     return {

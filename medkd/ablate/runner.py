@@ -188,6 +188,8 @@ def ablate(
     console.print(f"ablation {escape(str(out))}: {len(plan.cells)} row(s) x {len(plan.seeds)} seed(s) = "
                   f"{len(runs)} run(s) ({escape(plan.source)}); {n_done} already finished", highlight=False,
                   soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     failed: List[Dict[str, str]] = []
     t0 = time.time()
     with _Progress(console, len(runs), n_done) as progress:

@@ -20,7 +20,7 @@ from medkd.cli.common import (
     stderr_console,
     stdout_console,
 )
-from medkd.data.preprocess import PreprocessSettings, parse_window, preprocess, split_summary
+from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, parse_window, preprocess, split_summary
 
 
 @handle_errors
@@ -60,15 +60,14 @@ def command(
             def progress(i: int, n: int, cid: str) -> None:
                 bar.update(task, completed=i, total=n, description=cid)
 
-            result = preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+            result = _run(source, out, settings, overwrite, progress)
     else:
         def progress(i: int, n: int, cid: str) -> None:
             log.print(f"[{i}/{n}] {cid}", highlight=False)
 
-        result = preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+        result = _run(source, out, settings, overwrite, progress)
 
-    for b in result.bad:
-        stderr_console.print(f"[red]bad case:[/] {escape(b['reason'])}", highlight=False, soft_wrap=True)
+    _print_bad(result.bad)
     if result.bad:
         n_good = len(result.manifest["cases"])
         hint = "" if skip_bad else " (exit 1; --skip-bad to accept)"
@@ -91,3 +90,17 @@ def command(
         stdout_console.print(table)
     if result.bad and not skip_bad:
         raise typer.Exit(1)
+
+
+def _print_bad(bad) -> None:
+    for b in bad:
+        stderr_console.print(f"[red]bad case:[/] {escape(b['reason'])}", highlight=False, soft_wrap=True)
+
+
+def _run(source, out, settings, overwrite, progress):
+    """:func:`preprocess`; when it stops for lack of good cases, the bad cases' reasons come before the error."""
+    try:
+        return preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+    except PreprocessFailed as e:
+        _print_bad(e.bad)
+        raise

@@ -70,7 +70,11 @@ def read_nifti(path: Path) -> Volume:
         raise DataError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
+        if 0 in tuple(img.shape):  # nibabel hands a 0-voxel image back as shape (0,)
+            raise DataError(f"{path}: empty volume, shape {tuple(int(v) for v in img.shape)} has no voxels")
         arr = np.asarray(img.dataobj)
+    except DataError:
+        raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         why = f"{type(e).__name__}: {_short(e)}"
         raise DataError(f"{path}: cannot read NIfTI, file is truncated or corrupt ({why})") from None

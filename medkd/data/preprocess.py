@@ -75,6 +75,15 @@ class PreprocessSettings:
             raise MedkdError("--test-fraction + --val-fraction must leave training cases (< 1)")
 
 
+class PreprocessFailed(MedkdError):
+    """Preprocessing stopped (no usable case, too few good cases for the splits); ``bad`` holds the bad cases
+    (``{"id", "source", "reason"}``) so that the reasons can be shown before the error."""
+
+    def __init__(self, message: str, bad: List[dict]):
+        super().__init__(message)
+        self.bad = bad
+
+
 @dataclass
 class PreprocessResult:
     out: Path
@@ -334,8 +343,13 @@ def preprocess(
         good = [r for r, _ in results if r is not None]
         bad = [b for _, b in results if b is not None]
         if not good:
-            raise MedkdError(f"{source}: no usable case ({len(bad)} bad); first: {bad[0]['reason']}")
-        splits = assign_splits([g["id"] for g in good], settings.test_fraction, settings.val_fraction, settings.seed)
+            raise PreprocessFailed(f"{source}: no usable case ({len(bad)} bad); first: {bad[0]['reason']}", bad)
+        try:
+            splits = assign_splits([g["id"] for g in good], settings.test_fraction, settings.val_fraction,
+                                   settings.seed)
+        except MedkdError as e:
+            raise PreprocessFailed(f"{source}: {e} ({len(bad)} bad case(s) listed above)" if bad else
+                                   f"{source}: {e}", bad) from None
         for g in good:
             g["split"] = splits[g["id"]]
         s = asdict(settings)

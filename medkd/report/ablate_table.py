@@ -56,10 +56,13 @@ def caption(results: Dict[str, Any]) -> str:
     t = results.get("test") or {}
     seeds = results.get("seeds") or []
     text = (f"{results.get('split', 'test')} split; mean ± std over {len(seeds)} seed(s) "
-            f"({', '.join(map(str, seeds))}) of each run's mean over cases (HD95 in mm); (±%) = relative change vs "
-            f"the row's baseline (HD95: lower is better); "
-            f"p = {t.get('description', '?')} over per-case Dice (seed-averaged) vs the baseline, "
-            f"n = {t.get('n_cases', '?')} case(s); * p < {t.get('alpha', 0.05)}, no multiple-comparison correction.")
+            f"({', '.join(map(str, seeds))}) of each run's mean over cases (HD95 in mm)")
+    if any(not r.get("is_baseline") for r in results.get("rows") or []):
+        text += (f"; (±%) = relative change vs the row's baseline (HD95: lower is better); "
+                 f"p = {t.get('description', '?')} over per-case Dice (seed-averaged) vs the baseline, "
+                 f"n = {t.get('n_cases', '?')} case(s); * p < {t.get('alpha', 0.05)}, no multiple-comparison correction.")
+    else:
+        text += "."
     if t.get("note"):
         text += f" Note: {t['note']}."
     failed = results.get("failed") or []
