@@ -26,6 +26,8 @@ key                         value
 ``medkd.postprocessing``    JSON: the run's connected-component rule (:mod:`medkd.postprocess`), chosen on val
 ``medkd.run_config_sha256`` SHA-256 of the run's ``config.yaml``
 ``medkd.data_fingerprint``  fingerprint of the prepared dataset the run was trained on
+``medkd.training_profile``  JSON: modalities, voxel-spacing and prepared-intensity ranges of the training cases
+                            (predict warns about inputs outside them)
 ``medkd.source_run``        the run folder exported (informative only; predict never reads it)
 ``medkd.verification``      JSON: slices compared and the max |ONNX Runtime - PyTorch| logit difference
 ==========================  ====================================================================================
@@ -129,6 +131,7 @@ def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[
         "postprocessing": postprocessing,
         "run_config_sha256": file_sha256(config) if config.is_file() else None,
         "data_fingerprint": data.get("fingerprint"),
+        "training_profile": data.get("profile"),
         "source_run": str(Path(run).resolve()),
         "epoch": ckpt.get("epoch"),
     }

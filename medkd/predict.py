@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from medkd.data.io import NIFTI_SUFFIXES, Volume, is_nifti, read_volume, strip_nifti_suffix, to_canonical
-from medkd.data.preprocess import WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
+from medkd.data.preprocess import CT_MIN_HU, WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
@@ -82,13 +82,20 @@ def _is_dicom_file(p: Path) -> bool:
         return False
 
 
+def _images(niftis) -> List[Path]:
+    """NIfTI files that are images, not ``*_label`` files (the folder-of-cases label rule)."""
+    return sorted(e for e in niftis if not strip_nifti_suffix(e.name).endswith(LABEL_SUFFIX))
+
+
 def collect_inputs(inputs: Sequence[Path]) -> Tuple[List[PredictInput], List[dict]]:
     """Expand INPUT arguments into cases.
 
     Rules: a NIfTI file is a case (name = file name without ``.nii[.gz]``); a folder whose files are DICOM (or
     that holds only non-NIfTI files and no subfolders) is one series (name = folder name); any other folder is a
     folder of cases: its NIfTI files (except ``*_label.nii[.gz]``, the folder-of-cases label rule) and its
-    subfolders (each a DICOM series). Hidden entries are ignored.
+    subfolders: a subfolder holding one NIfTI image is that case (name = subfolder name), one holding several
+    is a folder of NIfTI cases (names = file names), any other is a DICOM series (``labels*`` folders, MSD's
+    ``labelsTr/``, are skipped). Hidden entries are ignored.
 
     Returns:
         ``(cases, failures)``; failures are ``{"input", "reason"}`` (missing path, unknown file type,
@@ -115,9 +122,17 @@ def collect_inputs(inputs: Sequence[Path]) -> Tuple[List[PredictInput], List[dic
             elif not niftis and (any(_is_dicom_file(f) for f in files[:5]) or (files and not dirs)):
                 cases.append(PredictInput(p.name, p))
             else:
-                found = [PredictInput(strip_nifti_suffix(e.name), e) for e in niftis
-                         if not strip_nifti_suffix(e.name).endswith(LABEL_SUFFIX)]
-                found += [PredictInput(d.name, d) for d in dirs]
+                found = [PredictInput(strip_nifti_suffix(e.name), e) for e in _images(niftis)]
+                for d in dirs:
+                    if d.name.lower().startswith("labels"):  # MSD labelsTr/ labelsTs/: ground truth, not input
+                        continue
+                    inner = _images(e for e in d.iterdir() if _visible(e) and is_nifti(e))
+                    if len(inner) == 1:  # case folder holding one NIfTI image: named after the folder
+                        found.append(PredictInput(d.name, inner[0]))
+                    elif inner:  # a folder of NIfTI cases (e.g. imagesTs/)
+                        found += [PredictInput(strip_nifti_suffix(e.name), e) for e in inner]
+                    else:  # a DICOM series
+                        found.append(PredictInput(d.name, d))
                 if not found:
                     failed.append({"input": str(p), "reason": f"{p}: no NIfTI files or DICOM series folders in it"})
                 cases.extend(found)
@@ -156,6 +171,7 @@ class Segmenter:
     engine: str
     source: str
     notes: List[str] = field(default_factory=list)
+    profile: Optional[dict] = None  # what the model was trained on (PreparedData.profile); None for old runs
 
 
 def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bool = True) -> Segmenter:
@@ -178,7 +194,7 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
         window = (float(ct.get("low", WINDOW_PRESETS["abdomen"][0])), float(ct.get("high", WINDOW_PRESETS["abdomen"][1])))
         rule = Postprocessing.from_dict(meta.get("postprocessing")) if postprocessing else Postprocessing()
         return Segmenter(m, int(meta["input_channels"]), int(meta["prepared_size"]), window, rule, m.engine,
-                         str(model), notes)
+                         str(model), notes, meta.get("training_profile"))
     dev = resolve_device(device)
     net, ckpt = load_model_from_run(model)
     settings = dict((ckpt.get("data") or {}).get("settings") or {})
@@ -202,7 +218,8 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
             return seg_logits(net(t)).float().cpu().numpy()
 
     window = tuple(float(v) for v in settings.get("window") or WINDOW_PRESETS["abdomen"])
-    return Segmenter(logits, in_ch, int(size), window, rule, "pytorch", str(model), notes)  # type: ignore[arg-type]
+    return Segmenter(logits, in_ch, int(size), window, rule, "pytorch", str(model), notes,  # type: ignore[arg-type]
+                     (ckpt.get("data") or {}).get("profile"))
 
 
 def segment_volume(
@@ -241,7 +258,65 @@ def segment_volume(
     logits = np.concatenate(outs)  # (Z, K, S, S)
     prob_o = prob_to_native(foreground_prob(logits), (X, Y), vol.affine, vol.array.shape)
     mask = seg.postprocessing.apply(prob_o > THRESHOLD, vol.spacing).astype(np.uint8)
-    return mask, prob_o, {"modality": mod, "intensity": rule, "postprocessing": seg.postprocessing.method}
+    warnings = input_warnings(vol, can.spacing, mod, bool(modality or vol.modality), norm, seg.profile)
+    return mask, prob_o, {"modality": mod, "intensity": rule, "postprocessing": seg.postprocessing.method,
+                          "warnings": warnings}
+
+
+#: predict's plausibility checks of an input against the training data (warnings; the input is still segmented).
+SPACING_FACTOR = 2.0  # a voxel spacing more than 2x outside the training range (per axis)
+SPACING_PLAUSIBLE_MM = (0.05, 20.0)  # outside this, the header's geometry is likely missing or wrong
+INTENSITY_MARGIN = 0.15  # mean prepared intensity outside the training cases' range +- this margin
+LABEL_MAX_VALUES = 16  # an "image" with at most this many distinct integer values looks like a label map
+
+
+def input_warnings(vol: Volume, spacing: Sequence[float], modality: str, modality_declared: bool,
+                   norm: np.ndarray, profile: Optional[dict]) -> List[str]:
+    """One line per way ``vol`` differs from what the model was trained on.
+
+    Args:
+        vol: the input as read.
+        spacing: its canonical (RAS) voxel spacing, mm.
+        modality: the modality used; ``modality_declared``: from a DICOM tag or ``--modality`` (else detected).
+        norm: the intensities after the run's preprocessing rule (canonical ``(X, Y, Z)``, [0, 1]).
+        profile: :meth:`medkd.data.prepared.PreparedData.profile` of the training cases (``None``: old run;
+            only the label-map and plausible-spacing checks are made).
+    """
+    src, out = vol.source, []
+    arr = vol.array
+    sample = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+    values = np.unique(sample)
+    if values.size <= LABEL_MAX_VALUES and np.all(values == np.round(values)):
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        out.append(f"{src}: looks like a label map, not an image (only {values.size} distinct integer value(s): "
+                   f"{shown})")
+    sp = [float(v) for v in spacing]
+    lo_ok, hi_ok = SPACING_PLAUSIBLE_MM
+    sp_text = "x".join(f"{v:.3g}" for v in sp)
+    if any(not lo_ok <= v <= hi_ok for v in sp):
+        out.append(f"{src}: implausible voxel spacing {sp_text} mm (header geometry missing or wrong?)")
+    if not profile:
+        return out
+    mods = profile.get("modalities") or []
+    if mods and modality not in mods:
+        how = "declared" if modality_declared else f"detected: no voxel below {CT_MIN_HU:g} HU" if modality != "CT" \
+            else "detected: voxels below -500, i.e. Hounsfield units"
+        out.append(f"{src}: {modality} input ({how}) but the model was trained on {'/'.join(mods)} "
+                   f"(use --modality if the detection is wrong)")
+    smin, smax = profile.get("spacing_min"), profile.get("spacing_max")
+    if smin and smax:
+        far = [i for i, v in enumerate(sp) if v < smin[i] / SPACING_FACTOR or v > smax[i] * SPACING_FACTOR]
+        if far:
+            train = "x".join(f"{a:.3g}" if a == b else f"{a:.3g}-{b:.3g}" for a, b in zip(smin, smax))
+            out.append(f"{src}: voxel spacing {sp_text} mm is far from the training data's {train} mm "
+                       f"(axis {', '.join('RAS'[i] for i in far)})")
+    rng = profile.get("intensity_mean")
+    if rng:
+        mean = float(np.mean(norm))
+        if not rng[0] - INTENSITY_MARGIN <= mean <= rng[1] + INTENSITY_MARGIN:
+            out.append(f"{src}: mean intensity after preprocessing {mean:.2f} is outside the training cases' "
+                       f"{rng[0]:.2f}-{rng[1]:.2f} (another modality, contrast or intensity scaling?)")
+    return out
 
 
 def _write_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, overwrite: bool) -> None:
@@ -330,6 +405,6 @@ def predict_paths(
             "prob": str(prob_path) if probabilities else None,
             "shape": [int(v) for v in mask.shape], "fg_voxels": fg, "fg_ml": round(fg * voxel_ml, 3),
             "modality": info["modality"], "postprocessing": info["postprocessing"],
-            "seconds": round(time.time() - t0, 3),
+            "warnings": info["warnings"], "seconds": round(time.time() - t0, 3),
         })
     return result

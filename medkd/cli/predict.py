@@ -51,6 +51,8 @@ def command(
 
     Bad inputs are reported one line each and skipped (exit 1); the good ones are still written.
     """
+    from rich.markup import escape
+
     from medkd.predict import predict_paths
     from medkd.report.tables import print_table
 
@@ -66,8 +68,11 @@ def command(
                            postprocessing=postprocessing)
     for note in result.notes:
         log.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for w in result.written:  # suspicious inputs: segmented, but the user should look
+        for line in w.get("warnings") or []:
+            log.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     for f in result.failed:
-        stderr_console.print(f"[bold red]error:[/] {f['reason']}", highlight=False, soft_wrap=True)
+        stderr_console.print(f"[bold red]error:[/] {escape(f['reason'])}", highlight=False, soft_wrap=True)
     if json_out:
         print_json({"run": str(run), "out": str(out), "engine": result.engine,
                     "postprocessing": result.postprocessing, "written": result.written, "failed": result.failed})

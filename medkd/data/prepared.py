@@ -87,6 +87,30 @@ class PreparedData:
             self._fingerprint = hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()[:16]
         return self._fingerprint
 
+    def profile(self, case_ids: Sequence[str], max_slices: int = 32) -> dict:
+        """What a model trained on ``case_ids`` has seen, for ``predict``'s plausibility checks.
+
+        Returns:
+            ``{"n_cases", "modalities", "spacing_min", "spacing_max", "intensity_mean"}``: the sorted modalities,
+            the per-axis range of the canonical (RAS) voxel spacing in mm, and the range over cases of the mean
+            prepared intensity (after windowing/normalisation, from at most ``max_slices`` evenly spaced slices).
+        """
+        cases = [self.case(c) for c in case_ids]
+        spacings = np.array([np.sqrt((np.asarray(c.get("canonical_affine") or c["affine"])[:3, :3] ** 2).sum(axis=0))
+                             for c in cases]) if cases else np.zeros((0, 3))
+        means = []
+        for c in case_ids:
+            img = self.image(c)
+            zs = np.unique(np.linspace(0, img.shape[0] - 1, min(max_slices, img.shape[0])).round().astype(int))
+            means.append(float(np.mean(np.asarray(img[zs], dtype=np.float32))))
+        return {
+            "n_cases": len(cases),
+            "modalities": sorted({str(c.get("modality") or "") for c in cases} - {""}),
+            "spacing_min": [round(float(v), 4) for v in spacings.min(axis=0)] if cases else None,
+            "spacing_max": [round(float(v), 4) for v in spacings.max(axis=0)] if cases else None,
+            "intensity_mean": [round(min(means), 4), round(max(means), 4)] if means else None,
+        }
+
 
 def select_fraction(case_ids: Sequence[str], fraction: float, seed: int) -> List[str]:
     """Seeded case-level subset: ``max(1, round(fraction * n))`` cases, returned sorted.

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 import medkd
 from medkd.config import TrainConfig, to_dict
 from medkd.data.prepared import PreparedData
-from medkd.errors import TrainingError
+from medkd.errors import MedkdError, TrainingError
 from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
 from medkd.metrics.efficiency import count_params
 from medkd.metrics.segmentation import confusion, overlap_from_counts
@@ -148,6 +148,32 @@ def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
+#: Options that may change when a run is resumed (more epochs extend it; where it runs does not change it).
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "amp", "data")
+
+
+def data_record(data: PreparedData, train_ids: Sequence[str], val_ids: Sequence[str]) -> Dict[str, Any]:
+    """What a run was trained on, saved in every checkpoint (``ckpt["data"]``) and, in part, in ``summary.json``:
+    the prepared folder, its fingerprint and settings, the source it was prepared from, the exact training and
+    validation case ids (``evaluate`` refuses to score a run on its own training cases) and the training data's
+    profile (``predict`` compares inputs with it)."""
+    return {"root": str(data.root.resolve()), "fingerprint": data.fingerprint(), "size": data.size,
+            "settings": data.settings, "source": data.manifest.get("source"),
+            "train_cases": sorted(train_ids), "val_cases": sorted(val_ids), "profile": data.profile(sorted(train_ids))}
+
+
+def resume_mismatch(ck: Dict[str, Any], config_doc: Dict[str, Any], data_doc: Dict[str, Any]) -> str:
+    """What differs between a partial run's checkpoint and the run being resumed (``""`` when nothing does)."""
+    old = ck.get("config") or {}
+    diffs = [f"{k}={old[k]!r} there, {v!r} now" for k, v in config_doc.items()
+             if k not in RESUME_MAY_CHANGE and k in old and old[k] != v]
+    old_data = ck.get("data") or {}
+    if old_data.get("fingerprint") and old_data["fingerprint"] != data_doc["fingerprint"]:
+        diffs.append(f"data {old_data.get('root')} (fingerprint {old_data['fingerprint']}) there, "
+                     f"{data_doc['root']} (fingerprint {data_doc['fingerprint']}) now")
+    return "; ".join(diffs)
+
+
 def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Parameter]) -> None:
     """Every enabled term must be finite, non-zero and send gradient to the trainable modules."""
     for name, v in terms.items():
@@ -224,12 +250,23 @@ def fit(
     history: List[Dict[str, Any]] = []
     best = {"epoch": 0, "val_dice": -1.0}
     start_epoch, seconds = 0, 0.0
+    # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
+    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
+    data_doc = data_record(data, getattr(train_set, "case_ids", []), val_ids)
     if resume_from is not None:
         ck = load_checkpoint(resume_from, "cpu")  # load_state_dict copies to the modules' device
-        model.load_state_dict(ck["model"])
-        if hasattr(task, "load_trainable_state"):
-            task.load_trainable_state(ck.get("extra", {}))
-        opt.load_state_dict(ck["optimizer"])
+        differs = resume_mismatch(ck, config_doc, data_doc)
+        if differs:
+            raise MedkdError(f"{resume_from}: cannot resume, the partial run differs: {differs} (resume with the "
+                             f"same options and data, or start again with --overwrite)")
+        try:
+            model.load_state_dict(ck["model"])
+            if hasattr(task, "load_trainable_state"):
+                task.load_trainable_state(ck.get("extra", {}))
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MedkdError(f"{resume_from}: cannot resume, its weights do not fit this model "
+                             f"({str(e).strip().splitlines()[0][:160]})") from None
         if sched is not None and ck.get("scheduler"):
             sched.load_state_dict(ck["scheduler"])
             _extend_schedule(sched, opt, cfg.epochs)
@@ -240,8 +277,6 @@ def fit(
         _set_rng_state(ck["rng"])
         if start_epoch >= cfg.epochs:
             console.print(f"{run}: already trained for {start_epoch} epoch(s); nothing to resume", highlight=False)
-    # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
-    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
     import yaml
 
     rundir.write_text(work / rundir.CONFIG, yaml.safe_dump(config_doc, sort_keys=False))
@@ -250,8 +285,7 @@ def fit(
         d = {
             "model": model.state_dict(), "model_config": model.config, "kind": kind, "epoch": epoch,
             "config": config_doc, "medkd_version": medkd.__version__,
-            "data": {"root": str(data.root.resolve()), "fingerprint": data.fingerprint(), "size": data.size,
-                     "settings": data.settings},
+            "data": data_doc,
         }
         if full:
             d.update(optimizer=opt.state_dict(), scheduler=sched.state_dict() if sched else None,
@@ -285,9 +319,11 @@ def fit(
                     loss = sum(terms.values())
                     if not torch.isfinite(loss):
                         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                        kept = (f"last good checkpoint: {work / rundir.LAST}, epoch {epoch}" if (work / rundir.LAST).is_file()
+                                else "no epoch had finished, so there is no checkpoint to resume from")
                         raise TrainingError(
                             f"{run}: loss term(s) {bad} became non-finite at epoch {epoch + 1} step {step + 1}; "
-                            f"stopped (last good checkpoint: {work / rundir.LAST})"
+                            f"stopped ({kept})"
                         )
                     if epoch == 0 and step == 0 and resume_from is None:
                         check_first_step(terms, params)
@@ -334,7 +370,8 @@ def fit(
         "final_val_dice": history[-1]["val_dice"] if history else None, "seconds": round(seconds, 2),
         "seed": cfg.seed, "device": str(device), "medkd_version": medkd.__version__,
         "data": str(data.root.resolve()), "train_cases": len(getattr(train_set, "case_ids", [])),
-        "train_slices": len(train_set), **(summary_extra or {}),
+        "train_slices": len(train_set), "data_fingerprint": data_doc["fingerprint"],
+        "train_case_ids": data_doc["train_cases"], "val_case_ids": data_doc["val_cases"], **(summary_extra or {}),
     }
     rundir.write_text(work / rundir.SUMMARY, json.dumps(summary, indent=2))
     finalize_run_dir(run)
