@@ -74,6 +74,7 @@ class LoadedRun:
     checkpoint: Path
     summary: Dict[str, Any]
     warnings: List[str] = field(default_factory=list)
+    train_overlap: Optional[List[str]] = None  # evaluated cases the run was trained on (None: not recorded)
 
 
 def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
@@ -112,7 +113,28 @@ def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
     rw, dw = settings.get("window"), data.settings.get("window")
     if rw is not None and dw is not None and [float(v) for v in rw] != [float(v) for v in dw]:
         warnings.append(f"{run}: trained with CT window {list(rw)} but {data.root} uses {list(dw)}")
-    return LoadedRun(run, model, ckpt, run_checkpoint(run, which), summary, warnings)
+    path = run_checkpoint(run, which)
+    if path.name != f"{which}.pt":
+        warnings.append(f"{run}: no {which}.pt, evaluated {path.name} (epoch {ckpt.get('epoch', '?')}) instead")
+    return LoadedRun(run, model, ckpt, path, summary, warnings)
+
+
+def training_overlap(ckpt: Dict[str, Any], data: PreparedData, split: str) -> Optional[List[str]]:
+    """Cases of ``split`` that the checkpoint's run was trained on.
+
+    The run's checkpoint records its training case ids and the source folder its data was prepared from
+    (``medkd.train.loop.data_record``); ids are compared when both datasets come from the same source (a dataset
+    prepared again with another split seed reshuffles the same patients). Returns ``None`` when the run does
+    not record its training cases (runs from before medkd recorded them), ``[]`` for another source.
+    """
+    rec = ckpt.get("data") or {}
+    train = rec.get("train_cases")
+    if train is None:
+        return None
+    mine, theirs = rec.get("source"), data.manifest.get("source")
+    if mine and theirs and mine != theirs:
+        return []
+    return sorted(set(data.case_ids(split)) & set(train))
 
 
 def _data_channels(data: PreparedData) -> int:
@@ -324,6 +346,7 @@ def evaluate_loaded(
         data=str(data.root.resolve()),
         epoch=loaded.ckpt.get("epoch"),
         warnings=list(loaded.warnings),
+        train_overlap=loaded.train_overlap,
         seconds=round(time.time() - t0, 2),
         medkd_version=medkd.__version__,
     )
@@ -396,8 +419,13 @@ def evaluate_runs(
     resolution: str = "native",
     postprocessing: bool = True,
     model_files: Optional[Sequence[Path]] = None,
+    force: bool = False,
 ) -> List[Dict[str, Any]]:
     """Evaluate several runs on the same split, in order. Every run is checked before any is evaluated.
+
+    A run is refused when cases of ``split`` (other than ``train``) were among its training cases
+    (:func:`training_overlap`: e.g. the data was prepared again with another split seed); with ``force`` it is
+    evaluated and the result says so loudly (``train_overlap`` and a ``LEAKAGE`` warning, marked in the table).
 
     Args:
         runs: run folders; the first one is the reference row of the table.
@@ -430,6 +458,17 @@ def evaluate_runs(
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
+    for lr in loaded:
+        lr.train_overlap = training_overlap(lr.ckpt, prepared, split)
+        if split == "train" or not lr.train_overlap:
+            continue
+        ids, n = lr.train_overlap, len(prepared.case_ids(split))
+        what = (f"{len(ids)} of the {n} {split} case(s) of {prepared.root} were training cases of this run "
+                f"({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
+        if not force:
+            raise MedkdError(f"{lr.run}: {what}; was the data prepared again with another split seed? "
+                             f"(--force evaluates anyway, marked as leakage)")
+        lr.warnings.insert(0, f"LEAKAGE: {lr.run}: {what}; its {split} metrics are optimistic")
     results = []
     for i, lr in enumerate(loaded):
         results.append(evaluate_loaded(lr, prepared, split, dev, tolerance_mm, batch_size,

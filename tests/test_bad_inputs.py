@@ -190,6 +190,61 @@ def label_as_image(tmp: Path) -> Path:
     return path
 
 
+def resume_teacher(*extra: str, other_data: bool = False) -> Callable[[Env], List[str]]:
+    """``train-teacher --resume`` on a copy of the finished tiny teacher run, with its own config file."""
+
+    def build(env: Env) -> List[str]:
+        run = env.tmp / "teacher"
+        shutil.copytree(env.teacher, run)
+        data = env.data
+        if other_data:  # the same cases prepared again with other settings: another fingerprint
+            data = env.tmp / "data2"
+            shutil.copytree(env.data, data)
+            manifest = data / "manifest.json"
+            manifest.write_text(manifest.read_text().replace('"seed": 0', '"seed": 1', 1))
+        return ["train-teacher", str(data), "-o", str(run), "--resume", "--epochs", "2",
+                "--config", str(env.teacher / "config.yaml"), *extra]
+
+    return build
+
+
+def resplit_data(env: Env) -> Path:
+    """The tiny dataset with its splits reshuffled (as another --seed would): a training case becomes a test case."""
+    import json
+
+    data = env.tmp / "resplit"
+    shutil.copytree(env.data, data)
+    doc = json.loads((data / "manifest.json").read_text())
+    train = next(c for c in doc["cases"] if c["split"] == "train")
+    test = next(c for c in doc["cases"] if c["split"] == "test")
+    train["split"], test["split"] = "test", "train"
+    (data / "manifest.json").write_text(json.dumps(doc, indent=1))
+    return data
+
+
+def evaluate_on(data: Callable[[Env], Path], *extra: str, run: Callable[[Env], Path] = lambda e: e.teacher):
+    def build(env: Env) -> List[str]:
+        return ["evaluate", str(run(env)), "--data", str(data(env)), "--resolution", "prepared", *extra]
+
+    return build
+
+
+def teacher_without(name: str, truncate: bool = False) -> Callable[[Env], Path]:
+    """A copy of the tiny teacher run whose ``name`` checkpoint is deleted (or cut to half its size)."""
+
+    def make(env: Env) -> Path:
+        run = env.tmp / "teacher"
+        shutil.copytree(env.teacher, run)
+        if truncate:
+            data = (run / name).read_bytes()
+            (run / name).write_bytes(data[: len(data) // 2])
+        else:
+            (run / name).unlink()
+        return run
+
+    return make
+
+
 # ---------------------------------------------------------------- the corpus
 
 CASES: List[Case] = [
@@ -237,6 +292,22 @@ CASES: List[Case] = [
          r"2\.9x2\.9x5 mm"),
     Case("predict-implausible-spacing", predict_on(sample_variant("huge", lambda a: a, zooms=(40.0, 40.0, 40.0))), 0,
          r"^warning: .*huge\.nii\.gz: implausible voxel spacing 40x40x40 mm"),
+    # resume
+    Case("resume-other-width", resume_teacher("--width", "8"), 1,
+         r"^error: .*teacher\.partial/last\.pt: cannot resume, the partial run differs: width=4 there, 8 now"),
+    Case("resume-other-arch", resume_teacher("--arch", "transunet"), 1,
+         r"^error: .*cannot resume, the partial run differs: arch='unet' there, 'transunet' now"),
+    Case("resume-other-data", resume_teacher(other_data=True), 1,
+         r"^error: .*cannot resume, the partial run differs: data .*/data \(fingerprint [0-9a-f]+\) there, "
+         r".*/data2 \(fingerprint [0-9a-f]+\) now"),
+    # evaluate
+    Case("evaluate-own-training-cases", evaluate_on(resplit_data), 1,
+         r"^error: .*teacher: 1 of the 1 test case\(s\) of .*resplit were training cases of this run \(.*\); "
+         r"was the data prepared again with another split seed\? \(--force"),
+    Case("evaluate-own-training-cases-forced", evaluate_on(resplit_data, "--force"), 0,
+         r"^warning: LEAKAGE: .*teacher: 1 of the 1 test case\(s\)"),
+    Case("evaluate-no-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt")), 0,
+         r"^warning: .*teacher: no best\.pt, evaluated last\.pt \(epoch 1\) instead"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
 ]
@@ -312,3 +383,45 @@ def test_predict_warnings_in_json(tmp_path, tiny_teacher):
 def test_predict_normal_input_has_no_warning(tmp_path, tiny_teacher):
     r = run_cli(["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_005.nii.gz", "-o", tmp_path / "pred"])
     assert r.exit_code == 0 and "warning:" not in r.stderr, r.stderr
+
+
+def test_resume_refusal_leaves_no_copy(tmp_path, tiny_data, tiny_teacher):
+    r = run_cli(resume_teacher("--width", "8")(Env(tmp_path, tiny_data, tiny_teacher)))
+    run = tmp_path / "teacher"
+    assert r.exit_code == 1
+    assert not (tmp_path / "teacher.partial").exists()
+    assert (run / "best.pt").is_file()
+
+
+def test_nan_in_first_epoch_names_no_missing_file(tmp_path, tiny_data, monkeypatch):
+    """A NaN before any epoch finished: the message must not point at a last.pt that does not exist."""
+    from conftest import _quiet, tiny_teacher_config
+
+    from medkd.errors import TrainingError
+    from medkd.train.teacher import TeacherTask, train_teacher
+
+    real_forward, calls = TeacherTask.forward, {"n": 0}
+
+    def forward(self, x, y, index=None):
+        terms = real_forward(self, x, y, index)
+        calls["n"] += 1
+        if calls["n"] >= 2:  # second step of epoch 1
+            terms["dice"] = terms["dice"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TeacherTask, "forward", forward)
+    with pytest.raises(TrainingError) as e:
+        train_teacher(tiny_data, tmp_path / "run", tiny_teacher_config(epochs=2), console=_quiet())
+    msg = str(e.value)
+    assert "epoch 1" in msg and "no epoch had finished" in msg and "last.pt" not in msg
+
+
+def test_forced_leakage_is_in_json_and_table(tmp_path, tiny_data, tiny_teacher):
+    import json
+
+    env = Env(tmp_path, tiny_data, tiny_teacher)
+    r = run_cli(evaluate_on(resplit_data, "--force", "--json")(env))
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["train_overlap"]) == 1 and doc["warnings"][0].startswith("LEAKAGE")
+    assert "⚠ LEAKAGE" in r.stderr  # the table (on stderr with --json): the row and the caption

@@ -49,6 +49,8 @@ def command(
         Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs.", file_okay=False)
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Evaluate even when the split holds cases a run was "
+                                                        "trained on (marked as leakage in the table and JSON).")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -73,10 +75,11 @@ def command(
 
     results = evaluate_runs(runs, data, split=split, device=device or DEFAULT_DEVICE, tolerance_mm=tolerance,
                             batch_size=max(1, batch_size), overlays=overlays, progress=progress,
-                            resolution=resolution, postprocessing=postprocessing, model_files=onnx)
+                            resolution=resolution, postprocessing=postprocessing, model_files=onnx, force=force)
     for r in results:
         for w in r.get("warnings") or []:
-            log.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+            style = "bold red" if w.startswith("LEAKAGE") else "yellow"
+            log.print(f"[{style}]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     table = eval_table(results)
     if json_out:
         print_json(results[0] if len(results) == 1 else {"runs": results})

@@ -125,6 +125,8 @@ def eval_table(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -
     ref = first.get("dice")
     for i, (label, r) in enumerate(zip(run_labels(results), results)):
         change = Text("ref", style="dim") if i == 0 else _styled_change(r.get("dice"), ref)
+        if r.get("train_overlap") and r.get("split") != "train":  # evaluated with --force on its training cases
+            label = Text(f"{label} ⚠ LEAKAGE", style="bold red")
         row = [
             label,
             str(r.get("kind") or NA),
@@ -156,6 +158,10 @@ def eval_table(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -
         f"{'pp = after the run' + chr(39) + 's postprocessing (chosen on val); ' if has_pp else ''}"
         f"Δ Dice relative to the first row; latency on {', '.join(devices) or '?'}"
     )
+    leaked = [f"{lab} was trained on {len(r['train_overlap'])} of these case(s)"
+              for lab, r in zip(run_labels(results), results) if r.get("train_overlap") and split != "train"]
+    if leaked:
+        caption += f"; ⚠ LEAKAGE (--force): {'; '.join(leaked)}, so its metrics are optimistic"
     table.caption = caption
     return table
 

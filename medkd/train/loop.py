@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -230,8 +231,9 @@ def fit(
     """
     console = console or Console(stderr=True)
     run = Path(run)
-    resume_from = prepare_run_dir(run, resume, overwrite)
     work = partial_dir(run)
+    copied = resume and not (work / rundir.LAST).is_file()  # resuming a finished RUN: RUN.partial is a fresh copy
+    resume_from = prepare_run_dir(run, resume, overwrite)
     device = resolve_device(device if device is not None else cfg.device)
     set_deterministic(device)
     task.to(device)
@@ -257,6 +259,8 @@ def fit(
         ck = load_checkpoint(resume_from, "cpu")  # load_state_dict copies to the modules' device
         differs = resume_mismatch(ck, config_doc, data_doc)
         if differs:
+            if copied:
+                shutil.rmtree(work, ignore_errors=True)
             raise MedkdError(f"{resume_from}: cannot resume, the partial run differs: {differs} (resume with the "
                              f"same options and data, or start again with --overwrite)")
         try:
