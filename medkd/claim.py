@@ -62,7 +62,8 @@ def _proc_start(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _pid_alive(pid: int, start: Optional[str]) -> bool:
+def pid_alive(pid: int, start: Optional[str] = None) -> bool:
+    """Whether process ``pid`` runs on this host (and, given its recorded ``start`` time, is still that process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +108,7 @@ def is_stale(lock: Path, owner: Dict[str, Any]) -> bool:
     if age > timeout_s():
         return True
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return not _pid_alive(owner["pid"], owner.get("start"))
+        return not pid_alive(owner["pid"], owner.get("start"))
     return not owner and age > TAKEOVER_STALE_S  # unreadable/malformed: stale once it is not being written
 
 

@@ -14,3 +14,11 @@ class DataError(MedkdError):
 
 class TrainingError(MedkdError):
     """Training stopped: NaN/inf loss, a dead loss term, and so on."""
+
+
+class OutputError(MedkdError):
+    """An output could not be written (disk full, file too large, I/O error, permission, read-only file system).
+
+    Never a bad *input*: preprocess and predict stop at once instead of blaming the case being processed, and
+    ``--skip-bad`` does not turn it into success. The message names the output path and the OS reason.
+    """

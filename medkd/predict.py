@@ -41,7 +41,7 @@ import torch
 from medkd.data.io import NIFTI_SUFFIXES, Volume, is_nifti, read_volume, strip_nifti_suffix, to_canonical
 from medkd.data.preprocess import CT_MIN_HU, WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import LABEL_SUFFIX
-from medkd.errors import DataError, MedkdError
+from medkd.errors import DataError, MedkdError, OutputError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
 from medkd.options import DEFAULT_DEVICE
 from medkd import rundir
@@ -370,9 +370,12 @@ def predict_paths(
         raise MedkdError(f"{out}: exists and is not a folder")
     cases, failed = collect_inputs(inputs)
     result = PredictResult(out, [], list(failed), engine=seg.engine, postprocessing=seg.postprocessing.to_dict(),
-                           notes=list(seg.notes))
+                           notes=list(seg.notes) + rundir.clean_stale_temps(out))  # temps of a killed predict
     if cases:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     for i, c in enumerate(cases):
         if progress:
             progress(i + 1, len(cases), c.case)
@@ -391,6 +394,8 @@ def predict_paths(
             _write_nifti(mask, vol.affine, seg_path, overwrite)
             if probabilities:
                 _write_nifti(prob, vol.affine, prob_path, overwrite)
+        except OutputError:  # the output cannot be written: stop, it is not this input's fault
+            raise
         except MedkdError as e:
             result.failed.append({"input": str(c.path), "case": c.case, "reason": " ".join(str(e).split())})
             continue

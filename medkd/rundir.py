@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, OutputError
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -77,7 +78,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     ``path`` with ``os.replace``. On any error the temp file is removed and ``path`` is left as it was.
 
     Raises:
-        MedkdError: the file cannot be written (``<path>: cannot write (<reason>)``).
+        OutputError: the file cannot be written (``<path>: cannot write (<reason>)``: disk full, file too large,
+            I/O error, permission): never a bad input.
     """
     path = Path(path)
     tmp = _temp_name(path, "tmp")
@@ -90,10 +92,64 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        raise MedkdError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?(?P<ext>\.nii\.gz|\.[A-Za-z0-9]+)?$")
+
+
+def clean_stale_temps(folder: Path, stem: Optional[str] = None) -> List[str]:
+    """Remove what killed medkd processes left in ``folder``: temp files/folders (``.NAME.tmp-PID-…``) and folders
+    set aside by :func:`replace_dir` (``.NAME.old-PID-…``) whose process no longer runs on this host.
+
+    An ``.old-`` folder whose original is missing (killed between the two renames of :func:`replace_dir`) is put
+    back instead of removed. Entries of running processes are left alone and named. With ``stem`` only the
+    temps of ``folder/stem`` are considered (e.g. a dataset folder's siblings), else every temp in ``folder``.
+
+    Returns:
+        One line per entry handled (for the command's log); nothing is raised.
+    """
+    from medkd.claim import pid_alive
+
+    folder, notes = Path(folder), []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return notes
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if not m or (stem is not None and m["stem"] != stem):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid():
+            continue
+        if pid_alive(pid):
+            notes.append(f"{entry}: temp of process {pid}, which is still running; left alone")
+            continue
+        original = folder / f"{m['stem']}{m['ext'] or ''}"
+        try:
+            if m["kind"] == "old" and not (original.exists() or original.is_symlink()):
+                os.replace(entry, original)
+                notes.append(f"{original}: restored from {entry.name} (left by killed process {pid})")
+                continue
+            size = _size_mb(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            notes.append(f"{entry}: removed ({size:.1f} MB left by process {pid}, which no longer runs)")
+        except OSError as e:
+            notes.append(f"{entry}: stale temp of process {pid}, cannot remove ({e.strerror or e})")
+    return notes
+
+
+def _size_mb(path: Path) -> float:
+    if not path.is_dir():
+        return path.lstat().st_size / 1e6
+    return sum(p.lstat().st_size for p in path.rglob("*")) / 1e6
 
 
 def write_text(path: Path, text: str) -> None:
@@ -108,11 +164,19 @@ def write_json(path: Path, doc: Any, indent: int = 2) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically: a crash leaves the old checkpoint."""
+    """``torch.save`` to ``path`` atomically: a crash leaves the old checkpoint.
+
+    The archive is built in memory and written with Python's ``write()``, so a full disk or a file-size limit is
+    an ``OSError`` with its errno (torch's own writer reports only "unexpected pos ...").
+    """
+    import io
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())
 
 
 def temp_dir_beside(dest: Path) -> Path:
@@ -221,6 +285,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch checkpoints are zip archives; a cut one has no central directory
+            raise MedkdError(f"{path}: checkpoint is truncated or corrupt ({path.stat().st_size} bytes, not a "
+                             f"complete torch archive; was the disk full or the copy interrupted?)") from None
         raise MedkdError(f"{path}: cannot load checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise MedkdError(f"{path}: not a medkd checkpoint")

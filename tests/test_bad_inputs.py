@@ -308,6 +308,8 @@ CASES: List[Case] = [
          r"^warning: LEAKAGE: .*teacher: 1 of the 1 test case\(s\)"),
     Case("evaluate-no-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt")), 0,
          r"^warning: .*teacher: no best\.pt, evaluated last\.pt \(epoch 1\) instead"),
+    Case("evaluate-truncated-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt", truncate=True)), 1,
+         r"^error: .*teacher/best\.pt: checkpoint is truncated or corrupt \(\d+ bytes, not a complete torch archive"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
 ]
@@ -425,3 +427,168 @@ def test_forced_leakage_is_in_json_and_table(tmp_path, tiny_data, tiny_teacher):
     doc = json.loads(r.stdout)
     assert len(doc["train_overlap"]) == 1 and doc["warnings"][0].startswith("LEAKAGE")
     assert "⚠ LEAKAGE" in r.stderr  # the table (on stderr with --json): the row and the caption
+
+
+# ---------------------------------------------------------------- output write failures
+#
+# A file-size limit (RLIMIT_FSIZE, set in a child process with SIGXFSZ ignored) makes every write past the limit
+# fail with EFBIG, as a full disk does with ENOSPC: the command must stop with one line naming the OUTPUT file and
+# the OS reason, exit 1, blame no input, keep the previous output and leave no temp folder behind.
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from medkd.cli import main
+sys.argv = ["medkd"] + {argv!r}
+main()
+"""
+
+
+def run_limited(argv: List, limit: int):
+    import subprocess
+    import sys
+
+    code = LIMITED.format(limit=int(limit), argv=[str(a) for a in argv])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def assert_write_failure(r, path_regex: str) -> None:
+    err = r.stderr
+    assert r.returncode == 1, err
+    assert "Traceback" not in err + r.stdout, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert re.search(rf"^error: {path_regex}: cannot write \(File too large\)$", errors[0]), errors[0]
+    assert "bad case" not in err and "unexpected error" not in err, err
+
+
+def leftovers(folder: Path) -> List[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_preprocess_file_too_large(tmp_path, tiny_data, skip_bad=True):
+    """With --skip-bad too: a write failure is not a bad case, so it cannot be skipped into success."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("spleen_001", "spleen_002"):
+        shutil.copy(SAMPLE / "imagesTr" / f"{name}.nii.gz", src / f"{name}.nii.gz")
+        shutil.copy(SAMPLE / "labelsTr" / f"{name}.nii.gz", src / f"{name}_label.nii.gz")
+    out = tmp_path / "data"
+    shutil.copytree(tiny_data, out)  # the previous dataset, which must survive
+    before = (out / "manifest.json").read_bytes()
+    argv = ["preprocess", src, "-o", out, "--overwrite", "--size", "64", "--test-fraction", "0", "--val-fraction", "0"]
+    r = run_limited(argv + (["--skip-bad"] if skip_bad else []), limit=100_000)
+    assert_write_failure(r, re.escape(str(out / "cases")) + r"/spleen_00[12]_img\.npy")
+    assert (out / "manifest.json").read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_train_teacher_file_too_large(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    r = run_limited(["train-teacher", tiny_data, "-o", run, "--width", "4", "--epochs", "1", "--batch-size", "4",
+                     "--device", "cpu"], limit=30_000)
+    assert_write_failure(r, re.escape(str(run)) + r"\.partial/(best|last)\.pt")
+    assert not run.exists() and not (tmp_path / "run.partial").exists()  # nothing to resume: no partial kept
+    assert leftovers(tmp_path) == []
+
+
+def test_distill_file_too_large(tmp_path, tiny_data):
+    run = tmp_path / "student"
+    r = run_limited(["distill", tiny_data, "-o", run, "--scales", "none", "--no-pmd", "--epochs", "1",
+                     "--batch-size", "4", "--device", "cpu"], limit=2_000)
+    assert_write_failure(r, re.escape(str(run)) + r"\.partial/[a-z_]+\.(pt|yaml|jsonl|json|png)")
+    assert not run.exists() and not (tmp_path / "student.partial").exists()
+
+
+def test_evaluate_file_too_large(tmp_path, tiny_data, tiny_teacher):
+    run = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, run)
+    r = run_limited(["evaluate", run, "--data", tiny_data, "--resolution", "prepared", "--device", "cpu"], limit=1_000)
+    assert_write_failure(r, re.escape(str(run)) + r"/[a-z_-]+\.json")
+    assert leftovers(run) == []
+
+
+def test_predict_file_too_large(tmp_path, tiny_teacher):
+    out = tmp_path / "pred"
+    r = run_limited(["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_001.nii.gz",
+                     SAMPLE / "imagesTr" / "spleen_002.nii.gz", "-o", out, "--device", "cpu"], limit=300)
+    assert_write_failure(r, re.escape(str(out)) + r"/spleen_001_seg\.nii\.gz")
+    assert not out.exists() or leftovers(out) == []
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_read_only_output_folder(tmp_path, tiny_teacher):
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    try:
+        r = run_cli(["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_001.nii.gz", "-o", ro])
+        assert r.exit_code == 1
+        assert re.search(r"^error: .*ro/spleen_001_seg\.nii\.gz: cannot write \(Permission denied\)", r.stderr, re.M)
+    finally:
+        os.chmod(ro, 0o755)
+
+
+# ---------------------------------------------------------------- what killed runs leave behind
+
+
+def killed_temp(dest: Path) -> Path:
+    """A process that creates ``dest``'s temp folder with the real helper and is killed with SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from medkd.rundir import temp_dir_beside\n"
+            "t = temp_dir_beside(Path(sys.argv[1])); (t / 'cases').mkdir(); (t / 'cases' / 'x.npy').write_bytes(b'0' * 4096)\n"
+            "print(t, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True)
+    tmp = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tmp.is_dir()
+    return tmp
+
+
+def test_stale_preprocess_temp_is_removed_and_named(tmp_path):
+    src = source_with(Env(tmp_path, tmp_path, tmp_path), "other", nifti_file((8, 8, 4)), label=False)
+    (src / "other.nii.gz").unlink()
+    out = tmp_path / "data"
+    stale = killed_temp(out)
+    r = run_cli(["preprocess", src, "-o", out, *PREP])
+    assert r.exit_code == 0, r.stderr
+    assert not stale.exists()
+    assert re.search(rf"^note: {re.escape(str(stale))}: removed \(0\.0 MB left by process \d+, which no longer runs\)",
+                     r.stderr, re.M), r.stderr
+
+
+def test_folder_set_aside_by_killed_replace_is_restored(tmp_path, tiny_data):
+    """Killed between replace_dir's two renames: the previous dataset sits in .data.old-PID-...; it is put back."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    out = tmp_path / "data"
+    aside = tmp_path / f".data.old-{pid}-abc123"
+    shutil.copytree(tiny_data, aside)
+    src = source_with(Env(tmp_path, tmp_path, tmp_path), "x", nifti_file((8, 8, 4)), label=False)
+    r = run_cli(["preprocess", src, "-o", out, *PREP])
+    assert r.exit_code == 1  # the restored dataset is not overwritten without --overwrite
+    assert (out / "manifest.json").is_file() and not aside.exists()
+    assert re.search(rf"^note: {re.escape(str(out))}: restored from \.data\.old-{pid}-abc123", r.stderr, re.M), r.stderr
+    assert re.search(r"^error: .*data: already exists", r.stderr, re.M), r.stderr
+
+
+def test_running_process_temp_is_left_alone(tmp_path):
+    import os
+
+    from medkd.rundir import clean_stale_temps
+
+    mine_elsewhere = tmp_path / f".data.tmp-{os.getppid()}-abc123"  # the parent (pytest's launcher) is alive
+    mine_elsewhere.mkdir()
+    notes = clean_stale_temps(tmp_path, stem="data")
+    assert mine_elsewhere.is_dir() and "still running; left alone" in notes[0]

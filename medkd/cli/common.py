@@ -6,6 +6,7 @@ Training options default to ``None`` on the command line so that the merge order
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -69,6 +70,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except MedkdError as e:
             raise fail(str(e), 1)
+        except OSError as e:  # last resort: an OS error no library function turned into a MedkdError
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            raise fail(f"{where}{e.strerror or e} ({errno.errorcode.get(e.errno, 'OSError')})", 1)
         except KeyboardInterrupt:
             stderr_console.print("interrupted", highlight=False)
             raise typer.Exit(130)

@@ -60,12 +60,12 @@ def command(
             def progress(i: int, n: int, cid: str) -> None:
                 bar.update(task, completed=i, total=n, description=cid)
 
-            result = _run(source, out, settings, overwrite, progress)
+            result = _run(source, out, settings, overwrite, progress, log)
     else:
         def progress(i: int, n: int, cid: str) -> None:
             log.print(f"[{i}/{n}] {cid}", highlight=False)
 
-        result = _run(source, out, settings, overwrite, progress)
+        result = _run(source, out, settings, overwrite, progress, log)
 
     _print_bad(result.bad)
     if result.bad:
@@ -97,10 +97,11 @@ def _print_bad(bad) -> None:
         stderr_console.print(f"[red]bad case:[/] {escape(b['reason'])}", highlight=False, soft_wrap=True)
 
 
-def _run(source, out, settings, overwrite, progress):
+def _run(source, out, settings, overwrite, progress, log):
     """:func:`preprocess`; when it stops for lack of good cases, the bad cases' reasons come before the error."""
     try:
-        return preprocess(source, out, settings, overwrite=overwrite, progress=progress)
+        return preprocess(source, out, settings, overwrite=overwrite, progress=progress,
+                          log=lambda m: log.print(f"note: {escape(m)}", highlight=False, soft_wrap=True))
     except PreprocessFailed as e:
         _print_bad(e.bad)
         raise

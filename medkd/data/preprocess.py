@@ -33,8 +33,8 @@ import numpy as np
 import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
 from medkd.data.sources import CaseSource, discover
-from medkd.errors import DataError, MedkdError
-from medkd.rundir import replace_dir, temp_dir_beside
+from medkd.errors import DataError, MedkdError, OutputError
+from medkd.rundir import clean_stale_temps, replace_dir, temp_dir_beside
 
 SCHEMA = 1
 AFFINE_ATOL = 1e-2  # mm
@@ -177,6 +177,28 @@ def check_label(case: CaseSource, image_vol, label_vol) -> None:
         )
 
 
+class _PythonWrites:
+    """A file wrapper numpy cannot see through: ``write_array`` then writes with Python's ``write()`` (an
+    ``OSError`` with the real errno, e.g. EFBIG or ENOSPC) instead of C ``fwrite`` (a bare "N requested and M
+    written")."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` whose failure is one line naming the file and the OS reason.
+
+    Raises:
+        OutputError: the file cannot be written (never a bad input).
+    """
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array(_PythonWrites(f), np.ascontiguousarray(arr), allow_pickle=False)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path) -> dict:
     """Check, normalise, resize and write one case. Returns its manifest entry.
 
@@ -207,8 +229,8 @@ def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path
     img_r = resize_slices(img_s, settings.size, is_label=False).astype(np.float32)
     lbl_r = resize_slices(lbl_s.astype(np.float32), settings.size, is_label=True).astype(np.uint8)
 
-    np.save(cases_dir / f"{case.id}_img.npy", img_r)
-    np.save(cases_dir / f"{case.id}_lbl.npy", lbl_r)
+    save_npy(cases_dir / f"{case.id}_img.npy", img_r)
+    save_npy(cases_dir / f"{case.id}_lbl.npy", lbl_r)
 
     sx, sy, sz = img_c.spacing
     X, Y, Z = img_c.array.shape
@@ -249,6 +271,8 @@ def _process_safe(args) -> Tuple[Optional[dict], Optional[dict]]:
     case, settings, cases_dir = args
     try:
         return process_case(case, settings, cases_dir), None
+    except OutputError:  # the output cannot be written: stop, never blame the case
+        raise
     except DataError as e:
         return None, {"id": case.id, "source": str(case.image), "reason": _one_line(e)}
     except Exception as e:  # a reader bug must not take down the other cases
@@ -281,6 +305,7 @@ def preprocess(
     settings: Optional[PreprocessSettings] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[int, int, str], None]] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> PreprocessResult:
     """Prepare ``source`` into ``out``. Good cases are always written; bad ones are listed under ``skipped``.
 
@@ -293,6 +318,9 @@ def preprocess(
     settings = settings or PreprocessSettings()
     settings.validate()
     source, out = Path(source), Path(out)
+    for note in clean_stale_temps(out.parent, stem=out.name):  # left by a killed preprocess (first: may restore OUT)
+        if log:
+            log(note)
     if out.exists() and not overwrite:
         raise MedkdError(f"{out}: already exists (use --overwrite to replace it)")
     src_r, out_r = source.resolve(), out.resolve()
@@ -314,7 +342,7 @@ def preprocess(
     except OSError as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise MedkdError(f"{out}: cannot create the output folder ({type(e).__name__}: {e.strerror or e})") from None
+        raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     try:
         jobs = [(c, settings, tmp / "cases") for c in cases]
         results: List[Tuple[Optional[dict], Optional[dict]]] = []
@@ -364,6 +392,11 @@ def preprocess(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out)
+    except OutputError as e:  # name the output as the user knows it, not the hidden temp folder
+        raise OutputError(str(e).replace(str(tmp), str(out))) from None
+    except OSError as e:
+        where = str(e.filename).replace(str(tmp), str(out)) if e.filename else str(out)
+        raise OutputError(f"{where}: cannot write ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreprocessResult(out, manifest, bad, time.time() - t0)

@@ -10,6 +10,7 @@ A *task* is an ``nn.Module`` with:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset
 
 import medkd
@@ -189,7 +191,8 @@ def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Param
 
 def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn(..., run, ...)`` holding the claim on ``run`` (argument ``run`` by name or 5th position): a second
-    process training into the same folder fails at once (:class:`medkd.claim.ClaimedError`) naming the owner."""
+    process training into the same folder fails at once (:class:`medkd.claim.ClaimedError`) naming the owner.
+    When ``fn`` fails before any epoch finished, its ``RUN.partial`` (nothing to resume) is removed."""
     import functools
     import inspect
 
@@ -199,8 +202,15 @@ def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with Claim(Path(sig.bind(*args, **kwargs).arguments["run"])):
-            return fn(*args, **kwargs)
+        run = Path(sig.bind(*args, **kwargs).arguments["run"])
+        with Claim(run):
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                work = partial_dir(run)
+                if work.is_dir() and not (work / rundir.LAST).is_file():
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
 
     return wrapper
 
@@ -232,6 +242,8 @@ def fit(
     console = console or Console(stderr=True)
     run = Path(run)
     work = partial_dir(run)
+    for note in rundir.clean_stale_temps(run.parent, stem=run.name) + rundir.clean_stale_temps(work):
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)  # left by a killed process
     copied = resume and not (work / rundir.LAST).is_file()  # resuming a finished RUN: RUN.partial is a fresh copy
     resume_from = prepare_run_dir(run, resume, overwrite)
     device = resolve_device(device if device is not None else cfg.device)
@@ -360,13 +372,17 @@ def fit(
                 progress.end_epoch(row, improved)
                 if on_epoch:
                     on_epoch(row)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: last completed epoch kept in {work / rundir.LAST}; rerun with --resume",
-                      highlight=False, soft_wrap=True)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            console.print(f"interrupted: last completed epoch kept in {work / rundir.LAST}; rerun with --resume"
+                          if (work / rundir.LAST).is_file() else "interrupted before the first epoch finished",
+                          highlight=False, soft_wrap=True)
+        if history:  # best effort: a failing plot must not hide why training stopped
+            with contextlib.suppress(Exception):
+                _plot_curves(history, work / rundir.CURVES)
         raise
-    finally:
-        if history:
-            _plot_curves(history, work / rundir.CURVES)
+    if history:
+        _plot_curves(history, work / rundir.CURVES)
 
     summary = {
         "kind": kind, "arch": model.arch, "params": count_params(model), "epochs_done": len(history),
@@ -398,8 +414,11 @@ def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     b.plot(epochs, [r["val_dice"] for r in history], marker="o")
     b.set_xlabel("epoch"), b.set_ylabel("val Dice"), b.set_ylim(0, 1), b.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with rundir.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 class _Progress(BarContext):
