@@ -222,7 +222,14 @@ def resplit_data(env: Env) -> Path:
     return data
 
 
-def evaluate_on(data: Callable[[Env], Path], *extra: str, run: Callable[[Env], Path] = lambda e: e.teacher):
+def teacher_copy(env: Env) -> Path:
+    """evaluate writes into the run folder (eval-<split>.json, postprocessing.json): never into the shared run."""
+    run = env.tmp / "teacher"
+    shutil.copytree(env.teacher, run)
+    return run
+
+
+def evaluate_on(data: Callable[[Env], Path], *extra: str, run: Callable[[Env], Path] = teacher_copy):
     def build(env: Env) -> List[str]:
         return ["evaluate", str(run(env)), "--data", str(data(env)), "--resolution", "prepared", *extra]
 
