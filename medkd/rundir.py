@@ -173,10 +173,11 @@ def atomic_save(obj: Any, path: Path) -> None:
 
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+    with atomic_path(path) as tmp:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
 
 
 def temp_dir_beside(dest: Path) -> Path:
@@ -288,8 +289,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
         import zipfile
 
         if not zipfile.is_zipfile(path):  # torch checkpoints are zip archives; a cut one has no central directory
-            raise MedkdError(f"{path}: checkpoint is truncated or corrupt ({path.stat().st_size} bytes, not a "
-                             f"complete torch archive; was the disk full or the copy interrupted?)") from None
+            raise MedkdError(f"{path}: cannot load checkpoint, file is truncated or corrupt ({path.stat().st_size} "
+                             f"bytes, not a complete torch archive; was the disk full or the copy interrupted?)") from None
         raise MedkdError(f"{path}: cannot load checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise MedkdError(f"{path}: not a medkd checkpoint")

@@ -316,7 +316,8 @@ CASES: List[Case] = [
     Case("evaluate-no-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt")), 0,
          r"^warning: .*teacher: no best\.pt, evaluated last\.pt \(epoch 1\) instead"),
     Case("evaluate-truncated-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt", truncate=True)), 1,
-         r"^error: .*teacher/best\.pt: checkpoint is truncated or corrupt \(\d+ bytes, not a complete torch archive"),
+         r"^error: .*teacher/best\.pt: cannot load checkpoint, file is truncated or corrupt \(\d+ bytes, not a "
+         r"complete torch archive"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
 ]
