@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements/torch.txt
 	touch $@
 
 demo: install
-	$(MEDKD) preprocess sample_data -o $(OUT)/data --overwrite
+	$(MEDKD) preprocess sample_data -o $(OUT)/data --size 64 --overwrite
 	$(MEDKD) train-teacher $(OUT)/data -o $(OUT)/teacher --overwrite
 	$(MEDKD) distill $(OUT)/data -o $(OUT)/student --scales none --no-pmd --overwrite
 	$(MEDKD) distill $(OUT)/data -o $(OUT)/distilled --teacher $(OUT)/teacher --overwrite

@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from medkd.cli.common import OverwriteOpt, QuietOpt, handle_errors, log_console
-from medkd.data.phantom import DEFAULT_CASES
+from medkd.data.phantom import DEFAULT_CASES, DEFAULT_SIZE, DEFAULT_SLICES
 
 
 @handle_errors
@@ -17,8 +17,12 @@ def command(
     out: Annotated[Path, typer.Argument(help="Output folder (MSD-style: dataset.json, imagesTr/, labelsTr/).")],
     cases: Annotated[int, typer.Option("--cases", help="Number of cases.")] = DEFAULT_CASES,
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed; the same seed writes the same bytes.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="In-plane matrix size.")] = 128,
-    slices: Annotated[int, typer.Option("--slices", help="Nominal slices per case (each case varies by up to 4).")] = 32,
+    size: Annotated[
+        int, typer.Option("--size", help="In-plane matrix size (the voxel spacing stays 5.8 mm).")
+    ] = DEFAULT_SIZE,
+    slices: Annotated[
+        int, typer.Option("--slices", help="Nominal slices per case (each case varies by up to 4).")
+    ] = DEFAULT_SLICES,
     dicom: Annotated[
         bool, typer.Option("--dicom/--no-dicom", help="Also write case 0 as a DICOM series under dicom/.")
     ] = True,
