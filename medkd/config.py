@@ -90,6 +90,9 @@ class DistillConfig(TrainConfig):
     weights: Dict[str, float] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
     taps: Dict[str, Dict[str, str]] = field(default_factory=dict)  # {"student"|"teacher": {scale: module path}}
     cache: bool = True  # teacher-output cache (only used without augmentation)
+    # which train images the teacher supervises: "labelled" = only the student's `fraction` (the reference study);
+    # "all" = also the other train cases, whose labels the student never sees (KD terms only there)
+    kd_images: str = "labelled"
 
     def validate(self) -> None:
         super().validate()
@@ -101,12 +104,18 @@ class DistillConfig(TrainConfig):
         opt.check_range(self.fraction, "fraction", lo=0, hi=1, lo_open=True)
         opt.check_range(self.temperature, "temperature", lo=0, lo_open=True)
         opt.check_weights(self.weights)
+        opt.check_kd_images(self.kd_images)
         if self.uses_teacher and not self.teacher:
             raise opt.OptionError("distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
 
     @property
     def uses_teacher(self) -> bool:
         return bool(self.scales) or self.pmd
+
+    @property
+    def kd_on_unlabelled(self) -> bool:
+        """The teacher also supervises the train cases outside the student's labelled ``fraction``."""
+        return self.uses_teacher and self.kd_images == "all" and self.fraction < 1.0
 
     def effective_weights(self) -> Dict[str, float]:
         """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`STUDY_WEIGHTS`.
@@ -139,6 +148,7 @@ class DistillConfig(TrainConfig):
         if not self.uses_teacher:
             out.pop("teacher")
             out.pop("taps")
+            out.pop("kd_images")  # without a teacher the student sees its labelled fraction only
         return out
 
     @classmethod
@@ -153,7 +163,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # 3 input channels; prepare the data with `medkd preprocess --size 256`.
     "study": {
         "epochs": 200, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.05, "optimizer": "adamw",
-        "schedule": "cosine", "in_channels": 3, "width": 64,
+        "schedule": "cosine", "in_channels": 3, "width": 64, "kd_images": "labelled",
     },
 }
 

@@ -27,6 +27,8 @@ WEIGHT_NAMES = ("seg", *SCALES, "pmd")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "plateau", "none")
 IN_CHANNELS = (1, 3)
+#: Train images the teacher supervises: the student's labelled fraction only, or all train cases.
+KD_IMAGES = ("labelled", "all")
 
 
 class OptionError(MedkdError):
@@ -124,6 +126,10 @@ def check_scale_names(names: Iterable[Any], what: str) -> None:
     bad = [k for k in names if k not in SCALES]
     if bad:
         raise OptionError(f"{what} keys must be scales ({', '.join(SCALES)}), got {bad}")
+
+
+def check_kd_images(value: Any, what: str = "kd_images") -> str:
+    return check_choice(value, KD_IMAGES, what)
 
 
 def check_device(name: Any, what: str = "device") -> str:

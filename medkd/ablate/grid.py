@@ -249,8 +249,9 @@ def _canon(d: Dict[str, Any]) -> str:
 
 
 def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
-    """``"baseline"``, ``"PMD only"``, ``"E+B+D contrastive +PMD"``, plus ``[key=value, ...]`` for options that
-    differ from the ablation's common options (e.g. ``"D mse [fraction=0.25]"``)."""
+    """``"baseline"``, ``"PMD only"``, ``"E+B+D contrastive +PMD"``, ``"PMD only +unlabelled"`` (``kd_images=all``),
+    plus ``[key=value, ...]`` for options that differ from the ablation's common options
+    (e.g. ``"D mse [fraction=0.25]"``)."""
     scales = cfg.effective()["scales"]
     if not scales and not cfg.pmd:
         core = "baseline"
@@ -258,10 +259,12 @@ def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
         core = "PMD only"
     else:
         core = "+".join(ABBR[s] for s in scales) + f" {cfg.loss}" + (" +PMD" if cfg.pmd else "")
+    if cfg.kd_on_unlabelled:  # named in every row, so a gain from the extra images is never misattributed
+        core += " +unlabelled"
     mine, ref = identity(to_dict(cfg)), identity(to_dict(base))
     extras = []
     for k, v in mine.items():
-        if k in ("scales", "pmd", "loss"):
+        if k in ("scales", "pmd", "loss", "kd_images"):  # kd_images=all is in the core name
             continue
         r = ref.get(k)
         if k == "weights":

@@ -103,7 +103,7 @@ def _json_default(o: Any) -> Any:
 #: Command-line option -> its validator in :mod:`medkd.options` (the value it returns is the canonical form).
 _VALIDATORS = {
     "student": "check_student", "arch": "check_teacher", "loss": "check_loss", "scales": "parse_scales",
-    "device": "check_device", "split": "check_split", "weights": "parse_weights",
+    "device": "check_device", "split": "check_split", "weights": "parse_weights", "kd_images": "check_kd_images",
 }
 
 

@@ -35,6 +35,10 @@ def command(
     in_channels: InChannelsOpt = None,
     augment: AugmentOpt = None,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Reuse cached teacher outputs. [default: on]")] = None,
+    kd_images: Annotated[Optional[str], typer.Option(
+        "--kd-images",
+        help="Train images the teacher supervises: 'labelled' (the student's --fraction only, the reference study) or "
+             "'all' (also the other train cases, without their labels: KD terms only). [default: labelled]")] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
@@ -47,18 +51,21 @@ def command(
     """Train a student, distilling a frozen teacher at the chosen scales ([bold]--scales none --no-pmd[/] = no-KD baseline)."""
     from medkd.distill.run import distill
 
-    checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device)
+    checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device,
+                           kd_images=kd_images)
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,
         weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        in_channels=in_channels, augment=augment, cache=cache, device=device, seed=seed), preset=preset)
+        in_channels=in_channels, augment=augment, cache=cache, kd_images=kd_images, device=device, seed=seed),
+        preset=preset)
     summary = distill(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
     if json_out:
         print_json(summary)
     elif not quiet:
         eff = cfg.effective()
-        what = f"scales={','.join(eff['scales']) or 'none'} loss={eff.get('loss', '-')} pmd={'on' if cfg.pmd else 'off'}"
+        what = (f"scales={','.join(eff['scales']) or 'none'} loss={eff.get('loss', '-')} pmd={'on' if cfg.pmd else 'off'} "
+                f"kd-images={summary['kd_images']}")
         log_console().print(
             f"student {summary['arch']} ({summary['params']:,} params, {what}, fraction {cfg.fraction}): best val Dice "
             f"{summary['best_val_dice']:.4f} at epoch {summary['best_epoch']}, {summary['seconds']:.0f} s -> {out}",

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from medkd.errors import DataError
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = -1.0  # mask value of a slice whose label the student may not see (``SliceDataset(labelled_ids=...)``)
 
 
 class PreparedData:
@@ -132,7 +133,8 @@ class SliceDataset(Dataset):
     """Axial slices of some cases of a prepared dataset.
 
     Items are ``(image (1,H,W) float32, mask (1,H,W) float32, index int)``; ``index`` is the global slice index
-    (stable for a given dataset/case list), used as the key of the teacher-output cache.
+    (stable for a given dataset/case list), used as the key of the teacher-output cache. Slices of cases outside
+    ``labelled_ids`` (when given) carry no label: their mask is filled with ``UNLABELLED`` (-1).
 
     Args:
         data: a :class:`PreparedData` or its folder.
@@ -140,6 +142,7 @@ class SliceDataset(Dataset):
         fraction: seeded case-level fraction of the split (the student's 50 %).
         seed: seed for the fraction.
         case_ids: explicit case list (overrides split/fraction).
+        labelled_ids: the cases whose labels may be used (default: all of them).
     """
 
     def __init__(
@@ -149,10 +152,13 @@ class SliceDataset(Dataset):
         fraction: float = 1.0,
         seed: int = 0,
         case_ids: Optional[Sequence[str]] = None,
+        labelled_ids: Optional[Sequence[str]] = None,
     ):
         self.data = data if isinstance(data, PreparedData) else PreparedData(data)
         ids = list(case_ids) if case_ids is not None else self.data.require_split(split)
         self.case_ids = select_fraction(ids, fraction, seed) if case_ids is None else ids
+        self.labelled_ids = list(self.case_ids) if labelled_ids is None else sorted(set(labelled_ids))
+        self._labelled = set(self.labelled_ids)
         self.index: List[Tuple[str, int]] = []
         for cid in self.case_ids:
             n = int(self.data.case(cid)["prepared_shape"][0])
@@ -164,5 +170,8 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         cid, z = self.index[i]
         img = torch.from_numpy(np.array(self.data.image(cid)[z], dtype=np.float32))[None]
-        lbl = torch.from_numpy((np.asarray(self.data.label(cid)[z]) > 0).astype(np.float32))[None]
+        if cid in self._labelled:
+            lbl = torch.from_numpy((np.asarray(self.data.label(cid)[z]) > 0).astype(np.float32))[None]
+        else:
+            lbl = torch.full_like(img, UNLABELLED)
         return img, lbl, i

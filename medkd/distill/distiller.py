@@ -2,6 +2,12 @@
 
     total = w_seg * (Dice + BCE) + sum_scales w_scale * L_loss(adapter(student_feat), teacher_feat) + w_pmd * PMD
 
+The supervised term uses the labelled slices of a batch only; slices without a label (``kd_images="all"``: train
+cases outside the student's labelled fraction, mask filled with ``UNLABELLED``) get the distillation terms only,
+and label-aware feature losses see the teacher's predicted mask there instead of a label.
+Every ``GRAD_SHARE_EVERY``-th step of an epoch the gradient norm of each term on the student's parameters is
+measured; :meth:`Distiller.epoch_stats` reports each term's mean share of the summed norms (``gshare_<term>``).
+
 The teacher is frozen by construction (mdistiller ``_base.py``): ``requires_grad=False`` on every parameter,
 ``train()`` keeps it in eval mode, and its forward runs under ``torch.no_grad()``.
 Features are caught by forward hooks on the tap module paths (no model edits).
@@ -9,12 +15,14 @@ Features are caught by forward hooks on the tap module paths (no model edits).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from medkd.config import DistillConfig
+from medkd.data.prepared import UNLABELLED
 from medkd.distill.adapters import AdapterSet
 from medkd.distill.cache import TeacherCache
 from medkd.distill.hooks import FeatureExtractor
@@ -22,6 +30,9 @@ from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
 from medkd.infer import seg_logits
 from medkd.train.teacher import SegLoss
+
+
+GRAD_SHARE_EVERY = 16  # steps between gradient-share measurements (one extra backward per term each time)
 
 
 def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -68,6 +79,9 @@ class Distiller(nn.Module):
         self.index_keys = index_keys
         self.seg_loss = SegLoss(student.num_classes)
         self.teacher_forwards = 0  # teacher batches run live (tests and benchmarks count them)
+        self._step = 0  # steps in the current epoch (reset by epoch_stats)
+        self._gnorm: Dict[str, float] = {}
+        self._gnorm_n = 0
         if cfg.uses_teacher and teacher is None:
             raise ValueError("scales or pmd need a teacher")
         if teacher is not None:
@@ -115,29 +129,58 @@ class Distiller(nn.Module):
         return self.run_teacher(x)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Args: x ``(B,C,H,W)`` images, y ``(B,1,H,W)`` masks, index ``(B,)`` dataset indices.
+        """Args: x ``(B,C,H,W)`` images, y ``(B,1,H,W)`` masks (``UNLABELLED`` on unlabelled slices), index ``(B,)``
+        dataset indices.
 
         Returns:
             Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``; terms whose weight
-            is 0 are left out.
+            is 0 are left out, and so is ``seg`` for a batch without a labelled slice.
         """
         w = self.weights
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
-        dice, bce = self.seg_loss(s_logits.float(), y)  # fp32 under CUDA autocast
+        labelled = y.flatten(1).amin(dim=1) != UNLABELLED  # (B,)
+        all_labelled = bool(labelled.all())
         terms = {}
-        if self.use_seg:
+        if self.use_seg and bool(labelled.any()):
+            z = s_logits.float()  # fp32 under CUDA autocast
+            dice, bce = self.seg_loss(z, y) if all_labelled else self.seg_loss(z[labelled], y[labelled])
             terms["seg"] = w["seg"] * (dice + bce) if self.cfg.uses_teacher else dice + bce
-        if not self.scales and self.pmd is None:
-            return terms
-        t = self.teacher_outputs(x, index)
-        for s in self.scales:
-            tf = t[s].float()
-            sf = self.adapters[s](s_feats[s], tf.shape[-2:])
-            terms[s] = w[s] * self.losses[s](sf, tf, y)
-        if self.pmd is not None:
-            terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
+        if self.scales or self.pmd is not None:
+            t = self.teacher_outputs(x, index)
+            # label-aware feature losses: the label where there is one, the teacher's mask elsewhere
+            targets = y if all_labelled else torch.where(
+                labelled[:, None, None, None], y, (t["logits"][:, :1] > 0).to(y.dtype))
+            for s in self.scales:
+                tf = t[s].float()
+                sf = self.adapters[s](s_feats[s], tf.shape[-2:])
+                terms[s] = w[s] * self.losses[s](sf, tf, targets)
+            if self.pmd is not None:
+                terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
+        if self.training and torch.is_grad_enabled():
+            if self._step % GRAD_SHARE_EVERY == 0 and len(terms) > 1:
+                self._measure_grad_share(terms)
+            self._step += 1
         return terms
+
+    def _measure_grad_share(self, terms: Dict[str, torch.Tensor]) -> None:
+        """Accumulate each term's gradient norm on the student's parameters (not the adapters/heads)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norms = {}
+        for name, v in terms.items():
+            grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad else []
+            norms[name] = math.sqrt(sum(float((g.detach().float() ** 2).sum()) for g in grads if g is not None))
+        total = sum(norms.values())
+        if total > 0:
+            for name, n in norms.items():
+                self._gnorm[name] = self._gnorm.get(name, 0.0) + n / total
+            self._gnorm_n += 1
+
+    def epoch_stats(self) -> Dict[str, float]:
+        """``{"gshare_<term>": mean share of the summed gradient norms}`` since the last call; starts a new epoch."""
+        out = {f"gshare_{k}": round(v / self._gnorm_n, 4) for k, v in self._gnorm.items()} if self._gnorm_n else {}
+        self._step, self._gnorm, self._gnorm_n = 0, {}, 0
+        return out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from medkd.config import SCALES, DistillConfig
-from medkd.data.prepared import PreparedData, SliceDataset
+from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.distill.cache import TeacherCache
 from medkd.distill.distiller import Distiller, tap_paths
 from medkd.errors import MedkdError
@@ -35,6 +35,15 @@ def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
     return model, run_checkpoint(teacher_run, "best")
 
 
+def student_train_set(data: PreparedData, cfg: DistillConfig) -> SliceDataset:
+    """The student's training slices: its seeded labelled ``fraction`` of the train cases, plus (``kd_images="all"``
+    with a teacher) the other train cases without their labels, seen only by the distillation terms."""
+    if not cfg.kd_on_unlabelled:
+        return SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.seed)
+    ids = data.require_split("train")
+    return SliceDataset(data, case_ids=ids, labelled_ids=select_fraction(ids, cfg.fraction, cfg.seed))
+
+
 @claims_run  # before the teacher cache is filled: a second process to the same RUN fails at once
 def distill(
     data_dir: Path,
@@ -51,7 +60,7 @@ def distill(
     """
     console = console or Console(stderr=True, quiet=True)
     data = PreparedData(data_dir)
-    train_set = SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.seed)
+    train_set = student_train_set(data, cfg)
     seed_everything(cfg.seed)
     student = build_model(cfg.student, in_channels=cfg.in_channels, num_classes=1, width=cfg.student_width)
     if data.size < student.min_size:
@@ -74,6 +83,8 @@ def distill(
         "fraction": cfg.fraction, "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
         "weights": eff["weights"], "temperature": eff.get("temperature"),
         "teacher_cache": cache.key if cache is not None else None,
+        "kd_images": "all" if cfg.kd_on_unlabelled else "labelled",
+        "labelled_cases": len(train_set.labelled_ids),
     }
     return fit(task, cfg, data, train_set, run, kind="student", summary_extra=summary_extra, resume=resume,
                overwrite=overwrite, console=console, device=device)

@@ -359,6 +359,7 @@ def fit(
                 seconds += time.time() - t0
                 row = {"epoch": epoch + 1, "loss": sum(sums.values()) / max(n, 1),
                        **{k: s / max(n, 1) for k, s in sums.items()}, "val_dice": val_dice, "lr": lr,
+                       **(task.epoch_stats() if hasattr(task, "epoch_stats") else {}),
                        "seconds": round(time.time() - t0, 3)}
                 history.append(row)
                 improved = val_dice > best["val_dice"]
@@ -406,7 +407,7 @@ def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     skip = {"epoch", "val_dice", "lr", "seconds"}
-    names = [k for k in history[0] if k not in skip]
+    names = [k for k in history[0] if k not in skip and not k.startswith("gshare_")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for k in names:
         a.plot(epochs, [r.get(k, math.nan) for r in history], label=k, lw=2 if k == "loss" else 1)

@@ -39,16 +39,19 @@ from torch import nn
 from medkd.distill.losses import LOSSES, FeatureLoss
 
 
-def info_nce(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+def info_nce(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: torch.Tensor | float,
+             normalize: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE between paired embeddings.
 
     ``logits = z_s z_t^T / tau``; row ``i``'s positive is column ``i``. Loss
-    ``= (CE(logits, arange) + CE(logits^T, arange)) / 2``.
+    ``= (CE(logits, arange) + CE(logits^T, arange)) / 2``. Its chance value is ``log N``, so its scale grows
+    with the batch; ``normalize`` divides by ``log N`` (0 = every pair found, 1 = chance), whatever the batch.
 
     Args:
         z_student: ``(N, D)`` L2-normalised.
         z_teacher: ``(N, D)`` L2-normalised, row ``i`` paired with ``z_student[i]``.
         temperature: ``tau``.
+        normalize: Divide by ``log N``.
 
     Returns:
         Scalar tensor.
@@ -61,11 +64,13 @@ def info_nce(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: torc
         raise ValueError(f"InfoNCE needs at least 2 samples (the others are the negatives); got {n}")
     logits = z_student @ z_teacher.t() / temperature  # (N, N)
     labels = torch.arange(n, device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    return loss / math.log(n) if normalize else loss
 
 
 def supcon_cross(
-    z_student: torch.Tensor, z_teacher: torch.Tensor, classes: torch.Tensor, temperature: torch.Tensor | float
+    z_student: torch.Tensor, z_teacher: torch.Tensor, classes: torch.Tensor, temperature: torch.Tensor | float,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Symmetric supervised contrast (Khosla et al. 2020, L_out) between student and teacher views.
 
@@ -73,11 +78,18 @@ def supcon_cross(
     ``l_i = -1/|P(i)| sum_{p in P(i)} log softmax_j(z_s[i] . z_t[j] / tau)[p]`` with
     ``P(i) = {j : classes[j] == classes[i]}``. Result ``= (mean_i l_i^{s->t} + mean_i l_i^{t->s}) / 2``.
 
+    ``l_i >= log |P(i)|`` (equality when the anchor spreads its mass evenly over its positives), and at chance
+    ``l_i = log N``: the raw loss never goes below ``mean_i log |P(i)|`` (about 1.9 for 8 background and 4
+    foreground prototypes), which is why it "barely moves". ``normalize`` reports
+    ``(l_i - log |P(i)|) / (log N - log |P(i)|)`` per anchor instead: 0 at the optimum, 1 at chance, for any
+    batch and class balance.
+
     Args:
         z_student: ``(N, D)`` L2-normalised.
         z_teacher: ``(N, D)`` L2-normalised.
         classes: ``(N,)`` integer class of each row (shared by both views).
         temperature: ``tau``.
+        normalize: Remove the floor and divide by the chance value, per anchor.
 
     Returns:
         Scalar tensor.
@@ -91,9 +103,14 @@ def supcon_cross(
     positive = (classes[:, None] == classes[None, :]).to(logits.dtype)  # (N, N), symmetric
     n_pos = positive.sum(dim=1)  # (N,)
 
+    n = logits.shape[0]
+
     def one_way(lg: torch.Tensor) -> torch.Tensor:
         log_prob = F.log_softmax(lg, dim=1)  # (N, N)
-        return (-(positive * log_prob).sum(dim=1) / n_pos).mean()
+        l_i = -(positive * log_prob).sum(dim=1) / n_pos  # (N,)
+        if normalize:
+            l_i = (l_i - n_pos.log()) / (math.log(n) - n_pos.log())
+        return l_i.mean()
 
     return 0.5 * (one_way(logits) + one_way(logits.t()))
 
@@ -145,6 +162,8 @@ class ContrastiveFeatureLoss(FeatureLoss):
         region: Add the label-aware region term (default ``True``).
         slice_weight: Weight of the slice-level InfoNCE term.
         region_weight: Weight of the region term.
+        normalize: Report both terms on a batch-independent scale (0 = optimum, 1 = chance; see
+            :func:`info_nce` and :func:`supcon_cross`).
     """
 
     name = "contrastive"
@@ -159,6 +178,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         region: bool = True,
         slice_weight: float = 1.0,
         region_weight: float = 1.0,
+        normalize: bool = False,
     ):
         super().__init__(channels)
         if temperature <= 0:
@@ -166,6 +186,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         self.region = bool(region)
         self.slice_weight = float(slice_weight)
         self.region_weight = float(region_weight)
+        self.normalize = bool(normalize)
         self.student_head = _head(self.channels, hidden_dim, proj_dim)
         self.teacher_head = _head(self.channels, hidden_dim, proj_dim)
         if learn_temperature:
@@ -206,7 +227,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         if classes.numel() == 0 or torch.unique(classes).numel() < 2:
             return None
         zs, zt = self.embed(ps, pt)
-        return supcon_cross(zs, zt, classes, self.temperature)
+        return supcon_cross(zs, zt, classes, self.temperature, self.normalize)
 
     def compute(
         self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
@@ -215,7 +236,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         terms = []
         if student_feat.shape[0] >= 2 and self.slice_weight != 0.0:
             zs, zt = self.embed(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)))  # (B, D) each
-            terms.append(self.slice_weight * info_nce(zs, zt, self.temperature))
+            terms.append(self.slice_weight * info_nce(zs, zt, self.temperature, self.normalize))
         if self.region and targets is not None:
             region = self.region_term(student_feat, teacher_feat, targets)
             if region is not None:
@@ -228,5 +249,5 @@ class ContrastiveFeatureLoss(FeatureLoss):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, region={self.region}, learn_temperature={self.learn_temperature}, "
-            f"slice_weight={self.slice_weight}, region_weight={self.region_weight}"
+            f"slice_weight={self.slice_weight}, region_weight={self.region_weight}, normalize={self.normalize}"
         )

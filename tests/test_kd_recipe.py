@@ -1,0 +1,159 @@
+"""The distillation recipe's levers: teacher supervision on unlabelled train images (``kd_images``), per-term
+gradient shares in ``history.jsonl``, and the batch-independent scale of the contrastive terms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from conftest import _quiet
+from medkd.cli import app
+from medkd.config import DistillConfig, build_config
+from medkd.data.prepared import UNLABELLED, SliceDataset, select_fraction
+from medkd.distill.losses.contrastive import ContrastiveFeatureLoss, info_nce, supcon_cross
+from medkd.errors import MedkdError
+from medkd.train.teacher import SegLoss
+from test_distill import dcfg, make_distiller
+
+
+# ------------------------------------------------------------------------------------------- contrastive scale
+def _np_log_softmax(x):
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def _np_supcon_normalized(zs, zt, cls, tau):
+    n = len(cls)
+
+    def one_way(a, b):
+        out = []
+        for i in range(n):
+            lp = _np_log_softmax(a[i] @ b.T / tau)
+            pos = [j for j in range(n) if cls[j] == cls[i]]
+            li = -sum(lp[j] for j in pos) / len(pos)
+            out.append((li - math.log(len(pos))) / (math.log(n) - math.log(len(pos))))
+        return np.mean(out)
+
+    return 0.5 * (one_way(zs, zt) + one_way(zt, zs))
+
+
+def test_info_nce_normalized_is_one_at_chance_and_batch_independent():
+    for n in (2, 8, 32):
+        z = F.normalize(torch.ones(n, 4, dtype=torch.float64), dim=1)  # every logit equal: chance
+        assert info_nce(z, z, 0.1).item() == pytest.approx(math.log(n))
+        assert info_nce(z, z, 0.1, normalize=True).item() == pytest.approx(1.0)
+
+
+def test_supcon_normalized_floor_chance_and_numpy():
+    cls = torch.tensor([0] * 8 + [1] * 4)
+    e = torch.zeros(12, 3, dtype=torch.float64)
+    e[:8, 0], e[8:, 1] = 1.0, 1.0  # class-identical embeddings, tau small: the optimum
+    floor = (8 * math.log(8) + 4 * math.log(4)) / 12
+    assert supcon_cross(e, e, cls, 0.01).item() == pytest.approx(floor, rel=1e-6)  # the raw loss's floor
+    assert supcon_cross(e, e, cls, 0.01, normalize=True).item() == pytest.approx(0.0, abs=1e-6)
+    same = F.normalize(torch.ones(12, 3, dtype=torch.float64), dim=1)
+    assert supcon_cross(same, same, cls, 0.1, normalize=True).item() == pytest.approx(1.0)  # chance
+    g = torch.Generator().manual_seed(0)
+    zs = F.normalize(torch.randn(12, 3, generator=g, dtype=torch.float64), dim=1)
+    zt = F.normalize(torch.randn(12, 3, generator=g, dtype=torch.float64), dim=1)
+    expected = _np_supcon_normalized(zs.numpy(), zt.numpy(), cls.tolist(), 0.2)
+    assert supcon_cross(zs, zt, cls, 0.2, normalize=True).item() == pytest.approx(expected)
+
+
+def test_contrastive_loss_normalize_option():
+    torch.manual_seed(0)
+    raw = ContrastiveFeatureLoss(6, proj_dim=4, hidden_dim=5).double()
+    norm = ContrastiveFeatureLoss(6, proj_dim=4, hidden_dim=5, normalize=True).double()
+    norm.load_state_dict(raw.state_dict())
+    s, t = torch.randn(4, 6, 4, 4, dtype=torch.float64), torch.randn(4, 6, 4, 4, dtype=torch.float64)
+    zs, zt = raw.embed(s.mean(dim=(2, 3)), t.mean(dim=(2, 3)))
+    assert norm(s, t, None).item() == pytest.approx(info_nce(zs, zt, 0.1).item() / math.log(4))
+    assert "normalize=True" in repr(norm)
+
+
+# ------------------------------------------------------------------------------------------- unlabelled images
+def test_slice_dataset_hides_labels_outside_labelled_ids(tiny_data):
+    ids = SliceDataset(tiny_data, "train").case_ids
+    labelled = ids[:1]
+    ds = SliceDataset(tiny_data, case_ids=ids, labelled_ids=labelled)
+    plain = SliceDataset(tiny_data, case_ids=ids)
+    assert ds.labelled_ids == labelled and plain.labelled_ids == ids
+    for i in range(len(ds)):
+        cid = ds.index[i][0]
+        x, y, _ = ds[i]
+        x0, y0, _ = plain[i]
+        assert torch.equal(x, x0)
+        if cid in labelled:
+            assert torch.equal(y, y0)
+        else:
+            assert (y == UNLABELLED).all()
+
+
+def _mixed_batch(tiny_data):
+    ds = SliceDataset(tiny_data, "train")
+    items = [ds[i] for i in (2, 5, 8, 11)]
+    x, y = torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items])
+    y[1], y[3] = UNLABELLED, UNLABELLED
+    return x, y, torch.tensor([i for _, _, i in items])
+
+
+def test_distiller_supervises_labelled_slices_only(tiny_data, tiny_teacher):
+    x, y, idx = _mixed_batch(tiny_data)
+    cfg = dcfg(tiny_teacher, scales=["dec"], loss="contrastive", kd_images="all",
+               weights={"seg": 1.0, "dec": 0.5, "pmd": 1.0})
+    task = make_distiller(tiny_teacher, cfg)
+    task.eval()  # BatchNorm in eval: the student's logits do not depend on the batch composition
+    terms = task(x, y, idx)
+    assert set(terms) == {"seg", "dec", "pmd"}
+    logits = task.model(x)
+    dice, bce = SegLoss(1)(logits[[0, 2]], y[[0, 2]])
+    assert terms["seg"].item() == pytest.approx((dice + bce).item(), rel=1e-5)
+    none_labelled = task(x, torch.full_like(y, UNLABELLED), idx)
+    assert set(none_labelled) == {"dec", "pmd"}
+    assert none_labelled["pmd"].item() == pytest.approx(terms["pmd"].item(), rel=1e-5)  # PMD sees every slice
+
+
+def test_grad_shares_logged_and_sum_to_one(tiny_data, tiny_teacher):
+    x, y, idx = _mixed_batch(tiny_data)
+    task = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "dec"], loss="mse"))
+    task.train()
+    task(x, y, idx)
+    stats = task.epoch_stats()
+    assert set(stats) == {"gshare_seg", "gshare_enc", "gshare_dec", "gshare_pmd"}
+    assert sum(stats.values()) == pytest.approx(1.0, abs=1e-3) and all(v > 0 for v in stats.values())
+    assert task.epoch_stats() == {}  # reset per epoch
+    with torch.no_grad():
+        task(x, y, idx)
+    assert task.epoch_stats() == {}
+
+
+def test_distill_run_with_unlabelled_images(tiny_data, tiny_teacher, tmp_path):
+    from medkd.distill.run import distill
+
+    train_ids = SliceDataset(tiny_data, "train").case_ids
+    summary = distill(tiny_data, tmp_path / "all", dcfg(tiny_teacher, kd_images="all", scales=["dec"]),
+                      cache_dir=tmp_path / "cache", console=_quiet())
+    assert summary["kd_images"] == "all" and summary["train_cases"] == len(train_ids)
+    assert summary["labelled_cases"] == len(select_fraction(train_ids, 0.5, 0)) < len(train_ids)
+    assert summary["train_slices"] == len(SliceDataset(tiny_data, "train"))
+    hist = [json.loads(line) for line in (tmp_path / "all" / "history.jsonl").read_text().splitlines()]
+    assert {"gshare_seg", "gshare_dec", "gshare_pmd"} <= set(hist[0])
+    # without a teacher the option changes nothing: the baseline sees its labelled fraction only
+    base = distill(tiny_data, tmp_path / "base", dcfg(None, scales=[], pmd=False, kd_images="all"), console=_quiet())
+    assert base["kd_images"] == "labelled" and base["train_cases"] == base["labelled_cases"] < len(train_ids)
+
+
+def test_kd_images_config_and_cli(tiny_data, tmp_path):
+    assert DistillConfig().kd_images in ("labelled", "all")
+    assert build_config(DistillConfig, preset="study", overrides={"teacher": "t"}).kd_images == "labelled"  # the reference study
+    with pytest.raises(MedkdError, match="kd_images"):
+        build_config(DistillConfig, overrides={"kd_images": "some", "scales": "none", "pmd": False})
+    r = CliRunner().invoke(app, ["distill", str(tiny_data), "-o", str(tmp_path / "r"), "--scales", "none",
+                                 "--no-pmd", "--kd-images", "unlabeled"])
+    assert r.exit_code == 2 and "--kd-images" in r.output and "labelled, all" in r.output
