@@ -24,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medkd.cli import app
+from medkd.data.phantom import DEFAULT_SPACING
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 PREP = ["--size", "16", "--test-fraction", "0", "--val-fraction", "0"]
@@ -296,7 +297,7 @@ CASES: List[Case] = [
          r"^warning: .*mr\.nii\.gz: MR input \(detected: no voxel below -500 HU\) but the model was trained on CT"),
     Case("predict-odd-spacing", predict_on(sample_variant("tiny_voxels", lambda a: a, zooms=(0.3, 0.3, 0.5))), 0,
          r"^warning: .*tiny_voxels\.nii\.gz: voxel spacing 0\.3x0\.3x0\.5 mm is far from the training data's "
-         r"2\.9x2\.9x5 mm"),
+         + re.escape("x".join(f"{v:g}" for v in DEFAULT_SPACING)) + " mm"),  # the phantom's spacing
     Case("predict-implausible-spacing", predict_on(sample_variant("huge", lambda a: a, zooms=(40.0, 40.0, 40.0))), 0,
          r"^warning: .*huge\.nii\.gz: implausible voxel spacing 40x40x40 mm"),
     # resume
