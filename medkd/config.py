@@ -87,6 +87,9 @@ class DistillConfig(TrainConfig):
     pmd: bool = True
     temperature: float = 4.0
     fraction: float = 0.5
+    # seed of the --fraction subset; None = the run's seed (the subset varies with the seed), an int holds the
+    # subset fixed across seeds (an ablation then replicates training only, not the data draw)
+    subset_seed: Optional[int] = None
     weights: Dict[str, float] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
     taps: Dict[str, Dict[str, str]] = field(default_factory=dict)  # {"student"|"teacher": {scale: module path}}
     cache: bool = True  # teacher-output cache (only used without augmentation)
@@ -102,6 +105,8 @@ class DistillConfig(TrainConfig):
             opt.check_loss(name)
         opt.check_scale_names(self.scale_losses, "scale_losses")
         opt.check_range(self.fraction, "fraction", lo=0, hi=1, lo_open=True)
+        if self.subset_seed is not None:
+            opt.check_range(self.subset_seed, "subset_seed", lo=0)
         opt.check_range(self.temperature, "temperature", lo=0, lo_open=True)
         opt.check_weights(self.weights)
         opt.check_kd_images(self.kd_images)
@@ -117,6 +122,11 @@ class DistillConfig(TrainConfig):
         """The teacher also supervises the train cases outside the student's labelled ``fraction``."""
         return self.uses_teacher and self.kd_images == "all" and self.fraction < 1.0
 
+    @property
+    def subset_draw_seed(self) -> int:
+        """The seed that draws the ``fraction`` subset of training cases: ``subset_seed``, else the run's seed."""
+        return self.seed if self.subset_seed is None else int(self.subset_seed)
+
     def effective_weights(self) -> Dict[str, float]:
         """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`STUDY_WEIGHTS`.
 
@@ -131,7 +141,8 @@ class DistillConfig(TrainConfig):
     def effective(self) -> Dict[str, Any]:
         """This config in its canonical form: scales in :data:`SCALES` order, weights over the study defaults
         (only the terms used), and the options that cannot act dropped (the feature loss, ``scale_losses`` and
-        ``loss_options`` without scales, the temperature without PMD, teacher and taps without a teacher).
+        ``loss_options`` without scales, the temperature without PMD, ``subset_seed`` with ``fraction`` 1, teacher
+        and taps without a teacher).
 
         Two configs that train the same thing have equal ``effective()`` dicts.
         """
@@ -145,6 +156,8 @@ class DistillConfig(TrainConfig):
                 out.pop(k)
         if not self.pmd:
             out.pop("temperature")
+        if self.fraction >= 1:
+            out.pop("subset_seed")  # every training case is used: no subset to draw
         if not self.uses_teacher:
             out.pop("teacher")
             out.pop("taps")

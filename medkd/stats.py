@@ -188,21 +188,21 @@ def _scalar(v: Any) -> Any:
 def design_note(n_seeds: int, n_tests: int = 1, correction: str = "none", alpha: float = ALPHA) -> str:
     """What a seed-paired t-test over ``n_seeds`` seeds can reach, in words (``""`` when nothing to say).
 
-    With 1 seed there is no test; with 2 seeds (1 degree of freedom) p < ``alpha`` needs |t| above the t
-    quantile (12.7 at 0.05; with a family-wise correction over ``n_tests`` rows the bar rises to
-    ``alpha / n_tests`` for the smallest p). Returns a sentence for reports.
+    With 1 seed there is no test; with 2 seeds (1 degree of freedom) p < ``alpha`` needs |t| > 12.7, and passing a
+    Holm correction over ``n_tests`` rows needs the smallest p below ``alpha / n_tests`` (a larger |t| still).
     """
     if n_seeds < 2:
         return (f"{n_seeds} seed(s): no between-run variation can be estimated, so no test is possible and no "
                 f"row can be significant; use >= 3 seeds (5 for useful power)")
-    a = alpha / n_tests if correction == "holm" and n_tests > 1 else alpha
     if n_seeds == 2:
         from scipy import stats as st
 
-        crit = float(st.t.ppf(1 - a / 2, 1))
-        return (f"2 seeds: the test has 1 degree of freedom and needs |t| > {crit:.3g} for p < {a:.3g}, so only "
-                f"a very large and very consistent difference can be significant; use >= 3 seeds (5 for useful "
-                f"power)")
+        crit = float(st.t.ppf(1 - alpha / 2, 1))
+        text = f"2 seeds: the test has 1 degree of freedom, so p < {alpha:g} needs |t| > {crit:.3g}"
+        if correction == "holm" and n_tests > 1:
+            text += f" ({float(st.t.ppf(1 - alpha / n_tests / 2, 1)):.3g} to pass Holm over {n_tests} rows)"
+        return text + ": only a very large and very consistent difference can be significant; use >= 3 seeds (5 for " \
+                      "useful power)"
     return ""
 
 
@@ -214,7 +214,7 @@ def adjust(p_values: Sequence[Optional[float]], method: str = "holm") -> List[Op
             left out of the family (they do not count in *m*) and come back as ``None`` in their position.
         method: ``"holm"`` (Holm-Bonferroni step-down: controls the family-wise error rate, no assumption on
             the dependence between tests), ``"bh"`` (Benjamini-Hochberg step-up: controls the false discovery
-            rate, valid for independent or positively dependent tests), or ``"none"`` (returned as given).
+            rate, valid for independent or positively dependent tests), or ``"none"`` (the p-values unchanged).
 
     Returns:
         Adjusted p-values in the input order, capped at 1, monotone in the raw p-values (the same as
@@ -248,7 +248,9 @@ def adjust(p_values: Sequence[Optional[float]], method: str = "holm") -> List[Op
     elif method == "bh":
         adj = np.minimum.accumulate(np.minimum(1.0, m * ps / np.arange(1, m + 1))[::-1])[::-1]
     else:
-        adj = ps
+        for i, v in zip(defined, p):
+            out[i] = float(v)
+        return out
     res = np.empty(m)
     res[order] = adj
     for i, v in zip(defined, res):

@@ -21,7 +21,7 @@ TINY = dict(student="s1", student_width=4, epochs=1, batch_size=4, device="cpu")
 GRID = [{"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": "none", "pmd": True}]
 ROW_KEYS = {"name", "scales", "loss", "pmd", "seeds", "dice_mean", "dice_std", "dice_rel_gain", "iou_mean",
             "iou_std", "iou_rel_gain", "recall_mean", "precision_mean", "hd95_mean", "hd95_rel_gain", "p_value",
-            "significant", "params", "is_baseline", "baseline", "dice_diff_ci"}
+            "p_adjusted", "seeds_matched", "n_seeds", "n_cases", "significant", "params", "is_baseline", "baseline", "dice_diff_ci"}
 
 
 def write_grid(path: Path, cells=GRID) -> Path:
@@ -128,25 +128,15 @@ def test_presets_load_and_validate():
 # --------------------------------------------------------------------------------------------------- statistics
 
 
-def test_paired_tests_hand_computed():
-    # diffs 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641, df 2;
-    # two-sided p = 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / 3.7417 = 0.074180
-    r = ab.paired_test([0.6, 0.7, 0.8], [0.5, 0.5, 0.5], "auto")
-    assert r["test"] == "ttest" and r["n"] == 3
-    assert r["statistic"] == pytest.approx(2 * np.sqrt(3), abs=1e-9)
-    assert r["p_value"] == pytest.approx(1 - 2 * np.sqrt(3) / np.sqrt(14), abs=1e-9)
-    # Wilcoxon, 6 positive differences: exact two-sided p = 2 / 2^6
-    r = ab.paired_test([1, 2, 3, 4, 5, 6.5], [0, 0, 0, 0, 0, 0], "auto")
-    assert r["test"] == "wilcoxon" and r["p_value"] == pytest.approx(2 / 64) and r["statistic"] == 0
-    # 3 cases: the smallest p a two-sided Wilcoxon can give is 2 / 2^3 = 0.25
-    assert ab.paired_test([1, 2, 3], [0, 0, 0], "wilcoxon")["p_value"] == pytest.approx(0.25)
-    assert ab.paired_test([0.5, 0.7], [0.5, 0.7])["p_value"] == 1.0
-    assert ab.paired_test([0.6, 0.8], [0.5, 0.7], "ttest")["p_value"] is None  # zero variance of differences
+def test_helpers():
     assert ab.mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(np.sqrt(0.02)))
-    assert ab.mean_std([0.5]) == (0.5, None)
-    assert ab.rel_gain(0.66, 0.6) == pytest.approx(10.0) and ab.rel_gain(1, 0) is None
-    ci = ab.bootstrap_ci([0.1, 0.2, 0.3])
-    assert 0.1 <= ci[0] < 0.2 < ci[1] <= 0.3
+    assert ab.mean_std([0.5]) == (0.5, None) and ab.mean_std([None, float("nan")]) == (None, None)
+    # seed-matched: seed 2 of the reference is ignored because the row has no seed 2
+    g, seeds = ab.matched_gain({0: 0.66, 1: 0.66}, {0: 0.6, 1: 0.6, 2: 0.0})
+    assert g == pytest.approx(10.0) and seeds == [0, 1]
+    assert ab.matched_gain({0: 1.0}, {1: 1.0}) == (None, [])
+    m = ab.per_case_matrix([{"per_case": [{"id": "b", "dice": 0.5}, {"id": "a", "dice": None}]}], ["a", "b", "c"])
+    assert np.isnan(m[0, 0]) and m[0, 1] == 0.5 and np.isnan(m[0, 2])
 
 
 def _fake_eval(per_case, **means):
@@ -155,35 +145,93 @@ def _fake_eval(per_case, **means):
             "per_case": [{"id": k, "dice": v} for k, v in per_case.items()]}
 
 
+BASE_RUNS = {0: ({"a": 0.5, "b": 0.6, "c": None}, 10.0), 1: ({"a": 0.7, "b": 0.6, "c": 0.2}, 20.0),
+             2: ({"a": 0.6, "b": 0.6, "c": 0.6}, 30.0)}
+
+
 def test_compute_results_hand_computed():
-    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}], seeds=[0, 1])
-    base, kd = plan.cells[0].name, plan.cells[1].name
-    evals = {
-        (base, 0): _fake_eval({"a": 0.5, "b": 0.6, "c": None}, hd95=10.0),
-        (base, 1): _fake_eval({"a": 0.7, "b": 0.6, "c": 0.2}, hd95=20.0),
+    from scipy import stats as st
+
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": "none", "pmd": True}],
+                   seeds=[0, 1, 2])
+    base, kd, pmd = (c.name for c in plan.cells)
+    evals = {(base, s): _fake_eval(pc, hd95=h) for s, (pc, h) in BASE_RUNS.items()}
+    evals.update({
         (kd, 0): _fake_eval({"a": 0.8, "b": 0.8, "c": 0.3}, hd95=9.0),
-        (kd, 1): _fake_eval({"a": 0.8, "b": 1.0, "c": None}, hd95=9.0),
-    }
-    res = ab.compute_results(plan, evals, test="ttest")
-    b, r = res["rows"]
-    assert res["baseline"] is b and b["is_baseline"] and b["p_value"] is None
-    # baseline seed Dice means: (0.5+0.6)/2 = 0.55 and (0.7+0.6+0.2)/3 = 0.5
-    assert b["dice_per_seed"] == pytest.approx([0.55, 0.5])
-    assert b["dice_mean"] == pytest.approx(0.525) and b["dice_std"] == pytest.approx(np.sqrt(2 * 0.025 ** 2))
-    kd_mean = ((0.8 + 0.8 + 0.3) / 3 + 0.9) / 2  # seed means 0.6333 and 0.9
-    assert r["dice_mean"] == pytest.approx(kd_mean)
-    assert r["dice_rel_gain"] == pytest.approx(100 * (kd_mean - 0.525) / 0.525)
-    assert r["hd95_rel_gain"] == pytest.approx(100 * (9 - 15) / 15)
-    assert r["hd95_std"] == 0.0 and r["seeds"] == [0, 1]
-    # per-case seed means: kd a .8 b .9 c .3 ; baseline a .6 b .6 c .2 -> diffs .2 .3 .1
-    assert r["n_pairs"] == 3 and r["dice_diff"] == pytest.approx(0.2)
-    assert r["p_value"] == pytest.approx(1 - 2 * np.sqrt(3) / np.sqrt(14), abs=1e-9)
-    assert r["significant"] is False and r["test"] == "ttest"
-    assert res["test"]["n_cases"] == 3 and "cannot reach p < 0.05" in res["test"]["note"]
-    # a missing seed (failed run) leaves the row with the seeds it has
-    del evals[(kd, 1)]
+        (kd, 1): _fake_eval({"a": 0.8, "b": 0.9, "c": None}, hd95=9.0),
+        (kd, 2): _fake_eval({"a": 0.7, "b": 0.8, "c": 0.6}, hd95=9.0),
+        (pmd, 0): _fake_eval({"a": 0.6, "b": 0.6, "c": 0.1}, hd95=10.0),
+        (pmd, 1): _fake_eval({"a": 0.9, "b": 0.7, "c": 0.4}, hd95=10.0),
+    })
+    res = ab.compute_results(plan, evals)
+    b, r, q = res["rows"]
+    assert res["baseline"] is b and b["is_baseline"] and b["p_value"] is None and b["p_adjusted"] is None
+    assert b["dice_per_seed"] == pytest.approx([0.55, 0.5, 0.6]) and b["dice_rel_gain"] == 0.0
+    # per-seed mean differences over the cases defined in both runs of the seed:
+    # seed 0: a .3, b .2 (c undefined in the baseline) -> .25; seed 1: a .1, b .3 (c undefined in KD) -> .2;
+    # seed 2: a .1, b .2, c 0 -> .1
+    d = [0.25, 0.2, 0.1]
+    assert r["seeds_matched"] == [0, 1, 2] and r["n_seeds"] == 3 and r["n_cases"] == 3 and r["df"] == 2
+    assert r["dice_diff"] == pytest.approx(np.mean(d))
+    assert r["p_value"] == pytest.approx(st.ttest_1samp(d, 0).pvalue)
+    half = st.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)
+    assert r["dice_diff_ci"] == pytest.approx([np.mean(d) - half, np.mean(d) + half])
+    assert r["test"] == "seed-paired t-test"
+    kd_seed = [(0.8 + 0.8 + 0.3) / 3, 0.85, 0.7]
+    assert r["dice_mean"] == pytest.approx(np.mean(kd_seed))
+    assert r["dice_rel_gain"] == pytest.approx(100 * (np.mean(kd_seed) - 0.55) / 0.55)
+    assert r["hd95_rel_gain"] == pytest.approx(100 * (9 - 20) / 20)
+    # the PMD row lost seed 2: it is compared with the baseline's seeds 0 and 1 only (not its 3-seed mean)
+    assert q["seeds"] == [0, 1] and q["seeds_matched"] == [0, 1] and q["n_seeds"] == 2 and q["df"] == 1
+    pmd_seed = [(0.6 + 0.6 + 0.1) / 3, (0.9 + 0.7 + 0.4) / 3]
+    assert q["dice_rel_gain"] == pytest.approx(100 * (np.mean(pmd_seed) - 0.525) / 0.525)
+    assert q["hd95_rel_gain"] == pytest.approx(100 * (10 - 15) / 15)
+    assert q["dice_diff"] == pytest.approx(np.mean([0.05, (0.2 + 0.1 + 0.2) / 3]))
+    # Holm over the two non-baseline rows; significance only on the adjusted p
+    pr, pq = r["p_value"], q["p_value"]
+    lo, hi = sorted([pr, pq])
+    assert sorted([r["p_adjusted"], q["p_adjusted"]]) == pytest.approx([2 * lo, max(2 * lo, hi)])
+    assert r["significant"] == (r["p_adjusted"] < 0.05) and q["significant"] is False
+    t = res["test"]
+    assert t["method"] == "seed-paired t-test" and t["correction"] == "holm" and t["n_tests"] == 2
+    assert t["n_seeds"] == 2 and t["n_cases"] == 3 and "1 degree of freedom" in t["note"]
+    assert res["subset"]["subset_seed"] is None and "each run's seed" in res["subset"]["description"]
+    # other corrections
+    none = ab.compute_results(plan, evals, correction="none")["rows"]
+    assert none[1]["p_adjusted"] == none[1]["p_value"]
+    bh = ab.compute_results(plan, evals, correction="bh")["rows"]
+    assert bh[1]["p_adjusted"] <= ab.compute_results(plan, evals)["rows"][1]["p_adjusted"]
+    with pytest.raises(ValueError, match="unknown correction"):
+        ab.compute_results(plan, evals, correction="sidak")
+
+
+def test_subset_seed_is_recorded():
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}], base={"subset_seed": 3}, seeds=[0, 1])
+    assert all(c.cfg.subset_seed == 3 for c in plan.cells)
+    res = ab.compute_results(plan, {})
+    assert res["subset"]["subset_seed"] == 3 and "fixed across seeds" in res["subset"]["description"]
+    assert res["options"]["subset_seed"] == 3 and res["rows"][1]["subset_seed"] == 3
+    # a cell may hold its own subset: it is named by what differs
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False, "subset_seed": 7}], seeds=[0])
+    assert plan.cells[-1].name == "D mse [subset_seed=7]"
+
+
+def test_compute_results_one_seed_cannot_be_significant():
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}], seeds=[0])
+    base, kd = plan.cells[0].name, plan.cells[1].name
+    evals = {(base, 0): _fake_eval({"a": 0.5, "b": 0.6}), (kd, 0): _fake_eval({"a": 0.9, "b": 0.95})}
+    res = ab.compute_results(plan, evals)
+    r = res["rows"][1]
+    assert r["p_value"] is None and r["p_adjusted"] is None and r["significant"] is False
+    assert r["dice_diff"] == pytest.approx(0.375) and r["dice_diff_ci"] is None
+    assert "no test is possible" in res["test"]["note"]
+    from medkd.report.ablate_table import caption
+
+    assert "no row can be significant" in caption(res)
+    # a row without any run that matches the baseline's seeds
+    del evals[(kd, 0)]
     r = ab.compute_results(plan, evals)["rows"][1]
-    assert r["seeds"] == [0] and r["dice_std"] is None
+    assert r["n_seeds"] == 0 and r["p_value"] is None and r["dice_rel_gain"] is None
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -260,11 +308,20 @@ def test_runs_outputs_and_schema(ablation, tiny_data):
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["seeds"] == [0, 1] and 0 <= r["dice_mean"] <= 1 and r["params"] > 0
     assert doc["rows"][0]["dice_rel_gain"] == 0.0
-    assert doc["test"]["name"] in ("ttest", "wilcoxon") and doc["test"]["n_cases"] >= 1
+    t = doc["test"]
+    assert t["method"] == "seed-paired t-test" and t["correction"] == "holm" and t["n_cases"] >= 1
+    assert t["n_seeds"] == 2 and t["n_tests"] == 2 and "1 degree of freedom" in t["note"]
+    assert doc["subset"]["subset_seed"] is None
+    for r in doc["rows"][1:]:
+        assert r["seeds_matched"] == [0, 1] and r["test"] == "seed-paired t-test"
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("name,is_baseline,baseline,scales")
+    header = csv_lines[0].split(",")
+    assert {"p_value", "p_adjusted", "test", "correction", "seeds_matched", "n_seeds", "n_cases"} <= set(header)
+    assert "seed-paired t-test" in csv_lines[1 + 1] and ",holm," in csv_lines[1 + 1]
     md = (out / "results.md").read_text()
     assert "| **baseline** |" in md and "D mse" in md and "Statistical test" in md
+    assert "| p | p adj. |" in md and "seed-paired t-test" in md and "Holm" in md and "2 seed(s)" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plan = yaml.safe_load((out / "ablation.yaml").read_text())
     assert [r["folder"] for r in plan["rows"]] == ["runs/baseline", "runs/d-mse", "runs/pmd-only"]
@@ -390,6 +447,7 @@ def test_cli_json_then_table(ablation):
     assert res.exit_code == 0, res.stderr
     assert "6 already finished" in res.stderr
     assert "PMD only" in res.stdout and "(ref)" in res.stdout and "Dice" in res.stdout and "HD95" in res.stdout
+    assert "p adj." in res.stdout and "seed-paired t-test" in res.stdout and "Holm" in res.stdout
     assert json.loads((ablation["out"] / "results.json").read_text())["rows"] == ablation["results"]["rows"]
 
 
@@ -405,4 +463,6 @@ def test_cli_errors(tiny_data, teacher, tmp_path):
     assert runner.invoke(app, [*base, "--preset", "quick", "--grid", str(bad)]).exit_code == 2
     assert runner.invoke(app, [*base, "--preset", "quick", "--seeds", "a"]).exit_code == 2
     assert runner.invoke(app, [*base, "--preset", "quick", "--student", "s9"]).exit_code == 2
+    assert runner.invoke(app, [*base, "--preset", "quick", "--correction", "sidak"]).exit_code == 2
+    assert runner.invoke(app, [*base, "--preset", "quick", "--subset-seed", "-1"]).exit_code == 2
     assert not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import _quiet, tiny_teacher_config
@@ -313,6 +314,25 @@ def test_cli_no_kd_baseline_never_loads_teacher(tiny_data, tmp_path, monkeypatch
     assert doc["teacher"] is None and doc["scales"] == [] and doc["pmd"] is False and doc["kind"] == "student"
     hist = json.loads((tmp_path / "base" / "history.jsonl").read_text())
     assert set(hist) == {"epoch", "loss", "seg", "val_dice", "lr", "seconds"}
+
+
+def test_cli_subset_seed_holds_the_training_subset(tiny_data, tmp_path):
+    """``--subset-seed`` draws the --fraction subset independently of --seed, and is recorded."""
+    train = PreparedData(tiny_data).case_ids("train")
+    common = ["--scales", "none", "--no-pmd", "--student-width", "4", "--epochs", "1", "--batch-size", "8",
+              "--device", "cpu", "--json"]
+    docs = []
+    for seed in (1, 2):
+        r = _cli(["distill", tiny_data, "-o", tmp_path / f"s{seed}", "--seed", seed, "--subset-seed", 5, *common])
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads(r.stdout))
+    assert docs[0]["subset_seed"] == docs[1]["subset_seed"] == 5
+    assert docs[0]["labelled_case_ids"] == docs[1]["labelled_case_ids"] == select_fraction(train, 0.5, 5)
+    assert yaml.safe_load((tmp_path / "s1" / "config.yaml").read_text())["subset_seed"] == 5
+    r = _cli(["distill", tiny_data, "-o", tmp_path / "plain", "--seed", 2, *common])
+    doc = json.loads(r.stdout)
+    assert doc["subset_seed"] is None and doc["labelled_case_ids"] == select_fraction(train, 0.5, 2)
+    assert _cli(["distill", tiny_data, "-o", tmp_path / "bad", "--subset-seed", -1, *common]).exit_code == 2
 
 
 @pytest.mark.parametrize("opt,value,valid", [

@@ -170,12 +170,13 @@ def test_bad_inputs(run_a, tiny_data, tiny_raw, tmp_path):
 def test_table_relative_change_and_formatters():
     from rich.console import Console
 
-    from medkd.report.tables import eval_table, fmt_count, fmt_mean_std, fmt_pct_change, rel_change
+    from medkd.report.tables import eval_table, fmt_count, fmt_mean_std, fmt_pct, fmt_pct_change, pct_change
 
     assert fmt_pct_change(0.7555, 0.6997) == "+7.97%"
     assert fmt_pct_change(0.5, 0.6) == "-16.67%"
     assert fmt_pct_change(0.5, None) == fmt_pct_change(0.5, 0.0) == fmt_pct_change(None, 0.5) == "–"
-    assert rel_change(float("nan"), 0.5) is None
+    assert pct_change(float("nan"), 0.5) is None and pct_change(0.66, 0.6) == pytest.approx(10.0)
+    assert fmt_pct(7.971) == "+7.97%" and fmt_pct(-0.001) == "0.00%" and fmt_pct(None) == "–"
     assert fmt_count(57297) == "57.3k" and fmt_count(43236036) == "43.24M"
     assert fmt_mean_std(0.5, None) == "0.5000"
     rows = [{"name": "base", "dice": 0.6997, "dice_std": 0.1, "split": "test", "n_cases": 3},

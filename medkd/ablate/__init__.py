@@ -35,31 +35,43 @@ Resume
     loss) is reported, the others still run, the results are written from the runs that finished, and the
     ablation then fails (exit 1).
 
-Statistics (all in ``results.json``)
+Statistics (all in ``results.json``; computed by :mod:`medkd.stats`)
     Per row and metric (Dice, IoU, recall, precision, HD95, each the mean over test cases of one run): mean and
-    sample std (``ddof=1``) over seeds, and the relative change vs the baseline in percent,
-    ``100 * (row - baseline) / |baseline|`` (``*_rel_gain``; for HD95 a negative change is an improvement).
+    sample std (``ddof=1``) over the row's finished seeds. ``*_rel_gain`` is the relative change vs the row's
+    baseline in percent, ``100 * (row - baseline) / |baseline|``, of the means over the **seeds finished in both**
+    (seed-matched: a row that lost a seed is not compared with the baseline's other seeds; for HD95 a negative
+    change is an improvement).
 
-    Significance: a **paired test over test cases** (the independent unit: patients). Each case's Dice is
-    first averaged over the seeds of the row, and over the seeds of its baseline; pairs are the cases where both
-    are defined (cases with both masks empty have no Dice, see :mod:`medkd.metrics.segmentation`). Pairing
-    case x seed would inflate *n* with correlated observations, so it is not done. The test (``test=``):
+    Significance: the training run (seed) is the unit of replication -- runs differ by initialisation, data order
+    and, unless ``subset_seed`` is set, by the ``fraction`` subset of training cases, and that variation moves all
+    test cases of a run together. :func:`medkd.stats.compare` takes, for each seed finished in both the row and its
+    baseline, the mean over test cases of the per-case Dice difference (cases where both are defined), and runs a
+    two-sided one-sample t-test over those per-seed differences (df = seeds - 1) with a 95 % t interval
+    (``dice_diff``, ``dice_diff_ci``). ``p_value`` is raw; ``p_adjusted`` is adjusted over all non-baseline rows
+    (``correction``: Holm by default, Benjamini-Hochberg, or none); a row is ``significant`` only when
+    ``p_adjusted < 0.05``. With 1 seed no test is possible; with 2 seeds (1 degree of freedom) only a very large,
+    very consistent difference can be significant -- ``results["test"]["note"]``, the table caption and
+    ``results.md`` say so. Calibration and power by simulation: ``benchmarks/RESULTS.md``.
 
-    * ``wilcoxon``: two-sided Wilcoxon signed-rank (scipy, exact for small n, zero differences dropped).
-      With *n* non-zero pairs its smallest attainable p is ``2 / 2**n``: 0.25 with 3 cases, 0.0625 with 5, so
-      it **cannot reach p < 0.05 with fewer than 6 test cases**.
-    * ``ttest``: two-sided paired t-test (scipy ``ttest_rel``); assumes roughly normal differences, which few
-      cases cannot check.
-    * ``auto`` (default): Wilcoxon when there are >= 6 pairs, else the paired t-test; the choice, *n* and this
-      caveat are stated in ``results["test"]``, the table caption and ``results.md``.
-
-    A row is ``significant`` when ``p < 0.05`` (no multiple-comparison correction; the p-values are listed so
-    one can be applied). A 95 % percentile bootstrap interval (10,000 resamples of cases, seed 0) of the mean
-    per-case Dice difference is given as ``dice_diff_ci``.
+Subset
+    By default each run's ``fraction`` subset of training cases is drawn from its seed (seeds replicate the data
+    draw too); ``subset_seed`` (``--subset-seed N``) draws it once for every run, so only training varies.
+    ``results["subset"]`` records which.
 """
 
-from medkd.ablate.grid import (PRESETS, DEFAULT_SEEDS, SPLIT, Cell, Plan, run_dir, preset_file, load_grid_doc, parse_seeds, build_plan, baseline_config, identity, setting_name, slugify)
-from medkd.ablate.report import (METRICS, LOWER_IS_BETTER, TESTS, ALPHA, compute_results, mean_std, rel_gain, per_case_mean, paired_test, bootstrap_ci, test_description)
-from medkd.ablate.runner import (ablate, run_state, inputs_newer, config_diff, eval_is_fresh, run_error)
+from medkd.ablate.grid import (
+    DEFAULT_SEEDS, PRESETS, SPLIT, Cell, Plan, baseline_config, build_plan, identity, load_grid_doc, parse_seeds,
+    preset_file, run_dir, setting_name, slugify
+)
+from medkd.ablate.report import (
+    ALPHA, CORRECTIONS, LOWER_IS_BETTER, METRICS, compute_results, matched_gain, mean_std, per_case_matrix,
+    test_description
+)
+from medkd.ablate.runner import ablate, config_diff, eval_is_fresh, inputs_newer, run_error, run_state
 
-__all__ = ["PRESETS", "DEFAULT_SEEDS", "SPLIT", "Cell", "Plan", "run_dir", "preset_file", "load_grid_doc", "parse_seeds", "build_plan", "baseline_config", "identity", "setting_name", "slugify", "METRICS", "LOWER_IS_BETTER", "TESTS", "ALPHA", "compute_results", "mean_std", "rel_gain", "per_case_mean", "paired_test", "bootstrap_ci", "test_description", "ablate", "run_state", "inputs_newer", "config_diff", "eval_is_fresh", "run_error"]
+__all__ = [
+    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "LOWER_IS_BETTER", "METRICS", "PRESETS", "SPLIT", "Cell", "Plan",
+    "ablate", "baseline_config", "build_plan", "compute_results", "config_diff", "eval_is_fresh", "identity",
+    "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "per_case_matrix", "preset_file",
+    "run_dir", "run_error", "run_state", "setting_name", "slugify", "test_description",
+]

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from medkd import rundir
 from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
-from medkd.ablate.report import TESTS, compute_results
+from medkd.ablate.report import CORRECTIONS, compute_results
 from medkd.config import DistillConfig, to_dict
 from medkd.errors import MedkdError
 from medkd.report.progress import BarContext
@@ -127,7 +127,7 @@ def ablate(
     base_overrides: Optional[Dict[str, Any]] = None,
     console: Optional[Console] = None,
     config: Optional[Path] = None,
-    test: str = "auto",
+    correction: str = "holm",
     overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Run (or resume) an ablation and write ``DIR/results.{json,csv,md,png}``.
@@ -143,7 +143,8 @@ def ablate(
             e.g. ``{"epochs": 4, "device": "cpu", "student": "s2", "fraction": 0.5}``.
         console: logs and progress (stderr); quiet when ``None``.
         config: a distill options YAML applied under ``base_overrides``.
-        test: ``"auto"``, ``"wilcoxon"`` or ``"ttest"`` (see the module docstring).
+        correction: ``"holm"`` (default), ``"bh"`` or ``"none"``: multiple-comparison adjustment over all
+            non-baseline rows (see the module docstring).
         overwrite: retrain finished runs whose recorded config differs from the grid's (else an error).
 
     Returns:
@@ -160,8 +161,8 @@ def ablate(
     from medkd.report.ablate_table import write_reports
 
     console = console or Console(stderr=True, quiet=True)
-    if test not in TESTS:
-        raise MedkdError(f"unknown test {test!r}; valid: {', '.join(TESTS)}")
+    if correction not in CORRECTIONS:
+        raise MedkdError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
     data, out = Path(data), Path(out)
     prepared = PreparedData(data)
     prepared.require_split(SPLIT)
@@ -219,7 +220,7 @@ def ablate(
         ev = rundir.eval_json(run, SPLIT)
         if ev.is_file() and not any(f["run"] == str(run) for f in failed):
             evals[(cell.name, seed)] = json.loads(ev.read_text())
-    results = compute_results(plan, evals, test=test)
+    results = compute_results(plan, evals, correction=correction)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
                    out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1))
     from medkd.metrics import to_jsonable

@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from medkd.cli.common import (
-    BatchSizeOpt, ConfigOpt, DeviceOpt, InChannelsOpt, JsonOpt, LrOpt, QuietOpt, SeedOpt, fail, handle_errors,
-    log_console, print_json, stdout_console, usage_checks
+    BatchSizeOpt, ConfigOpt, DeviceOpt, InChannelsOpt, JsonOpt, LrOpt, QuietOpt, SeedOpt, SubsetSeedOpt, fail,
+    handle_errors, log_console, print_json, stdout_console, usage_checks
 )
 from medkd.errors import MedkdError
 
@@ -29,12 +29,14 @@ def command(
     student: Annotated[Optional[str], typer.Option(help="s1 | s2, for every cell that does not set it. \\[default: s1]")] = None,
     student_width: Annotated[Optional[int], typer.Option(help="Student base width (s1: 16, s2: 32).")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Seeded fraction of the training cases. \\[default: 0.5]")] = None,
+    subset_seed: SubsetSeedOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per run. \\[default: the grid's, else 12]")] = None,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,
     in_channels: InChannelsOpt = None,
-    test: Annotated[str, typer.Option(help="Paired test over per-case Dice vs the baseline: auto (Wilcoxon with >= 6 "
-                                           "test cases, else paired t-test) | wilcoxon | ttest.")] = "auto",
+    correction: Annotated[str, typer.Option(help="Multiple-comparison adjustment of the p-values over all non-baseline "
+                                                 "rows: holm (family-wise error) | bh (false discovery rate) | none; "
+                                                 "a row is significant when its adjusted p < 0.05.")] = "holm",
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -47,7 +49,7 @@ def command(
 
     Resumable: rerun the same command to skip finished runs and finish the rest.
     """
-    from medkd.ablate import PRESETS, TESTS, ablate, parse_seeds
+    from medkd.ablate import CORRECTIONS, PRESETS, ablate, parse_seeds
     from medkd.report.ablate_table import ablate_table
 
     if grid is not None and preset is not None:
@@ -56,8 +58,8 @@ def command(
         raise fail("give --grid GRID.yaml or --preset quick|study", 2)
     if preset is not None and preset not in PRESETS:
         raise fail(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}", 2)
-    if test not in TESTS:
-        raise fail(f"unknown --test {test!r}; valid: {', '.join(TESTS)}", 2)
+    if correction not in CORRECTIONS:
+        raise fail(f"unknown --correction {correction!r}; valid: {', '.join(CORRECTIONS)}", 2)
     if seeds is not None and seed is not None:
         raise fail("give --seeds or --seed, not both", 2)
     usage_checks(student=student, device=device)
@@ -70,9 +72,10 @@ def command(
     except MedkdError as e:
         raise fail(str(e), 2)
     results = ablate(
-        data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, test=test, overwrite=overwrite,
-        base_overrides=dict(student=student, student_width=student_width, fraction=fraction, epochs=epochs,
-                            batch_size=batch_size, lr=lr, in_channels=in_channels, device=device),
+        data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, correction=correction,
+        overwrite=overwrite,
+        base_overrides=dict(student=student, student_width=student_width, fraction=fraction, subset_seed=subset_seed,
+                            epochs=epochs, batch_size=batch_size, lr=lr, in_channels=in_channels, device=device),
         console=log_console(quiet),
     )
     if json_out:

@@ -41,6 +41,9 @@ InChannelsOpt = Annotated[Optional[int], typer.Option(help="1, or 3 as in the st
 AugmentOpt = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter (distill: the teacher then runs live).")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="Named settings: 'study' (the reference study's).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")]
+SubsetSeedOpt = Annotated[Optional[int], typer.Option(
+    min=0, help="Seed of the --fraction subset of training cases, to hold it fixed across seeds. "
+                "\\[default: the run's --seed, so the subset varies with the seed]")]
 
 # Human output (tables) -> stdout; logs/progress -> stderr.
 stdout_console = Console()

@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from medkd.cli.common import (
     AugmentOpt, BatchSizeOpt, ConfigOpt, DeviceOpt, EpochsOpt, InChannelsOpt, JsonOpt, LrOpt, OverwriteOpt,
-    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, WeightDecayOpt, handle_errors, log_console, print_json, usage_checks
+    PresetOpt, QuietOpt, ResumeOpt, SeedOpt, SubsetSeedOpt, WeightDecayOpt, handle_errors, log_console, print_json, usage_checks
 )
 from medkd.config import DistillConfig, build_config
 
@@ -27,6 +27,7 @@ def command(
     pmd: Annotated[Optional[bool], typer.Option("--pmd/--no-pmd", help="Prediction-map distillation (temperature KL). [default: on]")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="PMD temperature. [default: 4]")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Seeded case-level fraction of the training cases. [default: 0.5]")] = None,
+    subset_seed: SubsetSeedOpt = None,
     weights: Annotated[Optional[str], typer.Option(help="Term weights, e.g. seg=0.4,enc=0.1,bottleneck=0.2,dec=0.1,pmd=0.2 (the study's, default).")] = None,
     epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -56,8 +57,9 @@ def command(
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,
-        weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        in_channels=in_channels, augment=augment, cache=cache, kd_images=kd_images, device=device, seed=seed),
+        subset_seed=subset_seed, weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, in_channels=in_channels, augment=augment, cache=cache, kd_images=kd_images,
+        device=device, seed=seed),
         preset=preset)
     summary = distill(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
     if json_out:

@@ -36,12 +36,13 @@ def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
 
 
 def student_train_set(data: PreparedData, cfg: DistillConfig) -> SliceDataset:
-    """The student's training slices: its seeded labelled ``fraction`` of the train cases, plus (``kd_images="all"``
-    with a teacher) the other train cases without their labels, seen only by the distillation terms."""
+    """The student's training slices: its seeded labelled ``fraction`` of the train cases (drawn with
+    ``cfg.subset_seed``, else the run's seed), plus (``kd_images="all"`` with a teacher) the other train cases
+    without their labels, seen only by the distillation terms."""
     if not cfg.kd_on_unlabelled:
-        return SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.seed)
+        return SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.subset_draw_seed)
     ids = data.require_split("train")
-    return SliceDataset(data, case_ids=ids, labelled_ids=select_fraction(ids, cfg.fraction, cfg.seed))
+    return SliceDataset(data, case_ids=ids, labelled_ids=select_fraction(ids, cfg.fraction, cfg.subset_draw_seed))
 
 
 @claims_run  # before the teacher cache is filled: a second process to the same RUN fails at once
@@ -54,7 +55,8 @@ def distill(
     console: Optional[Console] = None,
     cache_dir: Optional[Path] = None,
 ) -> Dict[str, Any]:
-    """Train a student on a seeded ``cfg.fraction`` of the training cases. Returns the run summary.
+    """Train a student on a seeded ``cfg.fraction`` of the training cases (see :func:`student_train_set`). Returns
+    the run summary.
 
     With ``cfg.scales == []`` and ``cfg.pmd == False`` no teacher is loaded (plain supervised baseline).
     """
@@ -80,11 +82,12 @@ def distill(
     eff = cfg.effective()
     summary_extra = {
         "student": cfg.student, "scales": eff["scales"], "loss": eff.get("loss"), "pmd": eff["pmd"],
-        "fraction": cfg.fraction, "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
+        "fraction": cfg.fraction, "subset_seed": eff.get("subset_seed"),
+        "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
         "weights": eff["weights"], "temperature": eff.get("temperature"),
         "teacher_cache": cache.key if cache is not None else None,
         "kd_images": "all" if cfg.kd_on_unlabelled else "labelled",
-        "labelled_cases": len(train_set.labelled_ids),
+        "labelled_cases": len(train_set.labelled_ids), "labelled_case_ids": sorted(train_set.labelled_ids),
     }
     return fit(task, cfg, data, train_set, run, kind="student", summary_extra=summary_extra, resume=resume,
                overwrite=overwrite, console=console, device=device)

@@ -10,8 +10,10 @@ from medkd.report.tables import (
     fmt_mean_std,
     fmt_ms,
     fmt_num,
+    finite,
+    fmt_pct,
     fmt_pct_change,
-    rel_change,
+    pct_change,
     run_labels,
 )
 
@@ -21,7 +23,9 @@ __all__ = [
     "fmt_mean_std",
     "fmt_ms",
     "fmt_num",
+    "finite",
+    "fmt_pct",
     "fmt_pct_change",
-    "rel_change",
+    "pct_change",
     "run_labels",
 ]

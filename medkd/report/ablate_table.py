@@ -18,19 +18,10 @@ from rich.table import Table
 from rich.text import Text
 
 from medkd import rundir
-from medkd.report.tables import NA, fmt_count, fmt_mean_std, fmt_num
+from medkd.report.tables import NA, fmt_count, fmt_mean_std, fmt_num, fmt_pct
 
 METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Precision", "hd95": "HD95 mm"}
 LOWER_IS_BETTER = ("hd95",)
-
-
-def fmt_gain(pct: Any, digits: int = 2) -> str:
-    """A relative change already in percent: ``7.97 -> "+7.97%"``; ``"–"`` when undefined."""
-    if pct is None:
-        return NA
-    if round(float(pct), digits) == 0:
-        return f"{0:.{digits}f}%"
-    return f"{float(pct):+.{digits}f}%"
 
 
 def fmt_p(p: Any) -> str:
@@ -52,23 +43,39 @@ def setting_cells(row: Dict[str, Any]) -> Tuple[str, str, str]:
     return scales, (row.get("loss") or "–"), ("✓" if row.get("pmd") else "–")
 
 
+def test_line(results: Dict[str, Any]) -> str:
+    """The test, its unit, n and the correction in one sentence (caption of every format)."""
+    t = results.get("test") or {}
+    corr = t.get("correction", "none")
+    adj = f"p adj. = {t.get('correction_description', corr)}" if corr != "none" else \
+        "no multiple-comparison correction (p adj. = p)"
+    lo, hi = t.get("n_seeds_range") or [t.get("n_seeds", "?")] * 2
+    n = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    return (f"p = {t.get('method', '?')} (two-sided, over seeds: per-seed mean per-case Dice difference vs the "
+            f"baseline run of the same seed), n = {n} seed(s) x {t.get('n_cases', '?')} case(s); {adj}; "
+            f"* p adj. < {t.get('alpha', 0.05)}.")
+
+
 def caption(results: Dict[str, Any]) -> str:
     t = results.get("test") or {}
     seeds = results.get("seeds") or []
     text = (f"{results.get('split', 'test')} split; mean ± std over {len(seeds)} seed(s) "
             f"({', '.join(map(str, seeds))}) of each run's mean over cases (HD95 in mm)")
     if any(not r.get("is_baseline") for r in results.get("rows") or []):
-        text += (f"; (±%) = relative change vs the row's baseline (HD95: lower is better); "
-                 f"p = {t.get('description', '?')} over per-case Dice (seed-averaged) vs the baseline, "
-                 f"n = {t.get('n_cases', '?')} case(s); * p < {t.get('alpha', 0.05)}, no multiple-comparison correction.")
+        text += ("; (±%) = relative change vs the row's baseline over the seeds both finished (HD95: lower is "
+                 "better); " + test_line(results))
     else:
         text += "."
+    subset = (results.get("subset") or {}).get("description")
+    if subset:
+        text += f" Training subset: {subset}."
     if t.get("note"):
         text += f" Note: {t['note']}."
     failed = results.get("failed") or []
     if failed:
         which = ", ".join(f"{f['name']} seed {f['seed']}" for f in failed)
-        text += f" {len(failed)} run(s) failed and are left out: {which}."
+        text += (f" {len(failed)} run(s) failed and are left out (rows are compared over the seeds both "
+                 f"finished): {which}.")
     return text
 
 
@@ -99,13 +106,14 @@ class AblateTable:
 
 def ablate_table(results: Dict[str, Any]) -> AblateTable:
     """Rich renderable of the results: one row per setting, per metric mean ± std with the relative change below
-    it, and the p-value (see :func:`build_table`)."""
+    it, and the raw and adjusted p-values (see :func:`build_table`)."""
     return AblateTable(results)
 
 
 def build_table(results: Dict[str, Any], compact: bool = False) -> Table:
     """Rich table: one row per setting; per metric ``mean ± std`` (``compact``: std on its own line) with the
-    relative change vs the row's baseline below it; ``p`` with ``*`` when significant.
+    seed-matched relative change vs the row's baseline below it; ``p`` (raw) and ``p adj.`` (after the
+    correction) with ``*`` when significant.
 
     A ``params`` column appears only when the rows differ (else the title gives them), a ``seeds`` column only
     when some row lacks a seed's result (failed runs). A blank line separates groups of the same (loss, PMD).
@@ -126,6 +134,7 @@ def build_table(results: Dict[str, Any], compact: bool = False) -> Table:
         label = METRIC_LABELS.get(m, m)
         table.add_column(label.replace(" mm", "") if compact else label, justify="right", no_wrap=True)
     table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("p adj.", justify="right", no_wrap=True)
     sep = "\n±" if compact else " ± "
     for i, r in enumerate(rows):
         cells: List[Any] = [Text(r["name"], style="bold" if r.get("is_baseline") else "")]
@@ -142,12 +151,13 @@ def build_table(results: Dict[str, Any], compact: bool = False) -> Table:
             g = r.get(f"{m}_rel_gain")
             better = None if g is None or round(g, 1) == 0 else ((g < 0) if m in LOWER_IS_BETTER else (g > 0))
             style = "" if better is None else ("green" if better else "red")
-            cells.append(Text(top + "\n") + Text(f"({fmt_gain(g, 1)})", style=style))
+            cells.append(Text(top + "\n") + Text(f"({fmt_pct(g, 1)})", style=style))
         if r.get("is_baseline"):
-            cells.append(Text("ref", style="dim"))
+            cells += [Text("ref", style="dim"), Text("ref", style="dim")]
         else:
             star = "*" if r.get("significant") else ""
-            cells.append(Text(fmt_p(r.get("p_value")) + star, style="bold green" if star else ""))
+            cells.append(fmt_p(r.get("p_value")))
+            cells.append(Text(fmt_p(r.get("p_adjusted")) + star, style="bold green" if star else ""))
         nxt = rows[i + 1] if i + 1 < len(rows) else None
         table.add_row(*cells, end_section=nxt is not None and _group(nxt) != _group(r))
     return table
@@ -157,37 +167,40 @@ def to_markdown(results: Dict[str, Any]) -> str:
     """``results.md``: the same table as GitHub markdown, then the caption and the test in words."""
     metrics = results.get("metrics") or list(METRIC_LABELS)
     head = ["setting", "scales", "loss", "PMD", "seeds", "params",
-            *[METRIC_LABELS.get(m, m) for m in metrics], "ΔDice (95% CI)", "p"]
+            *[METRIC_LABELS.get(m, m) for m in metrics], "ΔDice (95% CI)", "p", "p adj."]
     lines = [f"# {title(results)}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join([":---", ":---:", ":---:", ":---:", "---:", "---:"] + ["---:"] * (len(metrics) + 2)) + "|"]
+             "|" + "|".join([":---", ":---:", ":---:", ":---:", "---:", "---:"] + ["---:"] * (len(metrics) + 3)) + "|"]
     for r in results.get("rows") or []:
         sc, loss, pmd = setting_cells(r)
         cells = [f"**{r['name']}**" if r.get("is_baseline") else r["name"], sc, loss, pmd,
                  str(len(r.get("seeds") or [])), fmt_count(r.get("params"))]
         for m in metrics:
             s = fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), _digits(m))
-            cells.append(s if r.get("is_baseline") else f"{s} ({fmt_gain(r.get(f'{m}_rel_gain'))})")
+            cells.append(s if r.get("is_baseline") else f"{s} ({fmt_pct(r.get(f'{m}_rel_gain'))})")
         if r.get("is_baseline"):
-            cells += ["ref", "ref"]
+            cells += ["ref", "ref", "ref"]
         else:
             ci = r.get("dice_diff_ci")
             diff = fmt_num(r.get("dice_diff"))
             if ci:
                 diff += f" [{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
-            p = fmt_p(r.get("p_value"))
-            cells += [diff, f"**{p}\\***" if r.get("significant") else p]
+            q = fmt_p(r.get("p_adjusted"))
+            cells += [diff, fmt_p(r.get("p_value")), f"**{q}\\***" if r.get("significant") else q]
         lines.append("| " + " | ".join(cells) + " |")
     t = results.get("test") or {}
     lines += ["", caption(results), "",
-              f"Statistical test: {t.get('description', '?')}, unit = {t.get('unit', '?')}; "
-              f"ΔDice = mean per-case Dice difference vs the baseline with a {t.get('bootstrap', 'bootstrap CI')}.", ""]
+              f"Statistical test: {t.get('description', '?')}; unit = {t.get('unit', '?')}; multiple comparisons: "
+              f"{t.get('correction_description', '?')}; significant when {t.get('significant_if', '?')}. "
+              f"ΔDice = mean over those seeds of the per-seed mean per-case Dice difference, with a "
+              f"{t.get('ci', '95% CI')}.", ""]
     return "\n".join(lines)
 
 
-CSV_FIXED = ["name", "is_baseline", "baseline", "scales", "loss", "pmd", "student", "fraction", "epochs", "seeds",
-             "n_seeds", "params"]
-CSV_TAIL = ["pooled_dice_mean", "dice_diff", "dice_diff_ci_low", "dice_diff_ci_high", "n_pairs", "test", "statistic",
-            "p_value", "significant"]
+CSV_FIXED = ["name", "is_baseline", "baseline", "scales", "loss", "pmd", "student", "fraction", "subset_seed", "epochs",
+             "seeds", "params"]
+# n_seeds / n_cases: what the test used (seeds finished in both the row and its baseline)
+CSV_TAIL = ["pooled_dice_mean", "seeds_matched", "n_seeds", "n_cases", "dice_diff", "dice_diff_ci_low",
+            "dice_diff_ci_high", "test", "statistic", "df", "p_value", "p_adjusted", "correction", "significant"]
 
 
 def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -196,13 +209,15 @@ def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         d: Dict[str, Any] = {k: r.get(k) for k in CSV_FIXED}
         d["scales"] = "+".join(r.get("scales") or []) or "none"
         d["seeds"] = " ".join(map(str, r.get("seeds") or []))
-        d["n_seeds"] = len(r.get("seeds") or [])
         for m in results.get("metrics") or METRIC_LABELS:
             for suffix in ("mean", "std", "rel_gain"):
                 d[f"{m}_{suffix}"] = r.get(f"{m}_{suffix}")
         ci = r.get("dice_diff_ci") or [None, None]
         d.update({k: r.get(k) for k in CSV_TAIL})
         d["dice_diff_ci_low"], d["dice_diff_ci_high"] = ci
+        if r.get("seeds_matched") is not None:
+            d["seeds_matched"] = " ".join(map(str, r["seeds_matched"]))
+        d["correction"] = None if r.get("is_baseline") else (results.get("test") or {}).get("correction")
         out.append(d)
     return out
 
@@ -244,7 +259,9 @@ def plot_results(results: Dict[str, Any], path: Path) -> None:
         ax.legend(loc="lower right", fontsize=8)
     labels = [r["name"] + (" *" if r.get("significant") else "") for r in rows]
     ax.set_yticks(ys, labels, fontsize=8)
-    ax.set_xlabel(f"test Dice (mean ± std over seeds; * p < {(results.get('test') or {}).get('alpha', 0.05)})")
+    t = results.get("test") or {}
+    ax.set_xlabel(f"test Dice (mean ± std over seeds; * p adj. < {t.get('alpha', 0.05)}, "
+                  f"correction {t.get('correction', 'none')})")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title(results), fontsize=9, loc="left")
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Rich tables rendered from result dicts (the same dicts that are written as JSON).
 
-Formatting helpers (``fmt_*``, :func:`rel_change`) are shared by ``evaluate`` and ``ablate``.
+Number helpers (:func:`finite`, :func:`pct_change`) and formatters (``fmt_*``) are shared by ``evaluate`` and ``ablate``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from rich.text import Text
 NA = "–"
 
 
-def _num(value: Any) -> Optional[float]:
-    """``value`` as a finite float, else ``None`` (``None``/NaN/inf/non-numbers)."""
+def finite(value: Any) -> Optional[float]:
+    """``value`` as a finite float, else ``None`` (``None``/NaN/inf/bool/non-numbers)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -26,12 +26,23 @@ def _num(value: Any) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
-def rel_change(value: Any, ref: Any) -> Optional[float]:
-    """Relative change ``(value - ref) / |ref|``; ``None`` when either is missing or ``ref`` is 0."""
-    v, r = _num(value), _num(ref)
+def pct_change(value: Any, ref: Any) -> Optional[float]:
+    """Relative change in percent, ``100 * (value - ref) / |ref|``; ``None`` when either is missing or ``ref`` is 0."""
+    v, r = finite(value), finite(ref)
     if v is None or r is None or r == 0:
         return None
-    return (v - r) / abs(r)
+    return 100.0 * (v - r) / abs(r)
+
+
+def fmt_pct(pct: Any, digits: int = 2) -> str:
+    """A change already in percent, signed: ``7.97 -> "+7.97%"``, ``"0.00%"`` when it rounds to 0, ``"–"`` when
+    undefined."""
+    p = finite(pct)
+    if p is None:
+        return NA
+    if round(p, digits) == 0:
+        return f"{0:.{digits}f}%"
+    return f"{p:+.{digits}f}%"
 
 
 def fmt_pct_change(value: Any, ref: Any, digits: int = 2) -> str:
@@ -39,24 +50,18 @@ def fmt_pct_change(value: Any, ref: Any, digits: int = 2) -> str:
 
     Returns ``"–"`` when undefined (missing value, NaN, or a zero reference).
     """
-    rc = rel_change(value, ref)
-    if rc is None:
-        return NA
-    pct = 100.0 * rc
-    if round(pct, digits) == 0:
-        return f"{0:.{digits}f}%"
-    return f"{pct:+.{digits}f}%"
+    return fmt_pct(pct_change(value, ref), digits)
 
 
 def fmt_num(value: Any, digits: int = 4) -> str:
     """A float with ``digits`` decimals; ``"–"`` for ``None``/NaN."""
-    v = _num(value)
+    v = finite(value)
     return NA if v is None else f"{v:.{digits}f}"
 
 
 def fmt_mean_std(mean: Any, std: Any, digits: int = 4) -> str:
     """``"0.8123 ± 0.0456"``; the ``± std`` part is left out when the std is undefined."""
-    m, s = _num(mean), _num(std)
+    m, s = finite(mean), finite(std)
     if m is None:
         return NA
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -64,7 +69,7 @@ def fmt_mean_std(mean: Any, std: Any, digits: int = 4) -> str:
 
 def fmt_count(n: Any) -> str:
     """Compact count: ``57297 -> "57.3k"``, ``43236036 -> "43.24M"``, ``1.2e9 -> "1.20G"``."""
-    v = _num(n)
+    v = finite(n)
     if v is None:
         return NA
     for div, suffix, d in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1)):
@@ -75,7 +80,7 @@ def fmt_count(n: Any) -> str:
 
 def fmt_ms(value: Any) -> str:
     """Milliseconds with precision that fits the magnitude (``0.412``, ``12.3``, ``1234``)."""
-    v = _num(value)
+    v = finite(value)
     if v is None:
         return NA
     if v < 1:
@@ -87,7 +92,7 @@ def fmt_ms(value: Any) -> str:
 
 def _styled_change(value: Any, ref: Any) -> Text:
     s = fmt_pct_change(value, ref)
-    rc = rel_change(value, ref)
+    rc = pct_change(value, ref)
     style = "" if rc is None or s.startswith("0") else ("green" if rc > 0 else "red")
     return Text(s, style=style)
 
