@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml, to_dict
 from medkd.errors import MedkdError
 
