@@ -44,9 +44,10 @@ class TrainConfig:
         Raises:
             OptionError: the first bad value, named.
         """
-        opt.check_range(self.epochs, "epochs", lo=1)
-        opt.check_range(self.batch_size, "batch_size", lo=1)
-        opt.check_range(self.lr, "lr", lo=0, lo_open=True)
+        opt.check_epochs(self.epochs)
+        opt.check_batch_size(self.batch_size)
+        opt.check_lr(self.lr)
+        opt.check_weight_decay(self.weight_decay)
         opt.check_choice(self.optimizer, opt.OPTIMIZERS, "optimizer")
         opt.check_choice(self.schedule, opt.SCHEDULES, "schedule")
         opt.check_device(self.device)
@@ -69,8 +70,8 @@ class TeacherConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         opt.check_teacher(self.arch)
-        opt.check_range(self.width, "width", lo=1)
-        opt.check_range(self.recon_weight, "recon_weight", lo=0)
+        opt.check_width(self.width)
+        opt.check_recon_weight(self.recon_weight)
 
 
 @dataclass
@@ -104,10 +105,10 @@ class DistillConfig(TrainConfig):
         for name in [self.loss, *self.scale_losses.values()]:
             opt.check_loss(name)
         opt.check_scale_names(self.scale_losses, "scale_losses")
-        opt.check_range(self.fraction, "fraction", lo=0, hi=1, lo_open=True)
+        opt.check_fraction(self.fraction)
         if self.subset_seed is not None:
             opt.check_range(self.subset_seed, "subset_seed", lo=0)
-        opt.check_range(self.temperature, "temperature", lo=0, lo_open=True)
+        opt.check_temperature(self.temperature)
         opt.check_weights(self.weights)
         opt.check_kd_images(self.kd_images)
         if self.uses_teacher and not self.teacher:
@@ -294,8 +295,15 @@ def build_config(
         cfg = cls(**merged)
     except TypeError as e:
         raise MedkdError(f"invalid options: {e}") from None
-    _coerce_types(cfg)
-    cfg.validate()
+    try:
+        _coerce_types(cfg)
+        cfg.validate()
+    except opt.OptionError as e:  # a bad value from a --config file: name the file (exit 1, not a usage error)
+        files = [Path(f) for f in [*layers, yaml_path] if isinstance(f, (str, Path))]
+        source = next((f for f in reversed(files) if e.option in config_file(cls, f)), None)
+        if source is not None:
+            raise opt.OptionError(f"{source}: {e}", e.option) from None
+        raise
     return cfg
 
 
@@ -312,7 +320,7 @@ def _coerce_types(cfg: Any) -> None:
             elif t in ("bool",) and isinstance(v, str):
                 setattr(cfg, f.name, v.lower() in ("1", "true", "yes", "on"))
         except (TypeError, ValueError):
-            raise MedkdError(f"option {f.name!r} must be {t}, got {v!r}") from None
+            raise opt.OptionError(f"option {f.name!r} must be {t}, got {v!r}", f.name) from None
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -91,11 +91,7 @@ def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
     Raises:
         MedkdError: no run folder / checkpoint, or the model expects another slice size or channel count.
     """
-    run = Path(run)
-    if not run.is_dir():
-        partial = rundir.partial_dir(run)
-        hint = f" (training not finished: {partial} exists)" if partial.is_dir() else ""
-        raise MedkdError(f"{run}: run folder not found{hint}")
+    run = rundir.require_run_dir(run)
     model, ckpt = load_model_from_run(run, which)
     summary = rundir.read_summary(run)
     settings = (ckpt.get("data") or {}).get("settings") or {}

@@ -401,8 +401,7 @@ def export_run(
         raise MedkdError(f"{existing[0]}: already exists (use --overwrite to replace it)")
     if out.is_dir():
         raise MedkdError(f"{out}: is a folder (give a model file name)")
-    if not run.is_dir():
-        raise MedkdError(f"{run}: run folder not found")
+    rundir.require_run_dir(run)
     if data is None:
         root = (load_checkpoint(run_checkpoint(run)).get("data") or {}).get("root")
         if not root:

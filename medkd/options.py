@@ -12,6 +12,7 @@ Range checks (numbers) follow the same shape: :func:`check_range` with ``what`` 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, List, Optional, Sequence
 
 from medkd.errors import MedkdError
@@ -32,7 +33,15 @@ KD_IMAGES = ("labelled", "all")
 
 
 class OptionError(MedkdError):
-    """An option value is not valid (the CLI makes it exit 2; elsewhere it is an ordinary ``MedkdError``)."""
+    """An option value is not valid (the CLI makes it exit 2; elsewhere it is an ordinary ``MedkdError``).
+
+    ``option`` is the option's name as the validator was given it (``build_config`` uses it to name the
+    ``--config`` file a bad value came from).
+    """
+
+    def __init__(self, message: str, option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
 
 
 def check_choice(value: Any, valid: Sequence[Any], what: str) -> Any:
@@ -42,22 +51,23 @@ def check_choice(value: Any, valid: Sequence[Any], what: str) -> Any:
         OptionError: ``unknown <what> 'x'; valid: a, b``.
     """
     if value not in valid:
-        raise OptionError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+        raise OptionError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}", what)
     return value
 
 
 def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[float] = None,
                 lo_open: bool = False, hi_open: bool = False) -> Any:
-    """``value`` if ``lo <= value <= hi`` (``<`` for an open end; ``None`` = unbounded).
+    """``value`` if it is a finite number with ``lo <= value <= hi`` (``<`` for an open end; ``None`` = unbounded).
 
     Raises:
-        OptionError: ``<what> must be in (0, 1], got 2``, or ``must be >= 1`` / ``must be > 0`` for one bound.
+        OptionError: ``<what> must be in (0, 1], got 2``, or ``must be >= 1`` / ``must be > 0`` for one bound;
+            NaN and infinity fail every range.
     """
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise OptionError(f"{what} must be a number, got {value!r}") from None
-    ok = v == v  # NaN fails every bound
+        raise OptionError(f"{what} must be a number, got {value!r}", what) from None
+    ok = math.isfinite(v)
     if lo is not None:
         ok = ok and (v > lo if lo_open else v >= lo)
     if hi is not None:
@@ -69,8 +79,43 @@ def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[
             bounds = f"{'>' if lo_open else '>='} {lo:g}"
         else:
             bounds = f"{'<' if hi_open else '<='} {hi:g}"
-        raise OptionError(f"{what} must be {bounds}, got {value}")
+        raise OptionError(f"{what} must be {'a finite number ' if not math.isfinite(v) else ''}{bounds}, got {value}",
+                          what)
     return value
+
+
+# Numeric options, each checked in one place (configs' validate() and the command line's usage_checks).
+def check_epochs(value: Any, what: str = "epochs") -> Any:
+    return check_range(value, what, lo=1)
+
+
+def check_batch_size(value: Any, what: str = "batch_size") -> Any:
+    return check_range(value, what, lo=1)
+
+
+def check_lr(value: Any, what: str = "lr") -> Any:
+    return check_range(value, what, lo=0, lo_open=True)
+
+
+def check_weight_decay(value: Any, what: str = "weight_decay") -> Any:
+    return check_range(value, what, lo=0)
+
+
+def check_temperature(value: Any, what: str = "temperature") -> Any:
+    return check_range(value, what, lo=0, lo_open=True)
+
+
+def check_fraction(value: Any, what: str = "fraction") -> Any:
+    """The seeded share of the training cases a student sees: ``0 < f <= 1``."""
+    return check_range(value, what, lo=0, hi=1, lo_open=True)
+
+
+def check_width(value: Any, what: str = "width") -> Any:
+    return check_range(value, what, lo=1)
+
+
+def check_recon_weight(value: Any, what: str = "recon_weight") -> Any:
+    return check_range(value, what, lo=0)
 
 
 def students() -> List[str]:
@@ -109,15 +154,17 @@ def parse_scales(value: Any, what: str = "scales") -> List[str]:
     """
     if value is None:
         return []
+    if isinstance(value, str) and not value.strip():  # `--scales ''` must not silently mean none
+        raise OptionError(f"{what} is empty; give a comma list of {', '.join(SCALES)}, or none", what)
     items = value.split(",") if isinstance(value, str) else list(value)
     items = [str(s).strip() for s in items if str(s).strip()]
     if items in (["none"], []):
         return []
     if "none" in items:
-        raise OptionError(f"{what}: 'none' cannot be combined with other scales")
+        raise OptionError(f"{what}: 'none' cannot be combined with other scales", what)
     bad = [s for s in items if s not in SCALES]
     if bad:
-        raise OptionError(f"unknown {what} {bad}; valid: {', '.join(SCALES)} or none")
+        raise OptionError(f"unknown {what} {bad}; valid: {', '.join(SCALES)} or none", what)
     return [s for s in SCALES if s in items]
 
 

@@ -259,6 +259,21 @@ def read_summary(run: Path) -> Dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def require_run_dir(run: Path, what: str = "run folder") -> Path:
+    """``run`` if it is a folder.
+
+    Raises:
+        MedkdError: ``<run>: <what> does not exist`` (noting an unfinished ``RUN.partial``), or is not a folder.
+    """
+    run = Path(run)
+    if not run.exists():
+        hint = f" (training not finished: {partial_dir(run)} exists)" if partial_dir(run).is_dir() else ""
+        raise MedkdError(f"{run}: {what} does not exist{hint}")
+    if not run.is_dir():
+        raise MedkdError(f"{run}: not a {what} (a file)")
+    return run
+
+
 def run_checkpoint(run: Path, which: str = "best") -> Path:
     """The checkpoint file a run's model is loaded from: ``RUN/{which}.pt``, else ``RUN/last.pt``.
 

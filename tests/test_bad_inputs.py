@@ -253,6 +253,20 @@ def teacher_without(name: str, truncate: bool = False) -> Callable[[Env], Path]:
     return make
 
 
+def distill_with(*extra) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        return ["distill", str(env.data), "-o", str(env.tmp / "student"), *[str(e) for e in extra]]
+
+    return build
+
+
+def teacher_with(*extra) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        return ["train-teacher", str(env.data), "-o", str(env.tmp / "teacher"), *[str(e) for e in extra]]
+
+    return build
+
+
 # ---------------------------------------------------------------- the corpus
 
 CASES: List[Case] = [
@@ -319,6 +333,43 @@ CASES: List[Case] = [
     Case("evaluate-truncated-best-pt", evaluate_on(lambda e: e.data, run=teacher_without("best.pt", truncate=True)), 1,
          r"^error: .*teacher/best\.pt: cannot load checkpoint, file is truncated or corrupt \(\d+ bytes, not a "
          r"complete torch archive"),
+    # option values: usage errors on the command line (exit 2) ...
+    *[Case(f"distill-fraction-{v}", distill_with("--scales", "none", "--no-pmd", "--fraction", v), 2,
+           rf"^error: --fraction must be (a finite number )?in \(0, 1\], got {v}(\.0)?$") for v in ("0", "1.5", "nan", "-0.5")],
+    Case("train-epochs-0", teacher_with("--epochs", "0"), 2, r"^error: --epochs must be >= 1, got 0$"),
+    Case("train-batch-size-0", teacher_with("--batch-size", "0"), 2, r"^error: --batch-size must be >= 1, got 0$"),
+    Case("train-lr-nan", teacher_with("--lr", "nan"), 2, r"^error: --lr must be a finite number > 0, got nan$"),
+    Case("train-lr-inf", teacher_with("--lr", "inf"), 2, r"^error: --lr must be a finite number > 0, got inf$"),
+    Case("train-lr-0", teacher_with("--lr", "0"), 2, r"^error: --lr must be > 0, got 0"),
+    Case("train-width-0", teacher_with("--width", "0"), 2, r"^error: --width must be >= 1, got 0$"),
+    Case("distill-temperature-0", distill_with("--temperature", "0"), 2, r"^error: --temperature must be > 0, got 0"),
+    Case("distill-scales-empty", distill_with("--scales", ""), 2,
+         r"^error: --scales is empty; give a comma list of enc, bottleneck, dec, or none$"),
+    Case("distill-epochs-0", distill_with("--scales", "none", "--no-pmd", "--epochs", "0"), 2,
+         r"^error: --epochs must be >= 1, got 0$"),
+    Case("evaluate-split-nosuch", lambda e: ["evaluate", e.teacher, "--data", e.data, "--split", "nosuch"], 2,
+         r"^error: unknown --split 'nosuch'; valid: train, val, test$"),
+    Case("evaluate-batch-size-0", lambda e: ["evaluate", e.teacher, "--data", e.data, "--batch-size", "0"], 2,
+         r"^error: --batch-size must be >= 1, got 0$"),
+    Case("ablate-fraction-0", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl", "--preset",
+                                         "quick", "--fraction", "0"], 2, r"^error: --fraction must be in \(0, 1\], got 0"),
+    # ... and the same values in a --config file: exit 1 naming the file
+    Case("config-fraction", with_file("cfg.yaml", b"scales: none\npmd: false\nfraction: 1.5\n", lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: fraction must be in \(0, 1\], got 1\.5$"),
+    Case("config-epochs", with_file("cfg.yaml", b"epochs: 0\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1, r"^error: .*cfg\.yaml: epochs must be >= 1, got 0$"),
+    Case("config-lr-nan", with_file("cfg.yaml", b"lr: .nan\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: lr must be a finite number > 0, got nan$"),
+    Case("config-lr-text", with_file("cfg.yaml", b"lr: fast\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: option 'lr' must be float, got 'fast'$"),
+    Case("config-scales-empty", with_file("cfg.yaml", b"scales: ''\n", lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: scales is empty"),
+    Case("teacher-missing", distill_with("--teacher", "/nonexistent/teacher"), 1,
+         r"^error: /nonexistent/teacher: teacher run folder does not exist$"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
 ]

@@ -62,7 +62,8 @@ def command(
         raise fail(f"unknown --correction {correction!r}; valid: {', '.join(CORRECTIONS)}", 2)
     if seeds is not None and seed is not None:
         raise fail("give --seeds or --seed, not both", 2)
-    usage_checks(student=student, device=device)
+    usage_checks(student=student, device=device, fraction=fraction, epochs=epochs, batch_size=batch_size,
+                 lr=lr)
     seed_list = None
     try:
         if seeds is not None:

@@ -107,6 +107,9 @@ def _json_default(o: Any) -> Any:
 _VALIDATORS = {
     "student": "check_student", "arch": "check_teacher", "loss": "check_loss", "scales": "parse_scales",
     "device": "check_device", "split": "check_split", "weights": "parse_weights", "kd_images": "check_kd_images",
+    "epochs": "check_epochs", "batch_size": "check_batch_size", "lr": "check_lr", "weight_decay": "check_weight_decay",
+    "temperature": "check_temperature", "fraction": "check_fraction", "width": "check_width",
+    "recon_weight": "check_recon_weight",
 }
 
 

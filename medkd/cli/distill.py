@@ -53,7 +53,8 @@ def command(
     from medkd.distill.run import distill
 
     checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device,
-                           kd_images=kd_images)
+                           kd_images=kd_images, temperature=temperature, fraction=fraction, epochs=epochs,
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay)
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,

@@ -56,7 +56,7 @@ def command(
     from medkd.predict import predict_paths
     from medkd.report.tables import print_table
 
-    usage_checks(device=device)
+    usage_checks(device=device, batch_size=batch_size)
     log = log_console(quiet)
 
     def progress(i: int, n: int, case: str) -> None:

@@ -43,7 +43,8 @@ def command(
     """Train the multi-task teacher (segmentation + image reconstruction) on all training cases."""
     from medkd.train.teacher import train_teacher
 
-    usage_checks(arch=arch, device=device)
+    usage_checks(arch=arch, device=device, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, recon_weight=recon_weight)
     cfg = build_config(TeacherConfig, config, dict(
         arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, recon_weight=recon_weight, in_channels=in_channels,

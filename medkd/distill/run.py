@@ -15,13 +15,13 @@ from medkd.distill.distiller import Distiller, tap_paths
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
-from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
+from medkd.rundir import load_model_from_run, require_run_dir, run_checkpoint, trained_size
 from medkd.train.loop import claims_run, fit, seed_everything
 
 
 def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData):
     """Load a teacher run's best checkpoint and check it fits the data. Returns (model, checkpoint path)."""
-    teacher_run = Path(teacher_run)
+    teacher_run = require_run_dir(teacher_run, "teacher run folder")
     model, ckpt = load_model_from_run(teacher_run, "best")
     if ckpt.get("kind") != "teacher":
         raise MedkdError(f"{teacher_run}: not a teacher run (kind={ckpt.get('kind')!r})")
