@@ -79,8 +79,7 @@ def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[
             bounds = f"{'>' if lo_open else '>='} {lo:g}"
         else:
             bounds = f"{'<' if hi_open else '<='} {hi:g}"
-        raise OptionError(f"{what} must be {'a finite number ' if not math.isfinite(v) else ''}{bounds}, got {value}",
-                          what)
+        raise OptionError(f"{what} must be {bounds}{'' if math.isfinite(v) else ' and finite'}, got {value}", what)
     return value
 
 
