@@ -18,7 +18,7 @@ from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
 from medkd.ablate.report import CORRECTIONS, compute_results
 from medkd.config import DistillConfig, to_dict
 from medkd.errors import MedkdError
-from medkd.report.progress import BarContext
+from medkd.report.progress import Bars
 
 
 def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
@@ -84,37 +84,6 @@ def eval_is_fresh(run: Path, data: Path) -> bool:
     except ValueError:
         return False
     return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT
-
-
-class _Progress(BarContext):
-    """Overall bar (runs done / total, ETA) above the current run's epoch bar (drawn by the training loop, nested
-    under this one); plain lines when stderr is not a terminal (or Rich cannot nest live displays)."""
-
-    def __init__(self, console: Console, total: int, done: int):
-        self.console, self.total, self.done = console, total, done
-        self.bar = None
-        if console.is_terminal and not console.quiet and hasattr(console, "_live_stack"):
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("[bold]ablation[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                TextColumn("{task.description}"), console=console, transient=False)
-            self.task = self.bar.add_task("", total=total, completed=done)
-
-    def start(self, label: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=escape(label))
-        else:
-            self.console.print(f"\\[{self.done + 1}/{self.total}] {escape(label)}", highlight=False, soft_wrap=True)
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.bar:
-            self.bar.advance(self.task)
-
-    def log(self, msg: str) -> None:
-        (self.bar.console if self.bar else self.console).print(msg, highlight=False, soft_wrap=True)
 
 
 def ablate(
@@ -193,11 +162,12 @@ def ablate(
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     failed: List[Dict[str, str]] = []
     t0 = time.time()
-    with _Progress(console, len(runs), n_done) as progress:
+    with Bars(console, "[bold]ablation[/]", len(runs), n_done, unit="runs", transient=False,
+              nested=True) as progress:
         for cell, seed, run, cfg, state, detail in states:
             label = f"{cell.name} seed {seed}"
             if state != "done":
-                progress.start(label)
+                progress.start(label, announce=True)
                 if detail:
                     progress.log(escape(f"{run}: {detail}; restarting"))
                 try:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 from typing_extensions import Annotated
 
 from medkd.cli.common import (
@@ -54,7 +53,7 @@ def command(
     from rich.markup import escape
 
     from medkd.predict import predict_paths
-    from medkd.report.tables import print_table
+    from medkd.report.tables import predict_table, print_table
 
     usage_checks(device=device, batch_size=batch_size)
     log = log_console(quiet)
@@ -77,14 +76,7 @@ def command(
         print_json({"run": str(run), "out": str(out), "engine": result.engine,
                     "postprocessing": result.postprocessing, "written": result.written, "failed": result.failed})
     elif result.written:  # the result table is stdout output; --quiet only silences stderr logs
-        table = Table(title=f"predicted masks: {out}", title_justify="left")
-        for col, j in (("case", "left"), ("output", "left"), ("shape", "right"), ("modality", "left"),
-                       ("fg voxels", "right"), ("fg mL", "right"), ("s", "right")):
-            table.add_column(col, justify=j)  # type: ignore[arg-type]
-        for w in result.written:
-            table.add_row(w["case"], Path(w["seg"]).name, "×".join(str(v) for v in w["shape"]), w["modality"],
-                          f"{w['fg_voxels']:,}", f"{w['fg_ml']:.1f}", f"{w['seconds']:.1f}")
-        print_table(stdout_console, table)
+        print_table(stdout_console, predict_table(result.written, out))
     if result.failed or not result.written:
         if not result.failed:
             stderr_console.print("[bold red]error:[/] no input to segment", highlight=False)

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 from typing_extensions import Annotated
 
 from medkd.cli.common import (
@@ -21,6 +20,8 @@ from medkd.cli.common import (
     stdout_console,
 )
 from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, parse_window, preprocess, split_summary
+from medkd.report.progress import Bars
+from medkd.report.tables import prepared_table
 
 
 @handle_errors
@@ -48,24 +49,8 @@ def command(
         val_fraction=val_fraction, seed=seed, workers=max(1, workers),
     )
     log = log_console(quiet)
-    if log.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(
-            TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeRemainingColumn(), console=log, transient=True,
-        ) as bar:
-            task = bar.add_task("", total=None)
-
-            def progress(i: int, n: int, cid: str) -> None:
-                bar.update(task, completed=i, total=n, description=cid)
-
-            result = _run(source, out, settings, overwrite, progress, log)
-    else:
-        def progress(i: int, n: int, cid: str) -> None:
-            log.print(f"[{i}/{n}] {cid}", highlight=False)
-
-        result = _run(source, out, settings, overwrite, progress, log)
+    with Bars(log, "preprocess", None) as bars:
+        result = _run(source, out, settings, overwrite, bars.update, log)
 
     _print_bad(result.bad)
     if result.bad:
@@ -80,14 +65,7 @@ def command(
         print_json({"out": str(result.out), "splits": rows, "skipped": result.manifest["skipped"],
                     "seconds": round(result.seconds, 2)})
     elif not quiet:
-        table = Table(title=f"prepared dataset: {result.out}")
-        for col in ("split", "cases", "slices", "slices with fg", "fg fraction", "empty labels"):
-            table.add_column(col, justify="left" if col == "split" else "right")
-        for r in rows:
-            table.add_row(r["split"], str(r["cases"]), str(r["slices"]), str(r["fg_slices"]),
-                          f"{r['fg_fraction']:.4f}", str(r["empty_labels"]))
-        table.caption = f"skipped: {len(result.bad)} · {result.seconds:.1f} s"
-        stdout_console.print(table)
+        stdout_console.print(prepared_table(rows, result.out, len(result.bad), result.seconds))
     if result.bad and not skip_bad:
         raise typer.Exit(1)
 

@@ -180,6 +180,30 @@ def _rule_label(rule: Dict[str, Any]) -> str:
     return "none"
 
 
+def prepared_table(rows: Sequence[Dict[str, Any]], out: Path, n_bad: int, seconds: float) -> Table:
+    """``medkd preprocess``: one row per split (from :func:`medkd.data.preprocess.split_summary`)."""
+    table = Table(title=f"prepared dataset: {out}")
+    for col in ("split", "cases", "slices", "slices with fg", "fg fraction", "empty labels"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for r in rows:
+        table.add_row(r["split"], str(r["cases"]), str(r["slices"]), str(r["fg_slices"]),
+                      f"{r['fg_fraction']:.4f}", str(r["empty_labels"]))
+    table.caption = f"skipped: {n_bad} · {seconds:.1f} s"
+    return table
+
+
+def predict_table(written: Sequence[Dict[str, Any]], out: Path) -> Table:
+    """``medkd predict``: one row per written mask (the ``written`` dicts of the predict result)."""
+    table = Table(title=f"predicted masks: {out}", title_justify="left")
+    for col, j in (("case", "left"), ("output", "left"), ("shape", "right"), ("modality", "left"),
+                   ("fg voxels", "right"), ("fg mL", "right"), ("s", "right")):
+        table.add_column(col, justify=j)  # type: ignore[arg-type]
+    for w in written:
+        table.add_row(w["case"], Path(w["seg"]).name, "×".join(str(v) for v in w["shape"]), w["modality"],
+                      f"{w['fg_voxels']:,}", f"{w['fg_ml']:.1f}", f"{w['seconds']:.1f}")
+    return table
+
+
 def print_table(console, table: Table) -> None:
     """Print ``table`` whole: on a terminal Rich fits it to the window; when the output is piped or captured
     (Rich's default width there is 80 columns) it is rendered at the table's natural width instead of

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from medkd.errors import MedkdError, TrainingError
 from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
 from medkd.metrics.efficiency import count_params
 from medkd.metrics.segmentation import confusion, overlap_from_counts
-from medkd.report.progress import BarContext
+from medkd.report.progress import Bars
 from medkd import rundir
 from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
 
@@ -215,6 +215,199 @@ def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class Trainer:
+    """The state of one training run (task, optimizer, schedule, scaler, history, best) and its phases:
+    :meth:`restore` (from ``last.pt``), one epoch (:meth:`train_epoch` + :meth:`end_epoch`), :meth:`finish`.
+
+    Args:
+        task: the task (see the module docstring); moved to ``device``.
+        cfg: the training config.
+        data: the prepared dataset (validation split; what was trained on is recorded in every checkpoint).
+        train_set: the training slices.
+        run: the run folder (written into ``RUN.partial`` until :meth:`finish`).
+        kind: ``"teacher"`` or ``"student"``.
+        device: where to train.
+    """
+
+    def __init__(self, task: torch.nn.Module, cfg: TrainConfig, data: PreparedData, train_set: Dataset, run: Path,
+                 kind: str, device: torch.device):
+        self.task, self.cfg, self.data, self.train_set, self.kind, self.device = task, cfg, data, train_set, kind, device
+        self.run, self.work = Path(run), partial_dir(run)
+        set_deterministic(device)
+        task.to(device)
+        self.model = task.model
+        self.use_cuda = device.type == "cuda"
+        if self.use_cuda:
+            task.to(memory_format=torch.channels_last)
+        self.amp_dtype = torch.bfloat16 if self.use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.use_amp = bool(cfg.amp and self.use_cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.params = [p for p in task.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+        self.val_ids = data.require_split("val")
+        self.history: List[Dict[str, Any]] = []
+        self.best = {"epoch": 0, "val_dice": -1.0}
+        self.epoch, self.seconds = 0, 0.0  # epochs done, training seconds so far
+        self.resumed = False
+        # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
+        self.config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
+        self.data_doc = data_record(data, getattr(train_set, "case_ids", []), self.val_ids)
+
+    # ----------------------------------------------------------------------------------------------- restore
+
+    def restore(self, path: Path, copied: bool = False) -> None:
+        """Continue from a full checkpoint (``last.pt``): weights, optimizer, schedule (re-fitted to the current
+        ``epochs``), scaler, history, best, RNG states.
+
+        Raises:
+            MedkdError: the partial run was made with other options or data (its fresh copy removed when
+                ``copied``), or its weights do not fit the model.
+        """
+        ck = load_checkpoint(path, "cpu")  # load_state_dict copies to the modules' device
+        differs = resume_mismatch(ck, self.config_doc, self.data_doc)
+        if differs:
+            if copied:
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise MedkdError(f"{path}: cannot resume, the partial run differs: {differs} (resume with the "
+                             f"same options and data, or start again with --overwrite)")
+        try:
+            self.model.load_state_dict(ck["model"])
+            if hasattr(self.task, "load_trainable_state"):
+                self.task.load_trainable_state(ck.get("extra", {}))
+            self.opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MedkdError(f"{path}: cannot resume, its weights do not fit this model "
+                             f"({str(e).strip().splitlines()[0][:160]})") from None
+        if self.sched is not None and ck.get("scheduler"):
+            self.sched.load_state_dict(ck["scheduler"])
+            _extend_schedule(self.sched, self.opt, self.cfg.epochs)
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.history, self.best = ck["history"], ck["best"]
+        self.epoch, self.seconds = ck["epoch"], ck.get("seconds", 0.0)
+        _set_rng_state(ck["rng"])
+        self.resumed = True
+
+    def write_config(self) -> None:
+        import yaml
+
+        rundir.write_text(self.work / rundir.CONFIG, yaml.safe_dump(self.config_doc, sort_keys=False))
+
+    # --------------------------------------------------------------------------------------------- one epoch
+
+    def train_epoch(self, bars: Bars) -> Tuple[Dict[str, float], int]:
+        """One pass over the training set (epoch ``self.epoch``). Returns each term summed over samples, and the
+        number of samples.
+
+        Raises:
+            TrainingError: a non-finite loss (the last good ``last.pt`` stays), a dead term at the first step.
+        """
+        epoch, cfg, device = self.epoch, self.cfg, self.device
+        loader, gen = epoch_loader(self.train_set, cfg, epoch, pin_memory=self.use_cuda)
+        self.task.train()
+        sums: Dict[str, float] = {}
+        n = 0
+        bars.start(f"epoch {epoch + 1}", inner_total=len(loader))
+        for step, (x, y, idx) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if cfg.augment:
+                x, y = augment_batch(x, y, gen)
+            x = match_channels(x, cfg.in_channels)
+            if self.use_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                terms = self.task(x, y, idx)
+            terms = {k: v.float() for k, v in terms.items()}
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                last = self.work / rundir.LAST
+                kept = (f"last good checkpoint: {last}, epoch {epoch}" if last.is_file()
+                        else "no epoch had finished, so there is no checkpoint to resume from")
+                raise TrainingError(f"{self.run}: loss term(s) {bad} became non-finite at epoch {epoch + 1} "
+                                    f"step {step + 1}; stopped ({kept})")
+            if epoch == 0 and step == 0 and not self.resumed:
+                check_first_step(terms, self.params)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
+            n += x.shape[0]
+            bars.step({k: s / n for k, s in sums.items()})
+        return sums, n
+
+    def end_epoch(self, sums: Dict[str, float], n: int, t0: float) -> Dict[str, Any]:
+        """Validate, step the schedule, record the epoch (begun at ``t0``) and write ``best.pt`` (when improved),
+        ``last.pt`` and ``history.jsonl``. Returns the history row (``improved`` added, not saved)."""
+        self.task.eval()
+        val_dice = validate(self.task.predict, self.data, self.val_ids, self.device, self.cfg.in_channels,
+                            self.cfg.batch_size * 2)
+        lr = self.opt.param_groups[0]["lr"]
+        if self.sched is not None:
+            self.sched.step(val_dice) if self.cfg.schedule == "plateau" else self.sched.step()
+        self.epoch += 1
+        self.seconds += time.time() - t0
+        n = max(n, 1)
+        row = {"epoch": self.epoch, "loss": sum(sums.values()) / n, **{k: s / n for k, s in sums.items()},
+               "val_dice": val_dice, "lr": lr,
+               **(self.task.epoch_stats() if hasattr(self.task, "epoch_stats") else {}),
+               "seconds": round(time.time() - t0, 3)}
+        self.history.append(row)
+        improved = val_dice > self.best["val_dice"]
+        if improved:
+            self.best = {"epoch": self.epoch, "val_dice": val_dice}
+            atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
+            if hasattr(self.task, "trainable_state"):
+                atomic_save(self.task.trainable_state(), self.work / rundir.HEADS)
+        atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
+        rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
+        return {**row, "improved": improved}
+
+    def checkpoint(self, full: bool) -> Dict[str, Any]:
+        """``best.pt`` content (the model alone, loadable without the task), or with ``full`` ``last.pt``'s."""
+        d = {
+            "model": self.model.state_dict(), "model_config": self.model.config, "kind": self.kind,
+            "epoch": self.epoch, "config": self.config_doc, "medkd_version": medkd.__version__,
+            "data": self.data_doc,
+        }
+        if full:
+            d.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
+                     scaler=self.scaler.state_dict(), history=self.history, best=self.best, rng=_rng_state(),
+                     seconds=self.seconds)
+            if hasattr(self.task, "trainable_state"):
+                d["extra"] = self.task.trainable_state()
+        return d
+
+    # ------------------------------------------------------------------------------------------------ finish
+
+    def finish(self, summary_extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Write ``summary.json`` and move ``RUN.partial`` into place as ``RUN``. Returns the summary."""
+        h, d = self.history, self.data_doc
+        summary = {
+            "kind": self.kind, "arch": self.model.arch, "params": count_params(self.model), "epochs_done": len(h),
+            "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
+            "final_val_dice": h[-1]["val_dice"] if h else None, "seconds": round(self.seconds, 2),
+            "seed": self.cfg.seed, "device": str(self.device), "medkd_version": medkd.__version__,
+            "data": str(self.data.root.resolve()), "train_cases": len(getattr(self.train_set, "case_ids", [])),
+            "train_slices": len(self.train_set), "data_fingerprint": d["fingerprint"],
+            "train_case_ids": d["train_cases"], "val_case_ids": d["val_cases"], **(summary_extra or {}),
+        }
+        rundir.write_text(self.work / rundir.SUMMARY, json.dumps(summary, indent=2))
+        finalize_run_dir(self.run)
+        return summary
+
+
+def epoch_line(kind: str, row: Dict[str, Any], epochs: int) -> str:
+    """``teacher epoch 3/12 loss=... dice=... val_dice=0.8123 * (4.1s)`` (``*``: new best)."""
+    terms = " ".join(f"{k}={row[k]:.4f}" for k in row if k not in ("epoch", "val_dice", "lr", "seconds", "improved"))
+    return (f"{kind} epoch {row['epoch']}/{epochs} {terms} val_dice={row['val_dice']:.4f}"
+            f"{' *' if row['improved'] else ''} ({row['seconds']:.1f}s)")
+
+
 @claims_run
 def fit(
     task: torch.nn.Module,
@@ -231,7 +424,8 @@ def fit(
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
     device: Optional[torch.device] = None,
 ) -> Dict[str, Any]:
-    """Train ``task`` and write the run folder. Returns ``summary.json``'s content.
+    """Train ``task`` and write the run folder: restore, one epoch at a time, finish. Returns ``summary.json``'s
+    content.
 
     ``device``: where to train when the caller resolved it already (default: ``cfg.device``).
 
@@ -240,163 +434,38 @@ def fit(
         MedkdError: run folder problems.
     """
     console = console or Console(stderr=True)
-    run = Path(run)
-    work = partial_dir(run)
+    run, work = Path(run), partial_dir(run)
     for note in rundir.clean_stale_temps(run.parent, stem=run.name) + rundir.clean_stale_temps(work):
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)  # left by a killed process
     copied = resume and not (work / rundir.LAST).is_file()  # resuming a finished RUN: RUN.partial is a fresh copy
     resume_from = prepare_run_dir(run, resume, overwrite)
-    device = resolve_device(device if device is not None else cfg.device)
-    set_deterministic(device)
-    task.to(device)
-    model = task.model
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        task.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    use_amp = bool(cfg.amp and use_cuda)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    params = [p for p in task.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    sched = make_scheduler(opt, cfg)
-    val_ids = data.require_split("val")
-
-    history: List[Dict[str, Any]] = []
-    best = {"epoch": 0, "val_dice": -1.0}
-    start_epoch, seconds = 0, 0.0
-    # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
-    config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
-    data_doc = data_record(data, getattr(train_set, "case_ids", []), val_ids)
+    t = Trainer(task, cfg, data, train_set, run, kind, resolve_device(device if device is not None else cfg.device))
     if resume_from is not None:
-        ck = load_checkpoint(resume_from, "cpu")  # load_state_dict copies to the modules' device
-        differs = resume_mismatch(ck, config_doc, data_doc)
-        if differs:
-            if copied:
-                shutil.rmtree(work, ignore_errors=True)
-            raise MedkdError(f"{resume_from}: cannot resume, the partial run differs: {differs} (resume with the "
-                             f"same options and data, or start again with --overwrite)")
-        try:
-            model.load_state_dict(ck["model"])
-            if hasattr(task, "load_trainable_state"):
-                task.load_trainable_state(ck.get("extra", {}))
-            opt.load_state_dict(ck["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise MedkdError(f"{resume_from}: cannot resume, its weights do not fit this model "
-                             f"({str(e).strip().splitlines()[0][:160]})") from None
-        if sched is not None and ck.get("scheduler"):
-            sched.load_state_dict(ck["scheduler"])
-            _extend_schedule(sched, opt, cfg.epochs)
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        history, best = ck["history"], ck["best"]
-        start_epoch, seconds = ck["epoch"], ck.get("seconds", 0.0)
-        _set_rng_state(ck["rng"])
-        if start_epoch >= cfg.epochs:
-            console.print(f"{run}: already trained for {start_epoch} epoch(s); nothing to resume", highlight=False)
-    import yaml
-
-    rundir.write_text(work / rundir.CONFIG, yaml.safe_dump(config_doc, sort_keys=False))
-
-    def ckpt(epoch: int, full: bool) -> Dict[str, Any]:
-        d = {
-            "model": model.state_dict(), "model_config": model.config, "kind": kind, "epoch": epoch,
-            "config": config_doc, "medkd_version": medkd.__version__,
-            "data": data_doc,
-        }
-        if full:
-            d.update(optimizer=opt.state_dict(), scheduler=sched.state_dict() if sched else None,
-                     scaler=scaler.state_dict(), history=history, best=best, rng=_rng_state(), seconds=seconds)
-            if hasattr(task, "trainable_state"):
-                d["extra"] = task.trainable_state()
-        return d
-
-    progress = _Progress(console, cfg.epochs, start_epoch, kind)
-    bs = cfg.batch_size
+        t.restore(resume_from, copied)
+        if t.epoch >= cfg.epochs:
+            console.print(f"{run}: already trained for {t.epoch} epoch(s); nothing to resume", highlight=False)
+    t.write_config()
     try:
-        with progress:
-            for epoch in range(start_epoch, cfg.epochs):
+        with Bars(console, f"{kind} epochs", cfg.epochs, t.epoch, inner=True) as bars:
+            while t.epoch < cfg.epochs:
                 t0 = time.time()
-                loader, gen = epoch_loader(train_set, cfg, epoch, pin_memory=use_cuda)
-                task.train()
-                sums: Dict[str, float] = {}
-                n = 0
-                progress.start_epoch(epoch, len(loader))
-                for step, (x, y, idx) in enumerate(loader):
-                    x = x.to(device, non_blocking=True)
-                    y = y.to(device, non_blocking=True)
-                    if cfg.augment:
-                        x, y = augment_batch(x, y, gen)
-                    x = match_channels(x, cfg.in_channels)
-                    if use_cuda:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        terms = task(x, y, idx)
-                    terms = {k: v.float() for k, v in terms.items()}
-                    loss = sum(terms.values())
-                    if not torch.isfinite(loss):
-                        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                        kept = (f"last good checkpoint: {work / rundir.LAST}, epoch {epoch}" if (work / rundir.LAST).is_file()
-                                else "no epoch had finished, so there is no checkpoint to resume from")
-                        raise TrainingError(
-                            f"{run}: loss term(s) {bad} became non-finite at epoch {epoch + 1} step {step + 1}; "
-                            f"stopped ({kept})"
-                        )
-                    if epoch == 0 and step == 0 and resume_from is None:
-                        check_first_step(terms, params)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
-                    n += x.shape[0]
-                    progress.step({k: s / n for k, s in sums.items()})
-                task.eval()
-                val_dice = validate(task.predict, data, val_ids, device, cfg.in_channels, bs * 2)
-                lr = opt.param_groups[0]["lr"]
-                if sched is not None:
-                    sched.step(val_dice) if cfg.schedule == "plateau" else sched.step()
-                seconds += time.time() - t0
-                row = {"epoch": epoch + 1, "loss": sum(sums.values()) / max(n, 1),
-                       **{k: s / max(n, 1) for k, s in sums.items()}, "val_dice": val_dice, "lr": lr,
-                       **(task.epoch_stats() if hasattr(task, "epoch_stats") else {}),
-                       "seconds": round(time.time() - t0, 3)}
-                history.append(row)
-                improved = val_dice > best["val_dice"]
-                if improved:
-                    best = {"epoch": epoch + 1, "val_dice": val_dice}
-                    atomic_save(ckpt(epoch + 1, full=False), work / rundir.BEST)
-                    if hasattr(task, "trainable_state"):
-                        atomic_save(task.trainable_state(), work / rundir.HEADS)
-                atomic_save(ckpt(epoch + 1, full=True), work / rundir.LAST)
-                rundir.write_text(work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in history))
-                progress.end_epoch(row, improved)
+                sums, n = t.train_epoch(bars)
+                row = t.end_epoch(sums, n, t0)
+                bars.advance(epoch_line(kind, row, cfg.epochs))
                 if on_epoch:
-                    on_epoch(row)
+                    on_epoch({k: v for k, v in row.items() if k != "improved"})
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             console.print(f"interrupted: last completed epoch kept in {work / rundir.LAST}; rerun with --resume"
                           if (work / rundir.LAST).is_file() else "interrupted before the first epoch finished",
                           highlight=False, soft_wrap=True)
-        if history:  # best effort: a failing plot must not hide why training stopped
+        if t.history:  # best effort: a failing plot must not hide why training stopped
             with contextlib.suppress(Exception):
-                _plot_curves(history, work / rundir.CURVES)
+                _plot_curves(t.history, work / rundir.CURVES)
         raise
-    if history:
-        _plot_curves(history, work / rundir.CURVES)
-
-    summary = {
-        "kind": kind, "arch": model.arch, "params": count_params(model), "epochs_done": len(history),
-        "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
-        "final_val_dice": history[-1]["val_dice"] if history else None, "seconds": round(seconds, 2),
-        "seed": cfg.seed, "device": str(device), "medkd_version": medkd.__version__,
-        "data": str(data.root.resolve()), "train_cases": len(getattr(train_set, "case_ids", [])),
-        "train_slices": len(train_set), "data_fingerprint": data_doc["fingerprint"],
-        "train_case_ids": data_doc["train_cases"], "val_case_ids": data_doc["val_cases"], **(summary_extra or {}),
-    }
-    rundir.write_text(work / rundir.SUMMARY, json.dumps(summary, indent=2))
-    finalize_run_dir(run)
-    return summary
+    if t.history:
+        _plot_curves(t.history, work / rundir.CURVES)
+    return t.finish(summary_extra)
 
 
 def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
@@ -421,37 +490,3 @@ def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     finally:
         plt.close(fig)
 
-
-class _Progress(BarContext):
-    """Rich epoch + batch bars with live loss terms on a terminal; one plain line per epoch otherwise."""
-
-    def __init__(self, console: Console, epochs: int, start: int, kind: str):
-        self.console, self.epochs, self.kind = console, epochs, kind
-        self.live = console.is_terminal and not console.quiet
-        self.bar = None
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-                                transient=True)
-            self.t_epoch = self.bar.add_task("", total=epochs, completed=start, label=f"{kind} epochs")
-            self.t_batch = self.bar.add_task("", total=1, label="batches")
-
-    def start_epoch(self, epoch: int, n_batches: int) -> None:
-        if self.bar:
-            self.bar.reset(self.t_batch, total=n_batches, label=f"epoch {epoch + 1}")
-
-    def step(self, means: Dict[str, float]) -> None:
-        if self.bar:
-            self.bar.update(self.t_batch, advance=1, description=" ".join(f"{k}={v:.4f}" for k, v in means.items()))
-
-    def end_epoch(self, row: Dict[str, Any], improved: bool) -> None:
-        terms = " ".join(f"{k}={row[k]:.4f}" for k in row if k not in ("epoch", "val_dice", "lr", "seconds"))
-        line = (f"{self.kind} epoch {row['epoch']}/{self.epochs} {terms} val_dice={row['val_dice']:.4f}"
-                f"{' *' if improved else ''} ({row['seconds']:.1f}s)")
-        if self.bar:
-            self.bar.advance(self.t_epoch)
-            self.bar.console.print(line, highlight=False, soft_wrap=True)
-        else:
-            self.console.print(line, highlight=False, soft_wrap=True)
