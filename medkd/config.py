@@ -172,14 +172,32 @@ class DistillConfig(TrainConfig):
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # The reference study (arXiv 2406.03173): AdamW 1e-4, wd 0.05, batch 8, 200 epochs, width 64,
-    # 3 input channels; prepare the data with `medkd preprocess --size 256`.
-    "study": {
-        "epochs": 200, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.05, "optimizer": "adamw",
-        "schedule": "cosine", "in_channels": 3, "width": 64, "kd_images": "labelled",
-    },
-}
+#: Kinds of packaged presets ``medkd/presets/<kind>-<name>.yaml``: ``train`` files hold training options (the
+#: ``--preset`` of train-teacher and distill), ``ablate`` files hold ablation grids (the ``--preset`` of ablate).
+PRESET_KINDS = ("train", "ablate")
+
+
+def preset_names(kind: str) -> List[str]:
+    """Names of the packaged presets of ``kind`` (from the files themselves)."""
+    from importlib.resources import files
+
+    prefix = f"{kind}-"
+    return sorted(p.name[len(prefix):-len(".yaml")] for p in files("medkd").joinpath("presets").iterdir()
+                  if p.name.startswith(prefix) and p.name.endswith(".yaml"))
+
+
+def preset_file(kind: str, name: str):
+    """The packaged preset ``medkd/presets/<kind>-<name>.yaml`` (an ``importlib.resources`` Traversable).
+
+    Raises:
+        OptionError: unknown name (listing the valid ones).
+    """
+    from importlib.resources import files
+
+    opt.check_choice(kind, PRESET_KINDS, "preset kind")
+    opt.check_choice(name, preset_names(kind), "preset")
+    return files("medkd").joinpath("presets", f"{kind}-{name}.yaml")
+
 
 C = TypeVar("C", bound=TrainConfig)
 
@@ -267,7 +285,7 @@ def build_config(
         cls: :class:`TeacherConfig` or :class:`DistillConfig`.
         yaml_path: a ``--config`` file (see :func:`config_file`).
         overrides: command-line values.
-        preset: a named training preset (:data:`PRESETS`).
+        preset: a packaged training preset (``medkd/presets/train-<name>.yaml``, see :func:`preset_file`).
         layers: further layers between the preset and the YAML file, in order; each a mapping of options or a
             path to a YAML file (``medkd ablate``: the grid's common options). Callers that need to layer
             something *over* the YAML file pass ``yaml_path=None`` and put the path in ``layers``.
@@ -279,9 +297,9 @@ def build_config(
     names = field_names(cls)
     merged: Dict[str, Any] = to_dict(cls())
     if preset:
-        if preset not in PRESETS:
-            raise MedkdError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-        merged = merge_options(merged, {k: v for k, v in PRESETS[preset].items() if k in names})
+        path = preset_file("train", preset)
+        doc = yaml.safe_load(path.read_text()) or {}
+        merged = merge_options(merged, {k: v for k, v in doc.items() if k in names})  # width: teachers only
     for layer in [*layers, yaml_path, overrides]:
         if layer is None:
             continue

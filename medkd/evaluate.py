@@ -40,7 +40,9 @@ from medkd.errors import MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, logits_to_mask, predict_volume, prob_to_native, resolve_device
 from medkd.options import DEFAULT_DEVICE
 from medkd.metrics import (
+    COUNT_KEYS,
     DEFAULT_TOLERANCE_MM,
+    METRIC_KEYS,
     case_metrics,
     checkpoint_size_mb,
     count_params,
@@ -53,11 +55,11 @@ from medkd import rundir
 from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
 
 #: Per-case keys kept in the result (``case_metrics`` output minus nothing; order = JSON order).
-CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "gt_empty", "pred_empty", "tp", "fp", "fn")
+CASE_KEYS = (*METRIC_KEYS, "gt_empty", "pred_empty", *COUNT_KEYS)
 #: Per-case metric keys reported again after postprocessing.
-PP_CASE_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice", "pred_empty", "tp", "fp", "fn")
+PP_CASE_KEYS = (*METRIC_KEYS, "pred_empty", *COUNT_KEYS)
 #: Summary keys (means over cases) of a result, with and without postprocessing.
-SUMMARY_KEYS = ("dice", "iou", "recall", "precision", "hd95", "surface_dice")
+SUMMARY_KEYS = METRIC_KEYS
 #: Grids metrics can be computed on (``--resolution``); the first is the default.
 RESOLUTIONS = ("native", "prepared")
 LATENCY_WARMUP = 3

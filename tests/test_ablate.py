@@ -121,7 +121,7 @@ def test_presets_load_and_validate():
                                                  ("enc", "dec"), ("bottleneck", "dec"), ("enc", "bottleneck", "dec")}
     # configs/ holds the same files (links), not copies that could drift
     root = Path(__file__).resolve().parents[1]
-    for name in ab.PRESETS:
+    for name in ab.GRID_PRESETS:
         assert (root / "configs" / f"ablate-{name}.yaml").read_text() == ab.preset_file(name).read_text()
 
 

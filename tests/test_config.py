@@ -133,3 +133,17 @@ def test_cli_device_typo_is_a_usage_error(cmd, tmp_path):
 def test_cli_evaluate_split_typo_is_a_usage_error(tmp_path):
     r = runner.invoke(app, ["evaluate", str(tmp_path), "--data", str(tmp_path), "--split", "tset"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "train, val, test" in r.stderr
+
+
+def test_training_presets_are_packaged_option_files():
+    from medkd.config import preset_file, preset_names
+
+    assert preset_names("train") == ["study"] and preset_names("ablate") == ["quick", "study"]
+    t = build_config(TeacherConfig, preset="study", overrides={"epochs": 3})
+    assert (t.epochs, t.lr, t.weight_decay, t.in_channels, t.width) == (3, 1e-4, 0.05, 3, 64)
+    d = build_config(DistillConfig, preset="study", overrides={"teacher": "T"})  # width is a teacher option
+    assert d.epochs == 200 and d.in_channels == 3
+    with pytest.raises(OptionError, match="unknown preset 'huge'; valid: study"):
+        build_config(TeacherConfig, preset="huge")
+    root = Path(__file__).resolve().parents[1]  # configs/ links to the packaged files
+    assert (root / "configs" / "train-study.yaml").read_text() == preset_file("train", "study").read_text()

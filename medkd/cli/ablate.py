@@ -49,15 +49,15 @@ def command(
 
     Resumable: rerun the same command to skip finished runs and finish the rest.
     """
-    from medkd.ablate import CORRECTIONS, PRESETS, ablate, parse_seeds
+    from medkd.ablate import CORRECTIONS, GRID_PRESETS, ablate, parse_seeds
     from medkd.report.ablate_table import ablate_table
 
     if grid is not None and preset is not None:
         raise fail("give either --grid or --preset, not both", 2)
     if grid is None and preset is None:
         raise fail("give --grid GRID.yaml or --preset quick|study", 2)
-    if preset is not None and preset not in PRESETS:
-        raise fail(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}", 2)
+    if preset is not None and preset not in GRID_PRESETS:
+        raise fail(f"unknown --preset {preset!r}; valid: {', '.join(GRID_PRESETS)}", 2)
     if correction not in CORRECTIONS:
         raise fail(f"unknown --correction {correction!r}; valid: {', '.join(CORRECTIONS)}", 2)
     if seeds is not None and seed is not None:

@@ -39,7 +39,8 @@ LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2
 WeightDecayOpt = Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")]
 InChannelsOpt = Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (a student must match its teacher). [default: 1]")]
 AugmentOpt = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter (distill: the teacher then runs live).")]
-PresetOpt = Annotated[Optional[str], typer.Option(help="Named settings: 'study' (the reference study's).")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Packaged training options: 'study' (the reference study's recipe, "
+                                                        "medkd/presets/train-study.yaml).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")]
 SubsetSeedOpt = Annotated[Optional[int], typer.Option(
     min=0, help="Seed of the --fraction subset of training cases, to hold it fixed across seeds. "

@@ -29,7 +29,7 @@ from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
 from medkd.infer import seg_logits
-from medkd.train.teacher import SegLoss
+from medkd.train.losses import SegLoss
 
 
 GRAD_SHARE_EVERY = 16  # steps between gradient-share measurements (one extra backward per term each time)

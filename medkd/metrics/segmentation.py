@@ -61,6 +61,12 @@ DEFAULT_TOLERANCE_MM = 2.0
 OVERLAP_KEYS: tuple[str, ...] = ("dice", "iou", "recall", "precision")
 #: Every per-case metric that ``summarize`` averages, in table order.
 METRIC_KEYS: tuple[str, ...] = (*OVERLAP_KEYS, "hd95", "surface_dice")
+#: The reference study's table columns (Table 4.2): what ``medkd ablate`` compares across settings.
+STUDY_KEYS: tuple[str, ...] = (*OVERLAP_KEYS, "hd95")
+#: Metrics where a lower value is better (distances in mm).
+LOWER_IS_BETTER: frozenset = frozenset({"hd95"})
+#: Per-case counts and empty-mask flags stored beside the metrics.
+COUNT_KEYS: tuple[str, ...] = ("tp", "fp", "fn")
 
 #: Marker in ``EMPTY_MASK_POLICY`` for "the image diagonal in mm" (``worst_case_distance``).
 WORST_CASE = "diagonal"

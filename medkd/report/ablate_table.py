@@ -18,10 +18,10 @@ from rich.table import Table
 from rich.text import Text
 
 from medkd import rundir
+from medkd.metrics import LOWER_IS_BETTER, STUDY_KEYS
 from medkd.report.tables import NA, fmt_count, fmt_mean_std, fmt_num, fmt_pct
 
-METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Precision", "hd95": "HD95 mm"}
-LOWER_IS_BETTER = ("hd95",)
+METRIC_LABELS = dict(zip(STUDY_KEYS, ("Dice", "IoU", "Recall", "Precision", "HD95 mm")))
 
 
 def fmt_p(p: Any) -> str:
@@ -31,7 +31,7 @@ def fmt_p(p: Any) -> str:
 
 
 def _digits(metric: str) -> int:
-    return 2 if metric == "hd95" else 4
+    return 2 if metric in LOWER_IS_BETTER else 4  # distances in mm
 
 
 def _group(row: Dict[str, Any]) -> Tuple[Any, ...]:

@@ -8,31 +8,14 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from rich.console import Console
 
 from medkd.config import TeacherConfig
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError
 from medkd.models import build_model
+from medkd.train.losses import SegLoss
 from medkd.train.loop import claims_run, fit, seed_everything
-
-
-class SegLoss(nn.Module):
-    """Dice (MONAI, sigmoid/softmax on logits) + BCE/CE. Returns ``(dice, ce)``."""
-
-    def __init__(self, num_classes: int = 1):
-        super().__init__()
-        self.num_classes = num_classes
-        if num_classes == 1:
-            self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
-        else:
-            self.dice = DiceLoss(softmax=True, to_onehot_y=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor):
-        if self.num_classes == 1:
-            return self.dice(logits, target), F.binary_cross_entropy_with_logits(logits, target)
-        return self.dice(logits, target), F.cross_entropy(logits, target[:, 0].long())
 
 
 class TeacherTask(nn.Module):
