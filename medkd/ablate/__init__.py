@@ -60,8 +60,8 @@ Subset
 """
 
 from medkd.ablate.grid import (
-    DEFAULT_SEEDS, PRESETS, SPLIT, Cell, Plan, baseline_config, build_plan, identity, load_grid_doc, parse_seeds,
-    preset_file, run_dir, setting_name, slugify
+    DEFAULT_SEEDS, GRID_PRESETS, SPLIT, Cell, Plan, baseline_config, build_plan, identity, load_grid_doc,
+    parse_seeds, preset_file, run_dir, setting_name, slugify
 )
 from medkd.ablate.report import (
     ALPHA, CORRECTIONS, LOWER_IS_BETTER, METRICS, compute_results, matched_gain, mean_std, per_case_matrix,
@@ -70,7 +70,7 @@ from medkd.ablate.report import (
 from medkd.ablate.runner import ablate, config_diff, eval_is_fresh, inputs_newer, run_error, run_state
 
 __all__ = [
-    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "LOWER_IS_BETTER", "METRICS", "PRESETS", "SPLIT", "Cell", "Plan",
+    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "SPLIT", "Cell", "Plan",
     "ablate", "baseline_config", "build_plan", "compute_results", "config_diff", "eval_is_fresh", "identity",
     "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "per_case_matrix", "preset_file",
     "run_dir", "run_error", "run_state", "setting_name", "slugify", "test_description",

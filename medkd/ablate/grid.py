@@ -10,10 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml, to_dict
+from medkd.config import (STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml,
+                          preset_names, to_dict)
+from medkd.config import preset_file as packaged_preset
 from medkd.errors import MedkdError
 
-PRESETS = ("quick", "study")
+GRID_PRESETS = tuple(preset_names("ablate"))  # packaged grids: medkd/presets/ablate-<name>.yaml
 DEFAULT_SEEDS = (0, 1, 2)
 SPLIT = "test"  # every run of an ablation is evaluated (and compared) on this split
 
@@ -55,11 +57,7 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
 
 def preset_file(name: str):
     """The packaged preset grid ``medkd/presets/ablate-<name>.yaml`` (an ``importlib.resources`` Traversable)."""
-    from importlib.resources import files
-
-    if name not in PRESETS:
-        raise MedkdError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return files("medkd").joinpath("presets", f"ablate-{name}.yaml")
+    return packaged_preset("ablate", name)
 
 
 def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> Dict[str, Any]:

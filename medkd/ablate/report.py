@@ -11,10 +11,10 @@ import numpy as np
 import medkd
 from medkd import stats
 from medkd.ablate.grid import SPLIT, Plan
+from medkd.metrics import LOWER_IS_BETTER, STUDY_KEYS  # noqa: F401 (LOWER_IS_BETTER re-exported by medkd.ablate)
 from medkd.report.tables import finite, pct_change
 
-METRICS = ("dice", "iou", "recall", "precision", "hd95")
-LOWER_IS_BETTER = frozenset({"hd95"})
+METRICS = STUDY_KEYS
 CORRECTIONS = stats.CORRECTIONS
 ALPHA = stats.ALPHA
 
