@@ -267,6 +267,50 @@ def teacher_with(*extra) -> Callable[[Env], List[str]]:
     return build
 
 
+def preprocess_bad_label(make_label: Callable[[np.ndarray, np.ndarray], tuple]) -> Callable[[Env], List[str]]:
+    """A good image (sample case 1) whose label is ``make_label(label_array, affine) -> (array, affine)``."""
+
+    def build(env: Env) -> List[str]:
+        src = source_with(env, "bad", lambda p: shutil.copy(SAMPLE / "imagesTr" / "spleen_001.nii.gz",
+                                                             str(p) + ".nii.gz"), label=False)
+        lab = nib.load(str(SAMPLE / "labelsTr" / "spleen_001.nii.gz"))
+        arr, aff = make_label(np.asarray(lab.dataobj), lab.affine.copy())
+        nib.save(nib.Nifti1Image(arr, aff), str(src / "bad_label.nii.gz"))
+        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
+
+    return build
+
+
+def shifted(arr: np.ndarray, aff: np.ndarray) -> tuple:
+    aff[:3, 3] += 7.0
+    return arr, aff
+
+
+def with_value(v: int):
+    def make(arr: np.ndarray, aff: np.ndarray) -> tuple:
+        arr = arr.copy()
+        arr[0, 0, 0] = v
+        return arr, aff
+
+    return make
+
+
+def dicom_missing_slice(folder: Path) -> None:
+    shutil.copytree(SAMPLE / "dicom" / "spleen_000", folder)
+    files = sorted(folder.iterdir())
+    files[len(files) // 2].unlink()
+
+
+def msd_with_dataset_json(text: str) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        src = env.tmp / "msd"
+        shutil.copytree(SAMPLE, src, ignore=shutil.ignore_patterns("dicom", "*.md"))
+        (src / "dataset.json").write_text(text)
+        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
+
+    return build
+
+
 # ---------------------------------------------------------------- the corpus
 
 CASES: List[Case] = [
@@ -289,6 +333,28 @@ CASES: List[Case] = [
     Case("nifti-truncated", preprocess_bad_nifti(
         lambda p: Path(str(p) + ".nii.gz").write_bytes((SAMPLE / "imagesTr" / "spleen_002.nii.gz").read_bytes()[:5000])),
          1, r"^bad case: .*bad\.nii\.gz: cannot read NIfTI, file is truncated or corrupt"),
+    Case("nifti-zero-bytes", preprocess_bad_nifti(lambda p: Path(str(p) + ".nii.gz").write_bytes(b"")), 1,
+         r"^bad case: .*bad\.nii\.gz: cannot read NIfTI"),
+    Case("nifti-4d", preprocess_bad_nifti(nifti_file((8, 8, 4, 2))), 1,
+         r"^bad case: .*bad\.nii\.gz: expected a 3D volume, got shape \(8, 8, 4, 2\) \(4D\)"),
+    Case("nifti-nan-voxels", preprocess_bad_nifti(
+        lambda p: nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), str(p) + ".nii.gz")),
+         1, r"^bad case: .*bad\.nii\.gz: image has 256 NaN/inf voxel\(s\)"),
+    Case("nifti-label-missing", lambda e: ["preprocess", str(source_with(e, "bad", nifti_file((8, 8, 4)), label=False)),
+                                           "-o", str(e.tmp / "out"), *PREP], 1,
+         r"^bad case: .*bad\.nii\.gz: missing label \(expected bad_label\.nii\.gz beside it\)"),
+    Case("label-shape-mismatch", preprocess_bad_label(lambda a, f: (a[:, :, :-1], f)), 1,
+         r"^bad case: .*bad_label\.nii\.gz: label shape \(.*\) != image shape"),
+    Case("label-affine-mismatch", preprocess_bad_label(shifted), 1,
+         r"^bad case: .*bad_label\.nii\.gz: label affine differs from the image's \(max difference 7"),
+    Case("label-value-outside", preprocess_bad_label(with_value(7)), 1,
+         r"^bad case: .*bad_label\.nii\.gz: label values \[7\] outside allowed \[0, 1\]"),
+    Case("dicom-missing-slice", preprocess_bad_dicom(dicom_missing_slice), 1,
+         r"^bad case: .*bad: inconsistent slice spacing \(.* mm between slices; a slice may be missing\)"),
+    Case("dataset-json-malformed", msd_with_dataset_json("{ not json"), 1,
+         r"^error: .*dataset\.json: not a valid MSD dataset\.json \(JSONDecodeError"),
+    Case("dataset-json-no-training", msd_with_dataset_json('{"labels": {"0": "bg", "1": "spleen"}}'), 1,
+         r"^error: .*dataset\.json: not a valid MSD dataset\.json \(KeyError"),
     # preprocess stops: the reasons of the bad cases come first
     Case("preprocess-too-few-good-shows-why", preprocess_too_few, 1,
          r"^bad case: .*empty\.nii\.gz: empty volume"),
@@ -491,32 +557,79 @@ def test_forced_leakage_is_in_json_and_table(tmp_path, tiny_data, tiny_teacher):
 
 # ---------------------------------------------------------------- output write failures
 #
-# A file-size limit (RLIMIT_FSIZE, set in a child process with SIGXFSZ ignored) makes every write past the limit
-# fail with EFBIG, as a full disk does with ENOSPC: the command must stop with one line naming the OUTPUT file and
-# the OS reason, exit 1, blame no input, keep the previous output and leave no temp folder behind.
+# A file-size limit (RLIMIT_FSIZE, in a child process with SIGXFSZ ignored) makes every write past the limit fail
+# with EFBIG, as a full disk does with ENOSPC: the command must stop with one line naming the OUTPUT file and the OS
+# reason, exit 1, blame no input, keep the previous output and leave no temp folder behind. One child process runs
+# every command in turn (torch is imported once), with its own limit around each command.
 
 LIMITED = """
-import resource, signal, sys
+import contextlib, io, json, resource, signal, sys, traceback
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-from medkd.cli import main
-sys.argv = ["medkd"] + {argv!r}
-main()
+from medkd.cli import app
+spec = json.load(open(sys.argv[1]))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+results = {}
+for name, s in spec.items():
+    err, out = io.StringIO(), io.StringIO()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (s["limit"], hard))
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = app(args=s["argv"], standalone_mode=False) or 0
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                code, _ = "uncaught", err.write(traceback.format_exc())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    results[name] = {"code": code, "stderr": err.getvalue(), "stdout": out.getvalue()}
+json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def run_limited(argv: List, limit: int):
+@pytest.fixture(scope="module")
+def write_failures(tmp_path_factory, tiny_data, tiny_teacher):
+    """Each scenario's folder, command line and file-size limit, and what the command did under the limit."""
+    import json
     import subprocess
     import sys
 
-    code = LIMITED.format(limit=int(limit), argv=[str(a) for a in argv])
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    root = tmp_path_factory.mktemp("efbig")
+    spec = {}
+    # preprocess, with --skip-bad: a write failure is not a bad case, so it cannot be skipped into success
+    d = root / "preprocess"
+    (d / "src").mkdir(parents=True)
+    for name in ("spleen_001", "spleen_002"):
+        shutil.copy(SAMPLE / "imagesTr" / f"{name}.nii.gz", d / "src" / f"{name}.nii.gz")
+        shutil.copy(SAMPLE / "labelsTr" / f"{name}.nii.gz", d / "src" / f"{name}_label.nii.gz")
+    shutil.copytree(tiny_data, d / "data")  # the previous dataset, which must survive
+    spec["preprocess"] = (["preprocess", d / "src", "-o", d / "data", "--overwrite", "--skip-bad", "--size", "64",
+                           "--test-fraction", "0", "--val-fraction", "0"], 100_000)
+    spec["train"] = (["train-teacher", tiny_data, "-o", root / "train" / "run", "--width", "4", "--epochs", "1",
+                      "--batch-size", "4", "--device", "cpu"], 30_000)
+    spec["distill"] = (["distill", tiny_data, "-o", root / "distill" / "student", "--scales", "none", "--no-pmd",
+                        "--epochs", "1", "--batch-size", "4", "--device", "cpu"], 2_000)
+    shutil.copytree(tiny_teacher, root / "evaluate" / "teacher")
+    spec["evaluate"] = (["evaluate", root / "evaluate" / "teacher", "--data", tiny_data, "--resolution", "prepared",
+                         "--device", "cpu"], 1_000)
+    spec["predict"] = (["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_001.nii.gz",
+                        SAMPLE / "imagesTr" / "spleen_002.nii.gz", "-o", root / "predict" / "pred", "--device", "cpu"],
+                       300)
+    for name in spec:
+        (root / name).mkdir(exist_ok=True)
+    doc = {k: {"argv": [str(a) for a in argv], "limit": limit} for k, (argv, limit) in spec.items()}
+    (root / "spec.json").write_text(json.dumps(doc))
+    before = (d / "data" / "manifest.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", LIMITED, str(root / "spec.json"), str(root / "results.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return root, json.loads((root / "results.json").read_text()), before
 
 
-def assert_write_failure(r, path_regex: str) -> None:
-    err = r.stderr
-    assert r.returncode == 1, err
-    assert "Traceback" not in err + r.stdout, err
+def assert_write_failure(r: dict, path_regex: str) -> None:
+    err = r["stderr"]
+    assert r["code"] == 1, err
+    assert "Traceback" not in err + r["stdout"], err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
     assert re.search(rf"^error: {path_regex}: cannot write \(File too large\)$", errors[0]), errors[0]
@@ -527,53 +640,39 @@ def leftovers(folder: Path) -> List[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
-def test_preprocess_file_too_large(tmp_path, tiny_data, skip_bad=True):
-    """With --skip-bad too: a write failure is not a bad case, so it cannot be skipped into success."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("spleen_001", "spleen_002"):
-        shutil.copy(SAMPLE / "imagesTr" / f"{name}.nii.gz", src / f"{name}.nii.gz")
-        shutil.copy(SAMPLE / "labelsTr" / f"{name}.nii.gz", src / f"{name}_label.nii.gz")
-    out = tmp_path / "data"
-    shutil.copytree(tiny_data, out)  # the previous dataset, which must survive
-    before = (out / "manifest.json").read_bytes()
-    argv = ["preprocess", src, "-o", out, "--overwrite", "--size", "64", "--test-fraction", "0", "--val-fraction", "0"]
-    r = run_limited(argv + (["--skip-bad"] if skip_bad else []), limit=100_000)
-    assert_write_failure(r, re.escape(str(out / "cases")) + r"/spleen_00[12]_img\.npy")
-    assert (out / "manifest.json").read_bytes() == before
-    assert leftovers(tmp_path) == []
+def test_preprocess_file_too_large(write_failures):
+    root, results, before = write_failures
+    d = root / "preprocess"
+    assert_write_failure(results["preprocess"], re.escape(str(d / "data" / "cases")) + r"/spleen_00[12]_img\.npy")
+    assert (d / "data" / "manifest.json").read_bytes() == before
+    assert leftovers(d) == []
 
 
-def test_train_teacher_file_too_large(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    r = run_limited(["train-teacher", tiny_data, "-o", run, "--width", "4", "--epochs", "1", "--batch-size", "4",
-                     "--device", "cpu"], limit=30_000)
-    assert_write_failure(r, re.escape(str(run)) + r"\.partial/(best|last)\.pt")
-    assert not run.exists() and not (tmp_path / "run.partial").exists()  # nothing to resume: no partial kept
-    assert leftovers(tmp_path) == []
+def test_train_teacher_file_too_large(write_failures):
+    root, results, _ = write_failures
+    d = root / "train"
+    assert_write_failure(results["train"], re.escape(str(d / "run")) + r"\.partial/(best|last)\.pt")
+    assert sorted(p.name for p in d.iterdir()) == []  # nothing to resume: no RUN.partial, no temp, no lock
 
 
-def test_distill_file_too_large(tmp_path, tiny_data):
-    run = tmp_path / "student"
-    r = run_limited(["distill", tiny_data, "-o", run, "--scales", "none", "--no-pmd", "--epochs", "1",
-                     "--batch-size", "4", "--device", "cpu"], limit=2_000)
-    assert_write_failure(r, re.escape(str(run)) + r"\.partial/[a-z_]+\.(pt|yaml|jsonl|json|png)")
-    assert not run.exists() and not (tmp_path / "student.partial").exists()
+def test_distill_file_too_large(write_failures):
+    root, results, _ = write_failures
+    d = root / "distill"
+    assert_write_failure(results["distill"], re.escape(str(d / "student")) + r"\.partial/[a-z_]+\.(pt|yaml|jsonl|json|png)")
+    assert sorted(p.name for p in d.iterdir()) == []
 
 
-def test_evaluate_file_too_large(tmp_path, tiny_data, tiny_teacher):
-    run = tmp_path / "teacher"
-    shutil.copytree(tiny_teacher, run)
-    r = run_limited(["evaluate", run, "--data", tiny_data, "--resolution", "prepared", "--device", "cpu"], limit=1_000)
-    assert_write_failure(r, re.escape(str(run)) + r"/[a-z_-]+\.json")
+def test_evaluate_file_too_large(write_failures):
+    root, results, _ = write_failures
+    run = root / "evaluate" / "teacher"
+    assert_write_failure(results["evaluate"], re.escape(str(run)) + r"/[a-z_-]+\.json")
     assert leftovers(run) == []
 
 
-def test_predict_file_too_large(tmp_path, tiny_teacher):
-    out = tmp_path / "pred"
-    r = run_limited(["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_001.nii.gz",
-                     SAMPLE / "imagesTr" / "spleen_002.nii.gz", "-o", out, "--device", "cpu"], limit=300)
-    assert_write_failure(r, re.escape(str(out)) + r"/spleen_001_seg\.nii\.gz")
+def test_predict_file_too_large(write_failures):
+    root, results, _ = write_failures
+    out = root / "predict" / "pred"
+    assert_write_failure(results["predict"], re.escape(str(out)) + r"/spleen_001_seg\.nii\.gz")
     assert not out.exists() or leftovers(out) == []
 
 
