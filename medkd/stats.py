@@ -113,9 +113,10 @@ def compare(
         * ``better``: ``True`` when the treated setting is better on average (direction from
           ``metric_higher_is_better``), ``False`` when worse, ``None`` when equal or undefined (batch: NaN).
         * ``significant``: ``p_value < alpha``.
-        * ``statistic`` (t), ``df`` (``n_seeds - 1``; ``None`` below 2 seeds), ``n_seeds`` (seeds with at least one defined pair),
-          ``n_cases`` (cases defined in both arms for at least one seed), ``method``, ``alternative``
-          (``"two-sided"``), ``alpha``, ``level``, ``min_p_note`` (what the design can reach, in words).
+        * ``statistic`` (t), ``df`` (``n_seeds - 1``; ``None`` below 2 seeds), ``n_seeds`` (seeds with at least
+          one defined pair), ``n_cases`` (cases defined in both arms for at least one seed), ``method``,
+          ``alternative`` (``"two-sided"``), ``alpha``, ``level``, ``min_p_note`` (what the design can reach, in
+          words; single comparisons only).
 
     Raises:
         ValueError: the shapes differ or are not ``(..., n_seeds, n_cases)``.
