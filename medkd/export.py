@@ -2,9 +2,11 @@
 
 The exported graph maps ``image (B, C, H, W)`` float32 (intensities already mapped to [0, 1] by the recipe below)
 to ``logits (B, K, H, W)``; batch and spatial size are dynamic (H and W multiples of ``spatial_multiple``, which
-the prepared size always is). Everything ``medkd predict`` needs travels with the model, as ONNX ``metadata_props``
-(TorchScript: a ``<MODEL>.json`` sidecar and the same JSON inside the archive as ``medkd.json``); every value is a
-string (JSON for structured values), read back by :func:`read_metadata`:
+the prepared size always is), except for graphs that only work at the prepared size (TransUNet's position
+embeddings): export checks a second size against PyTorch and then fixes H and W (``medkd.spatial = fixed``).
+Everything ``medkd predict`` needs travels with the model, as ONNX ``metadata_props`` (TorchScript: a
+``<MODEL>.json`` sidecar and the same JSON inside the archive as ``medkd.json``); every value is a string (JSON for
+structured values), read back by :func:`read_metadata`:
 
 ==========================  ====================================================================================
 key                         value
@@ -15,6 +17,7 @@ key                         value
 ``medkd.input_channels``    C (the one prepared channel is repeated when C > 1)
 ``medkd.prepared_size``     S: each axial slice is resized to S x S before the network
 ``medkd.spatial_multiple``  H and W must be multiples of this (the model pools that many times)
+``medkd.spatial``           ``dynamic``, or ``fixed`` (only S x S; checked at export, e.g. TransUNet)
 ``medkd.orientation``       ``RAS``: volumes are reoriented (closest canonical) before slicing along axis 2
 ``medkd.intensity``         JSON: CT -> ``{"rule": "ct_window", "low", "high"}``; MR/other -> 0.5/99.5
                             percentiles of the non-zero voxels of each volume; modality detection rule
@@ -43,6 +46,7 @@ one-line error that names the extra.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -117,6 +121,7 @@ def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[
         "input_channels": int(getattr(model, "in_channels", 1)),
         "prepared_size": int(size),
         "spatial_multiple": int(getattr(model, "min_size", 1)),
+        "spatial": "dynamic",  # "fixed" when the graph only works at prepared_size (checked at export)
         "orientation": "RAS",
         "intensity": {
             "CT": {"rule": "ct_window", "low": window[0], "high": window[1],
@@ -431,9 +436,15 @@ def export_run(
             if fmt == "onnx":
                 _export_onnx(net, x, tmp, opset, fp16, meta, onnx)
                 runner = OnnxModel(tmp, threads=None)
+                if not _other_size_ok(runner, model, x, meta["spatial_multiple"], tol):
+                    meta["spatial"] = "fixed"  # e.g. TransUNet's position embeddings: re-export with H, W fixed
+                    _export_onnx(net, x, tmp, opset, fp16, meta, onnx, dynamic_spatial=False)
+                    runner = OnnxModel(tmp, threads=None)
             else:
                 _export_torchscript(net, x, tmp, meta)
                 runner = TorchScriptModel(tmp)
+                if not _other_size_ok(runner, model, x, meta["spatial_multiple"], tol):
+                    meta["spatial"] = "fixed"
             got_full = runner(x.numpy())
             got_one = runner(x[:1].numpy())  # dynamic batch
             diff = float(max(np.max(np.abs(got_full - ref)), np.max(np.abs(got_one - ref[:1]))))
@@ -463,13 +474,50 @@ def _set_props(proto, meta: Dict[str, Any]) -> None:
         entry.key, entry.value = k, v
 
 
-def _export_onnx(net, x, path: Path, opset: int, fp16: bool, meta: Dict[str, Any], onnx) -> None:
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """Trace transformer layers (TransUNet) through their plain ops: the inference fast path
+    (``aten::_transformer_encoder_layer_fwd``) has no ONNX/TorchScript-portable form."""
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _other_size_ok(runner, model, x, multiple: int, tol: float) -> bool:
+    """Whether the exported graph also gives PyTorch's logits at another spatial size (S + multiple)."""
+    import torch
+    import torch.nn.functional as F
+
+    from medkd.infer import seg_logits
+
+    m = max(1, int(multiple))
+    xp = F.pad(x[:1], (0, m, 0, m), mode="replicate")  # (1, C, S + m, S + m)
+    with torch.no_grad():
+        ref = seg_logits(model(xp)).numpy()
+    try:
+        got = runner(xp.numpy())
+    except Exception:
+        return False
+    return got.shape == ref.shape and float(np.max(np.abs(got - ref))) <= tol
+
+
+def _export_onnx(net, x, path: Path, opset: int, fp16: bool, meta: Dict[str, Any], onnx,
+                 dynamic_spatial: bool = True) -> None:
     import warnings
 
     import torch
 
-    dyn = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings(), torch.no_grad():
+    dyn = {0: "batch", 2: "height", 3: "width"} if dynamic_spatial else {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
         warnings.simplefilter("ignore")  # TracerWarnings about shape checks that the export bypasses
         try:
             torch.onnx.export(net, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -495,7 +543,7 @@ def _export_torchscript(net, x, path: Path, meta: Dict[str, Any]) -> None:
 
     import torch
 
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
         warnings.simplefilter("ignore")
         try:
             traced = torch.jit.trace(net, x, check_trace=False)

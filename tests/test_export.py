@@ -163,3 +163,23 @@ def test_evaluate_reports_onnx_runtime_latency(student, exported, tiny_data):
     assert "ORT ms" in res.stderr
     res = runner.invoke(app, ["evaluate", str(student), str(student), "--data", str(tiny_data), "--onnx", str(exported)])
     assert res.exit_code == 1 and "one model per run" in res.stderr
+
+
+def test_transunet_teacher_exports_with_fixed_spatial_size(tiny_data, tmp_path):
+    """TransUNet: the transformer fast path is bypassed for tracing; its position embeddings tie the graph to the
+    prepared size, which export detects and records (spatial = fixed) instead of claiming a dynamic size."""
+    from rich.console import Console
+
+    from medkd.export import OnnxModel, export_run
+    from medkd.train.teacher import train_teacher
+    from conftest import tiny_teacher_config
+
+    run = tmp_path / "tu"
+    train_teacher(tiny_data, run, tiny_teacher_config(arch="transunet", model_kwargs={"depth": 1, "heads": 2}),
+                  console=Console(stderr=True, quiet=True))
+    res = export_run(run, tmp_path / "tu.onnx")
+    assert res.max_abs_diff <= 1e-3 and res.metadata["spatial"] == "fixed"
+    m = OnnxModel(tmp_path / "tu.onnx")
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(tmp_path / "tu.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[2:] == [32, 32]
+    assert m.metadata["spatial"] == "fixed"
