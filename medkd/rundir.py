@@ -65,11 +65,20 @@ def checkpoint_path(run: Path, which: str = "best") -> Path:
 # ------------------------------------------------------------------------------------------------ atomic writes
 
 
+def _host_tag() -> str:
+    """6 hex digits naming this host in temp names (a pid alone means nothing on a shared file system)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
 def _temp_name(path: Path, kind: str) -> Path:
-    """A hidden, unique sibling of ``path`` that keeps its extension (``.nii.gz`` and ``.npy`` savers need it)."""
+    """A hidden, unique sibling of ``path`` that keeps its extension (``.nii.gz`` and ``.npy`` savers need it):
+    ``.NAME.<kind>-<pid>-<random>@<host tag><ext>``, so :func:`clean_stale_temps` can tell whose it is."""
     ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     stem = path.name[: len(path.name) - len(ext)] if ext else path.name
-    return path.with_name(f".{stem}.{kind}-{os.getpid()}-{secrets.token_hex(3)}{ext}")
+    return path.with_name(f".{stem}.{kind}-{os.getpid()}-{secrets.token_hex(3)}@{_host_tag()}{ext}")
 
 
 @contextlib.contextmanager
@@ -98,7 +107,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?(?P<ext>\.nii\.gz|\.[A-Za-z0-9]+)?$")
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?(?:@(?P<host>[0-9a-f]{6}))?"
+                      r"(?P<ext>\.nii\.gz|\.[A-Za-z0-9]+)?$")
 
 
 def clean_stale_temps(folder: Path, stem: Optional[str] = None) -> List[str]:
@@ -106,7 +116,8 @@ def clean_stale_temps(folder: Path, stem: Optional[str] = None) -> List[str]:
     set aside by :func:`replace_dir` (``.NAME.old-PID-…``) whose process no longer runs on this host.
 
     An ``.old-`` folder whose original is missing (killed between the two renames of :func:`replace_dir`) is put
-    back instead of removed. Entries of running processes are left alone and named. With ``stem`` only the
+    back instead of removed. Entries of running processes, and of processes on another host (the host tag in the
+    name differs: their pid cannot be checked from here), are left alone and named. With ``stem`` only the
     temps of ``folder/stem`` are considered (e.g. a dataset folder's siblings), else every temp in ``folder``.
 
     Returns:
@@ -124,6 +135,9 @@ def clean_stale_temps(folder: Path, stem: Optional[str] = None) -> List[str]:
         if not m or (stem is not None and m["stem"] != stem):
             continue
         pid = int(m["pid"])
+        if m["host"] and m["host"] != _host_tag():
+            notes.append(f"{entry}: temp of process {pid} on another host; left alone")
+            continue
         if pid == os.getpid():
             continue
         if pid_alive(pid):

@@ -751,3 +751,21 @@ def test_running_process_temp_is_left_alone(tmp_path):
     mine_elsewhere.mkdir()
     notes = clean_stale_temps(tmp_path, stem="data")
     assert mine_elsewhere.is_dir() and "still running; left alone" in notes[0]
+
+
+def test_other_hosts_temp_is_left_alone(tmp_path):
+    """On a shared file system a pid of another host cannot be checked here: its temp is named, not removed."""
+    import subprocess
+    import sys
+
+    from medkd.rundir import _host_tag, clean_stale_temps
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other = "000000" if _host_tag() != "000000" else "ffffff"
+    theirs, mine = tmp_path / f".data.tmp-{dead}-abc123@{other}", tmp_path / f".data.tmp-{dead}-abc124@{_host_tag()}"
+    theirs.mkdir()
+    mine.mkdir()
+    notes = clean_stale_temps(tmp_path, stem="data")
+    assert theirs.is_dir() and not mine.exists()
+    assert any("on another host; left alone" in n for n in notes) and any("removed" in n for n in notes)
