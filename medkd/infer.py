@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Union
 
 import numpy as np
@@ -22,9 +23,15 @@ def resolve_device(name: Union[str, torch.device, None] = DEFAULT_DEVICE) -> tor
     if isinstance(name, torch.device):
         return name
     if name is None or check_device(name) == DEFAULT_DEVICE:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MedkdError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise MedkdError(f"torchrun LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are "
+                             f"visible (use --nproc-per-node <= the GPU count)")
+        return torch.device("cuda", local)
     return torch.device(name)
 
 

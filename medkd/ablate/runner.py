@@ -130,6 +130,10 @@ def ablate(
     from medkd.report.ablate_table import write_reports
 
     console = console or Console(stderr=True, quiet=True)
+    from medkd.distributed import under_torchrun
+
+    if under_torchrun():
+        raise MedkdError("ablate trains one run per process: start it without torchrun")
     if correction not in CORRECTIONS:
         raise MedkdError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
     data, out = Path(data), Path(out)

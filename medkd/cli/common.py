@@ -52,8 +52,10 @@ stderr_console = Console(stderr=True)
 
 
 def log_console(quiet: bool = False) -> Console:
-    """Console for logs and progress (stderr); silent when ``quiet``."""
-    return Console(stderr=True, quiet=quiet)
+    """Console for logs and progress (stderr); silent when ``quiet`` and on every torchrun rank but 0."""
+    from medkd.distributed import env
+
+    return Console(stderr=True, quiet=quiet or not env().is_main)
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
@@ -85,7 +87,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def print_json(doc: Any) -> None:
-    """Write one JSON document to stdout (and nothing else)."""
+    """Write one JSON document to stdout (and nothing else; under torchrun rank 0 alone prints it)."""
+    from medkd.distributed import env
+
+    if not env().is_main:
+        return
     sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()
 

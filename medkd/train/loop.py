@@ -26,6 +26,7 @@ from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset
 
 import medkd
+from medkd import distributed, rundir
 from medkd.config import TrainConfig, to_dict
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError, TrainingError
@@ -33,7 +34,6 @@ from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_
 from medkd.metrics.efficiency import count_params
 from medkd.metrics.segmentation import confusion, overlap_from_counts
 from medkd.report.progress import Bars
-from medkd import rundir
 from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
 
 
@@ -84,38 +84,56 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     return x * scale + shift, y
 
 
-def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: bool = False):
-    """The epoch's DataLoader and its augmentation generator.
+def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: bool = False,
+                 env: Optional[distributed.DistEnv] = None):
+    """This process's DataLoader for one epoch, and its augmentation generator.
 
-    The sample order is a permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s), drawn once per
-    epoch from its own generator, so DataLoader workers and augmentation draws cannot change it. The augmentation
-    generator is seeded by ``(cfg.seed, epoch)`` as well; it also seeds the workers.
+    The sample order is one permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s), drawn from its
+    own generator, so DataLoader workers and augmentation draws cannot change it, and with N processes the
+    ``cfg.batch_size`` slices of a global step are the same as one process's. The augmentation generator is seeded
+    by ``(cfg.seed, epoch, rank)``; it also seeds the workers.
 
     Returns:
         ``(loader, generator)``.
+
+    Raises:
+        MedkdError: the global batch size does not divide over the processes.
     """
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed, drop_last=False)
+    e = env or distributed.DistEnv()
+    if cfg.batch_size % e.world_size:
+        raise MedkdError(f"--batch-size {cfg.batch_size} (the global batch) does not divide over {e.world_size} "
+                         f"processes")
+    local_bs = cfg.batch_size // e.world_size
+    sampler = DistributedSampler(train_set, num_replicas=e.world_size, rank=e.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=False)
     sampler.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-    # drop a final batch of 1: BatchNorm cannot train on it (the contrastive loss also needs >= 2)
-    drop_last = len(sampler) % cfg.batch_size == 1
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=gen, drop_last=drop_last,
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 7919993 * e.rank)
+    # one process: drop a final batch of 1 (BatchNorm cannot train on it; the contrastive loss needs >= 2).
+    # Under DDP the BatchNorm statistics are global, so every rank keeps its (equally long) last batch.
+    drop_last = e.world_size == 1 and len(sampler) % local_bs == 1
+    loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, generator=gen, drop_last=drop_last,
                         num_workers=cfg.num_workers, pin_memory=pin_memory)
     return loader, gen
 
 
 def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channels: int, batch_size: int) -> float:
-    """Mean 3D Dice over the validation cases (cases with empty GT and empty prediction are left out)."""
+    """Mean 3D Dice over the validation cases (cases with empty GT and empty prediction are left out).
+
+    Under DDP each process predicts every N-th case and the per-case Dice values are gathered (in case order).
+    """
+    e = distributed.env()
+    mine = [(i, cid) for i, cid in enumerate(ids) if i % e.world_size == e.rank]
     dices = []
-    for cid in ids:
+    for i, cid in mine:
         pred = logits_to_mask(predict_volume(predict, data.image(cid), device, in_channels, batch_size))
         c = confusion(pred, np.asarray(data.label(cid)) > 0)
         dice = overlap_from_counts(c["tp"], c["fp"], c["fn"])["dice"]
         if not np.isnan(dice):
-            dices.append(dice)
-    return float(np.mean(dices)) if dices else 0.0
+            dices.append((i, dice))
+    dices = sorted(d for part in distributed.all_gather_objects(dices) for d in part)
+    return float(np.mean([d for _, d in dices])) if dices else 0.0
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -177,6 +195,24 @@ def resume_mismatch(ck: Dict[str, Any], config_doc: Dict[str, Any], data_doc: Di
     return "; ".join(diffs)
 
 
+def _all_finite(loss: torch.Tensor, env: distributed.DistEnv) -> bool:
+    """``loss`` is finite on every process (so all stop together instead of hanging in the next all-reduce)."""
+    ok = bool(torch.isfinite(loss))
+    if env.world_size > 1:
+        ok = distributed.all_reduce_(torch.tensor([0.0 if ok else 1.0], device=loss.device), "max").item() == 0.0
+    return ok
+
+
+def _sum_over_ranks(sums: Dict[str, float], n: int, env: distributed.DistEnv, device: torch.device):
+    """Per-term sums (loss x samples) and the sample count, added over the processes."""
+    if env.world_size == 1:
+        return sums, n
+    keys = list(sums)
+    t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=device)  # NCCL: on the GPU
+    t = distributed.all_reduce_(t).cpu()
+    return {k: float(v) for k, v in zip(keys, t[:-1])}, int(t[-1])
+
+
 def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Parameter]) -> None:
     """Every enabled term must be finite, non-zero and send gradient to the trainable modules."""
     for name, v in terms.items():
@@ -190,9 +226,13 @@ def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Param
 
 
 def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn(..., run, ...)`` holding the claim on ``run`` (argument ``run`` by name or 5th position): a second
-    process training into the same folder fails at once (:class:`medkd.claim.ClaimedError`) naming the owner.
-    When ``fn`` fails before any epoch finished, its ``RUN.partial`` (nothing to resume) is removed."""
+    """Run ``fn(..., run, cfg, ...)`` (arguments named ``run`` and ``cfg``) as a training entry point:
+
+    * under torchrun, inside the job's process group (:func:`medkd.distributed.session`, device from ``cfg``);
+    * holding the claim on ``run`` (rank 0 claims for the job): a second process training into the same folder
+      fails at once (:class:`medkd.claim.ClaimedError`) naming the owner;
+    * when ``fn`` fails before any epoch finished, its ``RUN.partial`` (nothing to resume) is removed (by rank 0).
+    """
     import functools
     import inspect
 
@@ -202,15 +242,21 @@ def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        run = Path(sig.bind(*args, **kwargs).arguments["run"])
-        with Claim(run):
+        bound = sig.bind(*args, **kwargs).arguments
+        run = Path(bound["run"])
+        held: List[Claim] = []
+        with distributed.session(resolve_device(bound["cfg"].device)) as env:
+            distributed.on_main(lambda: held.append(Claim(run).acquire()))
             try:
                 return fn(*args, **kwargs)
             except BaseException:
                 work = partial_dir(run)
-                if work.is_dir() and not (work / rundir.LAST).is_file():
+                if env.is_main and work.is_dir() and not (work / rundir.LAST).is_file():
                     shutil.rmtree(work, ignore_errors=True)
                 raise
+            finally:
+                for claim in held:
+                    claim.release()
 
     return wrapper
 
@@ -233,12 +279,16 @@ class Trainer:
                  kind: str, device: torch.device):
         self.task, self.cfg, self.data, self.train_set, self.kind, self.device = task, cfg, data, train_set, kind, device
         self.run, self.work = Path(run), partial_dir(run)
+        self.env = distributed.env()
+        self.main = self.env.is_main  # under torchrun rank 0 writes for the job
         set_deterministic(device)
         task.to(device)
         self.model = task.model
         self.use_cuda = device.type == "cuda"
         if self.use_cuda:
             task.to(memory_format=torch.channels_last)
+        # DDP (under torchrun): trainable modules wrapped, BatchNorm synchronised; ``self.task`` stays the plain module
+        self.net = distributed.wrap(task, device, find_unused_parameters=getattr(task, "find_unused_parameters", False))
         self.amp_dtype = torch.bfloat16 if self.use_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.use_amp = bool(cfg.amp and self.use_cuda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -267,7 +317,7 @@ class Trainer:
         ck = load_checkpoint(path, "cpu")  # load_state_dict copies to the modules' device
         differs = resume_mismatch(ck, self.config_doc, self.data_doc)
         if differs:
-            if copied:
+            if copied and self.main:
                 shutil.rmtree(self.work, ignore_errors=True)
             raise MedkdError(f"{path}: cannot resume, the partial run differs: {differs} (resume with the "
                              f"same options and data, or start again with --overwrite)")
@@ -292,7 +342,8 @@ class Trainer:
     def write_config(self) -> None:
         import yaml
 
-        rundir.write_text(self.work / rundir.CONFIG, yaml.safe_dump(self.config_doc, sort_keys=False))
+        if self.main:
+            rundir.write_text(self.work / rundir.CONFIG, yaml.safe_dump(self.config_doc, sort_keys=False))
 
     # --------------------------------------------------------------------------------------------- one epoch
 
@@ -304,7 +355,7 @@ class Trainer:
             TrainingError: a non-finite loss (the last good ``last.pt`` stays), a dead term at the first step.
         """
         epoch, cfg, device = self.epoch, self.cfg, self.device
-        loader, gen = epoch_loader(self.train_set, cfg, epoch, pin_memory=self.use_cuda)
+        loader, gen = epoch_loader(self.train_set, cfg, epoch, pin_memory=self.use_cuda, env=self.env)
         self.task.train()
         sums: Dict[str, float] = {}
         n = 0
@@ -318,10 +369,10 @@ class Trainer:
             if self.use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                terms = self.task(x, y, idx)
+                terms = self.net(x, y, idx)
             terms = {k: v.float() for k, v in terms.items()}
             loss = sum(terms.values())
-            if not torch.isfinite(loss):
+            if not _all_finite(loss, self.env):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                 last = self.work / rundir.LAST
                 kept = (f"last good checkpoint: {last}, epoch {epoch}" if last.is_file()
@@ -338,7 +389,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
             n += x.shape[0]
             bars.step({k: s / n for k, s in sums.items()})
-        return sums, n
+        return _sum_over_ranks(sums, n, self.env, device)
 
     def end_epoch(self, sums: Dict[str, float], n: int, t0: float) -> Dict[str, Any]:
         """Validate, step the schedule, record the epoch (begun at ``t0``) and write ``best.pt`` (when improved),
@@ -360,11 +411,13 @@ class Trainer:
         improved = val_dice > self.best["val_dice"]
         if improved:
             self.best = {"epoch": self.epoch, "val_dice": val_dice}
-            atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
-            if hasattr(self.task, "trainable_state"):
-                atomic_save(self.task.trainable_state(), self.work / rundir.HEADS)
-        atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
-        rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.main:
+            if improved:
+                atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
+                if hasattr(self.task, "trainable_state"):
+                    atomic_save(self.task.trainable_state(), self.work / rundir.HEADS)
+            atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
+            rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
         return {**row, "improved": improved}
 
     def checkpoint(self, full: bool) -> Dict[str, Any]:
@@ -394,10 +447,13 @@ class Trainer:
             "seed": self.cfg.seed, "device": str(self.device), "medkd_version": medkd.__version__,
             "data": str(self.data.root.resolve()), "train_cases": len(getattr(self.train_set, "case_ids", [])),
             "train_slices": len(self.train_set), "data_fingerprint": d["fingerprint"],
-            "train_case_ids": d["train_cases"], "val_case_ids": d["val_cases"], **(summary_extra or {}),
+            "train_case_ids": d["train_cases"], "val_case_ids": d["val_cases"], "world_size": self.env.world_size,
+            **(summary_extra or {}),
         }
-        rundir.write_text(self.work / rundir.SUMMARY, json.dumps(summary, indent=2))
-        finalize_run_dir(self.run)
+        if self.main:
+            rundir.write_text(self.work / rundir.SUMMARY, json.dumps(summary, indent=2))
+            finalize_run_dir(self.run)
+        distributed.barrier()  # every rank returns once the run folder is in place
         return summary
 
 
@@ -433,12 +489,19 @@ def fit(
         TrainingError: NaN/inf loss (the last good ``last.pt`` is kept in ``RUN.partial``), dead loss term.
         MedkdError: run folder problems.
     """
+    main = distributed.env().is_main
     console = console or Console(stderr=True)
+    if not main:
+        console = Console(stderr=True, quiet=True)  # rank 0 logs for the job
     run, work = Path(run), partial_dir(run)
-    for note in rundir.clean_stale_temps(run.parent, stem=run.name) + rundir.clean_stale_temps(work):
-        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)  # left by a killed process
     copied = resume and not (work / rundir.LAST).is_file()  # resuming a finished RUN: RUN.partial is a fresh copy
-    resume_from = prepare_run_dir(run, resume, overwrite)
+
+    def prepare() -> Optional[Path]:
+        for note in rundir.clean_stale_temps(run.parent, stem=run.name) + rundir.clean_stale_temps(work):
+            console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)  # left by a killed process
+        return prepare_run_dir(run, resume, overwrite)
+
+    resume_from = distributed.on_main(prepare)  # rank 0 prepares RUN.partial for the job
     t = Trainer(task, cfg, data, train_set, run, kind, resolve_device(device if device is not None else cfg.device))
     if resume_from is not None:
         t.restore(resume_from, copied)
@@ -459,11 +522,11 @@ def fit(
             console.print(f"interrupted: last completed epoch kept in {work / rundir.LAST}; rerun with --resume"
                           if (work / rundir.LAST).is_file() else "interrupted before the first epoch finished",
                           highlight=False, soft_wrap=True)
-        if t.history:  # best effort: a failing plot must not hide why training stopped
+        if t.history and main:  # best effort: a failing plot must not hide why training stopped
             with contextlib.suppress(Exception):
                 _plot_curves(t.history, work / rundir.CURVES)
         raise
-    if t.history:
+    if t.history and main:
         _plot_curves(t.history, work / rundir.CURVES)
     return t.finish(summary_extra)
 

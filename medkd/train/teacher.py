@@ -26,6 +26,7 @@ class TeacherTask(nn.Module):
         self.model = model
         self.recon_weight = recon_weight
         self.seg_loss = SegLoss(model.num_classes)
+        self.find_unused_parameters = recon_weight == 0  # DDP: the reconstruction decoder then gets no gradient
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         seg, recon = self.model(x)
