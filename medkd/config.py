@@ -17,8 +17,16 @@ from medkd.errors import MedkdError
 from medkd import options as opt
 from medkd.options import DEFAULT_DEVICE, SCALES, parse_scales, parse_weights  # noqa: F401 (re-exported)
 
-#: The reference study's loss weights; a config's ``weights`` are merged over them.
+#: The reference study's loss weights.
 STUDY_WEIGHTS = {"seg": 0.4, "enc": 0.1, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.2}
+#: medkd's default weights (chosen on the sample data's val split, see benchmarks/RESULTS.md "distillation gain"):
+#: the supervised term at full weight (the study's 0.4 starved it) and PMD at 1. A config's ``weights`` are
+#: merged over them.
+DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0}
+#: The reference study's distillation recipe (``--preset study``): all scales, contrastive, PMD, its weights,
+#: the teacher on the student's labelled images only.
+STUDY_RECIPE = {"scales": list(SCALES), "loss": "contrastive", "pmd": True, "weights": dict(STUDY_WEIGHTS),
+                "kd_images": "labelled"}
 
 
 @dataclass
@@ -76,12 +84,18 @@ class TeacherConfig(TrainConfig):
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """``medkd distill`` options. ``scales=[]`` and ``pmd=False`` is plain supervised student training."""
+    """``medkd distill`` options. ``scales=[]`` and ``pmd=False`` is plain supervised student training.
+
+    The defaults are the recipe that did best on the sample data's val split (benchmarks/RESULTS.md,
+    "distillation gain"): prediction-map distillation only (no feature scales), seg and PMD weight 1, and the
+    teacher supervising every train image (``kd_images="all"``). ``--preset study`` restores the reference study's
+    recipe (:data:`STUDY_RECIPE`).
+    """
 
     student: str = "s1"
     student_width: Optional[int] = None
     teacher: Optional[str] = None
-    scales: List[str] = field(default_factory=lambda: list(SCALES))
+    scales: List[str] = field(default_factory=list)
     loss: str = "contrastive"
     scale_losses: Dict[str, str] = field(default_factory=dict)  # per-scale override, e.g. {enc: mse}
     loss_options: Dict[str, Any] = field(default_factory=dict)  # passed to every feature loss's constructor
@@ -91,12 +105,12 @@ class DistillConfig(TrainConfig):
     # seed of the --fraction subset; None = the run's seed (the subset varies with the seed), an int holds the
     # subset fixed across seeds (an ablation then replicates training only, not the data draw)
     subset_seed: Optional[int] = None
-    weights: Dict[str, float] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
+    weights: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     taps: Dict[str, Dict[str, str]] = field(default_factory=dict)  # {"student"|"teacher": {scale: module path}}
     cache: bool = True  # teacher-output cache (only used without augmentation)
     # which train images the teacher supervises: "labelled" = only the student's `fraction` (the reference study);
     # "all" = also the other train cases, whose labels the student never sees (KD terms only there)
-    kd_images: str = "labelled"
+    kd_images: str = "all"
 
     def validate(self) -> None:
         super().validate()
@@ -129,13 +143,13 @@ class DistillConfig(TrainConfig):
         return self.seed if self.subset_seed is None else int(self.subset_seed)
 
     def effective_weights(self) -> Dict[str, float]:
-        """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`STUDY_WEIGHTS`.
+        """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`DEFAULT_WEIGHTS`.
 
         Without a teacher the supervised loss is the only term and is not weighted (``{"seg": 1.0}``).
         """
         if not self.uses_teacher:
             return {"seg": 1.0}
-        w = {**STUDY_WEIGHTS, **(self.weights or {})}
+        w = {**DEFAULT_WEIGHTS, **(self.weights or {})}
         used = ("seg", *opt.parse_scales(self.scales), *(["pmd"] if self.pmd else []))
         return {k: float(w[k]) for k in used}
 

@@ -13,12 +13,17 @@ import yaml
 from typer.testing import CliRunner
 
 import medkd.ablate as ab
+from medkd.ablate.grid import identity
 from medkd.cli import app
+from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, to_dict
 from medkd.errors import MedkdError
 
 runner = CliRunner()
-TINY = dict(student="s1", student_width=4, epochs=1, batch_size=4, device="cpu")
-GRID = [{"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": "none", "pmd": True}]
+# kd_images=labelled keeps these runs small and their names the plain study names ("+unlabelled" is tested in
+# test_kd_recipe.py)
+TINY = dict(student="s1", student_width=4, epochs=1, batch_size=4, device="cpu", kd_images="labelled")
+GRID = [{"scales": ["dec"], "loss": "mse", "pmd": False, "kd_images": "labelled"},
+        {"scales": "none", "pmd": True, "kd_images": "labelled"}]
 ROW_KEYS = {"name", "scales", "loss", "pmd", "seeds", "dice_mean", "dice_std", "dice_rel_gain", "iou_mean",
             "iou_std", "iou_rel_gain", "recall_mean", "precision_mean", "hd95_mean", "hd95_rel_gain", "p_value",
             "p_adjusted", "seeds_matched", "n_seeds", "n_cases", "significant", "params", "is_baseline", "baseline", "dice_diff_ci"}
@@ -111,7 +116,12 @@ def test_baseline_per_fraction_and_grid_baseline_merged():
 def test_presets_load_and_validate():
     quick = ab.build_plan(ab.load_grid_doc(preset="quick"), Path("T"), None, {"device": "cpu"})
     assert len(quick.cells) == 3 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
-    assert {c.name for c in quick.cells} == {"baseline", "E+B+D contrastive +PMD", "PMD only"}
+    # the first KD row is the default distill setting; the second the reference study's recipe
+    assert [c.name for c in quick.cells] == ["baseline", "PMD only +unlabelled",
+                                             "E+B+D contrastive +PMD [w_seg=0.4, w_pmd=0.2]"]
+    default = build_config(DistillConfig, overrides={"teacher": "T", "device": "cpu"})
+    assert identity(to_dict(quick.cells[1].cfg)) == identity(to_dict(default))
+    assert quick.cells[2].cfg.effective_weights() == STUDY_WEIGHTS and quick.cells[2].cfg.kd_images == "labelled"
     study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"})
     assert len(study.cells) == 30 and study.seeds == [0, 1, 2]
     assert all(c.cfg.student == "s2" for c in study.cells)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import medkd.ablate as ab
 from medkd import options
 from medkd.cli import app
-from medkd.config import STUDY_WEIGHTS, DistillConfig, TeacherConfig, build_config, to_dict
+from medkd.config import DEFAULT_WEIGHTS, DistillConfig, TeacherConfig, build_config, to_dict
 from medkd.errors import MedkdError
 from medkd.options import OptionError
 
@@ -37,7 +37,7 @@ def test_effective_form():
                                                   "weights": {"enc": 0.3}, "scale_losses": {"dec": "mse"}})
     eff = cfg.effective()
     assert cfg.scales == ["enc", "dec"] and eff["scales"] == ["enc", "dec"]  # canonical order
-    assert eff["weights"] == {"seg": 0.4, "enc": 0.3, "dec": 0.1}  # over the study weights, used terms only
+    assert eff["weights"] == {"seg": 1.0, "enc": 0.3, "dec": 0.1}  # over the default weights, used terms only
     assert "temperature" not in eff and eff["loss"] == "contrastive" and eff["scale_losses"] == {"dec": "mse"}
     base = build_config(DistillConfig, overrides={"scales": "none", "pmd": False, "loss": "mse", "temperature": 9})
     eff = base.effective()
@@ -46,7 +46,7 @@ def test_effective_form():
         assert k not in eff
     # the same training, written two ways, has one effective form
     a = DistillConfig(teacher="T", scales=["dec", "enc"], weights={"seg": 0.4})
-    b = DistillConfig(teacher="T", scales=["enc", "dec"], weights=dict(STUDY_WEIGHTS))
+    b = DistillConfig(teacher="T", scales=["enc", "dec"], weights={**DEFAULT_WEIGHTS, "seg": 0.4})
     assert a.effective() == b.effective()
     assert DistillConfig.from_record({"kind": "student", "data": "D", **to_dict(b)}).effective() == b.effective()
 
@@ -107,7 +107,7 @@ def test_a_runs_config_yaml_is_a_config_for_distill_and_ablate(tmp_path):
     cell = next(c for c in plan.cells if not c.is_baseline)
     # grid options < --config < command line < cell; the ablation sets teacher and seed
     assert cell.cfg.epochs == 3 and cell.cfg.fraction == 0.25 and cell.cfg.device == "cpu"
-    assert cell.cfg.weights == {**STUDY_WEIGHTS, "enc": 0.3, "dec": 0.5}
+    assert cell.cfg.weights == {**DEFAULT_WEIGHTS, "enc": 0.3, "dec": 0.5}
     assert cell.cfg.teacher == str(Path("T2").resolve()) and cell.cfg.seed == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 2\nscalez: [enc]\n")

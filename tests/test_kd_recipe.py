@@ -157,3 +157,15 @@ def test_kd_images_config_and_cli(tiny_data, tmp_path):
     r = CliRunner().invoke(app, ["distill", str(tiny_data), "-o", str(tmp_path / "r"), "--scales", "none",
                                  "--no-pmd", "--kd-images", "unlabeled"])
     assert r.exit_code == 2 and "--kd-images" in r.output and "labelled, all" in r.output
+
+
+def test_ablate_names_rows_that_use_unlabelled_images():
+    from pathlib import Path
+
+    import medkd.ablate as ab
+
+    doc = {"source": "g", "cells": [{}, {"scales": ["dec"], "loss": "mse", "kd_images": "labelled"}], "seeds": None,
+           "options": {}}
+    plan = ab.build_plan(doc, Path("T"), None, {"device": "cpu"})
+    assert [c.name for c in plan.cells] == ["baseline", "PMD only +unlabelled", "D mse +PMD"]
+    assert plan.cells[0].cfg.uses_teacher is False  # the baseline has no teacher, so no unlabelled images

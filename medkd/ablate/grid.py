@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from medkd.config import (STUDY_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml,
+from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml,
                           preset_names, to_dict)
 from medkd.config import preset_file as packaged_preset
 from medkd.errors import MedkdError
@@ -266,7 +266,7 @@ def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
         if k == "weights":
             if not cfg.uses_teacher:
                 continue  # the supervised term alone is not weighted
-            rw = {**STUDY_WEIGHTS, **base.weights}
+            rw = {**DEFAULT_WEIGHTS, **base.weights}
             extras += [f"w_{n}={_short(x)}" for n, x in v.items() if float(rw.get(n, math.nan)) != x]
         elif isinstance(v, dict):
             extras += [f"{k}.{n}={_short(x)}" for n, x in v.items() if (r or {}).get(n) != x]
