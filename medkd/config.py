@@ -23,10 +23,6 @@ STUDY_WEIGHTS = {"seg": 0.4, "enc": 0.1, "bottleneck": 0.2, "dec": 0.1, "pmd": 0
 #: the supervised term at full weight (the study's 0.4 starved it) and PMD at 1. A config's ``weights`` are
 #: merged over them.
 DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0}
-#: The reference study's distillation recipe (``--preset study``): all scales, contrastive, PMD, its weights,
-#: the teacher on the student's labelled images only.
-STUDY_RECIPE = {"scales": list(SCALES), "loss": "contrastive", "pmd": True, "weights": dict(STUDY_WEIGHTS),
-                "kd_images": "labelled"}
 
 
 @dataclass
@@ -88,8 +84,8 @@ class DistillConfig(TrainConfig):
 
     The defaults are the recipe that did best on the sample data's val split (benchmarks/RESULTS.md,
     "distillation gain"): prediction-map distillation only (no feature scales), seg and PMD weight 1, and the
-    teacher supervising every train image (``kd_images="all"``). ``--preset study`` restores the reference study's
-    recipe (:data:`STUDY_RECIPE`).
+    teacher supervising every train image (``kd_images="all"``). ``--preset study`` (``medkd/presets/train-study.yaml``)
+    restores the reference study's recipe: all scales, contrastive, PMD, its weights, labelled images only.
     """
 
     student: str = "s1"

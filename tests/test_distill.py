@@ -5,7 +5,6 @@ One-batch Distiller steps cover the combinations; a few tiny full runs (width 4,
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import _quiet, tiny_teacher_config
 from medkd.cli import app
-from medkd.config import SCALES, STUDY_RECIPE, DistillConfig, build_config
+from medkd.config import SCALES, STUDY_WEIGHTS, DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.distill.cache import TeacherCache
 from medkd.distill.distiller import Distiller, tap_paths
@@ -33,7 +32,8 @@ STUDENT_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val
 def dcfg(teacher=None, **kw) -> DistillConfig:
     # the reference study's recipe (all scales, contrastive, PMD, its weights, labelled images only) unless changed
     base = dict(student="s1", student_width=4, epochs=1, batch_size=4, lr=3e-3, device="cpu", seed=0,
-                teacher=str(teacher) if teacher else None, **copy.deepcopy(STUDY_RECIPE))
+                teacher=str(teacher) if teacher else None, scales=list(SCALES), loss="contrastive", pmd=True,
+                weights=dict(STUDY_WEIGHTS), kd_images="labelled")
     base.update(kw)
     return build_config(DistillConfig, overrides=base)
 

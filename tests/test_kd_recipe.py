@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import _quiet
 from medkd.cli import app
-from medkd.config import DistillConfig, build_config
+from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config
 from medkd.data.prepared import UNLABELLED, SliceDataset, select_fraction
 from medkd.distill.losses.contrastive import ContrastiveFeatureLoss, info_nce, supcon_cross
 from medkd.errors import MedkdError
@@ -151,7 +151,12 @@ def test_distill_run_with_unlabelled_images(tiny_data, tiny_teacher, tmp_path):
 
 def test_kd_images_config_and_cli(tiny_data, tmp_path):
     assert DistillConfig().kd_images in ("labelled", "all")
-    assert build_config(DistillConfig, preset="study", overrides={"teacher": "t"}).kd_images == "labelled"  # the reference study
+    study = build_config(DistillConfig, preset="study", overrides={"teacher": "t"})  # the reference study's recipe
+    assert study.kd_images == "labelled" and study.scales == ["enc", "bottleneck", "dec"] and study.pmd
+    assert study.loss == "contrastive" and study.effective_weights() == STUDY_WEIGHTS
+    default = DistillConfig(teacher="t")  # medkd's default: the recipe chosen on val
+    assert default.scales == [] and default.pmd and default.kd_images == "all"
+    assert default.effective_weights() == {"seg": 1.0, "pmd": 1.0}
     with pytest.raises(MedkdError, match="kd_images"):
         build_config(DistillConfig, overrides={"kd_images": "some", "scales": "none", "pmd": False})
     r = CliRunner().invoke(app, ["distill", str(tiny_data), "-o", str(tmp_path / "r"), "--scales", "none",
