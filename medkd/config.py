@@ -103,7 +103,8 @@ class DistillConfig(TrainConfig):
     subset_seed: Optional[int] = None
     weights: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     taps: Dict[str, Dict[str, str]] = field(default_factory=dict)  # {"student"|"teacher": {scale: module path}}
-    cache: bool = True  # teacher-output cache (only used without augmentation)
+    teacher_outputs: str = "auto"  # auto | live | disk | memory (medkd.distill.teacher_outputs)
+    cache_budget: Optional[float] = None  # GB the disk cache may add; None = 20 % of the free space on its disk
     # which train images the teacher supervises: "labelled" = only the student's `fraction` (the reference study);
     # "all" = also the other train cases, whose labels the student never sees (KD terms only there)
     kd_images: str = "all"
@@ -123,6 +124,9 @@ class DistillConfig(TrainConfig):
         opt.check_kd_images(self.kd_images)
         if self.uses_teacher and not self.teacher:
             raise opt.OptionError("distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
+        opt.check_teacher_outputs(self.teacher_outputs)
+        if self.cache_budget is not None:
+            opt.check_cache_budget(self.cache_budget)
 
     @property
     def uses_teacher(self) -> bool:

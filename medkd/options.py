@@ -30,6 +30,8 @@ SCHEDULES = ("cosine", "plateau", "none")
 IN_CHANNELS = (1, 3)
 #: Train images the teacher supervises: the student's labelled fraction only, or all train cases.
 KD_IMAGES = ("labelled", "all")
+#: Where a distillation's teacher targets come from (medkd.distill.teacher_outputs).
+TEACHER_OUTPUTS = ("auto", "live", "disk", "memory")
 
 
 class OptionError(MedkdError):
@@ -90,6 +92,11 @@ def check_epochs(value: Any, what: str = "epochs") -> Any:
 
 def check_batch_size(value: Any, what: str = "batch_size") -> Any:
     return check_range(value, what, lo=1)
+
+
+def check_cache_budget(value: Any, what: str = "cache_budget") -> Any:
+    """GB the teacher-output disk cache may add (0 = never start one)."""
+    return check_range(value, what, lo=0)
 
 
 def check_lr(value: Any, what: str = "lr") -> Any:
@@ -183,6 +190,10 @@ def check_device(name: Any, what: str = "device") -> str:
     if isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit():
         return name
     return check_choice(name, DEVICES, f"{what}")
+
+
+def check_teacher_outputs(name: Any, what: str = "teacher_outputs") -> str:
+    return check_choice(name, TEACHER_OUTPUTS, what)
 
 
 def check_split(name: Any, what: str = "split") -> str:

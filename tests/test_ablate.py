@@ -263,16 +263,21 @@ class Counter:
 @pytest.fixture(scope="module")
 def ablation(tiny_data, teacher, tmp_path_factory):
     """The CLI on a 2-cell x 2-seed grid (+ baseline = 6 runs) with --json, counting the teacher's work."""
-    import medkd.distill.cache as cache_mod
     import medkd.distill.run as run_mod
+    import medkd.distill.teacher_outputs as to_mod
 
     mp = pytest.MonkeyPatch()
     count = Counter()
-    orig_fill = cache_mod.TeacherCache.fill
+    orig_fill = to_mod.fill_together
 
-    def fill(self, keys, run_teacher, device, batch_size=16):
-        count.cache_keys += self.missing(keys)
-        return orig_fill(self, keys, run_teacher, device, batch_size)
+    def fill(caches, keys, compute, batch_size=16):
+        count.cache_keys += sorted({k for c in caches for k in c.missing(keys)})
+        return orig_fill(caches, keys, compute, batch_size)
+
+    # CPU-like costs at study scale (the teacher dominates): the plan shares one disk cache across the runs
+    mp.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(teacher_s=5.0, disk_read_s=0.01,
+                                                                       disk_write_s=0.01, memory_read_s=0.005))
+    mp.setattr(to_mod, "fill_together", fill)
 
     distillers = []
     orig_distiller = run_mod.Distiller
@@ -282,7 +287,6 @@ def ablation(tiny_data, teacher, tmp_path_factory):
         distillers.append(d)
         return d
 
-    mp.setattr(cache_mod.TeacherCache, "fill", fill)
     mp.setattr(run_mod, "Distiller", distiller)
     root = tmp_path_factory.mktemp("ablate")
     out = root / "abl"
@@ -348,6 +352,29 @@ def test_teacher_runs_once_per_ablation(ablation, tiny_data):
                   for cid in PreparedData(tiny_data).case_ids("train"))
     assert len(keys) <= n_train
     assert c.live_forwards == 0
+    plan = ablation["results"]["teacher_outputs"]
+    assert plan["mode"] == "disk" and plan["runs"] == 4 and plan["distinct_targets"] == 2  # D mse, PMD only
+    assert plan["teacher_slices"] == len(keys)  # one teacher pass for both cells' targets
+    assert plan["estimates"]["disk"] == min(plan["estimates"].values()), plan
+    assert "teacher outputs for 4 run(s): disk, planned teacher-output cost" in ablation["cli"].stderr
+
+
+def test_gpu_like_costs_plan_no_shared_cache(tiny_data, teacher, monkeypatch):
+    """Where the teacher is fast and reads are slow (a GPU), the ablation plan never starts a disk cache."""
+    import medkd.distill.teacher_outputs as to_mod
+    from medkd.config import DistillConfig, build_config
+    from medkd.data.prepared import PreparedData
+    from rich.console import Console
+
+    monkeypatch.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(
+        teacher_s=0.03, disk_read_s=0.23, disk_write_s=0.05, memory_read_s=0.002))
+    cfgs = [build_config(DistillConfig, overrides={**TINY, "epochs": 20, "teacher": str(teacher), "seed": s, **cell})
+            for s in (0, 1) for cell in ({"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": [], "pmd": True})]
+    cache = teacher / "cache"
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    mode, rec = to_mod.plan_runs(cfgs, teacher, PreparedData(tiny_data), Console(stderr=True, quiet=True))
+    assert mode == "memory" and rec["estimates"]["memory"] < rec["estimates"]["live"] < rec["estimates"]["disk"]
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before  # nothing written to the cache
 
 
 def _copy(ablation, name):

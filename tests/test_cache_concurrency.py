@@ -14,35 +14,37 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medkd.data.prepared import PreparedData, SliceDataset
 
 def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
-    """Fill the cache at ``root`` for the seeded 50 % training subset; the teacher sleeps ``delay`` s per batch."""
-    import torch
-
-    from medkd.config import SCALES
+    """Fill the disk cache at ``root`` for the seeded 50 % training subset, as ``medkd distill`` does (all scales,
+    contrastive + PMD items); the teacher sleeps ``delay`` s per batch."""
+    from medkd.config import DistillConfig, build_config
     from medkd.distill.cache import TeacherCache
-    from medkd.distill.distiller import tap_paths
-    from medkd.distill.hooks import FeatureExtractor
-    from medkd.infer import seg_logits
+    from medkd.distill.distiller import Distiller
+    from medkd.distill.teacher_outputs import _compute
+    from medkd.models import build_model
     from medkd.rundir import load_model_from_run
 
+    cfg = build_config(DistillConfig, overrides=dict(student_width=4, batch_size=1, device="cpu", seed=int(seed),
+                                                      teacher=str(teacher_run)))
     data = PreparedData(data_dir)
-    model, _ = load_model_from_run(Path(teacher_run), "best")
-    model.eval()
-    taps = tap_paths(model, SCALES)
-    cache = TeacherCache(Path(root), Path(teacher_run) / "best.pt", data, taps, 1, data.case_ids("train"))
+    teacher, _ = load_model_from_run(Path(teacher_run), "best")
+    task = Distiller(build_model("s1", in_channels=1, num_classes=1, width=4), teacher, cfg, data.size)
+    cache = TeacherCache(Path(root), Path(teacher_run) / "best.pt", data, 1, data.case_ids("train"), task.target_specs())
     ds = SliceDataset(data, "train", fraction=0.5, seed=int(seed))
+    compute = _compute(task, ds, cfg, torch.device("cpu"))
+    pos = {k: i for i, k in enumerate(ds.index)}
+
+    def slow(keys):
+        time.sleep(float(delay))
+        return compute([pos[k] for k in keys])
+
     while go is not None and not Path(go).exists():
         time.sleep(0.01)
-    with FeatureExtractor(model, taps) as fx, torch.no_grad():
-        def run_teacher(x):
-            time.sleep(float(delay))
-            logits = seg_logits(model(x))
-            return {**fx.pop(), "logits": logits}
-
-        cache.fill(ds.index, run_teacher, torch.device("cpu"), batch_size=2)
+    cache.fill(cache.missing(ds.index), slow, batch_size=2)
     return cache.key
 
 
@@ -54,8 +56,10 @@ def _start(args, env):
 
 
 def _arrays(root: Path, key: str):
+    """``{item: (filled rows, array)}`` of a cache folder."""
     d = root / key
-    return np.load(d / "filled.npy"), {p.stem: np.load(p) for p in sorted(d.glob("*.npy")) if p.stem != "filled"}
+    return {p.name[: -len(".filled.npy")].rsplit("-", 1)[0]: (np.load(p), np.load(str(p)[: -len(".filled.npy")] + ".npy"))
+            for p in sorted(d.glob("*.filled.npy"))}
 
 
 def test_two_processes_fill_one_cold_cache_like_a_serial_fill(tiny_data, tiny_teacher, tmp_path):
@@ -79,12 +83,12 @@ def test_two_processes_fill_one_cold_cache_like_a_serial_fill(tiny_data, tiny_te
     rows = [(c, z) for c in train for z in range(int(data.case(c)["prepared_shape"][0]))]
     wanted = {k for s in (0, 1) for k in SliceDataset(data, "train", fraction=0.5, seed=s).index}
     want_rows = np.array(sorted(rows.index(k) for k in wanted))
-    filled_c, arr_c = _arrays(conc, key)
-    filled_s, arr_s = _arrays(serial, key)
-    assert filled_c[want_rows].all() and np.array_equal(filled_c, filled_s)
-    assert set(arr_c) == set(arr_s) == {"enc", "bottleneck", "dec", "logits"}
-    for name, a in arr_c.items():
+    conc_items, serial_items = _arrays(conc, key), _arrays(serial, key)
+    assert set(conc_items) == set(serial_items) == {
+        "enc.gap", "enc.proto", "bottleneck.gap", "bottleneck.proto", "dec.gap", "dec.proto", "logits"}
+    for name, (filled, a) in conc_items.items():
+        assert filled[want_rows].all() and np.array_equal(filled, serial_items[name][0]), name
         got = a[want_rows].astype(np.float32)
         assert (np.abs(got).reshape(len(want_rows), -1).max(axis=1) > 0).all(), f"{name}: all-zero rows"
-        np.testing.assert_allclose(got, arr_s[name][want_rows].astype(np.float32), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(got, serial_items[name][1][want_rows].astype(np.float32), rtol=1e-3, atol=1e-3)
     assert not list((conc / key).glob(".*.npy"))  # no temp files left behind

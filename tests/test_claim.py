@@ -114,7 +114,7 @@ def test_two_real_processes_same_run_folder(tiny_data, tiny_teacher, tmp_path):
     run = tmp_path / "student"
     cmd = [sys.executable, "-m", "medkd", "distill", str(tiny_data), "-o", str(run), "--teacher", str(tiny_teacher),
            "--student-width", "4", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--scales", "dec",
-           "--loss", "mse", "--no-pmd", "--no-cache", "-q"]  # no cache: the shared teacher stays cold
+           "--loss", "mse", "--no-pmd", "--teacher-outputs", "live", "-q"]  # no cache: the shared teacher stays cold
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([*cmd, "--seed", str(s)], stderr=subprocess.PIPE, text=True, env=env) for s in (0, 1)]
     outs = [p.communicate(timeout=240)[1] for p in procs]

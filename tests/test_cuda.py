@@ -129,17 +129,26 @@ def test_workers_do_not_change_the_numbers(augmented, tiny_data, runs):
         (straight / "history.jsonl").read_text().split('"seconds"')[0]
 
 
-@pytest.mark.parametrize("augment", [True, False], ids=["augment-live-teacher", "cached-teacher"])
-def test_distill_then_evaluate_on_device(augmented, tiny_data, runs, augment):
+@pytest.mark.parametrize("augment,outputs", [(True, "auto"), (False, "disk"), (False, "memory"), (False, "auto")],
+                         ids=["augment-live-teacher", "disk-cache", "memory", "auto"])
+def test_distill_then_evaluate_on_device(augmented, tiny_data, runs, augment, outputs):
     from medkd.distill.run import distill
     from medkd.evaluate import evaluate_run
 
     device, teacher, _ = augmented
-    run = runs / f"student-{device}-{augment}"
+    run = runs / f"student-{device}-{augment}-{outputs}"
     cache = runs / f"cache-{device}"
-    s = distill(tiny_data, run, _student_cfg(teacher, device, augment=augment), console=_quiet(), cache_dir=cache)
+    s = distill(tiny_data, run, _student_cfg(teacher, device, augment=augment, teacher_outputs=outputs),
+                console=_quiet(), cache_dir=cache)
     assert s["epochs_done"] == 1 and s["device"].startswith(device)
-    assert (s["teacher_cache"] is None) == augment  # augmentation runs the teacher live
+    rec = s["teacher_outputs"]
+    if augment:  # augmentation runs the teacher live
+        assert rec["mode"] == "live" and s["teacher_cache"] is None
+    elif outputs != "auto":
+        assert rec["mode"] == outputs and (s["teacher_cache"] is not None) == (outputs == "disk")
+    else:
+        assert rec["costs"]["teacher_s"] > 0 and rec["estimates"][rec["mode"]] == min(
+            v for v in rec["estimates"].values() if v is not None)
     ev = evaluate_run(run, tiny_data, "test", device=device, save=False)
     assert ev["device"].startswith(device) and 0.0 <= ev["dice"] <= 1.0
     if device == "cpu":

@@ -19,7 +19,7 @@ from medkd.cli import app
 from medkd.config import SCALES, STUDY_WEIGHTS, DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.distill.cache import TeacherCache
-from medkd.distill.distiller import Distiller, tap_paths
+from medkd.distill.distiller import Distiller
 from medkd.distill.losses import LOSSES
 from medkd.errors import MedkdError, TrainingError
 from medkd.rundir import load_checkpoint, load_model_from_run
@@ -146,53 +146,13 @@ def test_first_step_check_names_constant_loss(tiny_teacher, batch, monkeypatch):
         check_first_step(task(*batch), [p for p in task.parameters() if p.requires_grad])
 
 
-# ------------------------------------------------------------------------------------------------------- cache
-
-
-def test_cache_equals_live_teacher_and_key_follows_checkpoint(tiny_data, tiny_teacher, tt_teacher, tmp_path, batch):
-    data = PreparedData(tiny_data)
-    cfg = dcfg(tiny_teacher)
-    task = make_distiller(tiny_teacher, cfg)
-    taps = tap_paths(task.teacher, SCALES)
-    ds = SliceDataset(data, "train")
-    cache = TeacherCache(tmp_path / "cache", tiny_teacher / "best.pt", data, taps, 1, data.case_ids("train"))
-    task.cache, task.index_keys = cache, ds.index
-    keys = [ds.index[int(i)] for i in batch[2]]
-    from medkd.distill.hooks import FeatureExtractor
-    from medkd.infer import seg_logits
-
-    with FeatureExtractor(task.teacher, taps) as fx:
-        def run_teacher(x):
-            logits = seg_logits(task.teacher(x))
-            return {**fx.pop(), "logits": logits}
-
-        with torch.no_grad():
-            assert cache.fill(keys, run_teacher, torch.device("cpu")) == 4
-            live = run_teacher(batch[0])
-    assert cache.teacher_slices == 4 and not cache.missing(keys)
-    task.teacher_forwards = 0
-    got = task.teacher_outputs(batch[0], batch[2])
-    assert task.teacher_forwards == 0  # served from the cache
-    for name in (*SCALES, "logits"):
-        torch.testing.assert_close(got[name], live[name], rtol=2e-3, atol=2e-3)
-    again = TeacherCache(tmp_path / "cache", tiny_teacher / "best.pt", data, taps, 1, data.case_ids("train"))
-    assert again.key == cache.key and not again.missing(keys)  # reopened from disk
-    other = TeacherCache(tmp_path / "cache", tt_teacher / "best.pt", data, taps, 1, data.case_ids("train"))
-    assert other.key != cache.key and other.missing(keys) == keys
-    changed = tmp_path / "best.pt"
-    shutil.copy(tiny_teacher / "best.pt", changed)
-    with open(changed, "ab") as f:
-        f.write(b"\0")
-    assert TeacherCache(tmp_path / "cache", changed, data, taps, 1, data.case_ids("train")).key != cache.key
-
-
 # ----------------------------------------------------------------------------------------------------- full runs
 
 
 @pytest.fixture(scope="module")
 def caches(monkeypatch_module):
-    """Every TeacherCache built by medkd.distill.run, in order."""
-    import medkd.distill.run as run_mod
+    """Every TeacherCache built by medkd.distill.teacher_outputs, in order."""
+    import medkd.distill.teacher_outputs as run_mod
 
     made = []
 
@@ -233,7 +193,8 @@ def one_epoch(tiny_data, student_teacher, caches, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("sruns") / "one"
     t_hash = load_checkpoint(student_teacher / "best.pt")["model"]
-    summary = distill(tiny_data, run, dcfg(student_teacher, batch_size=_odd_batch(tiny_data)), console=_quiet())
+    summary = distill(tiny_data, run, dcfg(student_teacher, batch_size=_odd_batch(tiny_data), teacher_outputs="disk"),
+                      console=_quiet())
     return run, summary, t_hash, caches[-1]
 
 
@@ -266,11 +227,12 @@ def test_second_run_reuses_cache_and_resume_matches_straight_run(one_epoch, tiny
 
     run1, s1, _, _ = one_epoch
     bs = _odd_batch(tiny_data)
-    straight = distill(tiny_data, tmp_path / "two", dcfg(student_teacher, batch_size=bs, epochs=2), console=_quiet())
+    straight = distill(tiny_data, tmp_path / "two", dcfg(student_teacher, batch_size=bs, epochs=2, teacher_outputs="disk"),
+                       console=_quiet())
     assert caches[-1].teacher_slices == 0 and caches[-1].key == s1["teacher_cache"]
     resumed_run = tmp_path / "resumed"
     shutil.copytree(run1, resumed_run)
-    resumed = distill(tiny_data, resumed_run, dcfg(student_teacher, batch_size=bs, epochs=2), resume=True,
+    resumed = distill(tiny_data, resumed_run, dcfg(student_teacher, batch_size=bs, epochs=2, teacher_outputs="disk"), resume=True,
                       console=_quiet())
     assert caches[-1].teacher_slices == 0
     assert resumed["epochs_done"] == 2

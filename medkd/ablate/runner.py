@@ -103,7 +103,7 @@ def ablate(
 
     Args:
         data: prepared dataset folder.
-        teacher: teacher run folder (shared teacher-output cache in ``TEACHER_RUN/cache/``).
+        teacher: teacher run folder (its ``cache/`` holds the shared teacher-output cache when the plan uses one).
         out: the ablation folder ``DIR``.
         grid: grid YAML file (see the module docstring); exclusive with ``preset``.
         preset: ``"quick"`` or ``"study"``.
@@ -164,6 +164,18 @@ def ablate(
                   soft_wrap=True)
     for note in plan.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    # one teacher-output mode for all pending runs that leave it to auto: a shared disk cache only when cheaper
+    auto = [i for i, s in enumerate(states)
+            if s[4] != "done" and s[3].uses_teacher and s[3].teacher_outputs == "auto" and not s[3].augment]
+    outputs_plan, outputs_note = None, None
+    if auto:
+        from medkd.distill.teacher_outputs import plan_runs
+
+        mode, outputs_plan = plan_runs([states[i][3] for i in auto], Path(teacher), prepared, console)
+        outputs_note = f"ablation plan for {len(auto)} run(s): {outputs_plan['reason']}"
+        for i in auto:
+            cell, seed, run, cfg, state, detail = states[i]
+            states[i] = (cell, seed, run, replace(cfg, teacher_outputs=mode), state, detail)
     failed: List[Dict[str, str]] = []
     t0 = time.time()
     with Bars(console, "[bold]ablation[/]", len(runs), n_done, unit="runs", transient=False,
@@ -176,7 +188,8 @@ def ablate(
                     progress.log(escape(f"{run}: {detail}; restarting"))
                 try:
                     distill(data, run, cfg, resume=state == "resume",
-                            overwrite=state in ("restart", "mismatch", "stray"), console=console)
+                            overwrite=state in ("restart", "mismatch", "stray"), console=console,
+                            outputs_note=outputs_note)
                 except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
                     failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
                     progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
@@ -196,7 +209,8 @@ def ablate(
             evals[(cell.name, seed)] = json.loads(ev.read_text())
     results = compute_results(plan, evals, correction=correction)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
-                   out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1))
+                   out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1),
+                   teacher_outputs=outputs_plan)
     from medkd.metrics import to_jsonable
 
     results = to_jsonable(results)  # NaN/inf -> None, as written to results.json

@@ -117,6 +117,7 @@ _VALIDATORS = {
     "epochs": "check_epochs", "batch_size": "check_batch_size", "lr": "check_lr", "weight_decay": "check_weight_decay",
     "temperature": "check_temperature", "fraction": "check_fraction", "width": "check_width",
     "recon_weight": "check_recon_weight",
+    "teacher_outputs": "check_teacher_outputs", "cache_budget": "check_cache_budget",
 }
 
 

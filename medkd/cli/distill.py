@@ -35,7 +35,11 @@ def command(
     weight_decay: WeightDecayOpt = None,
     in_channels: InChannelsOpt = None,
     augment: AugmentOpt = None,
-    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Reuse cached teacher outputs. [default: on]")] = None,
+    teacher_outputs: Annotated[Optional[str], typer.Option(
+        help="Where the teacher's targets come from: auto (measure and pick the cheapest that fits), live (run the "
+             "teacher every batch), disk (TEACHER_RUN/cache, shared by later runs), memory. [default: auto]")] = None,
+    cache_budget: Annotated[Optional[float], typer.Option(
+        help="GB the disk cache may add; a bigger cache is never started. [default: 20% of the free space on its disk]")] = None,
     kd_images: Annotated[Optional[str], typer.Option(
         "--kd-images",
         help="Train images the teacher supervises: 'labelled' (the student's --fraction only, the reference study) or "
@@ -54,13 +58,14 @@ def command(
 
     checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device,
                            kd_images=kd_images, temperature=temperature, fraction=fraction, epochs=epochs,
-                           batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           teacher_outputs=teacher_outputs, cache_budget=cache_budget)
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,
         subset_seed=subset_seed, weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, in_channels=in_channels, augment=augment, cache=cache, kd_images=kd_images,
-        device=device, seed=seed),
+        weight_decay=weight_decay, in_channels=in_channels, augment=augment, teacher_outputs=teacher_outputs,
+        cache_budget=cache_budget, kd_images=kd_images, device=device, seed=seed),
         preset=preset)
     summary = distill(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
     if json_out:

@@ -24,7 +24,7 @@ from torch import nn
 from medkd.config import DistillConfig
 from medkd.data.prepared import UNLABELLED
 from medkd.distill.adapters import AdapterSet
-from medkd.distill.cache import TeacherCache
+from medkd.distill.cache import TORCH_STORE_DTYPE, ItemSpec
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
@@ -43,15 +43,41 @@ def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[
 
 
 @torch.no_grad()
-def probe_channels(model: nn.Module, paths: Dict[str, str], in_channels: int, size: int) -> Dict[str, int]:
-    """Channels at each tap, found by one forward pass (works for overridden paths too)."""
+def probe_shapes(model: nn.Module, paths: Dict[str, str], in_channels: int, size: int) -> Dict[str, Tuple[int, ...]]:
+    """``(C, h, w)`` at each tap, found by one forward pass (works for overridden paths too)."""
     was = model.training
     model.eval()
     with FeatureExtractor(model, paths) as fx:
         model(torch.zeros(1, in_channels, size, size, device=next(model.parameters()).device))
         feats = fx.pop()
     model.train(was)
-    return {k: int(v.shape[1]) for k, v in feats.items()}
+    return {k: tuple(int(d) for d in v.shape[1:]) for k, v in feats.items()}
+
+
+def probe_channels(model: nn.Module, paths: Dict[str, str], in_channels: int, size: int) -> Dict[str, int]:
+    """Channels at each tap (see :func:`probe_shapes`)."""
+    return {k: v[0] for k, v in probe_shapes(model, paths, in_channels, size).items()}
+
+
+def kd_targets(y: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """Masks for label-aware losses ``(B, 1, H, W)``: the label of a labelled slice, the teacher's mask
+    (``logits > 0``) on a slice whose label the student may not see (``UNLABELLED``)."""
+    labelled = y.flatten(1).amin(dim=1) != UNLABELLED  # (B,)
+    if bool(labelled.all()) or logits is None:
+        return y
+    return torch.where(labelled[:, None, None, None], y, (logits[:, :1] > 0).to(y.dtype))
+
+
+class LiveTeacher:
+    """The ``live`` teacher-output mode: the teacher runs on every training batch."""
+
+    mode = "live"
+
+    def __init__(self, task: "Distiller"):
+        self.task = task
+
+    def get(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.task.teacher_targets(x, y)
 
 
 class Distiller(nn.Module):
@@ -62,21 +88,21 @@ class Distiller(nn.Module):
         teacher: the trained teacher, or ``None`` for plain supervised training (``scales=[]``, ``pmd=False``).
         cfg: the distill config (scales, loss, weights, temperature, taps).
         size: slice size (to probe tap channels).
-        cache: optional teacher-output cache; ``None`` runs the teacher live every step.
-        index_keys: dataset index -> ``(case_id, z)``, to look rows up in the cache.
+
+    Teacher targets (what the losses read of the teacher, see :meth:`teacher_targets`) come from ``self.outputs``:
+    the live teacher by default; :mod:`medkd.distill.teacher_outputs` swaps in a disk or memory cache.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, size: int,
-                 cache: Optional[TeacherCache] = None, index_keys: Optional[List[Tuple[str, int]]] = None):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, size: int):
         super().__init__()
         self.model = student
         self.cfg = cfg
+        self.size = size
         # a zero weight switches a term off (no hooks, adapter or loss are built for it)
         self.weights = cfg.effective_weights()
         self.scales = [s for s in cfg.effective()["scales"] if self.weights[s] > 0]
         self.use_seg = self.weights["seg"] > 0
-        self.cache = cache
-        self.index_keys = index_keys
+        self.outputs = LiveTeacher(self)
         self.seg_loss = SegLoss(student.num_classes)
         self.teacher_forwards = 0  # teacher batches run live (tests and benchmarks count them)
         self._step = 0  # steps in the current epoch (reset by epoch_stats)
@@ -96,7 +122,8 @@ class Distiller(nn.Module):
             self.t_paths = tap_paths(teacher, self.scales, cfg.taps.get("teacher"))
             self.t_hooks = FeatureExtractor(teacher, self.t_paths).register() if self.scales else None
             s_ch = probe_channels(student, s_paths, student.in_channels, size)
-            t_ch = probe_channels(teacher, self.t_paths, teacher.in_channels, size)
+            self.t_shapes = probe_shapes(teacher, self.t_paths, teacher.in_channels, size)
+            t_ch = {k: v[0] for k, v in self.t_shapes.items()}
             self.adapters = AdapterSet(s_ch, t_ch, self.scales)
             self.losses = nn.ModuleDict({
                 s: build_loss(cfg.scale_losses.get(s, cfg.loss), t_ch[s], **cfg.loss_options) for s in self.scales
@@ -121,12 +148,64 @@ class Distiller(nn.Module):
         feats = self.t_hooks.pop() if self.t_hooks else {}
         return {**feats, "logits": logits}
 
-    def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self.cache is not None and self.index_keys is not None:
-            keys = [self.index_keys[int(i)] for i in index]
-            if not self.cache.missing(keys):
-                return self.cache.get(keys, x.device)
-        return self.run_teacher(x)
+    @torch.no_grad()
+    def teacher_targets(self, x: torch.Tensor, y: torch.Tensor,
+                        raw: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """What the active losses read of the teacher, per slice, rounded to the storage dtype (fp16).
+
+        ``{"<scale>.<part>": (B, ...)}`` from each scale's loss view (e.g. ``dec.gap``, ``dec.proto`` for the
+        contrastive loss, ``enc.map`` for mse) and ``logits`` ``(B, K, H, W)`` when PMD is on. Every mode (live,
+        disk, memory) serves exactly these numbers, so the mode never changes the training.
+
+        Args:
+            x: ``(B, C, H, W)`` images (channels already matched), y: ``(B, 1, H, W)`` masks.
+            raw: the teacher's outputs on ``x`` (:meth:`run_teacher`'s form) when already computed, e.g. by one
+                forward shared by several distillers; ``None`` runs the teacher.
+        """
+        out = self.run_teacher(x) if raw is None else raw
+        logits = out["logits"].to(TORCH_STORE_DTYPE)
+        targets = kd_targets(y, logits)
+        t: Dict[str, torch.Tensor] = {}
+        for s in self.scales:
+            view = (self.losses[s].teacher_view(out[s].float(), targets) if hasattr(self.losses[s], "teacher_view")
+                    else {"map": out[s]})
+            t.update({f"{s}.{k}": v for k, v in view.items()})
+        if self.pmd is not None or self.cfg.kd_on_unlabelled:  # the teacher's mask stands in for missing labels
+            t["logits"] = logits
+        return {k: v.to(TORCH_STORE_DTYPE) for k, v in t.items()}
+
+    @property
+    def label_aware(self) -> bool:
+        """Whether a loss's teacher view depends on the masks (e.g. the contrastive region prototypes)."""
+        for s in self.scales:
+            loss = self.losses[s]
+            if hasattr(loss, "teacher_view"):
+                c, h, w = self.t_shapes[s]
+                f = torch.zeros(2, c, h, w)
+                m = torch.zeros(2, 1, self.size, self.size)
+                if set(loss.teacher_view(f, None)) != set(loss.teacher_view(f, m)):
+                    return True
+        return False
+
+    def target_specs(self) -> Dict[str, ItemSpec]:
+        """Item name -> (what it stores, per-slice shape): the cache items this distiller reads."""
+        p = next(self.teacher.parameters())
+        size = self.size
+        x = torch.zeros(2, self.teacher.in_channels, size, size, device=p.device)
+        y = torch.zeros(2, 1, size, size, device=p.device)
+        y[0, :, : size // 2] = 1  # a mask with both classes, so label-dependent views are built
+        was = self.teacher_forwards
+        shapes = {k: tuple(v.shape[1:]) for k, v in self.teacher_targets(x, y).items()}
+        self.teacher_forwards = was
+        specs = {}
+        for name, shape in shapes.items():
+            if name == "logits":
+                specs[name] = ("seg-logits", shape)
+            else:
+                s, part = name.split(".", 1)
+                view_id = getattr(self.losses[s], "view_id", "map")
+                specs[name] = (f"tap={self.t_paths[s]} view={view_id} part={part}", shape)
+        return specs
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Args: x ``(B,C,H,W)`` images, y ``(B,1,H,W)`` masks (``UNLABELLED`` on unlabelled slices), index ``(B,)``
@@ -147,14 +226,14 @@ class Distiller(nn.Module):
             dice, bce = self.seg_loss(z, y) if all_labelled else self.seg_loss(z[labelled], y[labelled])
             terms["seg"] = w["seg"] * (dice + bce) if self.cfg.uses_teacher else dice + bce
         if self.scales or self.pmd is not None:
-            t = self.teacher_outputs(x, index)
-            # label-aware feature losses: the label where there is one, the teacher's mask elsewhere
-            targets = y if all_labelled else torch.where(
-                labelled[:, None, None, None], y, (t["logits"][:, :1] > 0).to(y.dtype))
+            t = self.outputs.get(x, y, index)
+            targets = kd_targets(y, t.get("logits"))  # the label where there is one, the teacher's mask elsewhere
             for s in self.scales:
-                tf = t[s].float()
-                sf = self.adapters[s](s_feats[s], tf.shape[-2:])
-                terms[s] = w[s] * self.losses[s](sf, tf, targets)
+                view = {k[len(s) + 1:]: v.float() for k, v in t.items() if k.startswith(s + ".")}
+                sf = self.adapters[s](s_feats[s], self.t_shapes[s][1:])
+                loss = self.losses[s]
+                terms[s] = w[s] * (loss.forward_view(sf, view, targets) if hasattr(loss, "forward_view")
+                                   else loss(sf, view["map"], targets))
             if self.pmd is not None:
                 terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
         if self.training and torch.is_grad_enabled():

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
 from rich.console import Console
 
-from medkd.config import SCALES, DistillConfig
+from medkd.config import DistillConfig
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
-from medkd.distill.cache import TeacherCache
-from medkd.distill.distiller import Distiller, tap_paths
+from medkd.distill.distiller import Distiller
+from medkd.distill.teacher_outputs import setup_teacher_outputs
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
@@ -54,11 +53,14 @@ def distill(
     overwrite: bool = False,
     console: Optional[Console] = None,
     cache_dir: Optional[Path] = None,
+    outputs_note: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train a student on a seeded ``cfg.fraction`` of the training cases (see :func:`student_train_set`). Returns
     the run summary.
 
     With ``cfg.scales == []`` and ``cfg.pmd == False`` no teacher is loaded (plain supervised baseline).
+    Where the teacher's targets come from (live, disk cache, memory) is ``cfg.teacher_outputs``
+    (:mod:`medkd.distill.teacher_outputs`); the cache lives in ``cache_dir`` (default ``TEACHER_RUN/cache``).
     """
     console = console or Console(stderr=True, quiet=True)
     data = PreparedData(data_dir)
@@ -67,51 +69,26 @@ def distill(
     student = build_model(cfg.student, in_channels=cfg.in_channels, num_classes=1, width=cfg.student_width)
     if data.size < student.min_size:
         raise MedkdError(f"{data_dir}: slices of {data.size}px are smaller than {cfg.student}'s minimum {student.min_size}")
-    teacher = cache = None
+    teacher = None
+    task_outputs = None
     if cfg.uses_teacher:
         teacher, ckpt_path = load_teacher(Path(cfg.teacher), cfg, data)
-        if cfg.cache and not cfg.augment:
-            # the cache stores every scale so all ablation cells share it
-            all_taps = tap_paths(teacher, SCALES, cfg.taps.get("teacher"))
-            cache = TeacherCache(Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache", ckpt_path, data,
-                                 all_taps, cfg.in_channels, data.case_ids("train"))
     device = resolve_device(cfg.device)
-    task = Distiller(student, teacher, cfg, data.size, cache=cache, index_keys=train_set.index)
-    if cache is not None:
-        _fill_cache(task, cache, train_set, cfg, device, console)
+    task = Distiller(student, teacher, cfg, data.size)
+    if cfg.uses_teacher:
+        task_outputs = setup_teacher_outputs(task, cfg, data, train_set,
+                                             Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache",
+                                             ckpt_path, device, console, note=outputs_note)
     eff = cfg.effective()
     summary_extra = {
         "student": cfg.student, "scales": eff["scales"], "loss": eff.get("loss"), "pmd": eff["pmd"],
         "fraction": cfg.fraction, "subset_seed": eff.get("subset_seed"),
         "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
         "weights": eff["weights"], "temperature": eff.get("temperature"),
-        "teacher_cache": cache.key if cache is not None else None,
+        "teacher_outputs": task_outputs,
+        "teacher_cache": task_outputs["cache_key"] if task_outputs else None,
         "kd_images": "all" if cfg.kd_on_unlabelled else "labelled",
         "labelled_cases": len(train_set.labelled_ids), "labelled_case_ids": sorted(train_set.labelled_ids),
     }
     return fit(task, cfg, data, train_set, run, kind="student", summary_extra=summary_extra, resume=resume,
                overwrite=overwrite, console=console, device=device)
-
-
-def _fill_cache(task: Distiller, cache: TeacherCache, train_set: SliceDataset, cfg: DistillConfig,
-                device: torch.device, console: Console) -> None:
-    """Compute teacher outputs for every slice of the student's training subset not cached yet."""
-    from medkd.distill.hooks import FeatureExtractor
-    from medkd.infer import match_channels, seg_logits
-
-    task.teacher.to(device)
-    missing = cache.missing(train_set.index)
-    if not missing:
-        return
-    console.print(f"teacher cache {cache.key}: computing {len(missing)} slice(s) once", highlight=False)
-    with FeatureExtractor(task.teacher, cache.taps) as fx:
-        def run_teacher(x: torch.Tensor):
-            with torch.no_grad():
-                logits = seg_logits(task.teacher(match_channels(x, cfg.in_channels)))
-                feats = fx.pop()
-            if task.t_hooks:
-                task.t_hooks.pop()
-            return {**feats, "logits": logits}
-
-        cache.fill(missing, run_teacher, device, batch_size=max(2, cfg.batch_size * 2))
-

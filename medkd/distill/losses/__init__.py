@@ -7,6 +7,11 @@ Every feature loss shares one signature:
   (projection heads, temperatures) are built here, never in ``forward``.
 * ``forward(student_feat (B, C, H, W), teacher_feat (B, C, H, W), targets (B, 1, H0, W0) float {0,1} | None)``
   returns a scalar tensor.
+* ``teacher_view(teacher_feat, targets) -> {name: (B, ...)}``: what the loss consumes of the teacher feature
+  (default: the map itself, ``{"map": teacher_feat}``; a loss that pools stores the pooled values), and
+  ``view_id``, a string naming that content (part of the teacher-output cache key). ``forward`` is
+  ``forward_view(student_feat, teacher_view(teacher_feat, targets), targets)``, so a cached view and the live
+  teacher give the same loss. The view must not depend on trainable parameters.
 
 Adding a method = one file with ``@LOSSES.register("name")`` + one import line below.
 Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is not in the registry.
@@ -15,7 +20,7 @@ Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is n
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -61,7 +66,23 @@ class FeatureLoss(nn.Module):
             Scalar tensor.
         """
         check_pair(student_feat, teacher_feat, self.name)
-        return self.compute(student_feat, teacher_feat, targets)
+        return self.forward_view(student_feat, self.teacher_view(teacher_feat, targets), targets)
+
+    @property
+    def view_id(self) -> str:
+        """Names what :meth:`teacher_view` returns (with any option it depends on)."""
+        return "map"
+
+    def teacher_view(self, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """What the loss consumes of the teacher feature ``(B, C, H, W)``: per-slice tensors, batch first."""
+        return {"map": teacher_feat}
+
+    def forward_view(
+        self, student_feat: torch.Tensor, view: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The loss from a teacher view (live or cached). Args as :meth:`forward`, ``view`` from :meth:`teacher_view`."""
+        check_pair(student_feat, view["map"], self.name)
+        return self.compute(student_feat, view["map"], targets)
 
     def compute(
         self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor]

@@ -59,8 +59,20 @@ class AttentionTransferLoss(FeatureLoss):
         super().__init__(channels)
         self.p = float(p)
 
-    def compute(self, student_feat, teacher_feat, targets=None):
-        return attention_loss(student_feat, teacher_feat, self.p)
+    @property
+    def view_id(self) -> str:
+        return f"attention-map(p={self.p})"
+
+    def teacher_view(self, teacher_feat, targets=None):
+        """The teacher's normalised attention map ``(B, H*W)``: all the loss reads (1/C of the feature)."""
+        return {"attention": attention_map(teacher_feat, self.p)}
+
+    def forward_view(self, student_feat, view, targets=None):
+        a_t = view["attention"]  # (B, H*W)
+        if student_feat.dim() != 4 or student_feat.shape[0] != a_t.shape[0] or student_feat[0, 0].numel() != a_t.shape[1]:
+            raise ValueError(f"attention loss: student feature {tuple(student_feat.shape)} does not match the teacher's "
+                             f"attention map {tuple(a_t.shape)}")
+        return (attention_map(student_feat, self.p) - a_t).pow(2).sum(dim=1).mean()
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

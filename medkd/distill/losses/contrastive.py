@@ -115,6 +115,31 @@ def supcon_cross(
     return 0.5 * (one_way(logits) + one_way(logits.t()))
 
 
+def pooled_prototypes(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Masked-average-pooled background and foreground prototypes of every slice, present or not.
+
+    Args:
+        feat: ``(B, C, h, w)``.
+        mask: ``(B, 1, h, w)`` foreground weight in ``[0, 1]`` (already resized to ``h, w``).
+        eps: A prototype exists only where its mask area exceeds ``eps`` (in feature pixels).
+
+    Returns:
+        ``(pooled (B, 2, C), valid (B, 2) bool)``; index 0 = background, 1 = foreground.
+    """
+    weights = torch.cat([1.0 - mask, mask], dim=1)  # (B, 2, h, w): [bg, fg]
+    area = weights.sum(dim=(2, 3))  # (B, 2)
+    pooled = torch.einsum("bkhw,bchw->bkc", weights, feat) / area.clamp_min(eps)[..., None]  # (B, 2, C)
+    return pooled, area > eps
+
+
+def select_prototypes(pooled: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 2, C)`` pooled + ``(B, 2)`` valid -> ``(prototypes (N, C), classes (N,))``, background rows first."""
+    protos = pooled.transpose(0, 1).reshape(-1, pooled.shape[-1])  # (2B, C): bg rows then fg rows
+    classes = torch.arange(2, device=pooled.device).repeat_interleave(pooled.shape[0])  # (2B,)
+    keep = valid.t().reshape(-1)  # (2B,)
+    return protos[keep], classes[keep]
+
+
 def region_prototypes(
     feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -129,13 +154,15 @@ def region_prototypes(
         ``(prototypes (N, C), classes (N,))`` with class 0 = background, 1 = foreground; order:
         all background prototypes (by sample), then all foreground prototypes (by sample).
     """
-    weights = torch.cat([1.0 - mask, mask], dim=1)  # (B, 2, h, w): [bg, fg]
-    area = weights.sum(dim=(2, 3))  # (B, 2)
-    pooled = torch.einsum("bkhw,bchw->bkc", weights, feat) / area.clamp_min(eps)[..., None]  # (B, 2, C)
-    protos = pooled.transpose(0, 1).reshape(-1, feat.shape[1])  # (2B, C): bg rows then fg rows
-    classes = torch.arange(2, device=feat.device).repeat_interleave(feat.shape[0])  # (2B,)
-    valid = (area.t() > eps).reshape(-1)  # (2B,)
-    return protos[valid], classes[valid]
+    return select_prototypes(*pooled_prototypes(feat, mask, eps))
+
+
+def feature_mask(targets: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, H0, W0)`` (or ``(B, H0, W0)``) mask -> ``(B, 1, h, w)`` foreground fraction (area resize)."""
+    if targets.dim() == 3:
+        targets = targets[:, None]
+    mask = (targets > 0.5).to(dtype)
+    return F.interpolate(mask, size=tuple(size), mode="area")
 
 
 def _head(channels: int, hidden_dim: int, proj_dim: int) -> nn.Sequential:
@@ -208,6 +235,21 @@ class ContrastiveFeatureLoss(FeatureLoss):
             F.normalize(self.teacher_head(teacher_vec), dim=1),
         )
 
+    @property
+    def view_id(self) -> str:
+        return "contrastive-pooled(gap" + (",region" if self.region else "") + ")"
+
+    def teacher_view(self, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """All the loss reads of the teacher: the pooled feature ``gap (B, C)`` and, with the region term and
+        a mask, the region prototypes ``proto (B, 2, C)`` (background, foreground; zero where absent).
+        Both come before the trainable heads, so they can be cached: 2-3 C numbers per slice instead of C*h*w.
+        """
+        view = {"gap": teacher_feat.mean(dim=(2, 3))}  # (B, C)
+        if self.region and targets is not None:
+            mask = feature_mask(targets, teacher_feat.shape[-2:], teacher_feat.dtype)
+            view["proto"] = pooled_prototypes(teacher_feat, mask)[0]  # (B, 2, C)
+        return view
+
     def region_term(
         self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: torch.Tensor
     ) -> Optional[torch.Tensor]:
@@ -218,31 +260,42 @@ class ContrastiveFeatureLoss(FeatureLoss):
             teacher_feat: ``(B, C, h, w)``.
             targets: ``(B, 1, H0, W0)`` (or ``(B, H0, W0)``) mask; values ``> 0.5`` are foreground.
         """
-        if targets.dim() == 3:
-            targets = targets[:, None]
-        mask = (targets > 0.5).to(student_feat.dtype)
-        mask = F.interpolate(mask, size=student_feat.shape[-2:], mode="area")  # (B, 1, h, w), fg fraction
-        ps, classes = region_prototypes(student_feat, mask)  # (N, C), (N,)
-        pt, _ = region_prototypes(teacher_feat, mask)
+        mask = feature_mask(targets, teacher_feat.shape[-2:], teacher_feat.dtype)
+        return self._region(student_feat, pooled_prototypes(teacher_feat, mask)[0], targets)
+
+    def _region(self, student_feat: torch.Tensor, teacher_pooled: torch.Tensor, targets: torch.Tensor):
+        mask = feature_mask(targets, student_feat.shape[-2:], student_feat.dtype)  # (B, 1, h, w), fg fraction
+        pooled, valid = pooled_prototypes(student_feat, mask)  # (B, 2, C), (B, 2)
+        ps, classes = select_prototypes(pooled, valid)  # (N, C), (N,)
+        pt, _ = select_prototypes(teacher_pooled.to(pooled.dtype), valid)  # same mask: same prototypes exist
         if classes.numel() == 0 or torch.unique(classes).numel() < 2:
             return None
         zs, zt = self.embed(ps, pt)
         return supcon_cross(zs, zt, classes, self.temperature, self.normalize)
 
-    def compute(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Slice-level InfoNCE (B >= 2) + region SupCon (when ``targets`` has both classes); see the module doc."""
+    def forward_view(self, student_feat: torch.Tensor, view, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Slice-level InfoNCE (B >= 2) + region SupCon (when ``targets`` has both classes); see the module doc.
+
+        Args:
+            student_feat: Adapted student feature ``(B, C, h, w)``.
+            view: :meth:`teacher_view` of the teacher feature (``gap`` and, for the region term, ``proto``).
+            targets: Masks ``(B, 1, H0, W0)`` or ``None``.
+        """
+        gap_t = view["gap"]  # (B, C)
+        if student_feat.dim() != 4 or tuple(student_feat.shape[:2]) != tuple(gap_t.shape):
+            raise ValueError(f"contrastive loss: student feature {tuple(student_feat.shape)} does not match the "
+                             f"teacher's pooled feature {tuple(gap_t.shape)} (adapt the student first)")
+        gap_s = student_feat.mean(dim=(2, 3))  # (B, C)
         terms = []
         if student_feat.shape[0] >= 2 and self.slice_weight != 0.0:
-            zs, zt = self.embed(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)))  # (B, D) each
+            zs, zt = self.embed(gap_s, gap_t.to(gap_s.dtype))  # (B, D) each
             terms.append(self.slice_weight * info_nce(zs, zt, self.temperature, self.normalize))
         if self.region and targets is not None:
-            region = self.region_term(student_feat, teacher_feat, targets)
+            region = self._region(student_feat, view["proto"], targets)
             if region is not None:
                 terms.append(self.region_weight * region)
         if not terms:  # one slice and no usable region term: cosine distance of the pooled pair
-            cos = F.cosine_similarity(student_feat.mean(dim=(2, 3)), teacher_feat.mean(dim=(2, 3)), dim=1)
+            cos = F.cosine_similarity(gap_s, gap_t.to(gap_s.dtype), dim=1)
             return (1.0 - cos).mean()
         return torch.stack(terms).sum()
 
