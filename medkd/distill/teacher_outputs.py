@@ -202,7 +202,7 @@ def _timed(fn, device: torch.device) -> float:
 
 def measure_costs(task, train_set, cfg, device: torch.device, specs: Dict[str, ItemSpec],
                   probe_dir: Optional[Path], memory_device: Optional[torch.device], pinned: bool = False,
-                  n: int = 3) -> Costs:
+                  n: int = 2) -> Costs:
     """Measure per-batch costs on the run's device and data (median of ``n`` after one warm-up).
 
     The teacher runs on real training batches; reads come from a probe of ``4 x batch`` rows of every item, written
