@@ -126,9 +126,11 @@ def pooled_prototypes(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6)
     Returns:
         ``(pooled (B, 2, C), valid (B, 2) bool)``; index 0 = background, 1 = foreground.
     """
-    weights = torch.cat([1.0 - mask, mask], dim=1)  # (B, 2, h, w): [bg, fg]
-    area = weights.sum(dim=(2, 3))  # (B, 2)
-    pooled = torch.einsum("bkhw,bchw->bkc", weights, feat) / area.clamp_min(eps)[..., None]  # (B, 2, C)
+    fg_area = mask.sum(dim=(2, 3))  # (B, 1)
+    area = torch.cat([mask[0, 0].numel() - fg_area, fg_area], dim=1)  # (B, 2): [bg, fg]
+    fg_sum = (feat * mask).sum(dim=(2, 3))  # (B, C)
+    bg_sum = feat.sum(dim=(2, 3)) - fg_sum  # weights 1 - mask, without building them
+    pooled = torch.stack([bg_sum, fg_sum], dim=1) / area.clamp_min(eps)[..., None]  # (B, 2, C)
     return pooled, area > eps
 
 
@@ -162,6 +164,8 @@ def feature_mask(targets: torch.Tensor, size, dtype: torch.dtype) -> torch.Tenso
     if targets.dim() == 3:
         targets = targets[:, None]
     mask = (targets > 0.5).to(dtype)
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
     return F.interpolate(mask, size=tuple(size), mode="area")
 
 
