@@ -29,7 +29,8 @@ def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
     from medkd.rundir import load_model_from_run
 
     cfg = build_config(DistillConfig, overrides=dict(student_width=4, batch_size=1, device="cpu", seed=int(seed),
-                                                      teacher=str(teacher_run)))
+                                                      teacher=str(teacher_run), scales=["enc", "bottleneck", "dec"],
+                                                      loss="contrastive", pmd=True))
     data = PreparedData(data_dir)
     teacher, _ = load_model_from_run(Path(teacher_run), "best")
     task = Distiller(build_model("s1", in_channels=1, num_classes=1, width=4), teacher, cfg, data.size)

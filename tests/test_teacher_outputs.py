@@ -108,7 +108,8 @@ def test_items_hold_only_what_the_losses_read(tiny_teacher):
     no_region = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss_options={"region": False})).target_specs()
     assert set(no_region) == {"dec.gap", "logits"} and no_region["dec.gap"][0] != specs["contrastive"]["dec.gap"][0]
     # only the scales the run distils; no logits without PMD
-    assert set(distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc"], loss="mse", pmd=False)).target_specs()) == {"enc.map"}
+    assert set(distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc"], loss="mse", pmd=False,
+                                            kd_images="labelled")).target_specs()) == {"enc.map"}
 
 
 def test_disk_and_memory_serve_exactly_the_live_targets(tiny_data, tiny_teacher, tmp_path):
