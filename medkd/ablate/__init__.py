@@ -69,11 +69,13 @@ from medkd.ablate.report import (
     ALPHA, CORRECTIONS, LOWER_IS_BETTER, METRICS, compute_results, matched_gain, mean_std, per_case_matrix,
     test_description
 )
-from medkd.ablate.runner import ablate, config_diff, eval_is_fresh, inputs_newer, run_error, run_state
+from medkd.ablate.runner import (
+    ablate, config_diff, eval_is_fresh, inputs_newer, parse_shard, run_error, run_state, shard_runs
+)
 
 __all__ = [
     "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "SPLIT", "Cell", "Plan",
     "ablate", "baseline_config", "build_plan", "compute_results", "config_diff", "eval_is_fresh", "identity",
-    "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "per_case_matrix", "preset_file",
+    "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "parse_shard", "shard_runs", "per_case_matrix", "preset_file",
     "run_dir", "run_error", "run_state", "setting_name", "slugify", "test_description",
 ]

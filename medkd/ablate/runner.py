@@ -98,8 +98,17 @@ def ablate(
     config: Optional[Path] = None,
     correction: str = "holm",
     overwrite: bool = False,
-) -> Dict[str, Any]:
-    """Run (or resume) an ablation and write ``DIR/results.{json,csv,md,png}``.
+    shard: Tuple[int, int] = (1, 1),
+    report_only: bool = False,
+) -> Optional[Dict[str, Any]]:
+    """Run (or resume) an ablation, or one shard of it, and write ``DIR/results.{json,csv,md,png}``.
+
+    Every run is trained and evaluated under its run-folder claim (:mod:`medkd.claim`): a run another live process
+    holds is skipped, and a run is re-checked once claimed, so shards that overlap or are restarted never train a
+    run twice. Shard ``(i, n)`` trains the runs ``k`` of the seed-major plan with ``k % n == i - 1``
+    (:func:`shard_runs`); the shard that finds every planned run finished and evaluated writes the results (the last
+    to finish), the others return ``None``. ``report_only`` trains nothing: it evaluates finished runs that lack
+    ``eval-test.json`` and writes the results from the finished runs.
 
     Args:
         data: prepared dataset folder.
@@ -115,15 +124,20 @@ def ablate(
         correction: ``"holm"`` (default), ``"bh"`` or ``"none"``: multiple-comparison adjustment over all
             non-baseline rows (see the module docstring).
         overwrite: retrain finished runs whose recorded config differs from the grid's (else an error).
+        shard: ``(i, n)``: train the i-th of n deterministic slices of the plan (1-based).
+        report_only: train nothing; aggregate the finished runs.
 
     Returns:
         The results document (also ``DIR/results.json``): ``{"baseline": row, "rows": [row, ...], "test": {...},
-        ...}``; see :func:`compute_results`.
+        ...}``; see :func:`compute_results`. ``None`` for a shard that finished its runs while others are still
+        missing (the last shard, or ``report_only``, writes the results).
 
     Raises:
         MedkdError: bad grid/options (before anything runs), config mismatch of a finished run, failed runs
-            (after the results of the other runs are written).
+            (after the results of the other runs are written), planned runs missing when the results are written.
     """
+    from medkd.claim import Claim, ClaimedError, describe
+    from medkd.locks import exclusive_lock
     from medkd.data.prepared import PreparedData
     from medkd.distill.run import distill, load_teacher
     from medkd.evaluate import evaluate_runs
@@ -133,7 +147,8 @@ def ablate(
     from medkd.distributed import under_torchrun
 
     if under_torchrun():
-        raise MedkdError("ablate trains one run per process: start it without torchrun")
+        raise MedkdError("ablate trains one run per process: start it without torchrun (one `medkd ablate ... "
+                         "--shard I/N` per GPU or node instead, see the README)")
     if correction not in CORRECTIONS:
         raise MedkdError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
     data, out = Path(data), Path(out)
@@ -145,8 +160,9 @@ def ablate(
             raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
         load_teacher(Path(teacher), next(c.cfg for c in plan.cells if c.cfg.uses_teacher), prepared)
     runs = plan.runs(out)
+    mine = [] if report_only else shard_runs(runs, *shard)
     states = []
-    for cell, seed, run in runs:
+    for cell, seed, run in mine:
         cfg = replace(cell.cfg, seed=seed)
         state, detail = run_state(run, cfg, data)
         if state == "mismatch" and not overwrite:
@@ -159,8 +175,9 @@ def ablate(
     _write_plan(out, plan, data, teacher)
 
     n_done = sum(1 for s in states if s[4] == "done")
+    part = f"; shard {shard[0]}/{shard[1]}: {len(mine)} of them" if shard[1] > 1 and not report_only else ""
     console.print(f"ablation {escape(str(out))}: {len(plan.cells)} row(s) x {len(plan.seeds)} seed(s) = "
-                  f"{len(runs)} run(s) ({escape(plan.source)}); {n_done} already finished", highlight=False,
+                  f"{len(runs)} run(s) ({escape(plan.source)}){part}; {n_done} already finished", highlight=False,
                   soft_wrap=True)
     for note in plan.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
@@ -177,33 +194,62 @@ def ablate(
             cell, seed, run, cfg, state, detail = states[i]
             states[i] = (cell, seed, run, replace(cfg, teacher_outputs=mode), state, detail)
     failed: List[Dict[str, str]] = []
+    busy: List[str] = []
     t0 = time.time()
-    with Bars(console, "[bold]ablation[/]", len(runs), n_done, unit="runs", transient=False,
-              nested=True) as progress:
+    if report_only:  # evaluate finished runs that lack their evaluation; train nothing
+        states = [(c, s, r, replace(c.cfg, seed=s), "done", "") for c, s, r in runs
+                  if (r / rundir.SUMMARY).is_file() and not eval_is_fresh(r, data)]
+    with Bars(console, "[bold]ablation[/]", len(states), n_done if not report_only else 0, unit="runs",
+              transient=False, nested=True) as progress:
         for cell, seed, run, cfg, state, detail in states:
             label = f"{cell.name} seed {seed}"
-            if state != "done":
-                progress.start(label, announce=True)
-                if detail:
-                    progress.log(escape(f"{run}: {detail}; restarting"))
-                try:
-                    distill(data, run, cfg, resume=state == "resume",
-                            overwrite=state in ("restart", "mismatch", "stray"), console=console,
-                            outputs_note=outputs_note)
-                except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
-                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
-                    progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
-                    progress.advance()
-                    continue
+            try:
+                claim = Claim(run).acquire()
+            except ClaimedError as e:
+                busy.append(str(run))
+                progress.log(f"{escape(label)}: in progress in {escape(describe(e.owner))}; skipped")
                 progress.advance()
-            if not eval_is_fresh(run, data):
-                try:
-                    evaluate_runs([run], prepared, SPLIT, device=cfg.device)
-                except Exception as e:
-                    failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": f"evaluate: {run_error(e)}"})
-                    progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
+                continue
+            try:
+                if state != "done":  # look again now that it is ours: another process may have finished it
+                    state, detail = run_state(run, cfg, data)
+                    if state == "mismatch" and not overwrite:  # finished meanwhile by a run with another config
+                        failed.append({"run": str(run), "name": cell.name, "seed": seed,
+                                       "error": f"finished by another process with a different config ({detail})"})
+                        continue
+                if state != "done":
+                    progress.start(label, announce=True)
+                    if detail:
+                        progress.log(escape(f"{run}: {detail}; restarting"))
+                    try:
+                        distill(data, run, cfg, resume=state == "resume",
+                                overwrite=state in ("restart", "mismatch", "stray"), console=console,
+                                outputs_note=outputs_note)
+                    except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
+                        failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
+                        progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
+                        progress.advance()
+                        continue
+                    progress.advance()
+                if not eval_is_fresh(run, data):
+                    try:
+                        evaluate_runs([run], prepared, SPLIT, device=cfg.device)
+                    except Exception as e:
+                        failed.append({"run": str(run), "name": cell.name, "seed": seed,
+                                       "error": f"evaluate: {run_error(e)}"})
+                        progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
+            finally:
+                claim.release()
+    missing = [str(r) for _, _, r in runs if not ((r / rundir.SUMMARY).is_file() and eval_is_fresh(r, data))]
+    if shard[1] > 1 and not report_only and missing:  # not the last shard: leave the results to the last one
+        console.print(f"shard {shard[0]}/{shard[1]} done ({len(mine)} run(s)); {len(missing)} planned run(s) are not "
+                      f"finished yet: the last shard to finish (or `--report-only`) writes the results",
+                      highlight=False, soft_wrap=True)
+        if failed:
+            raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']})")
+        return None
     evals = {}
-    for cell, seed, run, *_ in states:
+    for cell, seed, run in runs:
         ev = rundir.eval_json(run, SPLIT)
         if ev.is_file() and not any(f["run"] == str(run) for f in failed):
             evals[(cell.name, seed)] = json.loads(ev.read_text())
@@ -213,14 +259,42 @@ def ablate(
                    teacher_outputs=outputs_plan)
     from medkd.metrics import to_jsonable
 
+    results["pending"] = sorted(set(missing) - {f["run"] for f in failed})
     results = to_jsonable(results)  # NaN/inf -> None, as written to results.json
-    write_reports(results, out)
+    with exclusive_lock(out / ".results.lock"):  # shards finishing together write one after the other
+        write_reports(results, out)
     console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png", highlight=False,
                   soft_wrap=True)
     if failed:
         raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']}); "
                          f"results of the others are in {out / 'results.json'}")
+    if results["pending"]:
+        raise MedkdError(f"{len(results['pending'])} planned run(s) are not finished (first: "
+                         f"{results['pending'][0]}); results of the finished ones are in {out / 'results.json'}")
     return results
+
+
+def parse_shard(value: Optional[str]) -> Tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N`` (``None`` -> ``(1, 1)``).
+
+    Raises:
+        MedkdError: malformed.
+    """
+    if value is None:
+        return 1, 1
+    try:
+        i, n = (int(v) for v in str(value).split("/"))
+    except ValueError:
+        raise MedkdError(f"--shard must be I/N (e.g. 2/4), got {value!r}") from None
+    if not 1 <= i <= n:
+        raise MedkdError(f"--shard I/N needs 1 <= I <= N, got {value!r}")
+    return i, n
+
+
+def shard_runs(runs: Sequence[Tuple[Any, int, Path]], i: int, n: int) -> List[Tuple[Any, int, Path]]:
+    """The i-th (1-based) of n deterministic, disjoint slices of the seed-major plan: runs ``k`` with
+    ``k % n == i - 1`` (round robin, so every shard gets a share of every seed)."""
+    return [r for k, r in enumerate(runs) if k % n == i - 1]
 
 
 def run_error(e: BaseException) -> str:

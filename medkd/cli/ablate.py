@@ -42,6 +42,11 @@ def command(
     seed: SeedOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain finished runs that are stale (config differs, or data/teacher "
                                                                 "newer than the run) instead of stopping with an error.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: train only the I-th of N deterministic slices of the runs "
+                                                      "(SLURM arrays, one process per GPU); the last shard to finish "
+                                                      "writes the results.")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Train nothing: write results.* from the finished "
+                                                                    "runs (evaluating those not evaluated yet).")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -64,6 +69,14 @@ def command(
         raise fail("give --seeds or --seed, not both", 2)
     usage_checks(student=student, device=device, fraction=fraction, epochs=epochs, batch_size=batch_size,
                  lr=lr)
+    from medkd.ablate import parse_shard
+
+    if shard is not None and report_only:
+        raise fail("give --shard or --report-only, not both", 2)
+    try:
+        shard_ij = parse_shard(shard)
+    except MedkdError as e:
+        raise fail(str(e), 2)
     seed_list = None
     try:
         if seeds is not None:
@@ -74,11 +87,15 @@ def command(
         raise fail(str(e), 2)
     results = ablate(
         data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, correction=correction,
-        overwrite=overwrite,
+        overwrite=overwrite, shard=shard_ij, report_only=report_only,
         base_overrides=dict(student=student, student_width=student_width, fraction=fraction, subset_seed=subset_seed,
                             epochs=epochs, batch_size=batch_size, lr=lr, in_channels=in_channels, device=device),
         console=log_console(quiet),
     )
+    if results is None:  # a shard whose part is done while other shards still run
+        if json_out:
+            print_json({"shard": shard, "results": None})
+        return
     if json_out:
         print_json(results)  # stdout holds only the JSON; the table goes to stderr (as `medkd evaluate --json`)
         if not quiet:
