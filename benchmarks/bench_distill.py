@@ -13,7 +13,7 @@ of the ratio to plain (each repeat's own plain run) and the min-max spread over 
 
 Sizes:
 
-* ``demo``  -- sample data at 128 px, 1 channel, teacher unet width 16 (trained 1 epoch), student s1 on 50 %.
+* ``demo``  -- sample data at 64 px (``make demo``'s size), 1 channel, teacher unet width 16 (trained 1 epoch), student s1 on 50 %.
 * ``study`` -- the reference study's shapes: 3 x 256 x 256 slices, teacher T1 (unet width 64, 43 M parameters).
   On CPU a T1 forward is ~0.5 s per slice, so the data is a slice of the sample data (``--cases`` cases,
   ``--slices`` slices around the organ each) and the teacher is a randomly initialised T1 saved as a teacher run
@@ -48,12 +48,12 @@ def epoch_seconds(run: Path) -> float:
 def demo_setup(args):
     from medkd.train.teacher import train_teacher
 
-    data = prepared_sample(128)
-    teacher = WORK / "teacher-w16"
+    data = prepared_sample(64)
+    teacher = WORK / "teacher-w16-64"
     if not (teacher / "best.pt").is_file():
         train_teacher(data, teacher, build_config(TeacherConfig, overrides=dict(width=16, epochs=1, device="cpu")),
                       overwrite=True, console=quiet())
-    return data, teacher, dict(in_channels=1), "sample data at 128 px, 1 channel; teacher unet width 16"
+    return data, teacher, dict(in_channels=1), "sample data at 64 px (the demo's size), 1 channel; teacher unet width 16"
 
 
 def study_setup(args):
@@ -113,12 +113,14 @@ def main() -> None:
     data, teacher, extra, what = (demo_setup if args.size == "demo" else study_setup)(args)
     modes = args.modes.split(",")
     shutil.rmtree(teacher / "cache", ignore_errors=True)
+    # the reference study's recipe (all scales, contrastive, PMD, labelled images only), not today's PMD-only default
     common = dict(student=args.student, epochs=args.epochs, device="cpu", seed=0, loss=args.loss,
-                  batch_size=args.batch_size, **extra)
+                  batch_size=args.batch_size, kd_images="labelled", **extra)
     results = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
-            kw = dict(scales="none", pmd=False) if mode == "plain" else dict(teacher=str(teacher), teacher_outputs=mode)
+            kw = dict(scales="none", pmd=False) if mode == "plain" else dict(
+                teacher=str(teacher), teacher_outputs=mode, scales=["enc", "bottleneck", "dec"], pmd=True)
             cfg = build_config(DistillConfig, overrides={**common, **kw})
             run = WORK / f"distill-{args.size}-{mode}"
             t0 = time.time()
