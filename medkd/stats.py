@@ -189,22 +189,32 @@ def _scalar(v: Any) -> Any:
 def design_note(n_seeds: int, n_tests: int = 1, correction: str = "none", alpha: float = ALPHA) -> str:
     """What a seed-paired t-test over ``n_seeds`` seeds can reach, in words (``""`` when nothing to say).
 
-    With 1 seed there is no test; with 2 seeds (1 degree of freedom) p < ``alpha`` needs |t| > 12.7, and passing a
-    Holm correction over ``n_tests`` rows needs the smallest p below ``alpha / n_tests`` (a larger |t| still).
+    With 1 seed there is no test. With 2 seeds (1 degree of freedom) p < ``alpha`` needs |t| > 12.7. With a Holm
+    correction over ``n_tests`` rows no row is significant unless the strongest reaches p < ``alpha / n_tests``
+    (|t| > 24 with 3 seeds and 29 rows); with Benjamini-Hochberg that is the bar for a lone effect.
     """
     if n_seeds < 2:
         return (f"{n_seeds} seed(s): no between-run variation can be estimated, so no test is possible and no "
                 f"row can be significant; use >= 3 seeds (5 for useful power)")
-    if n_seeds == 2:
-        from scipy import stats as st
+    from scipy import stats as st
 
-        crit = float(st.t.ppf(1 - alpha / 2, 1))
-        text = f"2 seeds: the test has 1 degree of freedom, so p < {alpha:g} needs |t| > {crit:.3g}"
-        if correction == "holm" and n_tests > 1:
-            text += f" ({float(st.t.ppf(1 - alpha / n_tests / 2, 1)):.3g} to pass Holm over {n_tests} rows)"
-        return text + ": only a very large and very consistent difference can be significant; use >= 3 seeds (5 for " \
-                      "useful power)"
-    return ""
+    df = n_seeds - 1
+    corrected = correction in ("holm", "bh") and n_tests > 1
+    if n_seeds > 2 and not corrected:
+        return ""
+    crit = float(st.t.ppf(1 - alpha / 2, df))
+    text = f"{n_seeds} seeds ({df} degree{'s' if df > 1 else ''} of freedom): p < {alpha:g} needs |t| > {crit:.3g}"
+    if corrected:
+        bar = f"p < {alpha / n_tests:.2g}, i.e. |t| > {float(st.t.ppf(1 - alpha / n_tests / 2, df)):.3g}"
+        if correction == "holm":
+            text += f"; after Holm over {n_tests} rows no row is significant unless the strongest reaches {bar}"
+        else:
+            text += (f"; after Benjamini-Hochberg over {n_tests} rows a lone effect needs {bar} (less when several "
+                     f"rows have small p)")
+    if n_seeds == 2:
+        text += ": only a very large and very consistent difference can be significant; use >= 3 seeds (5 for " \
+                "useful power)"
+    return text
 
 
 def adjust(p_values: Sequence[Optional[float]], method: str = "holm") -> List[Optional[float]]:

@@ -166,3 +166,12 @@ def test_docstring_examples_run():
     import medkd.stats
 
     assert doctest.testmod(medkd.stats).failed == 0
+
+
+def test_design_note_states_what_the_design_can_reach():
+    assert "no test is possible" in design_note(1)
+    assert "|t| > 12.7" in design_note(2) and "1 degree of freedom" in design_note(2)
+    assert design_note(5) == "" and design_note(3, 29, "none") == ""
+    holm = design_note(3, 29, "holm")  # the study preset's 29 rows with 3 seeds
+    assert "p < 0.0017" in holm and f"|t| > {st.t.ppf(1 - 0.05 / 58, 2):.3g}" in holm
+    assert "lone effect" in design_note(3, 29, "bh")
