@@ -54,3 +54,19 @@ def _quiet():
     from rich.console import Console
 
     return Console(stderr=True, quiet=True)
+
+
+def interrupt_at_validation(monkeypatch, n: int = 2):
+    """Make training raise KeyboardInterrupt (a Ctrl-C) at its ``n``-th validation; returns the undo function."""
+    import medkd.train.loop as loop
+
+    real, calls = loop.validate, {"n": 0}
+
+    def validate_then_interrupt(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "validate", validate_then_interrupt)
+    return lambda: monkeypatch.setattr(loop, "validate", real)

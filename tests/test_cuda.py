@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _quiet, tiny_teacher_config
+from conftest import _quiet, interrupt_at_validation, tiny_teacher_config
 from medkd.errors import MedkdError
 from medkd.rundir import load_checkpoint, partial_dir
 
@@ -88,24 +88,15 @@ def test_augmented_teacher_trains(augmented):
 
 def test_augmented_teacher_interrupted_then_resumed(augmented, tiny_data, runs, monkeypatch):
     """Ctrl-C in epoch 2, then --resume on the same device; on CPU bit-exact equal to the straight run."""
-    import medkd.train.loop as loop
     from medkd.train.teacher import train_teacher
 
     device, straight, summary = augmented
     run = runs / f"aug-resumed-{device}"
-    real, calls = loop.validate, {"n": 0}
-
-    def validate_then_interrupt(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "validate", validate_then_interrupt)
+    undo = interrupt_at_validation(monkeypatch, 2)
     cfg = tiny_teacher_config(epochs=2, augment=True, device=device)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(tiny_data, run, cfg, console=_quiet())
-    monkeypatch.setattr(loop, "validate", real)
+    undo()
     assert load_checkpoint(partial_dir(run) / "last.pt")["epoch"] == 1
     resumed = train_teacher(tiny_data, run, cfg, resume=True, console=_quiet())
     assert resumed["epochs_done"] == 2

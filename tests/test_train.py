@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import _quiet, tiny_teacher_config
+from conftest import _quiet, interrupt_at_validation, tiny_teacher_config
 from medkd.cli import app
 from medkd.errors import MedkdError, TrainingError
 from medkd.rundir import atomic_save, load_checkpoint, load_model_from_run, partial_dir
@@ -119,22 +119,11 @@ def test_extending_a_finished_run_with_resume_equals_straight_run(tiny_data, tin
 
 def test_interrupted_then_resumed_equals_straight_run(tiny_data, run2, runs, monkeypatch):
     """Ctrl-C during epoch 2 keeps RUN.partial/last.pt (epoch 1); --resume ends with the straight run's weights."""
-    import medkd.train.loop as loop
-
     run = runs / "interrupted"
-    real = loop.validate
-    calls = {"n": 0}
-
-    def validate_then_interrupt(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "validate", validate_then_interrupt)
+    undo = interrupt_at_validation(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(tiny_data, run, tiny_teacher_config(epochs=2), console=_quiet())
-    monkeypatch.setattr(loop, "validate", real)
+    undo()
     assert not run.exists()
     assert load_checkpoint(partial_dir(run) / "last.pt")["epoch"] == 1
     with pytest.raises(MedkdError, match="interrupted run.*--resume"):  # its epochs are not thrown away silently
