@@ -13,6 +13,7 @@ from medkd.cli.common import (
     handle_errors, log_console, print_json, stdout_console, usage_checks
 )
 from medkd.errors import MedkdError
+from medkd.report.tables import print_table
 
 
 @handle_errors
@@ -99,6 +100,6 @@ def command(
     if json_out:
         print_json(results)  # stdout holds only the JSON; the table goes to stderr (as `medkd evaluate --json`)
         if not quiet:
-            log_console().print(ablate_table(results))
+            print_table(log_console(), ablate_table(results))
     elif not quiet:
-        stdout_console.print(ablate_table(results))
+        print_table(stdout_console, ablate_table(results))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from rich import box
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -95,6 +96,10 @@ class AblateTable:
 
     def __init__(self, results: Dict[str, Any]):
         self.results = results
+
+    def __rich_measure__(self, console, options) -> Measurement:
+        """The wide table's width, so :func:`medkd.report.tables.print_table` can size a captured output to it."""
+        return Measurement.get(console, options, build_table(self.results, compact=False))
 
     def __rich_console__(self, console, options):
         wide = build_table(self.results, compact=False)
