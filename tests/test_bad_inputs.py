@@ -102,7 +102,7 @@ def bytes_file(data: bytes) -> Callable[[Path], None]:
     return make
 
 
-def preprocess_bad_dicom(make: Callable[[Path], None]) -> Callable[[Env], List[str]]:
+def preprocess_bad_case(make: Callable[[Path], None]) -> Callable[[Env], List[str]]:
     def build(env: Env) -> List[str]:
         src = source_with(env, "bad", make)
         return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
@@ -131,14 +131,6 @@ def nifti_file(shape, dtype=np.float32) -> Callable[[Path], None]:
         nib.save(nib.Nifti1Image(np.zeros(shape, dtype), np.diag([2.9, 2.9, 5.0, 1.0])), str(path) + ".nii.gz")
 
     return make
-
-
-def preprocess_bad_nifti(make: Callable[[Path], None]) -> Callable[[Env], List[str]]:
-    def build(env: Env) -> List[str]:
-        src = source_with(env, "bad", make)
-        return ["preprocess", str(src), "-o", str(env.tmp / "out"), *PREP]
-
-    return build
 
 
 def preprocess_too_few(env: Env) -> List[str]:
@@ -315,29 +307,29 @@ def msd_with_dataset_json(text: str) -> Callable[[Env], List[str]]:
 
 CASES: List[Case] = [
     # DICOM: what is wrong, not just "truncated or corrupt"
-    Case("dicom-rtplan", preprocess_bad_dicom(dicom_folder_with("rtplan.dcm")), 1,
+    Case("dicom-rtplan", preprocess_bad_case(dicom_folder_with("rtplan.dcm")), 1,
          r"^bad case: .*IM0000\.dcm: not an image: a radiotherapy plan \(Modality RTPLAN"),
-    Case("dicom-seg", preprocess_bad_dicom(dicom_folder_with("liver_1frame.dcm")), 1,
+    Case("dicom-seg", preprocess_bad_case(dicom_folder_with("liver_1frame.dcm")), 1,
          r"^bad case: .*: not an image: a segmentation"),
-    Case("dicom-truncated", preprocess_bad_dicom(dicom_folder_with("MR_truncated.dcm")), 1,
+    Case("dicom-truncated", preprocess_bad_case(dicom_folder_with("MR_truncated.dcm")), 1,
          r"^bad case: .*IM0000\.dcm: cannot decode DICOM pixel data, file is truncated or corrupt"),
-    Case("dicom-zero-bytes", preprocess_bad_dicom(bytes_file(b"")), 1, r"^bad case: .*IM0000\.dcm: empty file"),
-    Case("dicom-not-dicom", preprocess_bad_dicom(bytes_file(b"not a DICOM file\n" * 20)), 1,
+    Case("dicom-zero-bytes", preprocess_bad_case(bytes_file(b"")), 1, r"^bad case: .*IM0000\.dcm: empty file"),
+    Case("dicom-not-dicom", preprocess_bad_case(bytes_file(b"not a DICOM file\n" * 20)), 1,
          r"^bad case: .*IM0000\.dcm: not a DICOM file"),
-    Case("dicom-multiframe", preprocess_bad_dicom(dicom_folder_with("SC_rgb_rle_2frame.dcm")), 1,
+    Case("dicom-multiframe", preprocess_bad_case(dicom_folder_with("SC_rgb_rle_2frame.dcm")), 1,
          r"^bad case: .*expected one 2D slice per file"),
     # NIfTI
-    Case("nifti-zero-slices", preprocess_bad_nifti(nifti_file((128, 128, 0))), 1,
+    Case("nifti-zero-slices", preprocess_bad_case(nifti_file((128, 128, 0))), 1,
          r"^bad case: .*bad\.nii\.gz: empty volume, shape \(128, 128, 0\) has no voxels"),
-    Case("nifti-2d", preprocess_bad_nifti(nifti_file((128, 128))), 1, r"^bad case: .*expected a 3D volume"),
-    Case("nifti-truncated", preprocess_bad_nifti(
+    Case("nifti-2d", preprocess_bad_case(nifti_file((128, 128))), 1, r"^bad case: .*expected a 3D volume"),
+    Case("nifti-truncated", preprocess_bad_case(
         lambda p: Path(str(p) + ".nii.gz").write_bytes((SAMPLE / "imagesTr" / "spleen_002.nii.gz").read_bytes()[:5000])),
          1, r"^bad case: .*bad\.nii\.gz: cannot read NIfTI, file is truncated or corrupt"),
-    Case("nifti-zero-bytes", preprocess_bad_nifti(lambda p: Path(str(p) + ".nii.gz").write_bytes(b"")), 1,
+    Case("nifti-zero-bytes", preprocess_bad_case(lambda p: Path(str(p) + ".nii.gz").write_bytes(b"")), 1,
          r"^bad case: .*bad\.nii\.gz: cannot read NIfTI"),
-    Case("nifti-4d", preprocess_bad_nifti(nifti_file((8, 8, 4, 2))), 1,
+    Case("nifti-4d", preprocess_bad_case(nifti_file((8, 8, 4, 2))), 1,
          r"^bad case: .*bad\.nii\.gz: expected a 3D volume, got shape \(8, 8, 4, 2\) \(4D\)"),
-    Case("nifti-nan-voxels", preprocess_bad_nifti(
+    Case("nifti-nan-voxels", preprocess_bad_case(
         lambda p: nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), str(p) + ".nii.gz")),
          1, r"^bad case: .*bad\.nii\.gz: image has 256 NaN/inf voxel\(s\)"),
     Case("nifti-label-missing", lambda e: ["preprocess", str(source_with(e, "bad", nifti_file((8, 8, 4)), label=False)),
@@ -349,7 +341,7 @@ CASES: List[Case] = [
          r"^bad case: .*bad_label\.nii\.gz: label affine differs from the image's \(max difference 7"),
     Case("label-value-outside", preprocess_bad_label(with_value(7)), 1,
          r"^bad case: .*bad_label\.nii\.gz: label values \[7\] outside allowed \[0, 1\]"),
-    Case("dicom-missing-slice", preprocess_bad_dicom(dicom_missing_slice), 1,
+    Case("dicom-missing-slice", preprocess_bad_case(dicom_missing_slice), 1,
          r"^bad case: .*bad: inconsistent slice spacing \(.* mm between slices; a slice may be missing\)"),
     Case("dataset-json-malformed", msd_with_dataset_json("{ not json"), 1,
          r"^error: .*dataset\.json: not a valid MSD dataset\.json \(JSONDecodeError"),
