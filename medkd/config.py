@@ -108,6 +108,9 @@ class DistillConfig(TrainConfig):
     # which train images the teacher supervises: "labelled" = only the student's `fraction` (the reference study);
     # "all" = also the other train cases, whose labels the student never sees (KD terms only there)
     kd_images: str = "all"
+    # diagnostic: every N-th training step, each loss term's gradient norm on the student (one extra backward per
+    # term), logged as gshare_<term> in history.jsonl; 0 = off. Does not change what is learnt.
+    grad_share_every: int = 64
 
     def validate(self) -> None:
         super().validate()
@@ -127,6 +130,7 @@ class DistillConfig(TrainConfig):
         opt.check_teacher_outputs(self.teacher_outputs)
         if self.cache_budget is not None:
             opt.check_cache_budget(self.cache_budget)
+        opt.check_range(self.grad_share_every, "grad_share_every", lo=0)
 
     @property
     def uses_teacher(self) -> bool:

@@ -133,6 +133,22 @@ def test_grad_shares_logged_and_sum_to_one(tiny_data, tiny_teacher):
     assert task.epoch_stats() == {}
 
 
+def test_grad_share_every_zero_measures_nothing(tiny_data, tiny_teacher, monkeypatch):
+    x, y, idx = _mixed_batch(tiny_data)
+    task = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse", grad_share_every=0))
+    task.train()
+    calls = []
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1))
+    for _ in range(3):
+        task(x, y, idx)
+    assert calls == [] and task.epoch_stats() == {}
+    monkeypatch.undo()
+    every2 = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse", grad_share_every=2)).train()
+    for _ in range(3):  # steps 0 and 2 measure
+        every2(x, y, idx)
+    assert every2._gnorm_n == 2
+
+
 def test_distill_run_with_unlabelled_images(tiny_data, tiny_teacher, tmp_path):
     from medkd.distill.run import distill
 

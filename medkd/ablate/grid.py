@@ -21,7 +21,7 @@ SPLIT = "test"  # every run of an ablation is evaluated (and compared) on this s
 
 CELL_RESERVED = ("teacher", "seed")  # fixed by the ablation (--teacher, --seeds)
 # options that do not change what a run learns (ignored when comparing a finished run's config)
-NON_IDENTITY = ("seed", "device", "num_workers", "teacher_outputs", "cache_budget", "teacher")
+NON_IDENTITY = ("seed", "device", "num_workers", "teacher_outputs", "cache_budget", "teacher", "grad_share_every")
 ABBR = {"enc": "E", "bottleneck": "B", "dec": "D"}
 
 

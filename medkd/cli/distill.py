@@ -44,6 +44,9 @@ def command(
         "--kd-images",
         help="Train images the teacher supervises: 'labelled' (the student's --fraction only, the reference study) or "
              "'all' (also the other train cases, without their labels: KD terms only). [default: all]")] = None,
+    grad_share_every: Annotated[Optional[int], typer.Option(
+        min=0, help="Every N-th step, log each term's share of the gradient norm (gshare_<term> in history.jsonl; "
+                    "one extra backward per term). 0 = off. [default: 64]")] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
@@ -65,7 +68,7 @@ def command(
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,
         subset_seed=subset_seed, weights=checked["weights"], epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, in_channels=in_channels, augment=augment, teacher_outputs=teacher_outputs,
-        cache_budget=cache_budget, kd_images=kd_images, device=device, seed=seed),
+        cache_budget=cache_budget, kd_images=kd_images, grad_share_every=grad_share_every, device=device, seed=seed),
         preset=preset)
     summary = distill(data, out, cfg, resume=resume, overwrite=overwrite, console=log_console(quiet))
     if json_out:

@@ -5,8 +5,9 @@
 The supervised term uses the labelled slices of a batch only; slices without a label (``kd_images="all"``: train
 cases outside the student's labelled fraction, mask filled with ``UNLABELLED``) get the distillation terms only,
 and label-aware feature losses see the teacher's predicted mask there instead of a label.
-Every ``GRAD_SHARE_EVERY``-th step of an epoch the gradient norm of each term on the student's parameters is
-measured; :meth:`Distiller.epoch_stats` reports each term's mean share of the summed norms (``gshare_<term>``).
+Every ``cfg.grad_share_every``-th step of an epoch (default 64; 0 = never) the gradient norm of each term on the
+student's parameters is measured (one extra backward per term); :meth:`Distiller.epoch_stats` reports each term's
+mean share of the summed norms (``gshare_<term>``).
 
 The teacher is frozen by construction (mdistiller ``_base.py``): ``requires_grad=False`` on every parameter,
 ``train()`` keeps it in eval mode, and its forward runs under ``torch.no_grad()``.
@@ -30,9 +31,6 @@ from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
 from medkd.infer import seg_logits
 from medkd.train.losses import SegLoss
-
-
-GRAD_SHARE_EVERY = 16  # steps between gradient-share measurements (one extra backward per term each time)
 
 
 def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -237,7 +235,8 @@ class Distiller(nn.Module):
             if self.pmd is not None:
                 terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
         if self.training and torch.is_grad_enabled():
-            if self._step % GRAD_SHARE_EVERY == 0 and len(terms) > 1:
+            every = self.cfg.grad_share_every
+            if every and self._step % every == 0 and len(terms) > 1:
                 self._measure_grad_share(terms)
             self._step += 1
         return terms

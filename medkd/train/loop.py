@@ -49,11 +49,19 @@ def set_deterministic(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def fused_ok(params) -> bool:
+    """Whether torch's fused (one-kernel) Adam/AdamW step can update ``params``: floating-point tensors on CPU or
+    CUDA. On a small student with adapters and heads, the per-tensor step of the default implementation is a
+    measurable part of a distillation step on CPU (benchmarks/RESULTS.md, issue 15)."""
+    params = list(params)
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(params)
+    if cfg.optimizer in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_ok(params) or None)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
 
 
@@ -170,7 +178,7 @@ def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
 
 
 #: Options that may change when a run is resumed (more epochs extend it; where it runs does not change it).
-RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "amp", "data")
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "amp", "data", "grad_share_every")
 
 
 def data_record(data: PreparedData, train_ids: Sequence[str], val_ids: Sequence[str]) -> Dict[str, Any]:

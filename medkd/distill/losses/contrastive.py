@@ -268,14 +268,24 @@ class ContrastiveFeatureLoss(FeatureLoss):
         return self._region(student_feat, pooled_prototypes(teacher_feat, mask)[0], targets)
 
     def _region(self, student_feat: torch.Tensor, teacher_pooled: torch.Tensor, targets: torch.Tensor):
-        mask = feature_mask(targets, student_feat.shape[-2:], student_feat.dtype)  # (B, 1, h, w), fg fraction
-        pooled, valid = pooled_prototypes(student_feat, mask)  # (B, 2, C), (B, 2)
-        ps, classes = select_prototypes(pooled, valid)  # (N, C), (N,)
-        pt, _ = select_prototypes(teacher_pooled.to(pooled.dtype), valid)  # same mask: same prototypes exist
-        if classes.numel() == 0 or torch.unique(classes).numel() < 2:
+        rows = self._region_rows(student_feat, teacher_pooled, targets)
+        if rows is None:
             return None
+        ps, pt, classes = rows
         zs, zt = self.embed(ps, pt)
         return supcon_cross(zs, zt, classes, self.temperature, self.normalize)
+
+    @staticmethod
+    def _region_rows(student_feat: torch.Tensor, teacher_pooled: torch.Tensor, targets: torch.Tensor):
+        """Student and teacher region prototypes ``(N, C)`` each and their classes ``(N,)``, or ``None`` when the
+        batch holds a single class (no negatives)."""
+        mask = feature_mask(targets, student_feat.shape[-2:], student_feat.dtype)  # (B, 1, h, w), fg fraction
+        pooled, valid = pooled_prototypes(student_feat, mask)  # (B, 2, C), (B, 2)
+        if not (bool(valid[:, 0].any()) and bool(valid[:, 1].any())):
+            return None
+        ps, classes = select_prototypes(pooled, valid)  # (N, C), (N,)
+        pt, _ = select_prototypes(teacher_pooled.to(pooled.dtype), valid)  # same mask: same prototypes exist
+        return ps, pt, classes
 
     def forward_view(self, student_feat: torch.Tensor, view, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Slice-level InfoNCE (B >= 2) + region SupCon (when ``targets`` has both classes); see the module doc.
@@ -290,18 +300,27 @@ class ContrastiveFeatureLoss(FeatureLoss):
             raise ValueError(f"contrastive loss: student feature {tuple(student_feat.shape)} does not match the "
                              f"teacher's pooled feature {tuple(gap_t.shape)} (adapt the student first)")
         gap_s = student_feat.mean(dim=(2, 3))  # (B, C)
-        terms = []
-        if student_feat.shape[0] >= 2 and self.slice_weight != 0.0:
-            zs, zt = self.embed(gap_s, gap_t.to(gap_s.dtype))  # (B, D) each
-            terms.append(self.slice_weight * info_nce(zs, zt, self.temperature, self.normalize))
-        if self.region and targets is not None:
-            region = self._region(student_feat, view["proto"], targets)
-            if region is not None:
-                terms.append(self.region_weight * region)
-        if not terms:  # one slice and no usable region term: cosine distance of the pooled pair
-            cos = F.cosine_similarity(gap_s, gap_t.to(gap_s.dtype), dim=1)
+        gap_t = gap_t.to(gap_s.dtype)
+        n = gap_s.shape[0]
+        use_slice = n >= 2 and self.slice_weight != 0.0
+        rows = self._region_rows(student_feat, view["proto"], targets) if self.region and targets is not None else None
+        if not use_slice and rows is None:  # one slice and no usable region term: cosine distance of the pooled pair
+            cos = F.cosine_similarity(gap_s, gap_t, dim=1)
             return (1.0 - cos).mean()
-        return torch.stack(terms).sum()
+        # one pass of each head over the slice rows and the region rows together (the heads are row-wise)
+        s_rows, t_rows = [gap_s] if use_slice else [], [gap_t] if use_slice else []
+        if rows is not None:
+            s_rows.append(rows[0])
+            t_rows.append(rows[1])
+        zs, zt = self.embed(torch.cat(s_rows), torch.cat(t_rows))  # (n + N, D) or (n, D) or (N, D)
+        loss = None
+        if use_slice:
+            loss = self.slice_weight * info_nce(zs[:n], zt[:n], self.temperature, self.normalize)
+            zs, zt = zs[n:], zt[n:]
+        if rows is not None:
+            region = self.region_weight * supcon_cross(zs, zt, rows[2], self.temperature, self.normalize)
+            loss = region if loss is None else loss + region
+        return loss
 
     def extra_repr(self) -> str:
         return (
