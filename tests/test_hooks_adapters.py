@@ -128,6 +128,76 @@ def test_adapter_shape_and_gradients(in_size, out_size):
     assert adapter.proj.bias is None
 
 
+@pytest.mark.parametrize("in_size,out_size", [((4, 4), (16, 16)), ((8, 8), (8, 8)), ((16, 16), (4, 4))])
+def test_adapter_equals_conv_bn_resize(in_size, out_size):
+    """The channel contraction is the 1x1 conv it replaces: BN(conv(x)) resized (or, when shrinking, conv and BN
+    of the resized map) with torch's own conv2d / batch_norm / interpolate, values and gradients."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(5, 7).train()
+    with torch.no_grad():
+        adapter.bn.weight.uniform_(0.5, 1.5)
+        adapter.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, *in_size, requires_grad=True)
+    w, g, b = (t.detach().clone().requires_grad_() for t in (adapter.proj.weight, adapter.bn.weight, adapter.bn.bias))
+    xr = x.detach().clone().requires_grad_()
+
+    def bn(z):
+        return F.batch_norm(z, None, None, g, b, training=True)
+
+    shrink = out_size[0] * out_size[1] < in_size[0] * in_size[1]
+    if shrink:
+        ref = bn(F.conv2d(F.interpolate(xr, size=out_size, mode="bilinear", align_corners=False), w))
+    else:
+        ref = F.interpolate(bn(F.conv2d(xr, w)), size=out_size, mode="bilinear", align_corners=False)
+    y = adapter(x, out_size)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    seed = torch.randn_like(y)
+    (y * seed).sum().backward()
+    (ref * seed).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapter.proj.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_size,out_size", [((8, 8), (8, 8)), ((16, 16), (4, 4)), ((9, 7), (3, 3))])
+def test_adapter_pooled_equals_pooling_the_adapted_map(in_size, out_size):
+    """pooled() = weighted pools of forward()'s output: values, gradients (input, conv, BN affine) and the BN
+    running statistics, in train and eval mode."""
+    import copy
+
+    torch.manual_seed(1)
+    a = FeatureAdapter(6, 5).train()
+    with torch.no_grad():
+        a.bn.weight.uniform_(0.5, 1.5)
+        a.bn.bias.uniform_(-0.5, 0.5)
+    b = copy.deepcopy(a)
+    x = (torch.randn(4, 6, *in_size) * 2 + 0.7).requires_grad_()
+    xb = x.detach().clone().requires_grad_()
+    wts = torch.rand(4, 3, *out_size)
+    wts = wts / wts.sum(dim=(2, 3), keepdim=True)
+    got = a.pooled(x, out_size, wts)
+    ref = torch.einsum("bkhw,bchw->bkc", wts, b(xb, out_size))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    seed = torch.randn_like(got)
+    (got * seed).sum().backward()
+    (ref * seed).sum().backward()
+    torch.testing.assert_close(x.grad, xb.grad, rtol=1e-3, atol=1e-5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-4, atol=1e-6)
+    assert int(a.bn.num_batches_tracked) == int(b.bn.num_batches_tracked) == 1
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a.pooled(x, out_size, wts), torch.einsum("bkhw,bchw->bkc", wts, b(x, out_size)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_pooled_declines_enlargement():
+    assert FeatureAdapter(4, 4).pooled(torch.randn(2, 4, 4, 4), (8, 8), torch.ones(2, 1, 8, 8) / 64) is None
+
+
 def test_adapter_set():
     adapters = AdapterSet({"enc": 16, "bottleneck": 64, "dec": 16}, {"enc": 128, "bottleneck": 1024, "dec": 64},
                           ["enc", "dec"])

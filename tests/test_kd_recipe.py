@@ -121,7 +121,7 @@ def test_distiller_supervises_labelled_slices_only(tiny_data, tiny_teacher):
 
 def test_grad_shares_logged_and_sum_to_one(tiny_data, tiny_teacher):
     x, y, idx = _mixed_batch(tiny_data)
-    task = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "dec"], loss="mse"))
+    task = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "dec"], loss="mse", grad_share_every=16))
     task.train()
     task(x, y, idx)
     stats = task.epoch_stats()
@@ -153,7 +153,7 @@ def test_distill_run_with_unlabelled_images(tiny_data, tiny_teacher, tmp_path):
     from medkd.distill.run import distill
 
     train_ids = SliceDataset(tiny_data, "train").case_ids
-    summary = distill(tiny_data, tmp_path / "all", dcfg(tiny_teacher, kd_images="all", scales=["dec"]),
+    summary = distill(tiny_data, tmp_path / "all", dcfg(tiny_teacher, kd_images="all", scales=["dec"], grad_share_every=16),
                       cache_dir=tmp_path / "cache", console=_quiet())
     assert summary["kd_images"] == "all" and summary["train_cases"] == len(train_ids)
     assert summary["labelled_cases"] == len(select_fraction(train_ids, 0.5, 0)) < len(train_ids)
@@ -190,3 +190,29 @@ def test_ablate_names_rows_that_use_unlabelled_images():
     plan = ab.build_plan(doc, Path("T"), None, {"device": "cpu"})
     assert [c.name for c in plan.cells] == ["baseline", "PMD only +unlabelled", "D mse +PMD"]
     assert plan.cells[0].cfg.uses_teacher is False  # the baseline has no teacher, so no unlabelled images
+
+
+def test_pooled_adapter_path_matches_the_adapted_map(tiny_data, tiny_teacher, monkeypatch):
+    """The contrastive term computed from the adapter's pools (no adapted map) equals the same term computed on
+    the adapted map, values and gradients on the student, at every scale (same-size and shrinking taps)."""
+    x, y, idx = _mixed_batch(tiny_data)
+    cfg = dcfg(tiny_teacher, scales=["enc", "bottleneck", "dec"], pmd=False, grad_share_every=0)
+    fast = make_distiller(tiny_teacher, cfg).train()
+    slow = make_distiller(tiny_teacher, cfg).train()
+    slow.load_state_dict(fast.state_dict())
+    for adapter in slow.adapters.values():  # the map path: adapt, then pool inside the loss
+        monkeypatch.setattr(adapter, "pooled", lambda *a: None)
+    used = []
+    for adapter in fast.adapters.values():
+        orig = adapter.pooled
+        monkeypatch.setattr(adapter, "pooled", lambda *a, _o=orig: used.append(1) or _o(*a))
+    tf, ts = fast(x, y, idx), slow(x, y, idx)
+    assert len(used) == 3
+    for k in ("enc", "bottleneck", "dec"):
+        torch.testing.assert_close(tf[k], ts[k], rtol=1e-4, atol=1e-5)
+    sum(tf.values()).backward()
+    sum(ts.values()).backward()
+    # one relative error over all student gradients (a conv bias before BatchNorm has a gradient of ~0: noise)
+    gf = torch.cat([p.grad.flatten() for p in fast.model.parameters()])
+    gs = torch.cat([p.grad.flatten() for p in slow.model.parameters()])
+    assert float((gf - gs).norm()) <= 1e-4 * float(gs.norm()) and float(gs.norm()) > 0

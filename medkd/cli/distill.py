@@ -46,7 +46,7 @@ def command(
              "'all' (also the other train cases, without their labels: KD terms only). [default: all]")] = None,
     grad_share_every: Annotated[Optional[int], typer.Option(
         min=0, help="Every N-th step, log each term's share of the gradient norm (gshare_<term> in history.jsonl; "
-                    "one extra backward per term). 0 = off. [default: 64]")] = None,
+                    "one extra backward per term). 0 = off. [default: 0]")] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,

@@ -5,7 +5,7 @@
 The supervised term uses the labelled slices of a batch only; slices without a label (``kd_images="all"``: train
 cases outside the student's labelled fraction, mask filled with ``UNLABELLED``) get the distillation terms only,
 and label-aware feature losses see the teacher's predicted mask there instead of a label.
-Every ``cfg.grad_share_every``-th step of an epoch (default 64; 0 = never) the gradient norm of each term on the
+Every ``cfg.grad_share_every``-th step of an epoch (``--grad-share-every N``; default 0 = never) the gradient norm of each term on the
 student's parameters is measured (one extra backward per term); :meth:`Distiller.epoch_stats` reports each term's
 mean share of the summed norms (``gshare_<term>``).
 
@@ -228,10 +228,7 @@ class Distiller(nn.Module):
             targets = kd_targets(y, t.get("logits"))  # the label where there is one, the teacher's mask elsewhere
             for s in self.scales:
                 view = {k[len(s) + 1:]: v.float() for k, v in t.items() if k.startswith(s + ".")}
-                sf = self.adapters[s](s_feats[s], self.t_shapes[s][1:])
-                loss = self.losses[s]
-                terms[s] = w[s] * (loss.forward_view(sf, view, targets) if hasattr(loss, "forward_view")
-                                   else loss(sf, view["map"], targets))
+                terms[s] = w[s] * self._feature_term(s, s_feats[s], view, targets)
             if self.pmd is not None:
                 terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
         if self.training and torch.is_grad_enabled():
@@ -240,6 +237,21 @@ class Distiller(nn.Module):
                 self._measure_grad_share(terms)
             self._step += 1
         return terms
+
+    def _feature_term(self, s: str, feat: torch.Tensor, view: Dict[str, torch.Tensor],
+                      targets: torch.Tensor) -> torch.Tensor:
+        """Scale ``s``'s loss on the student feature ``feat``. A loss that reads only pools of the adapted feature
+        (:meth:`~medkd.distill.losses.FeatureLoss.student_pooling`) gets them from the adapter without the adapted
+        map being built; any other loss gets the adapted map."""
+        loss, adapter, size = self.losses[s], self.adapters[s], self.t_shapes[s][1:]
+        pooling = loss.student_pooling(targets, size, feat.shape[0], torch.float32, feat.device) \
+            if hasattr(loss, "student_pooling") else None
+        if pooling is not None:
+            pooled = adapter.pooled(feat, size, pooling[0])
+            if pooled is not None:
+                return loss.forward_pooled(pooled, pooling[1], view, targets)
+        sf = adapter(feat, size)
+        return loss.forward_view(sf, view, targets) if hasattr(loss, "forward_view") else loss(sf, view["map"], targets)
 
     def _measure_grad_share(self, terms: Dict[str, torch.Tensor]) -> None:
         """Accumulate each term's gradient norm on the student's parameters (not the adapters/heads)."""

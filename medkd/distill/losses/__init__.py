@@ -89,6 +89,15 @@ class FeatureLoss(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def student_pooling(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
+                        device: torch.device):
+        """For a loss that reads only weighted spatial pools of the student feature: ``(weights (B, K, H, W),
+        valid (B, K) bool)``, and :meth:`forward_pooled` gives the loss from the ``(B, K, C)`` pools. The
+        distiller then asks the adapter for the pools directly
+        (:meth:`medkd.distill.adapters.FeatureAdapter.pooled`) instead of building the adapted map. ``None``
+        (the default): the loss reads the map."""
+        return None
+
 
 def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
     """Build the feature loss registered as ``name``.

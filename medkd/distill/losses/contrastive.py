@@ -265,27 +265,44 @@ class ContrastiveFeatureLoss(FeatureLoss):
             targets: ``(B, 1, H0, W0)`` (or ``(B, H0, W0)``) mask; values ``> 0.5`` are foreground.
         """
         mask = feature_mask(targets, teacher_feat.shape[-2:], teacher_feat.dtype)
-        return self._region(student_feat, pooled_prototypes(teacher_feat, mask)[0], targets)
-
-    def _region(self, student_feat: torch.Tensor, teacher_pooled: torch.Tensor, targets: torch.Tensor):
-        rows = self._region_rows(student_feat, teacher_pooled, targets)
+        pooled, valid = pooled_prototypes(student_feat, feature_mask(targets, student_feat.shape[-2:],
+                                                                     student_feat.dtype))
+        rows = self._region_rows(pooled, valid, pooled_prototypes(teacher_feat, mask)[0])
         if rows is None:
             return None
-        ps, pt, classes = rows
-        zs, zt = self.embed(ps, pt)
-        return supcon_cross(zs, zt, classes, self.temperature, self.normalize)
+        zs, zt = self.embed(rows[0], rows[1])
+        return supcon_cross(zs, zt, rows[2], self.temperature, self.normalize)
 
     @staticmethod
-    def _region_rows(student_feat: torch.Tensor, teacher_pooled: torch.Tensor, targets: torch.Tensor):
-        """Student and teacher region prototypes ``(N, C)`` each and their classes ``(N,)``, or ``None`` when the
-        batch holds a single class (no negatives)."""
-        mask = feature_mask(targets, student_feat.shape[-2:], student_feat.dtype)  # (B, 1, h, w), fg fraction
-        pooled, valid = pooled_prototypes(student_feat, mask)  # (B, 2, C), (B, 2)
+    def _region_rows(pooled: torch.Tensor, valid: torch.Tensor, teacher_pooled: torch.Tensor):
+        """Student and teacher region prototypes ``(N, C)`` each and their classes ``(N,)`` from the pooled
+        ``(B, 2, C)`` (background, foreground) and ``valid (B, 2)``, or ``None`` when the batch holds a single
+        class (no negatives)."""
         if not (bool(valid[:, 0].any()) and bool(valid[:, 1].any())):
             return None
         ps, classes = select_prototypes(pooled, valid)  # (N, C), (N,)
         pt, _ = select_prototypes(teacher_pooled.to(pooled.dtype), valid)  # same mask: same prototypes exist
         return ps, pt, classes
+
+    def student_pooling(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
+                        device: torch.device, eps: float = 1e-6):
+        """The pools this loss reads of the student feature: ``weights (B, K, h, w)`` and ``valid (B, K)``.
+
+        ``k = 0`` is the global average; with the region term and a mask, ``k = 1, 2`` are the background and
+        foreground masked averages (the mask resized to ``h, w`` by area, as :func:`pooled_prototypes`; a
+        prototype whose area is below ``eps`` pixels is not valid).
+        """
+        h, w = int(size[0]), int(size[1])
+        uniform = torch.full((batch, 1, h, w), 1.0 / (h * w), dtype=dtype, device=device)
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        if not (self.region and targets is not None):
+            return uniform, ones
+        mask = feature_mask(targets, (h, w), dtype)  # (B, 1, h, w) foreground fraction
+        fg_area = mask.sum(dim=(2, 3))  # (B, 1)
+        area = torch.cat([h * w - fg_area, fg_area], dim=1)  # (B, 2): [bg, fg]
+        scale = 1.0 / area.clamp_min(eps)
+        weights = torch.cat([uniform, (1.0 - mask) * scale[:, 0, None, None, None], mask * scale[:, 1, None, None, None]], dim=1)
+        return weights, torch.cat([ones, area > eps], dim=1)
 
     def forward_view(self, student_feat: torch.Tensor, view, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Slice-level InfoNCE (B >= 2) + region SupCon (when ``targets`` has both classes); see the module doc.
@@ -299,11 +316,25 @@ class ContrastiveFeatureLoss(FeatureLoss):
         if student_feat.dim() != 4 or tuple(student_feat.shape[:2]) != tuple(gap_t.shape):
             raise ValueError(f"contrastive loss: student feature {tuple(student_feat.shape)} does not match the "
                              f"teacher's pooled feature {tuple(gap_t.shape)} (adapt the student first)")
-        gap_s = student_feat.mean(dim=(2, 3))  # (B, C)
+        weights, valid = self.student_pooling(targets, student_feat.shape[-2:], student_feat.shape[0],
+                                              student_feat.dtype, student_feat.device)
+        pooled = torch.einsum("bkhw,bchw->bkc", weights, student_feat)  # (B, K, C)
+        return self.forward_pooled(pooled, valid, view, targets)
+
+    def forward_pooled(self, pooled: torch.Tensor, valid: torch.Tensor, view, targets: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The loss from the student pools of :meth:`student_pooling` (``(B, K, C)``, ``valid (B, K)``) and the
+        teacher view: what :meth:`forward_view` computes, whether the pools come from the adapted map or from
+        :meth:`medkd.distill.adapters.FeatureAdapter.pooled`."""
+        gap_t = view["gap"]  # (B, C)
+        if tuple(pooled[:, 0].shape) != tuple(gap_t.shape):
+            raise ValueError(f"contrastive loss: student pools {tuple(pooled.shape)} do not match the teacher's "
+                             f"pooled feature {tuple(gap_t.shape)} (adapt the student first)")
+        gap_s = pooled[:, 0]  # (B, C)
         gap_t = gap_t.to(gap_s.dtype)
         n = gap_s.shape[0]
         use_slice = n >= 2 and self.slice_weight != 0.0
-        rows = self._region_rows(student_feat, view["proto"], targets) if self.region and targets is not None else None
+        rows = self._region_rows(pooled[:, 1:], valid[:, 1:], view["proto"]) if pooled.shape[1] == 3 else None
         if not use_slice and rows is None:  # one slice and no usable region term: cosine distance of the pooled pair
             cos = F.cosine_similarity(gap_s, gap_t, dim=1)
             return (1.0 - cos).mean()
