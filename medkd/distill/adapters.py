@@ -97,11 +97,11 @@ class FeatureAdapter(nn.Module):
                     with torch.no_grad():
                         bn.num_batches_tracked.add_(1)
                         m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-                        bn.running_var.mul_(1 - m).add_(m * (var * (n / (n - 1).clamp_min(1))).detach())
+                        bn.running_mean.lerp_(mean.detach(), m)  # (1 - m) * running + m * batch
+                        bn.running_var.lerp_((var * (n / (n - 1).clamp_min(1))).detach(), m)
             else:
                 mean, var = bn.running_mean.float(), bn.running_var.float()
-            y = (torch.einsum("oc,bkc->bko", w, pooled) - mean) * torch.rsqrt(var + bn.eps)  # (B, K, Ct)
+            y = (pooled @ w.t() - mean) * torch.rsqrt(var + bn.eps)  # (B, K, Ct)
             if bn.affine:
                 y = y * bn.weight.float() + bn.bias.float()
         return y

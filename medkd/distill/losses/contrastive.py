@@ -97,7 +97,7 @@ def supcon_cross(
     Raises:
         ValueError: fewer than two distinct classes (no negatives).
     """
-    if torch.unique(classes).numel() < 2:
+    if classes.numel() == 0 or bool(classes.amin() == classes.amax()):
         raise ValueError("supervised contrast needs at least two classes in the batch (no negatives otherwise)")
     logits = z_student @ z_teacher.t() / temperature  # (N, N)
     positive = (classes[:, None] == classes[None, :]).to(logits.dtype)  # (N, N), symmetric
@@ -280,9 +280,10 @@ class ContrastiveFeatureLoss(FeatureLoss):
         class (no negatives)."""
         if not (bool(valid[:, 0].any()) and bool(valid[:, 1].any())):
             return None
-        ps, classes = select_prototypes(pooled, valid)  # (N, C), (N,)
-        pt, _ = select_prototypes(teacher_pooled.to(pooled.dtype), valid)  # same mask: same prototypes exist
-        return ps, pt, classes
+        # both sides selected at once: the same mask gives the same prototypes on the student and teacher side
+        both, classes = select_prototypes(torch.cat([pooled, teacher_pooled.to(pooled.dtype)], dim=2), valid)
+        c = pooled.shape[-1]
+        return both[:, :c], both[:, c:], classes  # (N, C), (N, C), (N,)
 
     def student_pooling(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
                         device: torch.device, eps: float = 1e-6):
