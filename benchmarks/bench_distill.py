@@ -108,8 +108,15 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=4, help="study size: sample cases used")
     ap.add_argument("--slices", type=int, default=12, help="study size: slices kept per case")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--scales", default="enc,bottleneck,dec", help="distilled scales ('none' = PMD only)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    scales = [] if args.scales == "none" else args.scales.split(",")
     data, teacher, extra, what = (demo_setup if args.size == "demo" else study_setup)(args)
     modes = args.modes.split(",")
     shutil.rmtree(teacher / "cache", ignore_errors=True)
@@ -120,7 +127,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for mode in modes:
             kw = dict(scales="none", pmd=False) if mode == "plain" else dict(
-                teacher=str(teacher), teacher_outputs=mode, scales=["enc", "bottleneck", "dec"], pmd=True)
+                teacher=str(teacher), teacher_outputs=mode, scales=scales or "none", pmd=True)
             cfg = build_config(DistillConfig, overrides={**common, **kw})
             run = WORK / f"distill-{args.size}-{mode}"
             t0 = time.time()
@@ -130,13 +137,14 @@ def main() -> None:
             results[mode].append({"epoch_s": epoch_seconds(run), "setup_s": wall - s["seconds"], "rec": rec,
                                   "train_slices": s["train_slices"]})
             print(f"repeat {rep + 1} {mode:6s} {results[mode][-1]['epoch_s']:7.2f} s/epoch  "
+                  f"(ratio {results[mode][-1]['epoch_s'] / results.get('plain', results[mode])[-1]['epoch_s']:.2f})  "
                   f"set-up {wall - s['seconds']:6.1f} s  {rec.get('mode', '')} {rec.get('reason', '')[:160]}",
                   flush=True)
 
     print(f"\nmachine: {machine()}")
     n = results[modes[0]][0]["train_slices"]
     print(f"size {args.size}: {what}; student {args.student} on {n} training slices, batch {args.batch_size}, "
-          f"loss {args.loss} at enc+bottleneck+dec + PMD; {args.epochs} epochs (median of epochs 2-{args.epochs}), "
+          f"{('loss ' + args.loss + ' at ' + '+'.join(scales) + ' + PMD') if scales else 'PMD only'}; {args.epochs} epochs (median of epochs 2-{args.epochs}), "
           f"{args.repeats} repeat(s)")
     print("| setting | s/epoch (median over repeats) | ratio to plain: median [min-max] | one-off set-up s | stores |")
     print("|---|---:|---:|---:|---:|")

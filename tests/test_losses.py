@@ -324,3 +324,28 @@ def test_every_loss_smoke(name, batch):
 def test_every_loss_rejects_mismatched_shapes(name):
     with pytest.raises(ValueError, match="same"):
         build_loss(name, 4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 6, 6), None)
+
+
+@pytest.mark.parametrize("name", ["mse", "cosine", "cwd"])
+def test_map_loss_pool_compares_block_means(name):
+    """``pool: p`` = the same loss on both maps averaged over p x p blocks (numpy block means), its view p^2 smaller."""
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(size=(2, 2, 3, 8, 12)).astype(np.float32)
+    def blocks(a, p):
+        b, c, h, w = a.shape
+        return a.reshape(b, c, h // p, p, w // p, p).mean(axis=(3, 5))
+    pooled = build_loss(name, 3, pool=4)
+    full = build_loss(name, 3)
+    want = full(torch.from_numpy(blocks(s, 4)), torch.from_numpy(blocks(t, 4)))
+    got = pooled(torch.from_numpy(s), torch.from_numpy(t))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    view = pooled.teacher_view(torch.from_numpy(t))
+    assert tuple(view["map"].shape) == (2, 3, 2, 3) and pooled.view_id == "map-pool4" and full.view_id == "map"
+    assert got.item() != pytest.approx(full(torch.from_numpy(s), torch.from_numpy(t)).item(), rel=1e-3)
+
+
+def test_pool_is_a_map_loss_option_only():
+    with pytest.raises(TypeError, match="pool"):
+        build_loss("contrastive", 8, pool=2)
+    with pytest.raises(ValueError, match="pool"):
+        build_loss("mse", 8, pool=0)

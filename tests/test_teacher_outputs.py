@@ -107,6 +107,8 @@ def test_items_hold_only_what_the_losses_read(tiny_teacher):
     assert "view=contrastive-pooled(gap,region)" in specs["contrastive"]["dec.gap"][0]
     no_region = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss_options={"region": False})).target_specs()
     assert set(no_region) == {"dec.gap", "logits"} and no_region["dec.gap"][0] != specs["contrastive"]["dec.gap"][0]
+    pooled = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse", loss_options={"pool": 4})).target_specs()
+    assert pooled["dec.map"][1] == (c, -(-h // 4), -(-w // 4)) and "view=map-pool4" in pooled["dec.map"][0]
     # only the scales the run distils; no logits without PMD
     assert set(distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc"], loss="mse", pmd=False,
                                             kd_images="labelled")).target_specs()) == {"enc.map"}

@@ -8,10 +8,13 @@ Every feature loss shares one signature:
 * ``forward(student_feat (B, C, H, W), teacher_feat (B, C, H, W), targets (B, 1, H0, W0) float {0,1} | None)``
   returns a scalar tensor.
 * ``teacher_view(teacher_feat, targets) -> {name: (B, ...)}``: what the loss consumes of the teacher feature
-  (default: the map itself, ``{"map": teacher_feat}``; a loss that pools stores the pooled values), and
+  (default: the map itself, ``{"map": teacher_feat}``, average-pooled by the ``pool`` option of the map losses;
+  a loss that pools stores the pooled values), and
   ``view_id``, a string naming that content (part of the teacher-output cache key). ``forward`` is
   ``forward_view(student_feat, teacher_view(teacher_feat, targets), targets)``, so a cached view and the live
   teacher give the same loss. The view must not depend on trainable parameters.
+* optionally ``student_pooling(...)`` + ``forward_pooled(...)``: a loss that reads only weighted pools of the
+  student feature lets the distiller take them from the adapter without building the adapted map.
 
 Adding a method = one file with ``@LOSSES.register("name")`` + one import line below.
 Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is not in the registry.
@@ -23,6 +26,7 @@ import inspect
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medkd.registry import Registry
@@ -46,13 +50,20 @@ class FeatureLoss(nn.Module):
 
     Args:
         channels: Teacher channels at the tap (losses without learnable parts ignore it).
+        pool: Map losses only: compare both maps average-pooled by this factor (``1`` = full resolution). The
+            teacher view, and so a disk or memory cache of it, is then ``pool^2`` times smaller (e.g. the study
+            teacher's ``dec`` map: 64 x 256 x 256 fp16 = 8.4 MB per slice, 0.5 MB at ``pool: 4``). It changes
+            the loss (coarser targets): its effect on val Dice is in benchmarks/RESULTS.md.
     """
 
     name = "feature"
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, pool: int = 1):
         super().__init__()
         self.channels = int(channels)
+        if int(pool) != pool or pool < 1:
+            raise ValueError(f"{self.name} pool must be an integer >= 1, got {pool}")
+        self.pool = int(pool)
 
     def forward(
         self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None
@@ -68,19 +79,27 @@ class FeatureLoss(nn.Module):
         check_pair(student_feat, teacher_feat, self.name)
         return self.forward_view(student_feat, self.teacher_view(teacher_feat, targets), targets)
 
+    def pooled_map(self, feat: torch.Tensor) -> torch.Tensor:
+        """``feat`` average-pooled by :attr:`pool` (ceil of the size when it does not divide); itself at 1."""
+        if self.pool == 1:
+            return feat
+        h, w = feat.shape[-2:]
+        return F.adaptive_avg_pool2d(feat, (-(-h // self.pool), -(-w // self.pool)))
+
     @property
     def view_id(self) -> str:
         """Names what :meth:`teacher_view` returns (with any option it depends on)."""
-        return "map"
+        return "map" if self.pool == 1 else f"map-pool{self.pool}"
 
     def teacher_view(self, teacher_feat: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """What the loss consumes of the teacher feature ``(B, C, H, W)``: per-slice tensors, batch first."""
-        return {"map": teacher_feat}
+        return {"map": self.pooled_map(teacher_feat)}
 
     def forward_view(
         self, student_feat: torch.Tensor, view: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """The loss from a teacher view (live or cached). Args as :meth:`forward`, ``view`` from :meth:`teacher_view`."""
+        student_feat = self.pooled_map(student_feat)
         check_pair(student_feat, view["map"], self.name)
         return self.compute(student_feat, view["map"], targets)
 

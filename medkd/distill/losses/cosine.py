@@ -33,12 +33,13 @@ class CosineFeatureLoss(FeatureLoss):
     Args:
         channels: Teacher channels at the tap (unused; kept for the common signature).
         eps: Guards zero-norm feature vectors.
+        pool: Compare both maps average-pooled by this factor (see :class:`~medkd.distill.losses.FeatureLoss`).
     """
 
     name = "cosine"
 
-    def __init__(self, channels: int, eps: float = 1e-8):
-        super().__init__(channels)
+    def __init__(self, channels: int, eps: float = 1e-8, pool: int = 1):
+        super().__init__(channels, pool)
         self.eps = float(eps)
 
     def compute(self, student_feat, teacher_feat, targets=None):

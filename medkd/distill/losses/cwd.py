@@ -41,12 +41,13 @@ class ChannelWiseDistillationLoss(FeatureLoss):
     Args:
         channels: Teacher channels at the tap (unused; kept for the common signature).
         temperature: ``tau`` (default 4).
+        pool: Compare both maps average-pooled by this factor (see :class:`~medkd.distill.losses.FeatureLoss`).
     """
 
     name = "cwd"
 
-    def __init__(self, channels: int, temperature: float = 4.0):
-        super().__init__(channels)
+    def __init__(self, channels: int, temperature: float = 4.0, pool: int = 1):
+        super().__init__(channels, pool)
         if temperature <= 0:
             raise ValueError(f"cwd temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)

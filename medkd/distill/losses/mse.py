@@ -29,9 +29,13 @@ class MSEFeatureLoss(FeatureLoss):
 
     Args:
         channels: Teacher channels at the tap (unused; kept for the common signature).
+        pool: Compare both maps average-pooled by this factor (see :class:`~medkd.distill.losses.FeatureLoss`).
     """
 
     name = "mse"
+
+    def __init__(self, channels: int, pool: int = 1):
+        super().__init__(channels, pool)
 
     def compute(self, student_feat, teacher_feat, targets=None):
         return mse_loss(student_feat, teacher_feat)
