@@ -176,6 +176,7 @@ def test_adapter_pooled_equals_pooling_the_adapted_map(in_size, out_size):
     xb = x.detach().clone().requires_grad_()
     wts = torch.rand(4, 3, *out_size)
     wts = wts / wts.sum(dim=(2, 3), keepdim=True)
+    wts[:, 2] *= 3.0  # a weighted sum, not an average: BN's shift and bias scale with the weights' mass
     got = a.pooled(x, out_size, wts)
     ref = torch.einsum("bkhw,bchw->bkc", wts, b(xb, out_size))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

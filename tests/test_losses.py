@@ -349,3 +349,17 @@ def test_pool_is_a_map_loss_option_only():
         build_loss("contrastive", 8, pool=2)
     with pytest.raises(ValueError, match="pool"):
         build_loss("mse", 8, pool=0)
+
+
+def test_contrastive_fp16_feature_with_an_empty_mask_has_finite_gradients():
+    """Under fp16 autocast the pooling weights of an absent prototype (1 / area, area ~ 0) must not overflow to inf:
+    0 * inf = NaN gradients would stall a GradScaler run silently (the loss itself stays finite)."""
+    torch.manual_seed(0)
+    loss = ContrastiveFeatureLoss(8)
+    feat = torch.randn(3, 8, 16, 16).half().requires_grad_()
+    targets = torch.zeros(3, 1, 32, 32)
+    targets[1, :, 4:20, 4:20] = 1  # slices 0 and 2 have no foreground
+    view = loss.teacher_view(torch.randn(3, 8, 16, 16), targets)
+    value = loss.forward_view(feat, view, targets)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(feat.grad).all()

@@ -207,3 +207,31 @@ def test_cli_budget_rules_out_the_disk_cache(tiny_data, teacher, tmp_path):
     assert r.exit_code == 2 and "auto, live, disk, memory" in r.stderr
     r = _cli(["distill", tiny_data, "-o", tmp_path / "d", *common, "--cache-budget", -1])
     assert r.exit_code == 2 and "--cache-budget must be >= 0" in r.stderr
+
+
+def test_teacher_timing_costs_one_batch_beside_a_slow_teacher(monkeypatch):
+    """auto's teacher timing: a slow teacher (>= SLOW_BATCH_S per batch) is timed on one full batch after a
+    two-slice warm-up, not n + 1 batches (the study teacher on CPU: ~10 s each); a fast one on n after a warm-up."""
+    from types import SimpleNamespace
+
+    import medkd.distill.teacher_outputs as to_mod
+
+    train_set = [(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), i) for i in range(40)]
+    cfg = SimpleNamespace(batch_size=4, in_channels=1)
+    clock = [0.0]
+    monkeypatch.setattr(to_mod.time, "perf_counter", lambda: clock[0])
+
+    def task_with(seconds_per_slice):
+        calls = []
+
+        def teacher_targets(x, y):
+            calls.append(x.shape[0])
+            clock[0] += seconds_per_slice * x.shape[0]
+        return SimpleNamespace(teacher_targets=teacher_targets), calls
+
+    slow, calls = task_with(0.5)  # 2 s per batch of 4
+    assert to_mod._teacher_seconds(slow, train_set, cfg, torch.device("cpu"), n=2) == pytest.approx(2.0)
+    assert calls == [2, 4]
+    fast, calls = task_with(0.01)
+    assert to_mod._teacher_seconds(fast, train_set, cfg, torch.device("cpu"), n=2) == pytest.approx(0.04)
+    assert calls == [2, 4, 4, 4]

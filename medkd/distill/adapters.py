@@ -63,7 +63,7 @@ class FeatureAdapter(nn.Module):
         Args:
             x: Student feature ``(B, Cs, hs, ws)``.
             size: Teacher spatial size ``(H, W)``.
-            weights: ``(B, K, H, W)`` pooling weights (each ``(b, k)`` map usually sums to 1).
+            weights: ``(B, K, H, W)`` pooling weights (any; an average when a ``(b, k)`` map sums to 1).
 
         Returns:
             ``(B, K, Ct)``, or ``None`` when the teacher map is larger than the student's (the bilinear enlargement
@@ -87,7 +87,7 @@ class FeatureAdapter(nn.Module):
                 cs = xf.shape[1]
                 stats = torch.cat([xf.sum(dim=(0, 2)), torch.bmm(xf, xt).sum(dim=0).flatten(),
                                    xf.new_tensor([xf.shape[0] * xf.shape[2]])])
-                stats = global_sum(stats)
+                stats = global_sum(stats) if bn.training else stats  # synchronised as SyncBatchNorm: in training
                 n = stats[-1]
                 mean_x = stats[:cs] / n  # (Cs,)
                 cov_x = stats[cs:-1].view(cs, cs) / n - mean_x[:, None] * mean_x[None, :]  # (Cs, Cs), biased
@@ -101,9 +101,11 @@ class FeatureAdapter(nn.Module):
                         bn.running_var.lerp_((var * (n / (n - 1).clamp_min(1))).detach(), m)
             else:
                 mean, var = bn.running_mean.float(), bn.running_var.float()
-            y = (pooled @ w.t() - mean) * torch.rsqrt(var + bn.eps)  # (B, K, Ct)
+            # sum_p w_p * BN(Wx)_p = gamma * (W pooled - (sum_p w_p) mean) / sigma + (sum_p w_p) beta
+            mass = weights.float().flatten(2).sum(dim=2, keepdim=True)  # (B, K, 1); 1 for averaging weights
+            y = (pooled @ w.t() - mass * mean) * torch.rsqrt(var + bn.eps)  # (B, K, Ct)
             if bn.affine:
-                y = y * bn.weight.float() + bn.bias.float()
+                y = y * bn.weight.float() + mass * bn.bias.float()
         return y
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

@@ -174,9 +174,10 @@ class DiskTargets:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def _batches(train_set, cfg, device: torch.device, n: int):
-    """The first ``n`` real training batches as ``(x, y, index)`` on ``device``."""
-    bs = cfg.batch_size
+def _batches(train_set, cfg, device: torch.device, n: int, bs: Optional[int] = None):
+    """The first ``n`` real training batches (of ``bs`` slices, default the batch size) as ``(x, y, index)`` on
+    ``device``."""
+    bs = bs or cfg.batch_size
     out = []
     for b in range(n):
         ids = [(b * bs + j) % len(train_set) for j in range(bs)]
@@ -200,10 +201,33 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+#: a teacher batch slower than this is timed once (its own noise is small; the study teacher on CPU takes ~10 s)
+SLOW_BATCH_S = 1.0
+
+
+def _teacher_seconds(task, train_set, cfg, device: torch.device, n: int) -> float:
+    """Seconds per teacher batch: after a warm-up on two slices, the first full batch; when that is fast
+    (< :data:`SLOW_BATCH_S`), it counts as the warm-up and the median of ``n`` more is taken. Measuring so costs
+    little beside a slow teacher (one batch, not ``n + 1``) and is not noisy beside a fast one."""
+    warm = _batches(train_set, cfg, device, 1, bs=min(2, len(train_set)))[0]
+    _timed(lambda: task.teacher_targets(warm[0], warm[1]), device)
+    batches = iter(_batches(train_set, cfg, device, n + 1))
+
+    def one() -> float:
+        x, y, _ = next(batches)
+        return _timed(lambda: task.teacher_targets(x, y), device)
+
+    first = one()
+    if first >= SLOW_BATCH_S:
+        return first
+    return float(np.median([one() for _ in range(n)]))
+
+
 def measure_costs(task, train_set, cfg, device: torch.device, specs: Dict[str, ItemSpec],
                   probe_dir: Optional[Path], memory_device: Optional[torch.device], pinned: bool = False,
                   n: int = 2) -> Costs:
-    """Measure per-batch costs on the run's device and data (median of ``n`` after one warm-up).
+    """Measure per-batch costs on the run's device and data (reads: median of ``n`` after one warm-up; the
+    teacher: :func:`_teacher_seconds`).
 
     The teacher runs on real training batches; reads come from a probe of ``4 x batch`` rows of every item, written
     to ``probe_dir`` (beside the cache, deleted afterwards; skipped when ``None``) and held on ``memory_device``
@@ -211,9 +235,7 @@ def measure_costs(task, train_set, cfg, device: torch.device, specs: Dict[str, I
     never touches the global RNG, so ``auto`` trains exactly like the mode it picks.
     """
     bs = cfg.batch_size
-    batches = _batches(train_set, cfg, device, n + 1)
-    times = [_timed(lambda b=b: task.teacher_targets(b[0], b[1]), device) for b in batches]
-    teacher_s = float(np.median(times[1:]))
+    teacher_s = _teacher_seconds(task, train_set, cfg, device, n)
     rows = max(bs, min(len(train_set), 4 * bs))
     rng = np.random.default_rng(0)
     picks = [np.sort(rng.choice(rows, size=min(bs, rows), replace=False)) for _ in range(n + 1)]

@@ -54,7 +54,8 @@ def fused_ok(params) -> bool:
     CUDA. On a small student with adapters and heads, the per-tensor step of the default implementation is a
     measurable part of a distillation step on CPU (benchmarks/RESULTS.md, issue 15)."""
     params = list(params)
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    devices = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)  # fused CPU kernels since torch 2.4
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -301,7 +301,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         mask = feature_mask(targets, (h, w), dtype)  # (B, 1, h, w) foreground fraction
         fg_area = mask.sum(dim=(2, 3))  # (B, 1)
         area = torch.cat([h * w - fg_area, fg_area], dim=1)  # (B, 2): [bg, fg]
-        scale = 1.0 / area.clamp_min(eps)
+        scale = torch.where(area > eps, 1.0 / area.clamp_min(eps), torch.zeros_like(area))  # absent: weight 0
         weights = torch.cat([uniform, (1.0 - mask) * scale[:, 0, None, None, None], mask * scale[:, 1, None, None, None]], dim=1)
         return weights, torch.cat([ones, area > eps], dim=1)
 
@@ -317,9 +317,11 @@ class ContrastiveFeatureLoss(FeatureLoss):
         if student_feat.dim() != 4 or tuple(student_feat.shape[:2]) != tuple(gap_t.shape):
             raise ValueError(f"contrastive loss: student feature {tuple(student_feat.shape)} does not match the "
                              f"teacher's pooled feature {tuple(gap_t.shape)} (adapt the student first)")
-        weights, valid = self.student_pooling(targets, student_feat.shape[-2:], student_feat.shape[0],
-                                              student_feat.dtype, student_feat.device)
-        pooled = torch.einsum("bkhw,bchw->bkc", weights, student_feat)  # (B, K, C)
+        # weights and pools in at least fp32 (in fp16 1/area overflows and 1/(h*w) loses digits)
+        dtype = torch.promote_types(student_feat.dtype, torch.float32)
+        weights, valid = self.student_pooling(targets, student_feat.shape[-2:], student_feat.shape[0], dtype,
+                                              student_feat.device)
+        pooled = torch.einsum("bkhw,bchw->bkc", weights, student_feat.to(dtype))  # (B, K, C)
         return self.forward_pooled(pooled, valid, view, targets)
 
     def forward_pooled(self, pooled: torch.Tensor, valid: torch.Tensor, view, targets: Optional[torch.Tensor] = None
