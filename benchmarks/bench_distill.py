@@ -136,8 +136,10 @@ def main() -> None:
             rec = s.get("teacher_outputs") or {}
             results[mode].append({"epoch_s": epoch_seconds(run), "setup_s": wall - s["seconds"], "rec": rec,
                                   "train_slices": s["train_slices"]})
-            print(f"repeat {rep + 1} {mode:6s} {results[mode][-1]['epoch_s']:7.2f} s/epoch  "
-                  f"(ratio {results[mode][-1]['epoch_s'] / results.get('plain', results[mode])[-1]['epoch_s']:.2f})  "
+            plain = results.get("plain", [])
+            ratio = (f"(ratio {results[mode][-1]['epoch_s'] / plain[rep]['epoch_s']:.2f})  "
+                     if len(plain) > rep else "")
+            print(f"repeat {rep + 1} {mode:6s} {results[mode][-1]['epoch_s']:7.2f} s/epoch  {ratio}"
                   f"set-up {wall - s['seconds']:6.1f} s  {rec.get('mode', '')} {rec.get('reason', '')[:160]}",
                   flush=True)
 
