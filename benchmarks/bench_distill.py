@@ -19,7 +19,8 @@ Sizes:
   ``--slices`` slices around the organ each) and the teacher is a randomly initialised T1 saved as a teacher run
   (only timing is measured, never Dice).
 
-Usage: python benchmarks/bench_distill.py [--size demo|study] [--epochs 6] [--repeats 3]
+Usage: python benchmarks/bench_distill.py [--size demo|study] [--epochs 6] [--repeats 3] [--device cpu|cuda]
+       [--scales enc,bottleneck,dec|none] [--threads N]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def demo_setup(args):
     data = prepared_sample(64)
     teacher = WORK / "teacher-w16-64"
     if not (teacher / "best.pt").is_file():
-        train_teacher(data, teacher, build_config(TeacherConfig, overrides=dict(width=16, epochs=1, device="cpu")),
+        train_teacher(data, teacher, build_config(TeacherConfig, overrides=dict(width=16, epochs=1, device=args.device)),
                       overwrite=True, console=quiet())
     return data, teacher, dict(in_channels=1), "sample data at 64 px (the demo's size), 1 channel; teacher unet width 16"
 
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--scales", default="enc,bottleneck,dec", help="distilled scales ('none' = PMD only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (a GPU machine: the issue's H100 comparison)")
     args = ap.parse_args()
 
     if args.threads:
@@ -121,7 +123,7 @@ def main() -> None:
     modes = args.modes.split(",")
     shutil.rmtree(teacher / "cache", ignore_errors=True)
     # the reference study's recipe (all scales, contrastive, PMD, labelled images only), not today's PMD-only default
-    common = dict(student=args.student, epochs=args.epochs, device="cpu", seed=0, loss=args.loss,
+    common = dict(student=args.student, epochs=args.epochs, device=args.device, seed=0, loss=args.loss,
                   batch_size=args.batch_size, kd_images="labelled", **extra)
     results = {m: [] for m in modes}
     for rep in range(args.repeats):
