@@ -241,11 +241,11 @@ class Distiller(nn.Module):
     def _feature_term(self, s: str, feat: torch.Tensor, view: Dict[str, torch.Tensor],
                       targets: torch.Tensor) -> torch.Tensor:
         """Scale ``s``'s loss on the student feature ``feat``. A loss that reads only pools of the adapted feature
-        (:meth:`~medkd.distill.losses.FeatureLoss.student_pooling`) gets them from the adapter without the adapted
+        (:meth:`~medkd.distill.losses.FeatureLoss.pooling_weights`) gets them from the adapter without the adapted
         map being built; any other loss gets the adapted map."""
         loss, adapter, size = self.losses[s], self.adapters[s], self.t_shapes[s][1:]
-        pooling = loss.student_pooling(targets, size, feat.shape[0], torch.float32, feat.device) \
-            if hasattr(loss, "student_pooling") else None
+        pooling = loss.pooling_weights(targets, size, feat.shape[0], torch.float32, feat.device) \
+            if hasattr(loss, "pooling_weights") else None
         if pooling is not None:
             pooled = adapter.pooled(feat, size, pooling[0])
             if pooled is not None:

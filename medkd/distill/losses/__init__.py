@@ -13,7 +13,7 @@ Every feature loss shares one signature:
   ``view_id``, a string naming that content (part of the teacher-output cache key). ``forward`` is
   ``forward_view(student_feat, teacher_view(teacher_feat, targets), targets)``, so a cached view and the live
   teacher give the same loss. The view must not depend on trainable parameters.
-* optionally ``student_pooling(...)`` + ``forward_pooled(...)``: a loss that reads only weighted pools of the
+* optionally ``pooling_weights(...)`` + ``forward_pooled(...)``: a loss that reads only weighted pools of the
   student feature lets the distiller take them from the adapter without building the adapted map.
 
 Adding a method = one file with ``@LOSSES.register("name")`` + one import line below.
@@ -108,7 +108,7 @@ class FeatureLoss(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def student_pooling(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
+    def pooling_weights(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
                         device: torch.device):
         """For a loss that reads only weighted spatial pools of the student feature: ``(weights (B, K, H, W),
         valid (B, K) bool)``, and :meth:`forward_pooled` gives the loss from the ``(B, K, C)`` pools. The

@@ -115,48 +115,12 @@ def supcon_cross(
     return 0.5 * (one_way(logits) + one_way(logits.t()))
 
 
-def pooled_prototypes(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Masked-average-pooled background and foreground prototypes of every slice, present or not.
-
-    Args:
-        feat: ``(B, C, h, w)``.
-        mask: ``(B, 1, h, w)`` foreground weight in ``[0, 1]`` (already resized to ``h, w``).
-        eps: A prototype exists only where its mask area exceeds ``eps`` (in feature pixels).
-
-    Returns:
-        ``(pooled (B, 2, C), valid (B, 2) bool)``; index 0 = background, 1 = foreground.
-    """
-    fg_area = mask.sum(dim=(2, 3))  # (B, 1)
-    area = torch.cat([mask[0, 0].numel() - fg_area, fg_area], dim=1)  # (B, 2): [bg, fg]
-    fg_sum = (feat * mask).sum(dim=(2, 3))  # (B, C)
-    bg_sum = feat.sum(dim=(2, 3)) - fg_sum  # weights 1 - mask, without building them
-    pooled = torch.stack([bg_sum, fg_sum], dim=1) / area.clamp_min(eps)[..., None]  # (B, 2, C)
-    return pooled, area > eps
-
-
 def select_prototypes(pooled: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(B, 2, C)`` pooled + ``(B, 2)`` valid -> ``(prototypes (N, C), classes (N,))``, background rows first."""
     protos = pooled.transpose(0, 1).reshape(-1, pooled.shape[-1])  # (2B, C): bg rows then fg rows
     classes = torch.arange(2, device=pooled.device).repeat_interleave(pooled.shape[0])  # (2B,)
     keep = valid.t().reshape(-1)  # (2B,)
     return protos[keep], classes[keep]
-
-
-def region_prototypes(
-    feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Masked-average-pooled background and foreground prototypes.
-
-    Args:
-        feat: ``(B, C, h, w)``.
-        mask: ``(B, 1, h, w)`` foreground weight in ``[0, 1]`` (already resized to ``h, w``).
-        eps: A prototype exists only where its mask area exceeds ``eps`` (in feature pixels).
-
-    Returns:
-        ``(prototypes (N, C), classes (N,))`` with class 0 = background, 1 = foreground; order:
-        all background prototypes (by sample), then all foreground prototypes (by sample).
-    """
-    return select_prototypes(*pooled_prototypes(feat, mask, eps))
 
 
 def feature_mask(targets: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
@@ -248,30 +212,11 @@ class ContrastiveFeatureLoss(FeatureLoss):
         a mask, the region prototypes ``proto (B, 2, C)`` (background, foreground; zero where absent).
         Both come before the trainable heads, so they can be cached: 2-3 C numbers per slice instead of C*h*w.
         """
-        view = {"gap": teacher_feat.mean(dim=(2, 3))}  # (B, C)
-        if self.region and targets is not None:
-            mask = feature_mask(targets, teacher_feat.shape[-2:], teacher_feat.dtype)
-            view["proto"] = pooled_prototypes(teacher_feat, mask)[0]  # (B, 2, C)
+        pooled, _ = self.pools(teacher_feat, targets)  # (B, K, C): the same pools as the student side's
+        view = {"gap": pooled[:, 0]}  # (B, C)
+        if pooled.shape[1] == 3:
+            view["proto"] = pooled[:, 1:]  # (B, 2, C)
         return view
-
-    def region_term(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, targets: torch.Tensor
-    ) -> Optional[torch.Tensor]:
-        """Supervised region contrast, or ``None`` when the batch holds a single class (no negatives).
-
-        Args:
-            student_feat: ``(B, C, h, w)``.
-            teacher_feat: ``(B, C, h, w)``.
-            targets: ``(B, 1, H0, W0)`` (or ``(B, H0, W0)``) mask; values ``> 0.5`` are foreground.
-        """
-        mask = feature_mask(targets, teacher_feat.shape[-2:], teacher_feat.dtype)
-        pooled, valid = pooled_prototypes(student_feat, feature_mask(targets, student_feat.shape[-2:],
-                                                                     student_feat.dtype))
-        rows = self._region_rows(pooled, valid, pooled_prototypes(teacher_feat, mask)[0])
-        if rows is None:
-            return None
-        zs, zt = self.embed(rows[0], rows[1])
-        return supcon_cross(zs, zt, rows[2], self.temperature, self.normalize)
 
     @staticmethod
     def _region_rows(pooled: torch.Tensor, valid: torch.Tensor, teacher_pooled: torch.Tensor):
@@ -285,13 +230,14 @@ class ContrastiveFeatureLoss(FeatureLoss):
         c = pooled.shape[-1]
         return both[:, :c], both[:, c:], classes  # (N, C), (N, C), (N,)
 
-    def student_pooling(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
+    def pooling_weights(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
                         device: torch.device, eps: float = 1e-6):
-        """The pools this loss reads of the student feature: ``weights (B, K, h, w)`` and ``valid (B, K)``.
+        """The pools this loss reads of a feature (student and teacher alike): ``weights (B, K, h, w)`` and
+        ``valid (B, K)``.
 
         ``k = 0`` is the global average; with the region term and a mask, ``k = 1, 2`` are the background and
-        foreground masked averages (the mask resized to ``h, w`` by area, as :func:`pooled_prototypes`; a
-        prototype whose area is below ``eps`` pixels is not valid).
+        foreground masked averages (the mask resized to ``h, w`` by area; a prototype whose area is below ``eps``
+        pixels is not valid, and its weights are 0).
         """
         h, w = int(size[0]), int(size[1])
         uniform = torch.full((batch, 1, h, w), 1.0 / (h * w), dtype=dtype, device=device)
@@ -317,16 +263,18 @@ class ContrastiveFeatureLoss(FeatureLoss):
         if student_feat.dim() != 4 or tuple(student_feat.shape[:2]) != tuple(gap_t.shape):
             raise ValueError(f"contrastive loss: student feature {tuple(student_feat.shape)} does not match the "
                              f"teacher's pooled feature {tuple(gap_t.shape)} (adapt the student first)")
-        # weights and pools in at least fp32 (in fp16 1/area overflows and 1/(h*w) loses digits)
-        dtype = torch.promote_types(student_feat.dtype, torch.float32)
-        weights, valid = self.student_pooling(targets, student_feat.shape[-2:], student_feat.shape[0], dtype,
-                                              student_feat.device)
-        pooled = torch.einsum("bkhw,bchw->bkc", weights, student_feat.to(dtype))  # (B, K, C)
-        return self.forward_pooled(pooled, valid, view, targets)
+        return self.forward_pooled(*self.pools(student_feat, targets), view, targets)
+
+    def pools(self, feat: torch.Tensor, targets: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled (B, K, C), valid (B, K))``: ``feat (B, C, h, w)`` pooled with :meth:`pooling_weights`, in at
+        least fp32 (in fp16 1/area overflows and 1/(h*w) loses digits)."""
+        dtype = torch.promote_types(feat.dtype, torch.float32)
+        weights, valid = self.pooling_weights(targets, feat.shape[-2:], feat.shape[0], dtype, feat.device)
+        return torch.einsum("bkhw,bchw->bkc", weights, feat.to(dtype)), valid
 
     def forward_pooled(self, pooled: torch.Tensor, valid: torch.Tensor, view, targets: Optional[torch.Tensor] = None
                        ) -> torch.Tensor:
-        """The loss from the student pools of :meth:`student_pooling` (``(B, K, C)``, ``valid (B, K)``) and the
+        """The loss from the student pools of :meth:`pooling_weights` (``(B, K, C)``, ``valid (B, K)``) and the
         teacher view: what :meth:`forward_view` computes, whether the pools come from the adapted map or from
         :meth:`medkd.distill.adapters.FeatureAdapter.pooled`."""
         gap_t = view["gap"]  # (B, C)
