@@ -81,7 +81,8 @@ class FeatureAdapter(nn.Module):
             xf = x.float().flatten(2)  # (B, Cs, N)
             w = self.proj.weight[:, :, 0, 0].float()  # (Ct, Cs)
             xt = xf.transpose(1, 2)  # (B, N, Cs), a view: bmm reads it transposed, nothing is copied
-            pooled = torch.bmm(weights.float().flatten(2), xt)  # (B, K, Cs)
+            wf = weights.float().flatten(2)  # (B, K, N)
+            pooled = torch.bmm(wf, xt)  # (B, K, Cs)
             use_batch = bn.training or not bn.track_running_stats
             if use_batch:
                 cs = xf.shape[1]
@@ -102,7 +103,7 @@ class FeatureAdapter(nn.Module):
             else:
                 mean, var = bn.running_mean.float(), bn.running_var.float()
             # sum_p w_p * BN(Wx)_p = gamma * (W pooled - (sum_p w_p) mean) / sigma + (sum_p w_p) beta
-            mass = weights.float().flatten(2).sum(dim=2, keepdim=True)  # (B, K, 1); 1 for averaging weights
+            mass = wf.sum(dim=2, keepdim=True)  # (B, K, 1); 1 for averaging weights
             y = (pooled @ w.t() - mass * mean) * torch.rsqrt(var + bn.eps)  # (B, K, Ct)
             if bn.affine:
                 y = y * bn.weight.float() + mass * bn.bias.float()

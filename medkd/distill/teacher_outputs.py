@@ -174,18 +174,20 @@ class DiskTargets:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
+def _batch(dataset, ids: Sequence[int], in_channels: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slices ``ids`` of ``dataset`` as one batch ``(x (B, in_channels, H, W), y (B, 1, H, W))`` on ``device``."""
+    items = [dataset[i] for i in ids]
+    x = match_channels(torch.stack([a for a, _, _ in items]).to(device), in_channels)
+    return x, torch.stack([m for _, m, _ in items]).to(device)
+
+
 def _batches(train_set, cfg, device: torch.device, n: int, bs: Optional[int] = None):
     """The first ``n`` real training batches (of ``bs`` slices, default the batch size) as ``(x, y, index)`` on
-    ``device``."""
+    ``device``, loaded one at a time as they are asked for."""
     bs = bs or cfg.batch_size
-    out = []
     for b in range(n):
         ids = [(b * bs + j) % len(train_set) for j in range(bs)]
-        items = [train_set[i] for i in ids]
-        x = match_channels(torch.stack([a for a, _, _ in items]).to(device), cfg.in_channels)
-        y = torch.stack([m for _, m, _ in items]).to(device)
-        out.append((x, y, torch.tensor(ids)))
-    return out
+        yield (*_batch(train_set, ids, cfg.in_channels, device), torch.tensor(ids))
 
 
 def _sync(device: torch.device) -> None:
@@ -209,9 +211,9 @@ def _teacher_seconds(task, train_set, cfg, device: torch.device, n: int) -> floa
     """Seconds per teacher batch: after a warm-up on two slices, the first full batch; when that is fast
     (< :data:`SLOW_BATCH_S`), it counts as the warm-up and the median of ``n`` more is taken. Measuring so costs
     little beside a slow teacher (one batch, not ``n + 1``) and is not noisy beside a fast one."""
-    warm = _batches(train_set, cfg, device, 1, bs=min(2, len(train_set)))[0]
+    warm = next(_batches(train_set, cfg, device, 1, bs=min(2, len(train_set))))
     _timed(lambda: task.teacher_targets(warm[0], warm[1]), device)
-    batches = iter(_batches(train_set, cfg, device, n + 1))
+    batches = _batches(train_set, cfg, device, n + 1)
 
     def one() -> float:
         x, y, _ = next(batches)
@@ -282,10 +284,7 @@ def _compute(task, train_set, cfg, device):
     """``compute(dataset indices) -> {item: (n, ...)}``: the teacher's targets for those slices."""
 
     def compute(ids: List[int]) -> Dict[str, torch.Tensor]:
-        items = [train_set[i] for i in ids]
-        x = match_channels(torch.stack([a for a, _, _ in items]).to(device), cfg.in_channels)
-        y = torch.stack([m for _, m, _ in items]).to(device)
-        return task.teacher_targets(x, y)
+        return task.teacher_targets(*_batch(train_set, ids, cfg.in_channels, device))
 
     return compute
 
@@ -449,9 +448,7 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
                       f"{len(tasks)} distinct target set(s)", highlight=False)
 
         def compute_all(chunk: List[Key]) -> List[Dict[str, torch.Tensor]]:
-            items = [full[pos[k]] for k in chunk]
-            x = match_channels(torch.stack([a for a, _, _ in items]).to(device), cfg0.in_channels)
-            y = torch.stack([m for _, m, _ in items]).to(device)
+            x, y = _batch(full, [pos[k] for k in chunk], cfg0.in_channels, device)
             raw = tasks[0].run_teacher(x)  # one forward; every task's hooks caught their taps
             feats = {tasks[0].t_paths[s]: raw[s] for s in tasks[0].scales}
             for t in tasks[1:]:
