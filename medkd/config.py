@@ -120,6 +120,8 @@ class DistillConfig(TrainConfig):
         for name in [self.loss, *self.scale_losses.values()]:
             opt.check_loss(name)
         opt.check_scale_names(self.scale_losses, "scale_losses")
+        if self.scales:  # the options reach the losses only when there are feature scales
+            opt.check_loss_options([self.scale_losses.get(s, self.loss) for s in self.scales], self.loss_options)
         opt.check_fraction(self.fraction)
         if self.subset_seed is not None:
             opt.check_range(self.subset_seed, "subset_seed", lo=0)

@@ -152,6 +152,20 @@ def check_loss(name: Any, what: str = "loss") -> str:
     return check_choice(name, LOSSES.names(), what)
 
 
+def check_loss_options(names: Sequence[str], options: Any, what: str = "loss_options") -> Any:
+    """``options`` (passed to every feature loss's constructor) must be accepted by each loss in ``names``: checked by
+    building each loss once (a small channel count; heads are tiny), so unknown options and bad values (e.g.
+    ``pool: 0``) are named here instead of failing in the middle of set-up."""
+    from medkd.distill.losses import build_loss
+
+    for name in dict.fromkeys(names):
+        try:
+            build_loss(name, 4, **dict(options or {}))
+        except (TypeError, ValueError) as e:
+            raise OptionError(f"{what}: {e}", what) from None
+    return options
+
+
 def parse_scales(value: Any, what: str = "scales") -> List[str]:
     """``"enc,dec"`` / ``["dec", "enc"]`` / ``"none"`` / ``[]`` / ``None`` -> checked scales in ``SCALES`` order.
 

@@ -426,6 +426,13 @@ CASES: List[Case] = [
     Case("config-scales-empty", with_file("cfg.yaml", b"scales: ''\n", lambda e, p: [
         "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
          r"^error: .*cfg\.yaml: scales is empty"),
+    Case("config-loss-option-unknown", with_file("cfg.yaml", b"scales: dec\nloss_options: {pool: 2}\n", lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: loss_options: loss 'contrastive' takes no option\(s\) pool; valid: .*$"),
+    Case("config-loss-option-value", with_file("cfg.yaml", b"scales: dec\nloss: mse\nloss_options: {pool: 0}\n",
+                                               lambda e, p: ["distill", e.data, "-o", e.tmp / "s", "--teacher",
+                                                             e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: loss_options: mse pool must be an integer >= 1, got 0$"),
     Case("teacher-missing", distill_with("--teacher", "/nonexistent/teacher"), 1,
          r"^error: /nonexistent/teacher: teacher run folder does not exist$"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
