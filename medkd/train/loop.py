@@ -146,17 +146,23 @@ def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channel
 
 
 def _rng_state() -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states, as tensors and plain Python values (a checkpoint loads weights-only without an allow-list):
+    numpy's legacy state tuple is stored with its uint32 key as a list of ints."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    st = {"torch": torch.get_rng_state(), "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(gauss)),
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def _set_rng_state(st: Dict[str, Any]) -> None:
-    """Restore the RNG states of :func:`_rng_state`. Generator states are CPU ``ByteTensor``s whatever device the
-    checkpoint was mapped to (``torch.set_rng_state`` and the CUDA generators accept nothing else)."""
+    """Restore the RNG states of :func:`_rng_state` (numpy's key as a list, or as the ndarray older checkpoints
+    hold). Generator states are CPU ``ByteTensor``s whatever device the checkpoint was mapped to
+    (``torch.set_rng_state`` and the CUDA generators accept nothing else)."""
     torch.set_rng_state(st["torch"].cpu())
-    np.random.set_state(st["numpy"])
+    name, key, *rest = st["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(st["python"])
     if st.get("cuda") and torch.cuda.is_available():
         # a run may resume on a machine with fewer GPUs than it was saved on
