@@ -379,8 +379,11 @@ def predict_paths(
     for i, c in enumerate(cases):
         if progress:
             progress(i + 1, len(cases), c.case)
-        seg_path = out / f"{c.case}_seg.nii.gz"
-        prob_path = out / f"{c.case}_prob.nii.gz"
+        try:  # names come from input file names: kept inside OUT
+            seg_path, prob_path = (rundir.confined(out, f"{c.case}_{kind}.nii.gz") for kind in ("seg", "prob"))
+        except MedkdError as e:
+            result.failed.append({"input": str(c.path), "case": c.case, "reason": str(e)})
+            continue
         targets = [seg_path] + ([prob_path] if probabilities else [])
         existing = [t for t in targets if t.exists()]
         if existing and not overwrite:

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from medkd.errors import MedkdError, OutputError
+from medkd.errors import DataError, MedkdError, OutputError
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -225,6 +225,47 @@ def replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+# ----------------------------------------------------------------------------------------- names from data
+
+
+def check_case_id(cid: Any, where: Any) -> str:
+    """``cid`` if it can name a case's files: a non-empty string without path separators, ``..`` or control
+    characters (ids come from file names, ``dataset.json`` and ``manifest.json``, and become file names).
+
+    Raises:
+        DataError: ``<where>: case id <id> cannot name a file (<reason>)``.
+    """
+    import unicodedata
+
+    if not isinstance(cid, str) or not cid:
+        reason = "empty" if cid == "" else f"a {type(cid).__name__}, not a string"
+    elif "/" in cid or "\\" in cid or (os.altsep and os.altsep in cid):
+        reason = "it holds a path separator"
+    elif ".." in cid:
+        reason = "it holds '..'"
+    elif any(unicodedata.category(ch) == "Cc" for ch in cid):
+        reason = "it holds a control character"
+    else:
+        return cid
+    raise DataError(f"{where}: case id {ascii(cid)[:80]} cannot name a file ({reason})")
+
+
+def confined(folder: Path, name: str) -> Path:
+    """``folder / name``, checked to stay inside ``folder``: ``name`` is one plain file name (no separator, not
+    ``.``/``..``) and the resolved path (links followed) lies in the resolved ``folder``. Every file named after
+    data (a case id, a tap name) is joined through this.
+
+    Raises:
+        MedkdError: ``<folder>: <name> would lead outside the folder``.
+    """
+    folder = Path(folder)
+    path = folder / name
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    if not plain or (os.altsep and os.altsep in name) or not path.resolve().is_relative_to(folder.resolve()):
+        raise MedkdError(f"{folder}: {ascii(name)[:80]} would lead outside the folder (refused)")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------- run folders

@@ -39,6 +39,8 @@ def command(
     workers: Annotated[int, typer.Option(help="Cases processed in parallel (processes).")] = 1,
     overwrite: OverwriteOpt = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some cases were bad.")] = False,
+    allow_outside: Annotated[bool, typer.Option(
+        "--allow-outside", help="Read dataset.json entries that lie outside SOURCE (absolute or ../ paths).")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -50,7 +52,7 @@ def command(
     )
     log = log_console(quiet)
     with Bars(log, "preprocess", None) as bars:
-        result = _run(source, out, settings, overwrite, bars.update, log)
+        result = _run(source, out, settings, overwrite, bars.update, log, allow_outside)
 
     _print_bad(result.bad)
     if result.bad:
@@ -75,11 +77,12 @@ def _print_bad(bad) -> None:
         stderr_console.print(f"[red]bad case:[/] {escape(b['reason'])}", highlight=False, soft_wrap=True)
 
 
-def _run(source, out, settings, overwrite, progress, log):
+def _run(source, out, settings, overwrite, progress, log, allow_outside=False):
     """:func:`preprocess`; when it stops for lack of good cases, the bad cases' reasons come before the error."""
     try:
         return preprocess(source, out, settings, overwrite=overwrite, progress=progress,
-                          log=lambda m: log.print(f"note: {escape(m)}", highlight=False, soft_wrap=True))
+                          log=lambda m: log.print(f"note: {escape(m)}", highlight=False, soft_wrap=True),
+                          allow_outside=allow_outside)
     except PreprocessFailed as e:
         _print_bad(e.bad)
         raise

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medkd.errors import DataError
+from medkd.rundir import check_case_id, confined
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = -1.0  # mask value of a slice whose label the student may not see (``SliceDataset(labelled_ids=...)``)
@@ -35,7 +36,7 @@ class PreparedData:
             self.manifest = json.loads(path.read_text())
             self.cases: List[dict] = self.manifest["cases"]
             self.settings: dict = self.manifest["settings"]
-            self._by_id = {c["id"]: c for c in self.cases}
+            self._by_id = {check_case_id(c["id"], path): c for c in self.cases}  # ids name files: no ../
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
         self._cache: Dict[Tuple[str, str], np.ndarray] = {}
@@ -73,7 +74,7 @@ class PreparedData:
     def _load(self, cid: str, kind: str) -> np.ndarray:
         key = (cid, kind)
         if key not in self._cache:
-            path = self.root / "cases" / f"{cid}_{kind}.npy"
+            path = confined(self.root / "cases", f"{cid}_{kind}.npy")
             try:
                 self._cache[key] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:

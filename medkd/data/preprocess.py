@@ -34,7 +34,7 @@ import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
 from medkd.data.sources import CaseSource, discover
 from medkd.errors import DataError, MedkdError, OutputError
-from medkd.rundir import clean_stale_temps, replace_dir, temp_dir_beside
+from medkd.rundir import clean_stale_temps, confined, replace_dir, temp_dir_beside
 
 SCHEMA = 1
 AFFINE_ATOL = 1e-2  # mm
@@ -229,8 +229,8 @@ def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path
     img_r = resize_slices(img_s, settings.size, is_label=False).astype(np.float32)
     lbl_r = resize_slices(lbl_s.astype(np.float32), settings.size, is_label=True).astype(np.uint8)
 
-    save_npy(cases_dir / f"{case.id}_img.npy", img_r)
-    save_npy(cases_dir / f"{case.id}_lbl.npy", lbl_r)
+    save_npy(confined(cases_dir, f"{case.id}_img.npy"), img_r)
+    save_npy(confined(cases_dir, f"{case.id}_lbl.npy"), lbl_r)
 
     sx, sy, sz = img_c.spacing
     X, Y, Z = img_c.array.shape
@@ -306,14 +306,17 @@ def preprocess(
     overwrite: bool = False,
     progress: Optional[Callable[[int, int, str], None]] = None,
     log: Optional[Callable[[str], None]] = None,
+    allow_outside: bool = False,
 ) -> PreprocessResult:
     """Prepare ``source`` into ``out``. Good cases are always written; bad ones are listed under ``skipped``.
+    ``allow_outside`` accepts ``dataset.json`` entries outside ``source`` (:func:`medkd.data.sources.discover`).
 
     With ``settings.workers > 1`` cases run in processes started by a fork server (torch's OpenMP pool makes
     plain fork deadlock); a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
 
     Raises:
-        MedkdError: OUT exists without ``overwrite``, OUT inside/around SOURCE, no case found, or every case was bad.
+        MedkdError: OUT exists without ``overwrite``, OUT inside/around SOURCE, no case found, a case id cannot name
+            a file, a ``dataset.json`` entry outside SOURCE (without ``allow_outside``), or every case was bad.
     """
     settings = settings or PreprocessSettings()
     settings.validate()
@@ -329,7 +332,7 @@ def preprocess(
     if out_r in src_r.parents:
         raise MedkdError(f"{out}: output must not contain SOURCE (replacing it would delete the source)")
     t0 = time.time()
-    cases = discover(source)
+    cases = discover(source, allow_outside)
     ids = [c.id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

@@ -8,17 +8,22 @@ Two layouts are accepted:
 * **Folder of cases**: every ``<id>.nii[.gz]`` file or ``<id>/`` DICOM series folder in SOURCE is an image;
   its label is ``<id>_label.nii[.gz]`` beside it (pairing rule). Files ending in ``_label`` are labels, never images.
   Hidden entries are ignored.
+
+Case ids (file names without the NIfTI suffix) become file names of the prepared dataset, so they are checked
+(:func:`medkd.rundir.check_case_id`); ``dataset.json`` entries must lie inside SOURCE unless ``allow_outside``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Set
 
 from medkd.data.io import NIFTI_SUFFIXES, strip_nifti_suffix
 from medkd.errors import DataError
+from medkd.rundir import check_case_id
 
 LABEL_SUFFIX = "_label"
 
@@ -35,21 +40,35 @@ class CaseSource:
     layout: str = "folder"  # "folder" | "msd"
 
 
-def discover(source: Path) -> List[CaseSource]:
+def discover(source: Path, allow_outside: bool = False) -> List[CaseSource]:
     """List the cases in ``source`` (MSD layout or folder of cases).
 
+    Args:
+        source: the source folder.
+        allow_outside: accept ``dataset.json`` entries outside ``source`` (absolute, or leading out with ``..``).
+
     Raises:
-        DataError: the folder does not exist, ``dataset.json`` is unreadable, or no case was found.
+        DataError: the folder does not exist, ``dataset.json`` is unreadable or lists a file outside ``source``,
+            a case id cannot name a file, or no case was found.
     """
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{source}: not a folder")
     if (source / "dataset.json").is_file():
-        return _discover_msd(source)
+        return _discover_msd(source, allow_outside)
     return _discover_folder(source)
 
 
-def _discover_msd(source: Path) -> List[CaseSource]:
+def _entry_path(source: Path, rel: str, where: str, allow_outside: bool) -> Path:
+    """``source / rel`` for a ``dataset.json`` entry, refused when ``rel`` leads outside ``source`` (absolute, or
+    out through ``..``; judged on the text, so links placed inside SOURCE still work) unless ``allow_outside``."""
+    if not allow_outside and (os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir):
+        raise DataError(f"{where} {_short(rel, 100)} lies outside {source} (refused; --allow-outside reads files "
+                        f"anywhere)")
+    return source / rel
+
+
+def _discover_msd(source: Path, allow_outside: bool = False) -> List[CaseSource]:
     path = source / "dataset.json"
     try:
         meta = json.loads(path.read_text())
@@ -76,9 +95,10 @@ def _discover_msd(source: Path) -> List[CaseSource]:
                 f"{path}: training entry {i} must be {{\"image\": \"./imagesTr/<id>.nii.gz\", "
                 f"\"label\": \"./labelsTr/<id>.nii.gz\"}}, got {_short(entry)}"
             )
-        img = source / entry["image"]
-        lbl = source / str(entry["label"]) if entry.get("label") else None
-        cid = strip_nifti_suffix(Path(entry["image"]).name)
+        where = f"{path}: training entry {i}"
+        img = _entry_path(source, entry["image"], f"{where} image", allow_outside)
+        lbl = _entry_path(source, str(entry["label"]), f"{where} label", allow_outside) if entry.get("label") else None
+        cid = check_case_id(strip_nifti_suffix(Path(entry["image"]).name), where)
         cases.append(CaseSource(cid, img, lbl, modality, label_values, layout="msd"))
     if not cases:
         raise DataError(f"{path}: no training cases listed")
@@ -98,6 +118,7 @@ def _discover_folder(source: Path) -> List[CaseSource]:
                 continue
         else:
             continue
+        check_case_id(cid, source)  # (not p: the name itself may hold a newline)
         label = None
         for suf in NIFTI_SUFFIXES:
             cand = source / f"{cid}{LABEL_SUFFIX}{suf}"

@@ -29,7 +29,7 @@ import torch
 
 from medkd.data.prepared import PreparedData
 from medkd.locks import exclusive_lock
-from medkd.rundir import atomic_path, write_json
+from medkd.rundir import atomic_path, confined, write_json
 
 FORMAT = "items-v2"
 STORE_DTYPE = np.float16  # every mode (live included) rounds targets to this: same numbers whichever mode runs
@@ -88,7 +88,7 @@ class TeacherCache:
 
     # ---------------------------------------------------------------------------------------------- layout
     def _path(self, name: str, suffix: str = ".npy") -> Path:
-        return self.dir / f"{self.stems[name]}{suffix}"
+        return confined(self.dir, f"{self.stems[name]}{suffix}")  # item names hold tap names the user chose
 
     def _reload(self) -> None:
         """Re-read which rows are filled (another process may have filled some) and open published arrays."""

@@ -168,6 +168,7 @@ def write_overlays(out: Path, data, results: Sequence[Dict[str, Any]]) -> List[P
         The written paths.
     """
     from medkd.report.tables import run_labels
+    from medkd.rundir import confined
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +179,6 @@ def write_overlays(out: Path, data, results: Sequence[Dict[str, Any]]) -> List[P
         for label, r in zip(labels, results):
             dice = next((c.get("dice") for c in r["per_case"] if c["id"] == cid), None)
             runs.append((label, r["_predictions"][cid], dice))
-        written.append(render_case(out / f"{cid}.png", cid, np.asarray(data.image(cid)),
+        written.append(render_case(confined(out, f"{cid}.png"), cid, np.asarray(data.image(cid)),
                                    np.asarray(data.label(cid)), runs, data.case(cid)["prepared_spacing"]))
     return written
