@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 from medkd.cli import app
 from medkd.data.phantom import DEFAULT_SPACING
 
+import test_trust as trust  # the trust-boundary builders (tests/ is on sys.path, like conftest)
+
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 PREP = ["--size", "16", "--test-fraction", "0", "--val-fraction", "0"]
 
@@ -437,6 +439,29 @@ CASES: List[Case] = [
          r"^error: /nonexistent/teacher: teacher run folder does not exist$"),
     Case("dicom-jpeg-ls-series", preprocess_dicom_series_ok("MR_small_jpeg_ls_lossless.dcm"), 0, r""),
     Case("dicom-rle-series", preprocess_dicom_series_ok("MR_small_RLE.dcm"), 0, r""),
+    # trust boundaries: checkpoints load weights-only; ids and dataset.json entries stay inside the named folders
+    # (builders in test_trust.py, which has the fuller checks: payload never runs, nothing written outside)
+    Case("trust-hostile-best-pt-distill", trust.hostile_argv("distill"), 1,
+         r"^error: .*hostile/best\.pt: refused, not a weights-only checkpoint \(it needs posix\.system\): medkd "
+         r"loads only tensors and plain values, since loading a pickled object can run code$"),
+    Case("trust-hostile-best-pt-predict", trust.hostile_argv("predict", "exec"), 1,
+         r"^error: .*hostile/best\.pt: refused, not a weights-only checkpoint \(it needs builtins\.exec\)"),
+    Case("trust-manifest-id-traversal", trust.traversal_argv, 1,
+         r"^error: .*data/manifest\.json: case id '\.\./\.\./evilcase' cannot name a file \(it holds a path "
+         r"separator\)$"),
+    Case("trust-dataset-json-absolute", trust.outside_argv("absolute"), 1,
+         r"^error: .*msd/dataset\.json: training entry 0 image '/.*/outside/imagesTr/spleen_000\.nii\.gz' lies "
+         r"outside .*msd \(refused; --allow-outside reads files anywhere\)$"),
+    Case("trust-dataset-json-dotdot", trust.outside_argv("dotdot"), 1,
+         r"^error: .*msd/dataset\.json: training entry 0 image '\./imagesTr/\.\./\.\./outside/imagesTr/"
+         r"spleen_000\.nii\.gz' lies outside .*msd \(refused; --allow-outside"),
+    Case("trust-dataset-json-outside-allowed", trust.outside_argv("dotdot", "--allow-outside"), 0, r""),
+    Case("trust-dataset-json-id-dotdot", msd_with_dataset_json(
+        '{"training": [{"image": "./imagesTr/...nii.gz", "label": "./labelsTr/...nii.gz"}]}'), 1,
+         r"^error: .*dataset\.json: training entry 0: case id '\.\.' cannot name a file \(it holds '\.\.'\)$"),
+    Case("trust-file-name-control-char", lambda e: ["preprocess", source_with(e, "bad\x07", lambda p: shutil.copy(
+        SAMPLE / "imagesTr" / "spleen_001.nii.gz", str(p) + ".nii.gz")), "-o", e.tmp / "out", *PREP], 1,
+         r"^error: .*/src: case id 'bad\\x07' cannot name a file \(it holds a control character\)$"),
 ]
 
 
