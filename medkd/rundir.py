@@ -361,7 +361,7 @@ def _allow_legacy_globals():
     ``(type, name)`` entries; on older torch only checkpoints without them load)."""
     import torch
 
-    if torch.__version__ >= "2.6":
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6):
         return torch.serialization.safe_globals(_legacy_globals())
     return contextlib.nullcontext()  # pragma: no cover - torch < 2.6
 
