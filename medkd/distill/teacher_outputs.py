@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medkd.distill.cache import STORE_DTYPE, TORCH_STORE_DTYPE, ItemSpec, Key, TeacherCache, fill_together, item_bytes
 from medkd.infer import match_channels
@@ -334,7 +335,8 @@ def setup_teacher_outputs(task, cfg, data, train_set, cache_root: Path, checkpoi
     n = len(train_set)
     nb = n // bs + (1 if n % bs >= 2 else 0)  # the loop drops a final batch of 1
     budget = int(cfg.cache_budget * 1e9) if cfg.cache_budget is not None else default_budget_bytes(cache_root)
-    cache = TeacherCache(cache_root, checkpoint, data, cfg.in_channels, data.case_ids("train"), specs)
+    cache = TeacherCache(cache_root, checkpoint, data, cfg.in_channels, data.case_ids("train"), specs,
+                         log=_note(console))
     missing = cache.missing(train_set.index)
     mem_bytes = item_bytes(specs, n)
     mem_dev, pinned, mem_limit = memory_placement(mem_bytes, device)
@@ -379,6 +381,11 @@ def setup_teacher_outputs(task, cfg, data, train_set, cache_root: Path, checkpoi
     return _announce(rec, console)
 
 
+def _note(console: Console):
+    """``log(line)`` printing ``note: line`` on ``console`` (the cache's damaged-item notes)."""
+    return lambda line: console.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _announce(rec: Dict[str, Any], console: Console) -> Dict[str, Any]:
     size = f", {_mb(rec['cache_bytes'])}" if rec["cache_bytes"] else ""
     console.print(f"teacher outputs: {rec['mode']}{size} ({rec['reason']})", highlight=False, soft_wrap=True)
@@ -417,7 +424,8 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
             tasks.append(task)
             specs_of.append(specs)
         sets.append(student_train_set(data, cfg))
-    caches = [TeacherCache(cache_root, checkpoint, data, cfg0.in_channels, data.case_ids("train"), sp) for sp in specs_of]
+    caches = [TeacherCache(cache_root, checkpoint, data, cfg0.in_channels, data.case_ids("train"), sp,
+                           log=_note(console)) for sp in specs_of]
     union = {c.stems[n]: spec for c in caches for n, spec in c.items.items()}  # items of all cells, once each
     new_bytes = item_bytes({c.stems[n]: c.items[n] for c in caches for n in c.items if not c._path(n).is_file()}, len(caches[0].rows))
     keys = sorted({k for ds in sets for k in ds.index})
