@@ -37,9 +37,15 @@ from medkd.data.prepared import PreparedData
 from medkd.locks import exclusive_lock
 from medkd.rundir import atomic_path, write_json
 
-FORMAT = "items-v2"
+FORMAT = "items-v3"  # v3: targets computed in batches of TEACHER_BATCH slices
 STORE_DTYPE = np.float16  # every mode (live included) rounds targets to this: same numbers whichever mode runs
 TORCH_STORE_DTYPE = torch.float16
+#: Slices per teacher forward, in every teacher-output mode (:func:`medkd.distill.distiller.in_teacher_batches`).
+#: A kernel may round a slice's output differently at another batch size (CPU convolutions: ~1e-6 between batches
+#: of 1, 8 and 16, enough to flip fp16 targets), never because of what the other slices are; so the teacher always
+#: sees batches of exactly this many slices, and live, memory and disk targets are the same bits whatever the
+#: training batch size or the fill's chunks. Part of the cache key.
+TEACHER_BATCH = 8
 
 Key = Tuple[str, int]  # (case id, slice index)
 ItemSpec = Tuple[str, Tuple[int, ...]]  # (what the item stores, per-slice shape)
@@ -78,7 +84,8 @@ class TeacherCache:
     def __init__(self, root: Path, checkpoint: Path, data: PreparedData, in_channels: int,
                  case_ids: Sequence[str], items: Dict[str, ItemSpec], log: Optional[Callable[[str], None]] = None):
         key_src = json.dumps({"ckpt": file_hash(checkpoint), "data": data.fingerprint(), "in_channels": in_channels,
-                              "format": FORMAT, "dtype": np.dtype(STORE_DTYPE).name}, sort_keys=True)
+                              "format": FORMAT, "dtype": np.dtype(STORE_DTYPE).name,
+                              "teacher_batch": TEACHER_BATCH}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self.dir = Path(root) / self.key
         self.items = dict(items)

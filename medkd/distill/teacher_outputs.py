@@ -17,7 +17,10 @@ Modes (``medkd distill --teacher-outputs``):
   is :func:`choose_mode`, a pure function of the measured costs, sizes and budget.
 
 What is stored is what the active losses read (:meth:`medkd.distill.distiller.Distiller.teacher_targets`), rounded
-to fp16 in *every* mode, so the mode (and therefore ``auto``'s machine-dependent choice) never changes the numbers.
+to fp16 in *every* mode and computed by the teacher in batches of exactly
+:data:`~medkd.distill.cache.TEACHER_BATCH` slices (fp32, autocast off), so on one machine the mode (and therefore
+``auto``'s machine-dependent choice) never changes the numbers. A disk cache filled on another machine (device,
+thread count, library versions) is reused too and may differ from live targets by fp16 rounding.
 """
 
 from __future__ import annotations
@@ -405,7 +408,7 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
     into the ablation's results.
     """
     from medkd.data.prepared import SliceDataset
-    from medkd.distill.distiller import Distiller
+    from medkd.distill.distiller import Distiller, in_teacher_batches
     from medkd.distill.run import load_teacher, student_train_set
     from medkd.infer import resolve_device
     from medkd.models import build_model
@@ -455,15 +458,17 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
         console.print(f"teacher cache {caches[0].key}: computing {len(missing)} slice(s) once for "
                       f"{len(tasks)} distinct target set(s)", highlight=False)
 
-        def compute_all(chunk: List[Key]) -> List[Dict[str, torch.Tensor]]:
-            x, y = _batch(full, [pos[k] for k in chunk], cfg0.in_channels, device)
+        def targets_all(x: torch.Tensor, y: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
             raw = tasks[0].run_teacher(x)  # one forward; every task's hooks caught their taps
             feats = {tasks[0].t_paths[s]: raw[s] for s in tasks[0].scales}
             for t in tasks[1:]:
                 if t.t_hooks:
                     feats.update({t.t_paths[s]: f for s, f in t.t_hooks.pop().items()})
-            return [t.teacher_targets(x, y, raw={**{s: feats[t.t_paths[s]] for s in t.scales},
-                                                 "logits": raw["logits"]}) for t in tasks]
+            return [t.targets_from(x, y, {**{s: feats[t.t_paths[s]] for s in t.scales}, "logits": raw["logits"]})
+                    for t in tasks]
+
+        def compute_all(chunk: List[Key]) -> List[Dict[str, torch.Tensor]]:
+            return in_teacher_batches(targets_all, *_batch(full, [pos[k] for k in chunk], cfg0.in_channels, device))
 
         fill_together(caches, keys, compute_all, batch_size=max(2, 2 * bs))
         rec["teacher_slices"] = caches[0].teacher_slices
