@@ -22,3 +22,8 @@ class OutputError(MedkdError):
     Never a bad *input*: preprocess and predict stop at once instead of blaming the case being processed, and
     ``--skip-bad`` does not turn it into success. The message names the output path and the OS reason.
     """
+
+
+class ModelError(MedkdError):
+    """The model, not the input, is at fault: e.g. an exported graph whose output is not the ``(B, K, H, W)`` logits
+    medkd expects. Like :class:`OutputError` it stops ``predict`` at once instead of blaming the case."""

@@ -38,7 +38,7 @@ import medkd
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
 from medkd.infer import THRESHOLD, foreground_prob, logits_to_mask, predict_volume, prob_to_native, resolve_device
-from medkd.options import DEFAULT_DEVICE
+from medkd.options import DEFAULT_DEVICE, check_tolerance
 from medkd.metrics import (
     COUNT_KEYS,
     DEFAULT_TOLERANCE_MM,
@@ -442,8 +442,8 @@ def evaluate_runs(
     """
     if not runs:
         raise MedkdError("no run given")
-    if tolerance_mm is not None and tolerance_mm <= 0:
-        raise MedkdError(f"--tolerance must be > 0 mm, got {tolerance_mm}")
+    if tolerance_mm is not None:
+        check_tolerance(tolerance_mm, "--tolerance")
     if resolution not in RESOLUTIONS:
         raise MedkdError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     model_files = list(model_files or [])
@@ -456,13 +456,18 @@ def evaluate_runs(
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
+    for lr, f in zip(loaded, model_files):  # a graph that does not return the logits fails before any work
+        from medkd.export import load_exported
+        from medkd.predict import probe_exported
+
+        probe_exported(load_exported(Path(f)), int(getattr(lr.model, "in_channels", 1)), prepared.size)
     for lr in loaded:
         lr.train_overlap = training_overlap(lr.ckpt, prepared, split)
         if split == "train" or not lr.train_overlap:
             continue
-        ids, n = lr.train_overlap, len(prepared.case_ids(split))
-        what = (f"{len(ids)} of the {n} {split} case(s) of {prepared.root} were training cases of this run "
-                f"({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
+        seen = lr.train_overlap  # every case of the split is still evaluated (with --force); these are marked
+        what = (f"{len(seen)} of the {len(ids)} {split} case(s) of {prepared.root} were training cases of this run "
+                f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''})")
         if not force:
             raise MedkdError(f"{lr.run}: {what}; was the data prepared again with another split seed? "
                              f"(--force evaluates anyway, marked as leakage)")

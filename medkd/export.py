@@ -58,7 +58,7 @@ import numpy as np
 
 import medkd
 from medkd import rundir
-from medkd.errors import MedkdError
+from medkd.errors import MedkdError, ModelError
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -201,6 +201,26 @@ def _short(e: Exception, n: int = 140) -> str:
 # --------------------------------------------------------------------------------------------------- runtime
 
 
+def check_logits(path: Path, x: np.ndarray, y: Any, metadata: Dict[str, Any]) -> np.ndarray:
+    """``y`` if it is what a medkd export returns for the input ``x`` ``(B, C, H, W)``: ``(B, 1, H, W)`` logits for a
+    ``sigmoid`` output, ``(B, K >= 2, H, W)`` for ``softmax`` (the ``output`` metadata).
+
+    Raises:
+        ModelError: one line naming the model file, the shape it returned and the shape expected.
+    """
+    b, _, h, w = x.shape
+    kind = metadata.get("output")
+    k = "1" if kind == "sigmoid" else "K>=2" if kind == "softmax" else "K"
+    shape = tuple(getattr(y, "shape", ()))
+    ok = isinstance(y, np.ndarray) and y.ndim == 4 and shape[0] == b and shape[2:] == (h, w) and (
+        shape[1] == 1 if kind == "sigmoid" else shape[1] >= 2 if kind == "softmax" else shape[1] >= 1)
+    if not ok:
+        got = f"shape {shape}" if isinstance(y, np.ndarray) else f"a {type(y).__name__}"
+        raise ModelError(f"{path}: model output has {got} for a {tuple(x.shape)} input; expected ({b}, {k}, {h}, {w}) "
+                         f"logits ({kind or 'no output kind in its metadata'}); not a medkd segmentation export?")
+    return y
+
+
 class OnnxModel:
     """An exported ``.onnx`` model under ONNX Runtime (CPU), callable on ``(B, C, H, W)`` float32 numpy arrays.
 
@@ -227,8 +247,13 @@ class OnnxModel:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 logits."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 logits.
+
+        Raises:
+            ModelError: the graph's output is not logits of that shape (:func:`check_logits`).
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return check_logits(self.path, x, self.session.run(None, {self.input_name: x})[0], self.metadata)
 
 
 class TorchScriptModel:
@@ -253,8 +278,10 @@ class TorchScriptModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        x = np.ascontiguousarray(x, dtype=np.float32)
         with torch.no_grad():
-            return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            y = self.module(torch.from_numpy(x))
+        return check_logits(self.path, x, y.numpy() if isinstance(y, torch.Tensor) else y, self.metadata)
 
 
 def load_exported(path: Path, threads: Optional[int] = None):

@@ -124,6 +124,11 @@ def check_recon_weight(value: Any, what: str = "recon_weight") -> Any:
     return check_range(value, what, lo=0)
 
 
+def check_tolerance(value: Any, what: str = "tolerance") -> Any:
+    """Surface-Dice tolerance in mm (``evaluate --tolerance``): NaN would score 0 and inf 1 whatever the masks."""
+    return check_range(value, what, lo=0, lo_open=True)
+
+
 def students() -> List[str]:
     """Registered student model names."""
     from medkd.models import MODELS, is_teacher

@@ -41,7 +41,7 @@ import torch
 from medkd.data.io import NIFTI_SUFFIXES, Volume, is_nifti, read_volume, strip_nifti_suffix, to_canonical
 from medkd.data.preprocess import CT_MIN_HU, WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import LABEL_SUFFIX
-from medkd.errors import DataError, MedkdError, OutputError
+from medkd.errors import DataError, MedkdError, ModelError, OutputError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits
 from medkd.options import DEFAULT_DEVICE
 from medkd import rundir
@@ -190,6 +190,7 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
 
         m = load_exported(model)
         meta = m.metadata
+        probe_exported(m, int(meta["input_channels"]), int(meta["prepared_size"]))
         ct = (meta.get("intensity") or {}).get("CT") or {}
         window = (float(ct.get("low", WINDOW_PRESETS["abdomen"][0])), float(ct.get("high", WINDOW_PRESETS["abdomen"][1])))
         rule = Postprocessing.from_dict(meta.get("postprocessing")) if postprocessing else Postprocessing()
@@ -220,6 +221,13 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
     window = tuple(float(v) for v in settings.get("window") or WINDOW_PRESETS["abdomen"])
     return Segmenter(logits, in_ch, int(size), window, rule, "pytorch", str(model), notes,  # type: ignore[arg-type]
                      (ckpt.get("data") or {}).get("profile"))
+
+
+def probe_exported(model, in_channels: int, size: int) -> None:
+    """Run an exported model once on two blank ``(C, S, S)`` slices: a graph whose output is not ``(2, K, S, S)``
+    logits fails here (:func:`medkd.export.check_logits`, a :class:`~medkd.errors.ModelError` naming the file),
+    before any input is read or any mask written."""
+    model(np.zeros((2, in_channels, size, size), dtype=np.float32))
 
 
 def segment_volume(
@@ -397,8 +405,8 @@ def predict_paths(
             _write_nifti(mask, vol.affine, seg_path, overwrite)
             if probabilities:
                 _write_nifti(prob, vol.affine, prob_path, overwrite)
-        except OutputError:  # the output cannot be written: stop, it is not this input's fault
-            raise
+        except (OutputError, ModelError):  # the output cannot be written / the model is broken: stop, it is not
+            raise                           # this input's fault
         except MedkdError as e:
             result.failed.append({"input": str(c.path), "case": c.case, "reason": " ".join(str(e).split())})
             continue

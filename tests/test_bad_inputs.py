@@ -305,6 +305,153 @@ def msd_with_dataset_json(text: str) -> Callable[[Env], List[str]]:
     return build
 
 
+# ---------------------------------------------------------------- builders: trust boundaries, integrity
+
+
+def data_with(damage: Callable[[Path, dict], None]) -> Callable[[Env], Path]:
+    """A copy of the tiny dataset whose first test case's arrays are changed by ``damage(cases_dir, case)``."""
+
+    def make(env: Env) -> Path:
+        import json
+
+        data = env.tmp / "damaged"
+        shutil.copytree(env.data, data)
+        case = next(c for c in json.loads((data / "manifest.json").read_text())["cases"] if c["split"] == "test")
+        damage(data / "cases", case)
+        return data
+
+    return make
+
+
+def label_of_size(size: int) -> Callable[[Path, dict], None]:
+    def damage(cases: Path, case: dict) -> None:
+        np.save(cases / f"{case['id']}_lbl.npy", np.zeros((case["prepared_shape"][0], size, size), np.uint8))
+
+    return damage
+
+
+def truncated_image(cases: Path, case: dict) -> None:
+    path = cases / f"{case['id']}_img.npy"
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def train_case_into_test(env: Env) -> Path:
+    """The tiny dataset prepared again as if with another split: one training case of the run joins the test split
+    (which then holds it and the run's own test case)."""
+    import json
+
+    data = env.tmp / "resplit2"
+    shutil.copytree(env.data, data)
+    doc = json.loads((data / "manifest.json").read_text())
+    next(c for c in doc["cases"] if c["split"] == "train")["split"] = "test"
+    (data / "manifest.json").write_text(json.dumps(doc, indent=1))
+    return data
+
+
+def exported_teacher(env: Env) -> Path:
+    """The tiny teacher exported to ONNX once per session (from a copy: export writes postprocessing.json)."""
+    from medkd.export import export_run
+
+    out = env.teacher.parent / "integrity-export" / "teacher.onnx"
+    if not out.is_file():
+        run = out.parent / "teacher"
+        shutil.copytree(env.teacher, run, ignore=shutil.ignore_patterns("cache"))
+        export_run(run, out, data=env.data)
+    return out
+
+
+def onnx_with_wrong_output(kind: str) -> Callable[[Env], Path]:
+    """The exported teacher with one node appended to its graph: the output becomes ``(B, 3, H, W)`` (``channels``)
+    or ``(B, 1, H/2, W/2)`` (``size``); its medkd metadata is kept."""
+
+    def make(env: Env) -> Path:
+        import onnx
+        from onnx import helper
+
+        m = onnx.load(str(exported_teacher(env)))
+        name = m.graph.output[0].name
+        raw = name + "_raw"
+        for node in m.graph.node:
+            node.output[:] = [raw if o == name else o for o in node.output]
+        if kind == "channels":
+            m.graph.node.append(helper.make_node("Concat", [raw, raw, raw], [name], axis=1))
+        else:
+            m.graph.node.append(helper.make_node("MaxPool", [raw], [name], kernel_shape=[2, 2], strides=[2, 2]))
+        m.graph.output[0].type.tensor_type.ClearField("shape")
+        path = env.tmp / "wrong.onnx"
+        onnx.save(m, str(path))
+        return path
+
+    return make
+
+
+def predict_with(model: Callable[[Env], Path]) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        return ["predict", str(model(env)), str(SAMPLE / "imagesTr" / "spleen_001.nii.gz"), "-o", str(env.tmp / "pred")]
+
+    return build
+
+
+def evaluate_with_onnx(model: Callable[[Env], Path]) -> Callable[[Env], List[str]]:
+    def build(env: Env) -> List[str]:
+        return [*evaluate_on(lambda e: e.data)(env), "--onnx", str(model(env))]
+
+    return build
+
+
+CACHE_DISTILL = ["--scales", "dec", "--kd-images", "labelled", "--student-width", "4", "--epochs", "1", "--batch-size",
+                 "4", "--device", "cpu", "--teacher-outputs", "disk"]
+
+
+def distill_on_damaged_cache(damage: Callable[[Path], None], filled: bool) -> Callable[[Env], List[str]]:
+    """A distill run fills a disk cache on a copy of the teacher; one item's data array (or, with ``filled``, its
+    ``.filled.npy`` row marks) is then damaged by ``damage(path)``; the command is the same distill again."""
+
+    def build(env: Env) -> List[str]:
+        teacher = env.tmp / "teacher"
+        shutil.copytree(env.teacher, teacher, ignore=shutil.ignore_patterns("cache"))
+        argv = ["distill", str(env.data), "--teacher", str(teacher), *CACHE_DISTILL]
+        first = run_cli([*argv, "-o", env.tmp / "first"])
+        assert first.exit_code == 0, first.stderr
+        item = sorted(p for p in (teacher / "cache").glob("*/*.npy") if p.name.endswith(".filled.npy") == filled)[0]
+        damage(item)
+        return [*argv, "-o", str(env.tmp / "second")]
+
+    return build
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x00garbage\xff" * 9)
+
+
+def ablation_with_eval(edit: Callable[[dict], object]) -> Callable[[Env], List[str]]:
+    """A one-run ablation (the no-KD baseline, one seed, one epoch) whose eval-test.json is then replaced by
+    ``edit(doc)``; the command is the same ablation again."""
+
+    def build(env: Env) -> List[str]:
+        import json
+
+        grid = env.tmp / "grid.yaml"
+        grid.write_text("- {scales: none, pmd: false}\n")
+        argv = ["ablate", str(env.data), "--teacher", str(env.teacher), "-o", str(env.tmp / "abl"), "--grid", str(grid),
+                "--seeds", "0", "--epochs", "1", "--student-width", "4", "--batch-size", "4", "--device", "cpu"]
+        first = run_cli(argv)
+        assert first.exit_code == 0, first.stderr
+        ev = env.tmp / "abl" / "runs" / "baseline" / "seed0" / "eval-test.json"
+        ev.write_text(json.dumps(edit(json.loads(ev.read_text()))))
+        return argv
+
+    return build
+
+
+def without_metrics(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("dice", "iou", "recall", "precision", "hd95")}
+
+
 # ---------------------------------------------------------------- the corpus
 
 CASES: List[Case] = [
@@ -462,6 +609,43 @@ CASES: List[Case] = [
     Case("trust-file-name-control-char", lambda e: ["preprocess", source_with(e, "bad\x07", lambda p: shutil.copy(
         SAMPLE / "imagesTr" / "spleen_001.nii.gz", str(p) + ".nii.gz")), "-o", e.tmp / "out", *PREP], 1,
          r"^error: .*/src: case id 'bad\\x07' cannot name a file \(it holds a control character\)$"),
+    # trust boundaries: integrity of stored arrays and wrong results with exit 0
+    Case("window-infinite", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--window=-inf,inf", *PREP], 2,
+         r"^error: --window must be finite LOW,HIGH in HU \(e\.g\. -160,240\), got -inf,inf$"),
+    Case("window-nan", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--window=nan,240", *PREP], 2,
+         r"^error: --window must be finite LOW,HIGH in HU \(e\.g\. -160,240\), got nan,240$"),
+    Case("window-overflow", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--window=-160,1e400", *PREP], 2,
+         r"^error: --window must be finite LOW,HIGH in HU .*, got -160,inf$"),
+    *[Case(f"evaluate-tolerance-{v}", evaluate_on(lambda e: e.data, "--tolerance", v), 2,
+           rf"^error: --tolerance must be > 0 and finite, got {v}$") for v in ("nan", "inf")],
+    Case("evaluate-tolerance-0", evaluate_on(lambda e: e.data, "--tolerance", "0"), 2,
+         r"^error: --tolerance must be > 0, got 0"),
+    Case("evaluate-forced-scores-the-whole-split", evaluate_on(train_case_into_test, "--force"), 0,
+         r"^warning: LEAKAGE: .*teacher: 1 of the 2 test case\(s\) of .*resplit2 were training cases"),
+    Case("prepared-label-other-shape", evaluate_on(data_with(label_of_size(16)), "--no-postprocessing"), 1,
+         r"^error: .*damaged/cases/[^/]+_lbl\.npy: holds a \(\d+, 16, 16\) uint8 array, expected \(\d+, 32, 32\) "
+         r"uint8$"),
+    Case("prepared-image-truncated", evaluate_on(data_with(truncated_image), "--no-postprocessing"), 1,
+         r"^error: .*damaged/cases/[^/]+_img\.npy: truncated: \d+ bytes, expected \d+ for its \(\d+, 32, 32\) "
+         r"float32 array$"),
+    Case("predict-onnx-wrong-output-channels", predict_with(onnx_with_wrong_output("channels")), 1,
+         r"^error: .*wrong\.onnx: model output has shape \(2, 3, 32, 32\) for a \(2, 1, 32, 32\) input; expected "
+         r"\(2, 1, 32, 32\) logits \(sigmoid\)"),
+    Case("predict-onnx-wrong-output-size", predict_with(onnx_with_wrong_output("size")), 1,
+         r"^error: .*wrong\.onnx: model output has shape \(2, 1, 16, 16\) for a \(2, 1, 32, 32\) input"),
+    Case("evaluate-onnx-wrong-output", evaluate_with_onnx(onnx_with_wrong_output("size")), 1,
+         r"^error: .*wrong\.onnx: model output has shape \(2, 1, 16, 16\) for a \(2, 1, 32, 32\) input"),
+    Case("cache-item-truncated", distill_on_damaged_cache(cut_in_half, filled=False), 0,
+         r"^note: .*/cache/[0-9a-f]+/[a-z.]+-[0-9a-f]+\.npy: truncated: \d+ bytes, expected \d+ .*; damaged "
+         r"teacher-cache item discarded, its rows are computed again$"),
+    Case("cache-filled-garbage", distill_on_damaged_cache(garbage, filled=True), 0,
+         r"^note: .*\.filled\.npy: cannot load \(not a \.npy array file: .*; damaged teacher-cache item discarded"),
+    Case("ablate-eval-without-metrics", ablation_with_eval(without_metrics), 0,
+         r"^note: .*seed0/eval-test\.json: not an evaluate result \(no dice, iou, recall, precision, hd95\); "
+         r"evaluating again$"),
+    Case("ablate-eval-a-list", ablation_with_eval(lambda doc: [doc]), 0,
+         r"^note: .*seed0/eval-test\.json: not an evaluate result \(a JSON list, expected an object\); evaluating "
+         r"again$"),
 ]
 
 
@@ -577,6 +761,52 @@ def test_forced_leakage_is_in_json_and_table(tmp_path, tiny_data, tiny_teacher):
     doc = json.loads(r.stdout)
     assert len(doc["train_overlap"]) == 1 and doc["warnings"][0].startswith("LEAKAGE")
     assert "⚠ LEAKAGE" in r.stderr  # the table (on stderr with --json): the row and the caption
+
+
+def test_forced_evaluation_scores_every_case_of_the_split(tmp_path, tiny_data, tiny_teacher):
+    """--force on a split that holds one training case of the run and one other: both are scored (was: only the
+    training case), and the JSON names the training case."""
+    import json
+
+    env = Env(tmp_path, tiny_data, tiny_teacher)
+    r = run_cli(evaluate_on(train_case_into_test, "--force", "--json")(env))
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    test = [c["id"] for c in json.loads((tmp_path / "resplit2" / "manifest.json").read_text())["cases"]
+            if c["split"] == "test"]
+    assert doc["n_cases"] == len(doc["per_case"]) == len(test) == 2
+    assert sorted(c["id"] for c in doc["per_case"]) == sorted(test)
+    trained = doc["train_overlap"]
+    assert len(trained) == 1 and trained[0] in test and doc["warnings"][0].startswith("LEAKAGE")
+
+
+def _snapshot(*folders: Path) -> dict:
+    return {p: p.read_bytes() for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.code != 0 and c.id.startswith((
+    "window-", "evaluate-tolerance-", "prepared-", "predict-onnx-wrong", "evaluate-onnx-wrong"))], ids=str)
+def test_integrity_refusals_write_nothing(case: Case, env: Env):
+    """Refused before any work: every file that was there is unchanged and nothing was added (no mask, no
+    eval-<split>.json, no dataset)."""
+    argv = case.build(env)
+    before = _snapshot(env.tmp, env.data, env.teacher)
+    r = run_cli(argv)
+    assert r.exit_code == case.code, r.stderr
+    assert _snapshot(env.tmp, env.data, env.teacher) == before
+
+
+def test_ablation_evaluates_a_malformed_eval_again(tmp_path, tiny_data, tiny_teacher):
+    """An eval-test.json without metrics used to drop its seed from the row silently; it is evaluated again."""
+    import json
+
+    argv = ablation_with_eval(without_metrics)(Env(tmp_path, tiny_data, tiny_teacher))
+    r = run_cli([*argv, "--json"])
+    assert r.exit_code == 0, r.stderr
+    row = json.loads(r.stdout)["rows"][0]
+    assert row["seeds"] == [0] and row["dice_mean"] is not None
+    ev = json.loads((tmp_path / "abl" / "runs" / "baseline" / "seed0" / "eval-test.json").read_text())
+    assert ev["dice"] == row["dice_mean"]
 
 
 # ---------------------------------------------------------------- output write failures

@@ -368,7 +368,7 @@ def test_window_options_change_intensities(raw, tmp_path):
                       (("--window", "abc"), "LOW,HIGH"), (("--window", "200,100"), "HIGH > LOW"),
                       (("--window-preset", "nope"), "unknown --window-preset")]:
         r = cli(src, "-o", tmp_path / "never", *opts)
-        assert r.exit_code == 1 and msg in r.stderr, (opts, r.output)
+        assert r.exit_code == 2 and msg in r.stderr, (opts, r.output)  # usage errors
         assert len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "never").exists()
 
@@ -403,3 +403,19 @@ def test_workers_give_identical_output(bad_src, tmp_path):
     for c in m1["cases"]:
         for a, b in zip(_arrays(outs[1], c["id"]), _arrays(outs[2], c["id"])):
             np.testing.assert_array_equal(a, b)
+
+
+def test_manifest_never_holds_non_finite_values(tmp_path):
+    """manifest.json is strict JSON: a NaN/inf anywhere is one error naming where it is, and nothing is written."""
+    from medkd.data.preprocess import _write_manifest
+    from medkd.errors import MedkdError
+
+    doc = {"settings": {"window": [-160.0, 240.0]}, "cases": [{"id": "a", "spacing": [1.0, 1.0, 2.0]},
+                                                             {"id": "b", "spacing": [1.0, float("inf"), 2.0]}]}
+    with pytest.raises(MedkdError, match=r"^.*out/manifest\.json: not written, non-finite value at "
+                                         r"cases\[1\]\.spacing\[1\] \(inf\) \(manifest\.json is strict JSON\)$"):
+        _write_manifest(tmp_path / "manifest.json", doc, tmp_path / "out")
+    assert not (tmp_path / "manifest.json").exists()
+    doc["cases"][1]["spacing"][1] = 1.0
+    _write_manifest(tmp_path / "manifest.json", doc, tmp_path / "out")
+    assert json.loads((tmp_path / "manifest.json").read_text()) == doc

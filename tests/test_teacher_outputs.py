@@ -235,3 +235,61 @@ def test_teacher_timing_costs_one_batch_beside_a_slow_teacher(monkeypatch):
     fast, calls = task_with(0.01)
     assert to_mod._teacher_seconds(fast, train_set, cfg, torch.device("cpu"), n=2) == pytest.approx(0.04)
     assert calls == [2, 4, 4, 4]
+
+
+# ---------------------------------------------------------------------------------------------------- same bits
+
+
+def test_teacher_targets_do_not_depend_on_the_batch(tiny_data, tiny_teacher):
+    """A slice's targets are the same bits alone, in a training batch, in another order or in a fill's chunk (CPU
+    convolutions round differently at batch 1 than at 19: the teacher always runs on TEACHER_BATCH slices)."""
+    from medkd.distill.teacher_outputs import _batch
+
+    task = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "bottleneck", "dec"], pmd=True))
+    ds = SliceDataset(PreparedData(tiny_data), "train")
+    n = 19
+    x, y = _batch(ds, list(range(n)), 1, torch.device("cpu"))
+    whole = task.teacher_targets(x, y)
+    assert set(whole) == set(task.target_specs()) and all(v.shape[0] == n for v in whole.values())
+    for i in range(n):
+        alone = task.teacher_targets(x[i : i + 1], y[i : i + 1])
+        for k, v in alone.items():
+            assert torch.equal(v, whole[k][i : i + 1]), (k, i)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    shuffled = task.teacher_targets(x[perm], y[perm])
+    for k, v in shuffled.items():
+        assert torch.equal(v, whole[k][perm]), k
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(tiny_data, tmp_path_factory):
+    """A width-16 teacher: wide enough that CPU convolutions round differently at batch 8 (live) and 16 (the fill's
+    chunk when the batch size is 8)."""
+    from conftest import tiny_teacher_config
+    from medkd.train.teacher import train_teacher
+
+    run = tmp_path_factory.mktemp("wide") / "teacher"
+    train_teacher(tiny_data, run, tiny_teacher_config(width=16), console=_quiet())
+    return run
+
+
+def test_live_and_memory_runs_are_identical(tiny_data, wide_teacher, tmp_path):
+    """Issue 22: live and memory targets differed in fp16 rounding (losses ~1e-8 apart) and the runs ended at
+    different val Dice. Now every metric, every history line (but its seconds) and every weight is the same."""
+    from medkd.distill.run import distill
+
+    runs = {}
+    for mode in ("live", "memory"):
+        run = tmp_path / mode
+        cfg = dcfg(wide_teacher, teacher_outputs=mode, batch_size=8, epochs=2, scales=["dec"], pmd=True)
+        runs[mode] = distill(tiny_data, run, cfg, console=_quiet())
+        runs[mode]["history"] = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                                 for line in (run / "history.jsonl").read_text().splitlines()]
+        runs[mode]["weights"] = load_checkpoint(run / "last.pt")["model"]
+    live, memory = runs["live"], runs["memory"]
+    assert live["teacher_outputs"]["mode"] == "live" and memory["teacher_outputs"]["mode"] == "memory"
+    assert live["history"] == memory["history"]
+    for key in ("best_val_dice", "best_epoch", "epochs_done"):
+        assert live[key] == memory[key], key
+    for k, v in live["weights"].items():
+        assert torch.equal(v, memory["weights"][k]), k

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from medkd import rundir
 from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
-from medkd.ablate.report import CORRECTIONS, compute_results
+from medkd.ablate.report import CORRECTIONS, METRICS, compute_results
 from medkd.config import DistillConfig, to_dict
 from medkd.errors import MedkdError
 from medkd.report.progress import Bars
@@ -72,18 +72,44 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
     return "; ".join(diffs)
 
 
-def eval_is_fresh(run: Path, data: Path) -> bool:
-    """``RUN/eval-test.json`` exists, is newer than ``best.pt`` and was computed on ``data``."""
+def eval_problem(doc: Any) -> str:
+    """What keeps an ``eval-test.json`` document from being an evaluate result the report can use (``""``: nothing).
+
+    The report reads the top-level metrics, ``pooled`` and ``per_case``; a document without them would silently
+    drop its seed from the row.
+    """
+    if not isinstance(doc, dict):
+        return f"not an evaluate result (a JSON {type(doc).__name__}, expected an object)"
+    missing = [k for k in ("split", "data", *METRICS, "pooled", "per_case") if k not in doc]
+    if missing:
+        return f"not an evaluate result (no {', '.join(missing)})"
+    cases = doc["per_case"]
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) and "id" in c for c in cases):
+        return "not an evaluate result (per_case is not a list of cases with an id)"
+    return ""
+
+
+def eval_state(run: Path, data: Path) -> Tuple[bool, str]:
+    """Whether ``RUN/eval-test.json`` can be used as it is (exists, is newer than ``best.pt``, was computed on
+    ``data`` and is a well-formed result), and, when it exists but is damaged, one line saying why (else ``""``)."""
     ev, best = rundir.eval_json(run, SPLIT), Path(run) / rundir.BEST
     if not ev.is_file():
-        return False
+        return False, ""
     if best.is_file() and ev.stat().st_mtime < best.stat().st_mtime:
-        return False
+        return False, ""
     try:
         doc = json.loads(ev.read_text())
-    except ValueError:
-        return False
-    return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT
+    except (OSError, ValueError) as e:
+        return False, f"{ev}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    problem = eval_problem(doc)
+    if problem:
+        return False, f"{ev}: {problem}"
+    return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT, ""
+
+
+def eval_is_fresh(run: Path, data: Path) -> bool:
+    """``RUN/eval-test.json`` exists, is newer than ``best.pt``, was computed on ``data`` and is well formed."""
+    return eval_state(run, data)[0]
 
 
 def ablate(
@@ -231,7 +257,10 @@ def ablate(
                         progress.advance()
                         continue
                     progress.advance()
-                if not eval_is_fresh(run, data):
+                fresh, damaged = eval_state(run, data)
+                if not fresh:
+                    if damaged:  # never a silent drop of this seed: say so and evaluate again
+                        progress.log(f"note: {escape(damaged)}; evaluating again")
                     try:
                         evaluate_runs([run], prepared, SPLIT, device=cfg.device)
                     except Exception as e:
@@ -250,9 +279,8 @@ def ablate(
         return None
     evals = {}
     for cell, seed, run in runs:
-        ev = rundir.eval_json(run, SPLIT)
-        if ev.is_file() and not any(f["run"] == str(run) for f in failed):
-            evals[(cell.name, seed)] = json.loads(ev.read_text())
+        if eval_is_fresh(run, data) and not any(f["run"] == str(run) for f in failed):  # the others are pending
+            evals[(cell.name, seed)] = json.loads(rundir.eval_json(run, SPLIT).read_text())
     results = compute_results(plan, evals, correction=correction)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
                    out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1),

@@ -116,7 +116,7 @@ _VALIDATORS = {
     "device": "check_device", "split": "check_split", "weights": "parse_weights", "kd_images": "check_kd_images",
     "epochs": "check_epochs", "batch_size": "check_batch_size", "lr": "check_lr", "weight_decay": "check_weight_decay",
     "temperature": "check_temperature", "fraction": "check_fraction", "width": "check_width",
-    "recon_weight": "check_recon_weight",
+    "recon_weight": "check_recon_weight", "tolerance": "check_tolerance",
     "teacher_outputs": "check_teacher_outputs", "cache_budget": "check_cache_budget",
 }
 

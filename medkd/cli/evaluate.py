@@ -67,7 +67,7 @@ def command(
 
     from medkd.report.tables import eval_table, print_table
 
-    usage_checks(split=split, device=device, batch_size=batch_size)
+    usage_checks(split=split, device=device, batch_size=batch_size, tolerance=tolerance)
     log = log_console(quiet)
 
     def progress(run: str, i: int, n: int, cid: str) -> None:

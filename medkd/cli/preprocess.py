@@ -13,6 +13,7 @@ from medkd.cli.common import (
     JsonOpt,
     OverwriteOpt,
     QuietOpt,
+    fail,
     handle_errors,
     log_console,
     print_json,
@@ -20,6 +21,7 @@ from medkd.cli.common import (
     stdout_console,
 )
 from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, parse_window, preprocess, split_summary
+from medkd.options import OptionError
 from medkd.report.progress import Bars
 from medkd.report.tables import prepared_table
 
@@ -45,7 +47,10 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     """Check, window, resize and split raw volumes into a prepared slice dataset."""
-    win, preset = parse_window(window, window_preset)
+    try:
+        win, preset = parse_window(window, window_preset)
+    except OptionError as e:  # a bad --window / --window-preset is a usage error
+        raise fail(str(e), 2)
     settings = PreprocessSettings(
         size=size, window=win, window_preset=preset, test_fraction=test_fraction,
         val_fraction=val_fraction, seed=seed, workers=max(1, workers),

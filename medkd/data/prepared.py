@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medkd.data.arrays import open_array
 from medkd.errors import DataError
 from medkd.rundir import check_case_id, confined
 
@@ -71,14 +72,34 @@ class PreparedData:
         """``(Z, S, S)`` uint8 memmap."""
         return self._load(cid, "lbl")
 
+    #: dtype of each stored array kind (``medkd preprocess`` writes these)
+    DTYPES = {"img": np.float32, "lbl": np.uint8}
+
+    def expected_shape(self, cid: str, kind: str) -> Tuple[int, ...]:
+        """The shape ``cases/<id>_<kind>.npy`` must have: the manifest's ``prepared_shape`` (``(Z, S, S)``; a label
+        has no channel axis), with ``Z`` = the case's ``n_slices`` and ``S`` = the dataset's size.
+
+        Raises:
+            DataError: the manifest entry is missing these fields or they disagree (naming manifest.json).
+        """
+        c = self.case(cid)
+        try:
+            shape = tuple(int(v) for v in c["prepared_shape"])
+            ok = len(shape) in (3, 4) and shape[-2:] == (self.size, self.size) and all(v > 0 for v in shape)
+            ok = ok and int(c.get("n_slices", shape[0])) == shape[0]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{self.root / 'manifest.json'}: case {cid!r} has no valid prepared_shape "
+                            f"(Z, {self.size}, {self.size}) matching its n_slices")
+        return shape if kind == "img" else (shape[0], *shape[-2:])
+
     def _load(self, cid: str, kind: str) -> np.ndarray:
+        """The case's stored array as a read-only memmap, checked against the manifest (shape, dtype, file size)."""
         key = (cid, kind)
         if key not in self._cache:
             path = confined(self.root / "cases", f"{cid}_{kind}.npy")
-            try:
-                self._cache[key] = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+            self._cache[key] = open_array(path, self.expected_shape(cid, kind), self.DTYPES[kind], "r")
         return self._cache[key]
 
     def fingerprint(self) -> str:

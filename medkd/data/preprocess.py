@@ -18,7 +18,7 @@ Output folder: ``manifest.json`` and ``cases/<id>_img.npy`` (float32 ``(Z, S, S)
 
 from __future__ import annotations
 
-import json
+import math
 import multiprocessing
 import shutil
 import time
@@ -34,7 +34,8 @@ import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
 from medkd.data.sources import CaseSource, discover
 from medkd.errors import DataError, MedkdError, OutputError
-from medkd.rundir import clean_stale_temps, confined, replace_dir, temp_dir_beside
+from medkd.options import OptionError
+from medkd.rundir import clean_stale_temps, confined, replace_dir, temp_dir_beside, write_json
 
 SCHEMA = 1
 AFFINE_ATOL = 1e-2  # mm
@@ -65,9 +66,7 @@ class PreprocessSettings:
     def validate(self) -> None:
         if self.size < 8:
             raise MedkdError(f"--size must be >= 8, got {self.size}")
-        lo, hi = self.window
-        if not hi > lo:
-            raise MedkdError(f"--window must be LOW,HIGH with HIGH > LOW, got {lo},{hi}")
+        check_window(*self.window)
         for name, f in (("--test-fraction", self.test_fraction), ("--val-fraction", self.val_fraction)):
             if not 0.0 <= f < 1.0:
                 raise MedkdError(f"{name} must be in [0, 1), got {f}")
@@ -92,19 +91,38 @@ class PreprocessResult:
     seconds: float = 0.0
 
 
+def check_window(lo: float, hi: float, what: str = "--window") -> Tuple[float, float]:
+    """A CT window in HU: finite bounds with ``HIGH > LOW`` (an infinite bound would map every voxel to NaN).
+
+    Raises:
+        OptionError: naming ``what``.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise OptionError(f"{what} must be finite LOW,HIGH in HU (e.g. -160,240), got {lo:g},{hi:g}", what)
+    if not hi > lo:
+        raise OptionError(f"{what} must be LOW,HIGH with HIGH > LOW, got {lo:g},{hi:g}", what)
+    return lo, hi
+
+
 def parse_window(window: Optional[str], preset: Optional[str]) -> Tuple[Tuple[float, float], Optional[str]]:
-    """Resolve ``--window LOW,HIGH`` / ``--window-preset NAME`` (default: abdomen)."""
+    """Resolve ``--window LOW,HIGH`` / ``--window-preset NAME`` (default: abdomen).
+
+    Raises:
+        OptionError: both given, not two numbers, non-finite or empty window, unknown preset (a usage error on the
+            command line).
+    """
     if window is not None and preset is not None:
-        raise MedkdError("give either --window or --window-preset, not both")
+        raise OptionError("give either --window or --window-preset, not both", "--window")
     if window is not None:
         try:
             lo, hi = (float(v) for v in window.split(","))
         except ValueError:
-            raise MedkdError(f"--window must be LOW,HIGH (e.g. -160,240), got {window!r}") from None
-        return (lo, hi), None
+            raise OptionError(f"--window must be LOW,HIGH (e.g. -160,240), got {window!r}", "--window") from None
+        return check_window(lo, hi), None
     preset = preset or "abdomen"
     if preset not in WINDOW_PRESETS:
-        raise MedkdError(f"unknown --window-preset {preset!r}; valid: {', '.join(sorted(WINDOW_PRESETS))}")
+        raise OptionError(f"unknown --window-preset {preset!r}; valid: {', '.join(sorted(WINDOW_PRESETS))}",
+                          "--window-preset")
     return WINDOW_PRESETS[preset], preset
 
 
@@ -393,7 +411,7 @@ def preprocess(
             "cases": sorted(good, key=lambda g: g["id"]),
             "skipped": [{"source": b["source"], "reason": b["reason"]} for b in bad],
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _write_manifest(tmp / "manifest.json", manifest, out)
         replace_dir(tmp, out)
     except OutputError as e:  # name the output as the user knows it, not the hidden temp folder
         raise OutputError(str(e).replace(str(tmp), str(out))) from None
@@ -403,6 +421,27 @@ def preprocess(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreprocessResult(out, manifest, bad, time.time() - t0)
+
+
+def _nonfinite(doc, where: str = "") -> Optional[str]:
+    """Where the first NaN/inf number sits in a JSON-like document (``cases[2].spacing[0]``), else ``None``."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return f"{where} ({doc})"
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, (list, tuple)) else ()
+    for k, v in items:
+        found = _nonfinite(v, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]")
+        if found:
+            return found
+    return None
+
+
+def _write_manifest(path: Path, manifest: dict, out: Path) -> None:
+    """Write strict JSON (:func:`medkd.rundir.write_json`); a NaN/inf value is one error naming where it is."""
+    bad = _nonfinite(manifest)
+    if bad:
+        raise MedkdError(f"{out / 'manifest.json'}: not written, non-finite value at {bad.lstrip('.')} "
+                         f"(manifest.json is strict JSON)")
+    write_json(path, manifest, indent=1)
 
 
 def split_summary(manifest: dict) -> List[dict]:

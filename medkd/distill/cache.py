@@ -15,6 +15,11 @@ are filled on demand, so a 50 % student fills only its half.
 Concurrency: fills hold an exclusive lock (:func:`medkd.locks.exclusive_lock`, released by the kernel if the holder
 dies), re-read what others filled, create arrays through a temp file + ``os.replace`` (a published array is never
 truncated) and mark rows filled only after their data is flushed. Readers only read rows marked filled.
+
+Integrity: every array is opened through :func:`medkd.data.arrays.open_array`, which checks the ``.npy`` header
+(shape, dtype) and the file size against the item's spec before memory-mapping it and never extends a file. A damaged
+item (truncated, garbage, another shape, its data or its ``.filled.npy`` missing) is never read: its rows count as
+missing, a ``note:`` names the file, and the next fill deletes it (under the lock) and computes it again.
 """
 
 from __future__ import annotations
@@ -22,18 +27,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from medkd.data.arrays import ArrayError, load_array, open_array
 from medkd.data.prepared import PreparedData
 from medkd.locks import exclusive_lock
 from medkd.rundir import atomic_path, confined, write_json
 
-FORMAT = "items-v2"
+FORMAT = "items-v3"  # v3: targets computed in batches of TEACHER_BATCH slices
 STORE_DTYPE = np.float16  # every mode (live included) rounds targets to this: same numbers whichever mode runs
 TORCH_STORE_DTYPE = torch.float16
+#: Slices per teacher forward, in every teacher-output mode (:func:`medkd.distill.distiller.in_teacher_batches`).
+#: A kernel may round a slice's output differently at another batch size (CPU convolutions: ~1e-6 between batches
+#: of 1, 8 and 16, enough to flip fp16 targets), never because of what the other slices are; so the teacher always
+#: sees batches of exactly this many slices, and live, memory and disk targets are the same bits whatever the
+#: training batch size or the fill's chunks. Part of the cache key.
+TEACHER_BATCH = 8
 
 Key = Tuple[str, int]  # (case id, slice index)
 ItemSpec = Tuple[str, Tuple[int, ...]]  # (what the item stores, per-slice shape)
@@ -65,12 +77,15 @@ class TeacherCache:
         in_channels: model input channels (part of the key).
         case_ids: the cases whose slices get rows (the whole train split, so every fraction shares one cache).
         items: item name -> (identity of what it stores, per-slice shape); the identity is part of the file name.
+        log: called with one line (no ``note:`` prefix) for each damaged item found; the lines are also kept in
+            ``notes``.
     """
 
     def __init__(self, root: Path, checkpoint: Path, data: PreparedData, in_channels: int,
-                 case_ids: Sequence[str], items: Dict[str, ItemSpec]):
+                 case_ids: Sequence[str], items: Dict[str, ItemSpec], log: Optional[Callable[[str], None]] = None):
         key_src = json.dumps({"ckpt": file_hash(checkpoint), "data": data.fingerprint(), "in_channels": in_channels,
-                              "format": FORMAT, "dtype": np.dtype(STORE_DTYPE).name}, sort_keys=True)
+                              "format": FORMAT, "dtype": np.dtype(STORE_DTYPE).name,
+                              "teacher_batch": TEACHER_BATCH}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self.dir = Path(root) / self.key
         self.items = dict(items)
@@ -84,32 +99,79 @@ class TeacherCache:
         self.filled = {name: np.zeros(len(self.rows), dtype=bool) for name in self.items}
         self.hits = 0
         self.teacher_slices = 0  # slices the teacher was run on to fill the cache
+        self.log = log
+        self.notes: List[str] = []
+        self.damaged: Dict[str, str] = {}  # item -> why its files cannot be used (deleted by the next fill)
         self._reload()
 
     # ---------------------------------------------------------------------------------------------- layout
     def _path(self, name: str, suffix: str = ".npy") -> Path:
         return confined(self.dir, f"{self.stems[name]}{suffix}")  # item names hold tap names the user chose
 
-    def _reload(self) -> None:
-        """Re-read which rows are filled (another process may have filled some) and open published arrays."""
+    def _shape(self, name: str) -> Tuple[int, ...]:
+        return (len(self.rows), *self.items[name][1])
+
+    def _open(self, name: str) -> np.memmap:
+        """The item's data array, checked against its spec (:func:`~medkd.data.arrays.open_array`)."""
+        return open_array(self._path(name), self._shape(name), STORE_DTYPE, "r+")
+
+    def _reload(self, locked: bool = False) -> None:
+        """Re-read which rows are filled (another process may have filled some) and open published arrays.
+
+        A damaged item is not used: its rows count as missing and a note names it. With the lock held (``locked``)
+        every item is looked at afresh and a damaged one's files are deleted, so that the fill creates it again.
+        """
         for name in self.items:
+            if locked:
+                self.damaged.pop(name, None)
+            elif name in self.damaged:
+                continue
             f = self._path(name, ".filled.npy")
-            if f.is_file():
-                self.filled[name] = np.load(f)
-                if name not in self.arrays:
-                    self.arrays[name] = np.load(self._path(name), mmap_mode="r+")
+            if not f.is_file():
+                continue
+            try:
+                # the data before the row marks: marks are published after their data, never before
+                array = self.arrays.get(name)
+                if array is None:
+                    array = self._open(name)
+                self.filled[name] = load_array(f, (len(self.rows),), bool)
+                self.arrays[name] = array
+            except ArrayError as e:
+                self._damaged(name, e)
+                if locked:
+                    self._discard(name)
+
+    def _damaged(self, name: str, e: ArrayError) -> None:
+        """Stop using item ``name`` (its rows count as missing) and say so, once per file and reason."""
+        self.arrays.pop(name, None)
+        self.filled[name] = np.zeros(len(self.rows), dtype=bool)
+        self.damaged[name] = str(e)
+        note = f"{e}; damaged teacher-cache item discarded, its rows are computed again"
+        if note not in self.notes:
+            self.notes.append(note)
+            if self.log is not None:
+                self.log(note)
+
+    def _discard(self, name: str) -> None:
+        """Delete a damaged item's files (lock held); :meth:`_create` makes it again."""
+        for suffix in (".filled.npy", ".npy", ".json"):
+            self._path(name, suffix).unlink(missing_ok=True)
 
     def _create(self, name: str) -> None:
         """Create an item's array through a temp file + ``os.replace`` (lock held, item not published yet)."""
-        if self._path(name).is_file():  # created by a fill that died before publishing rows: reuse it
-            self.arrays[name] = np.load(self._path(name), mmap_mode="r+")
-            return
+        if self._path(name).is_file():  # created by a fill that died before publishing rows: reuse it if sound
+            try:
+                self.arrays[name] = self._open(name)
+                return
+            except ArrayError as e:
+                self._damaged(name, e)
+                self._discard(name)
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._path(name)) as tmp:
-            a = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORE_DTYPE, shape=(len(self.rows), *self.items[name][1]))
+            a = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORE_DTYPE, shape=self._shape(name))
             a.flush()
             del a
-        self.arrays[name] = np.load(self._path(name), mmap_mode="r+")
+        self.arrays[name] = self._open(name)
         write_json(self._path(name, ".json"), {"item": name, "stores": self.items[name][0],
                                                "shape": list(self.items[name][1]),
                                                "dtype": np.dtype(STORE_DTYPE).name, "rows": len(self.rows)})
@@ -121,7 +183,8 @@ class TeacherCache:
 
     def new_bytes(self) -> int:
         """Bytes this run would add to the disk: items not created yet."""
-        return item_bytes({n: s for n, s in self.items.items() if not self._path(n).is_file()}, len(self.rows))
+        return item_bytes({n: s for n, s in self.items.items() if n in self.damaged or not self._path(n).is_file()},
+                          len(self.rows))
 
     # ---------------------------------------------------------------------------------------------- rows
     def missing(self, keys: Sequence[Key]) -> List[Key]:
@@ -158,7 +221,7 @@ def fill_together(caches: Sequence[TeacherCache], keys: Sequence[Key],
     first = caches[0]
     with exclusive_lock(first.dir.parent / f".{first.key}.lock"):
         for c in caches:
-            c._reload()
+            c._reload(locked=True)
         todo = sorted({k for c in caches for k in c.missing(keys)}, key=lambda k: first.rows[k])
         if todo:
             for c in caches:

@@ -17,7 +17,7 @@ Features are caught by forward hooks on the tap module paths (no model edits).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,12 +25,40 @@ from torch import nn
 from medkd.config import DistillConfig
 from medkd.data.prepared import UNLABELLED
 from medkd.distill.adapters import AdapterSet
-from medkd.distill.cache import TORCH_STORE_DTYPE, ItemSpec
+from medkd.distill.cache import TEACHER_BATCH, TORCH_STORE_DTYPE, ItemSpec
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
 from medkd.infer import seg_logits
 from medkd.train.losses import SegLoss
+
+
+def in_teacher_batches(fn: Callable[[torch.Tensor, torch.Tensor], List[Dict[str, torch.Tensor]]],
+                       x: torch.Tensor, y: torch.Tensor, size: int = TEACHER_BATCH) -> List[Dict[str, torch.Tensor]]:
+    """Apply ``fn`` to ``x``/``y`` in batches of exactly ``size`` slices (:data:`~medkd.distill.cache.TEACHER_BATCH`:
+    a slice's teacher outputs then do not depend on the batch it came in) and join the results.
+
+    The last batch is padded by repeating its last slice (dropped from the result). Runs with CUDA autocast off:
+    the targets are the fp32 teacher's, the same inside the training step (live) as in a fill outside it.
+
+    Args:
+        fn: ``(x (size, C, H, W), y (size, 1, H, W)) -> [{name: (size, ...)}, ...]``.
+        x: ``(B, C, H, W)`` images; y: ``(B, 1, H, W)`` masks.
+
+    Returns:
+        ``[{name: (B, ...)}, ...]``, one dict per dict ``fn`` returns.
+    """
+    n = x.shape[0]
+    parts: List[List[Dict[str, torch.Tensor]]] = []
+    with torch.autocast(x.device.type, enabled=False):
+        for i in range(0, n, size):
+            xc, yc = x[i : i + size], y[i : i + size]
+            pad = size - xc.shape[0]
+            if pad:
+                xc = torch.cat([xc, xc[-1:].expand(pad, *xc.shape[1:])])
+                yc = torch.cat([yc, yc[-1:].expand(pad, *yc.shape[1:])])
+            parts.append(fn(xc, yc))
+    return [{k: torch.cat([p[j][k] for p in parts])[:n] for k in parts[0][j]} for j in range(len(parts[0]))]
 
 
 def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -147,26 +175,30 @@ class Distiller(nn.Module):
         return {**feats, "logits": logits}
 
     @torch.no_grad()
-    def teacher_targets(self, x: torch.Tensor, y: torch.Tensor,
-                        raw: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    def teacher_targets(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """What the active losses read of the teacher, per slice, rounded to the storage dtype (fp16).
 
         ``{"<scale>.<part>": (B, ...)}`` from each scale's loss view (e.g. ``dec.gap``, ``dec.proto`` for the
         contrastive loss, ``enc.map`` for mse) and ``logits`` ``(B, K, H, W)`` when PMD is on. Every mode (live,
-        disk, memory) serves exactly these numbers, so the mode never changes the training.
+        disk, memory) serves exactly these numbers, so the mode never changes the training: the teacher runs in
+        batches of :data:`TEACHER_BATCH` slices (:func:`in_teacher_batches`), so a slice's targets do not depend on
+        the batch it came in.
 
         Args:
             x: ``(B, C, H, W)`` images (channels already matched), y: ``(B, 1, H, W)`` masks.
-            raw: the teacher's outputs on ``x`` (:meth:`run_teacher`'s form) when already computed, e.g. by one
-                forward shared by several distillers; ``None`` runs the teacher.
         """
-        out = self.run_teacher(x) if raw is None else raw
-        logits = out["logits"].to(TORCH_STORE_DTYPE)
+        return in_teacher_batches(lambda xc, yc: [self.targets_from(xc, yc, self.run_teacher(xc))], x, y)[0]
+
+    @torch.no_grad()
+    def targets_from(self, x: torch.Tensor, y: torch.Tensor, raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """:meth:`teacher_targets` from the teacher's outputs ``raw`` on ``x`` (:meth:`run_teacher`'s form), e.g. of
+        one forward shared by several distillers; the caller runs the teacher in :func:`in_teacher_batches`."""
+        logits = raw["logits"].to(TORCH_STORE_DTYPE)
         targets = kd_targets(y, logits)
         t: Dict[str, torch.Tensor] = {}
         for s in self.scales:
-            view = (self.losses[s].teacher_view(out[s].float(), targets) if hasattr(self.losses[s], "teacher_view")
-                    else {"map": out[s]})
+            view = (self.losses[s].teacher_view(raw[s].float(), targets) if hasattr(self.losses[s], "teacher_view")
+                    else {"map": raw[s]})
             t.update({f"{s}.{k}": v for k, v in view.items()})
         if self.pmd is not None or self.cfg.kd_on_unlabelled:  # the teacher's mask stands in for missing labels
             t["logits"] = logits

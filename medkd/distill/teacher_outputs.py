@@ -17,7 +17,10 @@ Modes (``medkd distill --teacher-outputs``):
   is :func:`choose_mode`, a pure function of the measured costs, sizes and budget.
 
 What is stored is what the active losses read (:meth:`medkd.distill.distiller.Distiller.teacher_targets`), rounded
-to fp16 in *every* mode, so the mode (and therefore ``auto``'s machine-dependent choice) never changes the numbers.
+to fp16 in *every* mode and computed by the teacher in batches of exactly
+:data:`~medkd.distill.cache.TEACHER_BATCH` slices (fp32, autocast off), so on one machine the mode (and therefore
+``auto``'s machine-dependent choice) never changes the numbers. A disk cache filled on another machine (device,
+thread count, library versions) is reused too and may differ from live targets by fp16 rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medkd.distill.cache import STORE_DTYPE, TORCH_STORE_DTYPE, ItemSpec, Key, TeacherCache, fill_together, item_bytes
 from medkd.infer import match_channels
@@ -334,7 +338,8 @@ def setup_teacher_outputs(task, cfg, data, train_set, cache_root: Path, checkpoi
     n = len(train_set)
     nb = n // bs + (1 if n % bs >= 2 else 0)  # the loop drops a final batch of 1
     budget = int(cfg.cache_budget * 1e9) if cfg.cache_budget is not None else default_budget_bytes(cache_root)
-    cache = TeacherCache(cache_root, checkpoint, data, cfg.in_channels, data.case_ids("train"), specs)
+    cache = TeacherCache(cache_root, checkpoint, data, cfg.in_channels, data.case_ids("train"), specs,
+                         log=_note(console))
     missing = cache.missing(train_set.index)
     mem_bytes = item_bytes(specs, n)
     mem_dev, pinned, mem_limit = memory_placement(mem_bytes, device)
@@ -379,6 +384,11 @@ def setup_teacher_outputs(task, cfg, data, train_set, cache_root: Path, checkpoi
     return _announce(rec, console)
 
 
+def _note(console: Console):
+    """``log(line)`` printing ``note: line`` on ``console`` (the cache's damaged-item notes)."""
+    return lambda line: console.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _announce(rec: Dict[str, Any], console: Console) -> Dict[str, Any]:
     size = f", {_mb(rec['cache_bytes'])}" if rec["cache_bytes"] else ""
     console.print(f"teacher outputs: {rec['mode']}{size} ({rec['reason']})", highlight=False, soft_wrap=True)
@@ -398,7 +408,7 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
     into the ablation's results.
     """
     from medkd.data.prepared import SliceDataset
-    from medkd.distill.distiller import Distiller
+    from medkd.distill.distiller import Distiller, in_teacher_batches
     from medkd.distill.run import load_teacher, student_train_set
     from medkd.infer import resolve_device
     from medkd.models import build_model
@@ -417,7 +427,8 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
             tasks.append(task)
             specs_of.append(specs)
         sets.append(student_train_set(data, cfg))
-    caches = [TeacherCache(cache_root, checkpoint, data, cfg0.in_channels, data.case_ids("train"), sp) for sp in specs_of]
+    caches = [TeacherCache(cache_root, checkpoint, data, cfg0.in_channels, data.case_ids("train"), sp,
+                           log=_note(console)) for sp in specs_of]
     union = {c.stems[n]: spec for c in caches for n, spec in c.items.items()}  # items of all cells, once each
     new_bytes = item_bytes({c.stems[n]: c.items[n] for c in caches for n in c.items if not c._path(n).is_file()}, len(caches[0].rows))
     keys = sorted({k for ds in sets for k in ds.index})
@@ -447,15 +458,17 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
         console.print(f"teacher cache {caches[0].key}: computing {len(missing)} slice(s) once for "
                       f"{len(tasks)} distinct target set(s)", highlight=False)
 
-        def compute_all(chunk: List[Key]) -> List[Dict[str, torch.Tensor]]:
-            x, y = _batch(full, [pos[k] for k in chunk], cfg0.in_channels, device)
+        def targets_all(x: torch.Tensor, y: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
             raw = tasks[0].run_teacher(x)  # one forward; every task's hooks caught their taps
             feats = {tasks[0].t_paths[s]: raw[s] for s in tasks[0].scales}
             for t in tasks[1:]:
                 if t.t_hooks:
                     feats.update({t.t_paths[s]: f for s, f in t.t_hooks.pop().items()})
-            return [t.teacher_targets(x, y, raw={**{s: feats[t.t_paths[s]] for s in t.scales},
-                                                 "logits": raw["logits"]}) for t in tasks]
+            return [t.targets_from(x, y, {**{s: feats[t.t_paths[s]] for s in t.scales}, "logits": raw["logits"]})
+                    for t in tasks]
+
+        def compute_all(chunk: List[Key]) -> List[Dict[str, torch.Tensor]]:
+            return in_teacher_batches(targets_all, *_batch(full, [pos[k] for k in chunk], cfg0.in_channels, device))
 
         fill_together(caches, keys, compute_all, batch_size=max(2, 2 * bs))
         rec["teacher_slices"] = caches[0].teacher_slices
