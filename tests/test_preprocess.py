@@ -368,7 +368,7 @@ def test_window_options_change_intensities(raw, tmp_path):
                       (("--window", "abc"), "LOW,HIGH"), (("--window", "200,100"), "HIGH > LOW"),
                       (("--window-preset", "nope"), "unknown --window-preset")]:
         r = cli(src, "-o", tmp_path / "never", *opts)
-        assert r.exit_code == 1 and msg in r.stderr, (opts, r.output)
+        assert r.exit_code == 2 and msg in r.stderr, (opts, r.output)  # usage errors
         assert len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "never").exists()
 
