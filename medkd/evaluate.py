@@ -456,6 +456,11 @@ def evaluate_runs(
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
+    if model_files:  # before any evaluation: a model file of another run fails at once, named
+        from medkd.export import check_model_file
+
+        for lr, f in zip(loaded, model_files):
+            check_model_file(Path(f), int(getattr(lr.model, "in_channels", 1)), prepared.size, lr.run)
     for lr in loaded:
         lr.train_overlap = training_overlap(lr.ckpt, prepared, split)
         if split == "train" or not lr.train_overlap:
