@@ -414,12 +414,14 @@ def _coerce_types(cfg: Any) -> None:
         t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         try:
             if t in ("int",) and not isinstance(v, bool):
+                if isinstance(v, float) and not v.is_integer():  # 2.5 epochs is a typo, not 2; inf/nan: no integer
+                    raise ValueError(v)
                 setattr(cfg, f.name, int(v))
             elif t in ("float",):
                 setattr(cfg, f.name, float(v))
             elif t in ("bool",) and isinstance(v, str):
                 setattr(cfg, f.name, v.lower() in ("1", "true", "yes", "on"))
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
+        except (TypeError, ValueError, OverflowError):
             raise opt.OptionError(f"option {f.name!r} must be {t}, got {opt.short_repr(v)}", f.name) from None
 
 

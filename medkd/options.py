@@ -341,7 +341,10 @@ def check_weights(weights: Any, what: str = "weights") -> dict:
     if bad:
         raise OptionError(f"unknown {what} name(s) {short_repr(bad)}; valid: {', '.join(WEIGHT_NAMES)}", what)
     for k, v in weights.items():
-        check_range(v, f"{what} {k}", lo=0)
+        try:
+            check_range(v, f"{what} {k}", lo=0)
+        except OptionError as e:  # attributed to the option (build_config names the --config file that set it)
+            raise OptionError(str(e), what) from None
     return weights
 
 

@@ -540,6 +540,12 @@ CASES: List[Case] = [
     *[Case(f"config-{k}-inf", with_file("cfg.yaml", f"{k}: .inf\n".encode(), lambda e, p: [
         "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
            rf"^error: .*cfg\.yaml: option '{k}' must be int, got inf$") for k in ("epochs", "width", "seed")],
+    Case("config-epochs-not-integral", with_file("cfg.yaml", b"epochs: 2.5\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: option 'epochs' must be int, got 2\.5$"),  # not silently 2
+    Case("config-weight-negative", with_file("cfg.yaml", b"weights: {seg: -1}\n", lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: weights seg must be >= 0, got -1$"),
     Case("grid-epochs-inf", ablate_with(b"- {scales: [dec], loss: mse, epochs: .inf}\n"), 1,
          r"^error: .*grid\.yaml: cell 1: option 'epochs' must be int, got inf$"),
     Case("grid-seeds-inf", ablate_with(b"seeds: [0, .inf]\ncells:\n- {scales: [dec], loss: mse}\n"), 1,
