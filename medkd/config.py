@@ -52,10 +52,12 @@ class TrainConfig:
         opt.check_batch_size(self.batch_size)
         opt.check_lr(self.lr)
         opt.check_weight_decay(self.weight_decay)
-        opt.check_choice(self.optimizer, opt.OPTIMIZERS, "optimizer")
-        opt.check_choice(self.schedule, opt.SCHEDULES, "schedule")
+        opt.check_optimizer(self.optimizer)
+        opt.check_schedule(self.schedule)
+        opt.check_seed(self.seed)
         opt.check_device(self.device)
-        opt.check_choice(self.in_channels, opt.IN_CHANNELS, "in_channels")
+        opt.check_count(self.num_workers, "num_workers")
+        opt.check_in_channels(self.in_channels)
 
     def effective(self) -> Dict[str, Any]:
         """The options that decide what a run does, in canonical form (the whole config for teachers)."""
@@ -76,6 +78,7 @@ class TeacherConfig(TrainConfig):
         opt.check_teacher(self.arch)
         opt.check_width(self.width)
         opt.check_recon_weight(self.recon_weight)
+        opt.check_model_kwargs(self.arch, self.model_kwargs, width=self.width, in_channels=self.in_channels)
 
 
 @dataclass
@@ -116,6 +119,8 @@ class DistillConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         opt.check_student(self.student)
+        if self.student_width is not None:
+            opt.check_width(self.student_width, "student_width")
         self.scales = opt.parse_scales(self.scales)
         for name in [self.loss, *self.scale_losses.values()]:
             opt.check_loss(name)
@@ -124,7 +129,7 @@ class DistillConfig(TrainConfig):
             opt.check_loss_options([self.scale_losses.get(s, self.loss) for s in self.scales], self.loss_options)
         opt.check_fraction(self.fraction)
         if self.subset_seed is not None:
-            opt.check_range(self.subset_seed, "subset_seed", lo=0)
+            opt.check_seed(self.subset_seed, "subset_seed")
         opt.check_temperature(self.temperature)
         opt.check_weights(self.weights)
         opt.check_kd_images(self.kd_images)
@@ -133,7 +138,7 @@ class DistillConfig(TrainConfig):
         opt.check_teacher_outputs(self.teacher_outputs)
         if self.cache_budget is not None:
             opt.check_cache_budget(self.cache_budget)
-        opt.check_range(self.grad_share_every, "grad_share_every", lo=0)
+        opt.check_count(self.grad_share_every, "grad_share_every")
 
     @property
     def uses_teacher(self) -> bool:
@@ -230,15 +235,36 @@ def field_names(cls: Type[Any]) -> List[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+#: Most values a YAML file of options may hold, counted with every alias expanded (an ablation grid of a hundred
+#: cells holds about a thousand). A "billion laughs" file (aliases of aliases) is refused before it is built.
+MAX_YAML_NODES = 100_000
+
+
 def load_yaml(path: Path) -> Any:
-    """Parse a YAML file (any top-level type).
+    """Parse a YAML file (any top-level type) with the safe loader.
+
+    The document's node graph is composed first and its size with every alias expanded is counted (cheaply: each
+    distinct node once); more than :data:`MAX_YAML_NODES`, or an alias that contains itself, is refused before
+    any Python object is built.
 
     Raises:
-        MedkdError: unreadable, not UTF-8 text, or invalid YAML (one line naming the file).
+        MedkdError: unreadable, not UTF-8 text, invalid YAML, too large or nested too deeply (one line naming
+            the file).
     """
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            n = expanded_size(node, MAX_YAML_NODES)
+            if n > MAX_YAML_NODES:
+                raise MedkdError(f"{path}: YAML too large: more than {MAX_YAML_NODES:,} values once its aliases "
+                                 f"are expanded (or an alias that contains itself); refused unread")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except OSError as e:
         raise MedkdError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -246,6 +272,41 @@ def load_yaml(path: Path) -> Any:
                          f"expected YAML") from None
     except yaml.YAMLError as e:
         raise MedkdError(f"{path}: invalid YAML ({' '.join(str(e).split())[:150]})") from None
+    except RecursionError:
+        raise MedkdError(f"{path}: invalid YAML (nested too deeply)") from None
+
+
+def expanded_size(root: "yaml.Node", limit: int) -> int:
+    """Nodes of a composed YAML document with every alias expanded, i.e. what building it (and printing it) costs;
+    counting stops above ``limit`` (returns ``limit + 1``), and an alias inside its own anchor counts as
+    ``limit + 1``. Each distinct node is visited once (iteratively: deep documents cannot overflow the stack).
+    """
+    size: Dict[int, int] = {}
+    open_: set = set()  # nodes entered and not finished: the current path from the root
+    stack: List[tuple] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = _yaml_children(node)
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = min(limit + 1, 1 + sum(size[id(k)] for k in kids))
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_:
+            return limit + 1  # recursive alias: infinitely large once expanded
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
+    return size[id(root)]
+
+
+def _yaml_children(node: "yaml.Node") -> List["yaml.Node"]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def read_yaml(path: Path) -> Dict[str, Any]:
@@ -353,13 +414,15 @@ def _coerce_types(cfg: Any) -> None:
         t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         try:
             if t in ("int",) and not isinstance(v, bool):
+                if isinstance(v, float) and not v.is_integer():  # 2.5 epochs is a typo, not 2; inf/nan: no integer
+                    raise ValueError(v)
                 setattr(cfg, f.name, int(v))
             elif t in ("float",):
                 setattr(cfg, f.name, float(v))
             elif t in ("bool",) and isinstance(v, str):
                 setattr(cfg, f.name, v.lower() in ("1", "true", "yes", "on"))
-        except (TypeError, ValueError):
-            raise opt.OptionError(f"option {f.name!r} must be {t}, got {v!r}", f.name) from None
+        except (TypeError, ValueError, OverflowError):
+            raise opt.OptionError(f"option {f.name!r} must be {t}, got {opt.short_repr(v)}", f.name) from None
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

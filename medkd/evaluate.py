@@ -456,11 +456,14 @@ def evaluate_runs(
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
-    for lr, f in zip(loaded, model_files):  # a graph that does not return the logits fails before any work
-        from medkd.export import load_exported
+    if model_files:  # before any evaluation: a model file of another run, or one that does not return the logits,
+        from medkd.export import check_model_file, load_exported  # fails at once, named
         from medkd.predict import probe_exported
 
-        probe_exported(load_exported(Path(f)), int(getattr(lr.model, "in_channels", 1)), prepared.size)
+        for lr, f in zip(loaded, model_files):
+            in_ch = int(getattr(lr.model, "in_channels", 1))
+            check_model_file(Path(f), in_ch, prepared.size, lr.run)
+            probe_exported(load_exported(Path(f)), in_ch, prepared.size)
     for lr in loaded:
         lr.train_overlap = training_overlap(lr.ckpt, prepared, split)
         if split == "train" or not lr.train_overlap:

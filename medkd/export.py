@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -146,19 +147,125 @@ def _encode(meta: Dict[str, Any]) -> Dict[str, str]:
     return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def _decode(props: Dict[str, str], source: Path) -> Dict[str, Any]:
+def _decode(props: Any, source: Path) -> Dict[str, Any]:
+    """The medkd metadata of ``source`` from its string properties, every value that predict and evaluate read
+    checked by :func:`_parsed` (a tampered or foreign file is refused with one line naming it and the key)."""
+    if not isinstance(props, dict):
+        raise MedkdError(f"{source}: invalid metadata (expected a mapping of {PREFIX}* keys)")
     meta: Dict[str, Any] = {}
     for key, raw in props.items():
-        if not key.startswith(PREFIX):
+        if not isinstance(key, str) or not key.startswith(PREFIX):
             continue
         try:
             meta[key[len(PREFIX):]] = json.loads(raw)
-        except ValueError:
+        except (ValueError, TypeError):  # plain strings are stored as they are ("dynamic", "RAS")
             meta[key[len(PREFIX):]] = raw
+        except RecursionError:
+            raise MedkdError(f"{source}: invalid metadata: {key} is nested too deeply") from None
     missing = [k for k in ("input_channels", "prepared_size", "intensity", "threshold") if k not in meta]
     if missing:
         raise MedkdError(f"{source}: not a medkd export (metadata {', '.join(PREFIX + k for k in missing)} missing)")
+    for key, parse in _metadata_fields().items():
+        if key in meta:
+            meta[key] = _parsed(meta[key], key, parse, source)
     return meta
+
+
+def _parsed(value: Any, key: str, parse, source: Path) -> Any:
+    """``parse(value, what)`` of one metadata field; any failure is one line naming ``source`` and the key.
+
+    Raises:
+        MedkdError: ``<source>: invalid metadata: medkd.<key> must be ..., got <value>`` (the value capped by
+            :func:`medkd.options.short_repr`).
+    """
+    from medkd.options import OptionError, short_repr
+
+    what = PREFIX + key
+    try:
+        return parse(value, what)
+    except OptionError as e:
+        raise MedkdError(f"{source}: invalid metadata: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, MedkdError) as e:
+        raise MedkdError(f"{source}: invalid metadata: {what} {short_repr(value)} ({_short(e, 80)})") from None
+
+
+def _metadata_fields() -> Dict[str, Any]:
+    """Metadata keys that medkd reads back (predict, evaluate, export) -> parser ``(value, what) -> value`` (raising
+    :class:`~medkd.options.OptionError` or ``ValueError``/``TypeError``)."""
+    from medkd.options import MAX_SIZE, check_choice, check_in_channels, check_int, check_range, check_size
+
+    return {
+        "input_channels": check_in_channels,
+        "prepared_size": check_size,
+        "spatial_multiple": lambda v, w: check_int(v, w, lo=1, hi=MAX_SIZE),
+        "spatial": lambda v, w: check_choice(v, ("dynamic", "fixed"), w),
+        "threshold": lambda v, w: float(check_range(v, w, lo=0, hi=1, lo_open=True, hi_open=True)),
+        "intensity": _intensity,
+        "postprocessing": _postprocessing,
+        "training_profile": _profile,
+    }
+
+
+def _mapping(value: Any, what: str) -> dict:
+    from medkd.options import OptionError, short_repr
+
+    if not isinstance(value, dict):
+        raise OptionError(f"{what} must be a JSON object, got {short_repr(value)}")
+    return value
+
+
+def _numbers(value: Any, what: str, n: int, positive: bool = False) -> Optional[List[float]]:
+    """``None`` or a list of ``n`` finite numbers (``> 0`` with ``positive``)."""
+    from medkd.options import OptionError, check_range, short_repr
+
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n:
+        raise OptionError(f"{what} must be a list of {n} numbers, got {short_repr(value)}")
+    return [float(check_range(v, what, lo=0, lo_open=True) if positive else check_range(v, what)) for v in value]
+
+
+def _intensity(value: Any, what: str) -> dict:
+    """The CT window (``CT.low`` < ``CT.high``, finite) when the recipe has one."""
+    from medkd.options import OptionError, check_range
+
+    ct = _mapping(_mapping(value, what).get("CT") or {}, f"{what} CT")
+    if ct:
+        lo = float(check_range(ct.get("low"), f"{what} CT low"))
+        hi = float(check_range(ct.get("high"), f"{what} CT high"))
+        if not hi > lo:
+            raise OptionError(f"{what} CT window must have high > low, got {lo:g}, {hi:g}")
+    return value
+
+
+def _postprocessing(value: Any, what: str) -> Optional[dict]:
+    """``None`` or a rule :class:`medkd.postprocess.Postprocessing` accepts, with a finite ``min_volume_ml``."""
+    from medkd.options import check_range
+    from medkd.postprocess import Postprocessing
+
+    if value is None:
+        return None
+    doc = _mapping(value, what)
+    if doc.get("min_volume_ml") is not None:
+        check_range(doc["min_volume_ml"], f"{what} min_volume_ml", lo=0)
+    Postprocessing.from_dict(doc)
+    return value
+
+
+def _profile(value: Any, what: str) -> Optional[dict]:
+    """``None`` or the training profile predict compares inputs with (modalities, spacing range, intensity range)."""
+    from medkd.options import OptionError, short_repr
+
+    if value is None:
+        return None
+    doc = _mapping(value, what)
+    mods = doc.get("modalities")
+    if mods is not None and (not isinstance(mods, list) or not all(isinstance(m, str) for m in mods)):
+        raise OptionError(f"{what} modalities must be a list of names, got {short_repr(mods)}")
+    _numbers(doc.get("spacing_min"), f"{what} spacing_min", 3, positive=True)
+    _numbers(doc.get("spacing_max"), f"{what} spacing_max", 3, positive=True)
+    _numbers(doc.get("intensity_mean"), f"{what} intensity_mean", 2)
+    return value
 
 
 def sidecar_path(model_file: Path) -> Path:
@@ -188,9 +295,10 @@ def read_metadata(model_file: Path) -> Dict[str, Any]:
     if not side.is_file():
         raise MedkdError(f"{model_file}: TorchScript model without its metadata sidecar {side.name}")
     try:
-        return _decode(json.loads(side.read_text()), model_file)
-    except (ValueError, AttributeError) as e:
-        raise MedkdError(f"{side}: invalid metadata ({_short(e)})") from None
+        props = json.loads(side.read_text())
+    except (ValueError, RecursionError) as e:
+        raise MedkdError(f"{side}: invalid metadata ({type(e).__name__}: {_short(e)})") from None
+    return _decode(props, model_file)
 
 
 def _short(e: Exception, n: int = 140) -> str:
@@ -244,7 +352,16 @@ class OnnxModel:
         except Exception as e:
             raise MedkdError(f"{self.path}: cannot load ONNX model ({type(e).__name__}: {_short(e)})") from None
         self.metadata = _decode(dict(self.session.get_modelmeta().custom_metadata_map), self.path)
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shape = list(inp.shape)
+        if len(shape) != 4:
+            raise MedkdError(f"{self.path}: graph input {inp.name!r} has shape {shape}, expected (batch, channels, "
+                             f"height, width)")
+        c = self.metadata["input_channels"]
+        if isinstance(shape[1], int) and shape[1] != c:
+            raise MedkdError(f"{self.path}: graph input takes {shape[1]} channel(s) but metadata "
+                             f"{PREFIX}input_channels says {c}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``(B, C, H, W)`` float32 -> ``(B, K, H, W)`` float32 logits.
@@ -254,6 +371,23 @@ class OnnxModel:
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         return check_logits(self.path, x, self.session.run(None, {self.input_name: x})[0], self.metadata)
+
+
+def check_model_file(model_file: Path, in_channels: int, size: int, run: Path) -> None:
+    """An exported model given beside a run (``evaluate --onnx``) must take the run's input: its channels and, for
+    a graph fixed to one size, its prepared size.
+
+    Raises:
+        MedkdError: one line naming the model file and what differs.
+    """
+    m = OnnxModel(Path(model_file))
+    meta = m.metadata
+    if meta["input_channels"] != in_channels:
+        raise MedkdError(f"{model_file}: the model takes {meta['input_channels']} input channel(s) but {run} takes "
+                         f"{in_channels} (is it the export of this run?)")
+    if meta.get("spatial") == "fixed" and meta["prepared_size"] != size:
+        raise MedkdError(f"{model_file}: the model only takes {meta['prepared_size']}x{meta['prepared_size']} slices "
+                         f"but {run} is evaluated on {size}x{size}")
 
 
 class TorchScriptModel:
@@ -377,6 +511,24 @@ def _fp16_weights(model_proto) -> None:
         graph.node.insert(i, node)
 
 
+#: ONNX opsets export accepts (torch.onnx's TorchScript exporter).
+OPSETS = (7, 21)
+
+
+def check_export_options(fmt: str, opset: int, fp16: bool) -> None:
+    """``--format``, ``--opset`` and ``--fp16`` together (the command line makes a bad one a usage error, exit 2).
+
+    Raises:
+        OptionError: unknown format, opset outside :data:`OPSETS`, ``--fp16`` without ONNX.
+    """
+    from medkd.options import OptionError, check_choice, check_int
+
+    check_choice(fmt, FORMATS, "--format")
+    check_int(opset, "--opset", lo=OPSETS[0], hi=OPSETS[1])
+    if fp16 and fmt != "onnx":
+        raise OptionError("--fp16 is only supported with --format onnx", "--fp16")
+
+
 def export_run(
     run: Path,
     out: Path,
@@ -418,12 +570,7 @@ def export_run(
 
     t0 = time.time()
     run, out = Path(run), Path(out)
-    if fmt not in FORMATS:
-        raise MedkdError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fp16 and fmt != "onnx":
-        raise MedkdError("--fp16 is only supported with --format onnx")
-    if not 7 <= opset <= 21:
-        raise MedkdError(f"--opset must be between 7 and 21, got {opset}")
+    check_export_options(fmt, opset, fp16)
     if fmt == "onnx":
         onnx = require("onnx")
         require("onnxruntime")
@@ -461,14 +608,15 @@ def export_run(
         tmp_side = sidecar_path(tmp)
         try:
             if fmt == "onnx":
-                _export_onnx(net, x, tmp, opset, fp16, meta, onnx)
+                _export_onnx(net, x, tmp, opset, fp16, meta, onnx, target=out)
                 runner = OnnxModel(tmp, threads=None)
                 if not _other_size_ok(runner, model, x, meta["spatial_multiple"], tol):
                     meta["spatial"] = "fixed"  # e.g. TransUNet's position embeddings: re-export with H, W fixed
-                    _export_onnx(net, x, tmp, opset, fp16, meta, onnx, dynamic_spatial=False)
+                    _export_onnx(net, x, tmp, opset, fp16, meta, onnx, dynamic_spatial=False,
+                                 target=out)
                     runner = OnnxModel(tmp, threads=None)
             else:
-                _export_torchscript(net, x, tmp, meta)
+                _export_torchscript(net, x, tmp, meta, target=out)
                 runner = TorchScriptModel(tmp)
                 if not _other_size_ok(runner, model, x, meta["spatial_multiple"], tol):
                     meta["spatial"] = "fixed"
@@ -538,7 +686,8 @@ def _other_size_ok(runner, model, x, multiple: int, tol: float) -> bool:
 
 
 def _export_onnx(net, x, path: Path, opset: int, fp16: bool, meta: Dict[str, Any], onnx,
-                 dynamic_spatial: bool = True) -> None:
+                 dynamic_spatial: bool = True, target: Optional[Path] = None) -> None:
+    """Export ``net`` to ``path`` (a temp file); messages name ``target``, the file the user asked for."""
     import warnings
 
     import torch
@@ -550,8 +699,10 @@ def _export_onnx(net, x, path: Path, opset: int, fp16: bool, meta: Dict[str, Any
             torch.onnx.export(net, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               opset_version=opset, dynamic_axes={INPUT_NAME: dyn, OUTPUT_NAME: dyn}, dynamo=False,
                               do_constant_folding=True)
+        except OSError:
+            raise  # the file cannot be written: rundir.atomic_path names the target, not this temp file
         except Exception as e:
-            raise MedkdError(f"{path.name}: ONNX export failed ({type(e).__name__}: {_short(e)})") from None
+            raise MedkdError(f"{target or path}: ONNX export failed ({type(e).__name__}: {_short(e)})") from None
     proto = onnx.load(str(path))
     if fp16:
         _fp16_weights(proto)
@@ -561,11 +712,12 @@ def _export_onnx(net, x, path: Path, opset: int, fp16: bool, meta: Dict[str, Any
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
-        raise MedkdError(f"{path.name}: onnx.checker rejected the model ({_short(e)})") from None
+        raise MedkdError(f"{target or path}: onnx.checker rejected the model ({_short(e)})") from None
     onnx.save(proto, str(path))
 
 
-def _export_torchscript(net, x, path: Path, meta: Dict[str, Any]) -> None:
+def _export_torchscript(net, x, path: Path, meta: Dict[str, Any], target: Optional[Path] = None) -> None:
+    """Trace ``net`` into ``path`` (a temp file) and its sidecar; messages name ``target``."""
     import warnings
 
     import torch
@@ -575,7 +727,11 @@ def _export_torchscript(net, x, path: Path, meta: Dict[str, Any]) -> None:
         try:
             traced = torch.jit.trace(net, x, check_trace=False)
         except Exception as e:
-            raise MedkdError(f"{path.name}: TorchScript trace failed ({type(e).__name__}: {_short(e)})") from None
+            raise MedkdError(f"{target or path}: TorchScript trace failed ({type(e).__name__}: {_short(e)})") from None
         doc = json.dumps(_encode(meta), indent=2)
-        torch.jit.save(traced, str(path), _extra_files={"medkd.json": doc})
+        # saved to memory, then written by Python: torch's own file writer aborts the whole process when a write
+        # fails (disk full, file-size limit); Python's write raises an OSError that names the reason
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"medkd.json": doc})
+    path.write_bytes(buf.getvalue())
     sidecar_path(path).write_text(doc + "\n")

@@ -7,12 +7,16 @@ value and ``what`` (how the option is named in the message: ``"student"`` in a c
 command line), raises :class:`OptionError` with one line that names the option and the valid values, and returns
 the value in its canonical form (e.g. scales parsed and put in ``SCALES`` order).
 
-Range checks (numbers) follow the same shape: :func:`check_range` with ``what`` naming the option.
+Range checks (numbers) follow the same shape: :func:`check_range` (real numbers) and :func:`check_int` (integers,
+at most :data:`INT64_MAX` unless a smaller sane maximum is given) with ``what`` naming the option. Messages show a
+value with :func:`short_repr`, never its full ``repr`` (a config value can be a huge alias-expanded structure).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from typing import Any, Iterable, List, Optional, Sequence
 
 from medkd.errors import MedkdError
@@ -32,6 +36,14 @@ IN_CHANNELS = (1, 3)
 KD_IMAGES = ("labelled", "all")
 #: Where a distillation's teacher targets come from (medkd.distill.teacher_outputs).
 TEACHER_OUTPUTS = ("auto", "live", "disk", "memory")
+#: The largest integer torch accepts everywhere (int64): the default upper bound of integer options.
+INT64_MAX = 2**63 - 1
+#: Seeds: ``0 <= seed <= MAX_SEED`` (numpy's generators take no negative seed; torch takes int64).
+MAX_SEED = INT64_MAX
+#: Sane maxima: a U-Net of base width 1024 has ~11 G parameters (the study's T1 is width 64, 43 M).
+MAX_WIDTH = 1024
+#: Prepared in-plane size (``preprocess --size``): CT/MR matrices are 512 or less; 2048^2 float32 is 16 MB a slice.
+MAX_SIZE = 2048
 
 
 class OptionError(MedkdError):
@@ -46,14 +58,35 @@ class OptionError(MedkdError):
         self.option = option
 
 
+def short_repr(value: Any, n: int = 60) -> str:
+    """``repr(value)`` on one line, at most ``n`` characters (``...`` where cut).
+
+    Cheap for any value: nested and long containers are abbreviated while the repr is built (``reprlib``), so a
+    huge structure (e.g. an alias-expanded YAML list) is never rendered in full.
+    """
+    r = reprlib.Repr()
+    r.maxstring = r.maxlong = r.maxother = n
+    return short_text(r.repr(value), n)
+
+
+def short_text(text: str, n: int = 120) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``n`` characters (``...`` where cut)."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def check_choice(value: Any, valid: Sequence[Any], what: str) -> Any:
     """``value`` if it is one of ``valid``.
 
     Raises:
         OptionError: ``unknown <what> 'x'; valid: a, b``.
     """
-    if value not in valid:
-        raise OptionError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}", what)
+    try:
+        ok = value in valid
+    except TypeError:  # an unhashable value (a list from YAML) against a set of names
+        ok = False
+    if not ok:
+        raise OptionError(f"unknown {what} {short_repr(value)}; valid: {', '.join(map(str, valid))}", what)
     return value
 
 
@@ -67,8 +100,8 @@ def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[
     """
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{what} must be a number, got {value!r}", what) from None
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f"{what} must be a number, got {short_repr(value)}", what) from None
     ok = math.isfinite(v)
     if lo is not None:
         ok = ok and (v > lo if lo_open else v >= lo)
@@ -81,17 +114,65 @@ def check_range(value: Any, what: str, lo: Optional[float] = None, hi: Optional[
             bounds = f"{'>' if lo_open else '>='} {lo:g}"
         else:
             bounds = f"{'<' if hi_open else '<='} {hi:g}"
-        raise OptionError(f"{what} must be {bounds}{'' if math.isfinite(v) else ' and finite'}, got {value}", what)
+        raise OptionError(f"{what} must be {bounds}{'' if math.isfinite(v) else ' and finite'}, got "
+                          f"{short_repr(value)}", what)
+    return value
+
+
+def check_int(value: Any, what: str, lo: Optional[int] = None, hi: Optional[int] = INT64_MAX) -> int:
+    """``value`` as an ``int`` if it is an integer (an integral float counts) with ``lo <= value <= hi``.
+
+    ``hi`` defaults to :data:`INT64_MAX`: torch stores these values as int64 (``manual_seed``, sizes), and a bigger
+    one would overflow deep inside a run instead of being named here.
+
+    Raises:
+        OptionError: ``<what> must be an integer, got 'x'``, ``<what> must be >= 1, got 0``,
+            ``<what> must be <= 1024, got 5000`` (infinity and NaN are not integers).
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(f"{what} must be an integer, got {short_repr(value)}", what)
+    value = int(value)
+    if lo is not None and value < lo:
+        raise OptionError(f"{what} must be >= {lo}, got {short_repr(value)}", what)
+    if hi is not None and value > hi:
+        bound = "2**63 - 1 (int64)" if hi == INT64_MAX else str(hi)
+        raise OptionError(f"{what} must be <= {bound}, got {short_repr(value)}", what)
     return value
 
 
 # Numeric options, each checked in one place (configs' validate() and the command line's usage_checks).
-def check_epochs(value: Any, what: str = "epochs") -> Any:
-    return check_range(value, what, lo=1)
+def check_epochs(value: Any, what: str = "epochs") -> int:
+    return check_int(value, what, lo=1)
 
 
-def check_batch_size(value: Any, what: str = "batch_size") -> Any:
-    return check_range(value, what, lo=1)
+def check_batch_size(value: Any, what: str = "batch_size") -> int:
+    """Slices per step, >= 1. One larger than the training set means one batch of the whole set per step (what the
+    loader gives); nothing allocates more than the data (see :mod:`medkd.distill.teacher_outputs`)."""
+    return check_int(value, what, lo=1)
+
+
+def check_seed(value: Any, what: str = "seed") -> int:
+    """A random seed: ``0 <= seed <= MAX_SEED`` (what both numpy and torch accept)."""
+    return check_int(value, what, lo=0, hi=MAX_SEED)
+
+
+def check_count(value: Any, what: str) -> int:
+    """A non-negative integer (workers, steps between diagnostics, ...)."""
+    return check_int(value, what, lo=0)
+
+
+def check_in_channels(value: Any, what: str = "in_channels") -> int:
+    return check_choice(value, IN_CHANNELS, what)
+
+
+def check_optimizer(value: Any, what: str = "optimizer") -> str:
+    return check_choice(value, OPTIMIZERS, what)
+
+
+def check_schedule(value: Any, what: str = "schedule") -> str:
+    return check_choice(value, SCHEDULES, what)
 
 
 def check_cache_budget(value: Any, what: str = "cache_budget") -> Any:
@@ -116,8 +197,14 @@ def check_fraction(value: Any, what: str = "fraction") -> Any:
     return check_range(value, what, lo=0, hi=1, lo_open=True)
 
 
-def check_width(value: Any, what: str = "width") -> Any:
-    return check_range(value, what, lo=1)
+def check_width(value: Any, what: str = "width") -> int:
+    """A model's base channel width: ``1 <= width <= MAX_WIDTH``."""
+    return check_int(value, what, lo=1, hi=MAX_WIDTH)
+
+
+def check_size(value: Any, what: str = "--size", lo: int = 8) -> int:
+    """An in-plane matrix size in voxels: ``lo <= size <= MAX_SIZE``."""
+    return check_int(value, what, lo=lo, hi=MAX_SIZE)
 
 
 def check_recon_weight(value: Any, what: str = "recon_weight") -> Any:
@@ -171,6 +258,38 @@ def check_loss_options(names: Sequence[str], options: Any, what: str = "loss_opt
     return options
 
 
+def check_model_kwargs(arch: str, kwargs: Any, what: str = "model_kwargs", width: Optional[int] = None,
+                       in_channels: int = 1) -> dict:
+    """``kwargs`` (passed to the model's constructor) must be a mapping of options the model ``arch`` takes: the
+    names are checked against the constructor's signature (:func:`medkd.models.model_options`, listed in the
+    message); the values by building the model once, with the run's ``width`` and ``in_channels``, on the ``meta``
+    device (no memory, no weights).
+
+    Raises:
+        OptionError: not a mapping, an option the model does not take, or a value its constructor refuses.
+    """
+    if not isinstance(kwargs, dict):
+        raise OptionError(f"{what} must be a mapping of model options, got {short_repr(kwargs)}", what)
+    if not kwargs:
+        return kwargs
+    import torch
+
+    from medkd.models import build_model, model_options
+
+    valid = model_options(arch)
+    bad = [k for k in kwargs if k not in valid]
+    if bad:
+        raise OptionError(f"{what}: {arch} takes no option(s) {short_repr(bad)}; valid: "
+                          f"{', '.join(valid) or 'none'}", what)
+    try:
+        with torch.device("meta"):
+            build_model(arch, in_channels=in_channels, width=width, **kwargs)
+    except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
+        raise OptionError(f"{what}: {arch} refuses {short_repr(kwargs)} ({type(e).__name__}: "
+                          f"{short_text(str(e), 100)})", what) from None
+    return kwargs
+
+
 def parse_scales(value: Any, what: str = "scales") -> List[str]:
     """``"enc,dec"`` / ``["dec", "enc"]`` / ``"none"`` / ``[]`` / ``None`` -> checked scales in ``SCALES`` order.
 
@@ -222,12 +341,15 @@ def check_split(name: Any, what: str = "split") -> str:
 def check_weights(weights: Any, what: str = "weights") -> dict:
     """A mapping of term name -> weight >= 0."""
     if not isinstance(weights, dict):
-        raise OptionError(f"{what} must be a mapping of term names to numbers, got {weights!r}")
+        raise OptionError(f"{what} must be a mapping of term names to numbers, got {short_repr(weights)}", what)
     bad = [k for k in weights if k not in WEIGHT_NAMES]
     if bad:
-        raise OptionError(f"unknown {what} name(s) {bad}; valid: {', '.join(WEIGHT_NAMES)}")
+        raise OptionError(f"unknown {what} name(s) {short_repr(bad)}; valid: {', '.join(WEIGHT_NAMES)}", what)
     for k, v in weights.items():
-        check_range(v, f"{what} {k}", lo=0)
+        try:
+            check_range(v, f"{what} {k}", lo=0)
+        except OptionError as e:  # attributed to the option (build_config names the --config file that set it)
+            raise OptionError(str(e), what) from None
     return weights
 
 
@@ -240,10 +362,10 @@ def parse_weights(value: Optional[str], what: str = "--weights") -> Optional[dic
         if not part.strip():
             continue
         if "=" not in part:
-            raise OptionError(f"{what} expects name=value pairs, got {part!r}")
+            raise OptionError(f"{what} expects name=value pairs, got {short_repr(part)}")
         k, v = part.split("=", 1)
         try:
             out[k.strip()] = float(v)
         except ValueError:
-            raise OptionError(f"{what}: {k.strip()} must be a number, got {v!r}") from None
+            raise OptionError(f"{what}: {k.strip()} must be a number, got {short_repr(v)}") from None
     return check_weights(out, what)

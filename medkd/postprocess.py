@@ -161,7 +161,7 @@ def load(run: Path) -> Optional[Dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
         Postprocessing.from_dict(doc)
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise MedkdError(f"{path}: invalid postprocessing file ({type(e).__name__}: {e})") from None
     return doc
 

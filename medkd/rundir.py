@@ -309,7 +309,7 @@ def read_summary(run: Path) -> Dict[str, Any]:
     path = Path(run) / SUMMARY
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -79,7 +79,7 @@ def test_unknown_and_reserved_keys_are_named():
         plan_of([{"scales": ["enc"], "loss": "mse"}, {"scales": "enc", "loss": "mse", "temperature": 4.0}])
     with pytest.raises(MedkdError, match="needs --teacher"):
         ab.build_plan({"source": "g", "cells": [{"scales": ["enc"]}]}, None, None, TINY)
-    with pytest.raises(MedkdError, match="seeds must be integers"):
+    with pytest.raises(MedkdError, match="seeds must be an integer, got 'x'"):
         ab.parse_seeds("0,x")
 
 

@@ -385,6 +385,49 @@ def onnx_with_wrong_output(kind: str) -> Callable[[Env], Path]:
     return make
 
 
+# ---------------------------------------------------------------- builders: trust boundaries (tracebacks, bounds)
+
+
+def laughs(key: str, levels: int = 9) -> bytes:
+    """A YAML mapping whose ``key`` is a "billion laughs" list: 10 aliases of 10 aliases ... (10**levels values
+    once expanded, a few hundred bytes on disk)."""
+    items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return f"{key}: [{', '.join(items)}]\n".encode()
+
+
+def onnx_model(in_channels: int, **meta) -> Callable[[Env], Path]:
+    """A real ONNX graph (a 1x1 convolution taking ``in_channels``) carrying medkd metadata: a valid recipe for
+    the tiny dataset, with the keys in ``meta`` replaced by the raw strings given."""
+
+    def make(env: Env) -> Path:
+        pytest.importorskip("onnxruntime")
+        import warnings
+
+        import onnx
+        import torch
+
+        from medkd.export import PREFIX, _encode
+
+        path = env.tmp / "m.onnx"
+        net = torch.nn.Conv2d(in_channels, 1, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
+            torch.onnx.export(net, (torch.zeros(1, in_channels, 32, 32),), str(path), input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}}, dynamo=False)
+        props = _encode({"input_channels": in_channels, "prepared_size": 32, "threshold": 0.5,
+                         "intensity": {"CT": {"rule": "ct_window", "low": -160.0, "high": 240.0}}})
+        props.update({PREFIX + k: v for k, v in meta.items()})
+        proto = onnx.load(str(path))
+        for k, v in props.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(proto, str(path))
+        return path
+
+    return make
+
+
 def predict_with(model: Callable[[Env], Path]) -> Callable[[Env], List[str]]:
     def build(env: Env) -> List[str]:
         return ["predict", str(model(env)), str(SAMPLE / "imagesTr" / "spleen_001.nii.gz"), "-o", str(env.tmp / "pred")]
@@ -450,6 +493,60 @@ def ablation_with_eval(edit: Callable[[dict], object]) -> Callable[[Env], List[s
 
 def without_metrics(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k not in ("dice", "iou", "recall", "precision", "hd95")}
+
+
+def data_without_split(env: Env) -> Path:
+    """The tiny dataset whose manifest lists a case without its 'split'."""
+    import json
+
+    data = env.tmp / "nosplit"
+    shutil.copytree(env.data, data)
+    doc = json.loads((data / "manifest.json").read_text())
+    del doc["cases"][0]["split"]
+    (data / "manifest.json").write_text(json.dumps(doc, indent=1))
+    return data
+
+
+def nifti_bad_geometry(field: str) -> Callable[[Path], None]:
+    """A small image whose header gives a NaN voxel spacing (``pixdim``) or a NaN in its sform matrix."""
+
+    def make(path: Path) -> None:
+        img = nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.diag([2.9, 2.9, 5.0, 1.0]))
+        if field == "pixdim":
+            img.header.set_sform(None, code=0)
+            img.header.set_qform(None, code=0)
+            img.header["pixdim"][1] = np.nan
+            img = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header)
+        else:
+            aff = img.affine.copy()
+            aff[0, 3] = np.nan
+            img = nib.Nifti1Image(np.asarray(img.dataobj), aff)
+        nib.save(img, str(path) + ".nii.gz")
+
+    return make
+
+
+def dicom_nan_position(folder: Path) -> None:
+    import pydicom
+
+    shutil.copytree(SAMPLE / "dicom" / "spleen_000", folder)
+    f = sorted(folder.iterdir())[3]
+    ds = pydicom.dcmread(str(f))
+    ds.ImagePositionPatient = ["nan", 0, 0]
+    ds.save_as(str(f))
+
+
+def predict_on_model(make: Callable[[Env], Path]) -> Callable[[Env], List[str]]:
+    return lambda e: ["predict", make(e), SAMPLE / "imagesTr" / "spleen_001.nii.gz", "-o", e.tmp / "pred"]
+
+
+def ablate_with(grid: bytes) -> Callable[[Env], List[str]]:
+    return with_file("grid.yaml", grid, lambda e, p: ["ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl",
+                                                     "--grid", p])
+
+
+def export_with(*extra) -> Callable[[Env], List[str]]:
+    return lambda e: ["export", e.teacher, "-o", e.tmp / "m.onnx", *extra]
 
 
 # ---------------------------------------------------------------- the corpus
@@ -646,6 +743,80 @@ CASES: List[Case] = [
     Case("ablate-eval-a-list", ablation_with_eval(lambda doc: [doc]), 0,
          r"^note: .*seed0/eval-test\.json: not an evaluate result \(a JSON list, expected an object\); evaluating "
          r"again$"),
+    # trust boundaries: tracebacks turned into one line, option bounds, exit codes of out-of-range options
+    Case("dataset-json-deep", msd_with_dataset_json("[" * 100_000 + "]" * 100_000), 1,
+         r"^error: .*dataset\.json: not a valid MSD dataset\.json \(nested too deeply\)$"),
+    *[Case(f"config-{k}-inf", with_file("cfg.yaml", f"{k}: .inf\n".encode(), lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+           rf"^error: .*cfg\.yaml: option '{k}' must be int, got inf$") for k in ("epochs", "width", "seed")],
+    Case("config-epochs-not-integral", with_file("cfg.yaml", b"epochs: 2.5\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: option 'epochs' must be int, got 2\.5$"),  # not silently 2
+    Case("config-weight-negative", with_file("cfg.yaml", b"weights: {seg: -1}\n", lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: weights seg must be >= 0, got -1$"),
+    Case("grid-epochs-inf", ablate_with(b"- {scales: [dec], loss: mse, epochs: .inf}\n"), 1,
+         r"^error: .*grid\.yaml: cell 1: option 'epochs' must be int, got inf$"),
+    Case("grid-seeds-inf", ablate_with(b"seeds: [0, .inf]\ncells:\n- {scales: [dec], loss: mse}\n"), 1,
+         r"^error: .*grid\.yaml: seeds must be an integer, got inf$"),
+    Case("train-seed-huge", teacher_with("--seed", "99999999999999999999999"), 2,
+         r"^error: --seed must be <= 2\*\*63 - 1 \(int64\), got 99999999999999999999999$"),
+    Case("train-seed-negative", teacher_with("--seed", "-1"), 2, r"^error: --seed must be >= 0, got -1$"),
+    Case("config-seed-negative", with_file("cfg.yaml", b"seed: -1\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1, r"^error: .*cfg\.yaml: seed must be >= 0, got -1$"),
+    Case("distill-subset-seed-huge", distill_with("--scales", "none", "--no-pmd", "--subset-seed", str(2**64)), 2,
+         r"^error: --subset-seed must be <= 2\*\*63 - 1 \(int64\), got 18446744073709551616$"),
+    Case("preprocess-seed-negative", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--seed", "-1"], 2,
+         r"^error: --seed must be >= 0, got -1$"),
+    Case("sample-data-seed-negative", lambda e: ["sample-data", e.tmp / "sd", "--seed", "-1"], 2,
+         r"^error: --seed must be >= 0, got -1$"),
+    Case("config-model-kwargs-unknown", with_file("cfg.yaml", b"model_kwargs: {foo: 1}\n", lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1,
+         r"^error: .*cfg\.yaml: model_kwargs: unet takes no option\(s\) \['foo'\]; valid: none$"),
+    Case("config-model-kwargs-value", with_file("cfg.yaml", b"arch: transunet\nmodel_kwargs: {heads: 0}\n",
+                                                lambda e, p: ["train-teacher", e.data, "-o", e.tmp / "t", "--config", p]),
+         1, r"^error: .*cfg\.yaml: model_kwargs: transunet refuses \{'heads': 0\} \(ZeroDivisionError"),
+    Case("config-weights-billion-laughs", with_file("cfg.yaml", laughs("weights"), lambda e, p: [
+        "distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: YAML too large: more than 100,000 values once its aliases are expanded"),
+    Case("config-epochs-billion-laughs", with_file("cfg.yaml", laughs("epochs"), lambda e, p: [
+        "train-teacher", e.data, "-o", e.tmp / "t", "--config", p]), 1, r"^error: .*cfg\.yaml: YAML too large"),
+    Case("grid-recursive-alias", ablate_with(b"- &c {scales: [dec], loss: mse, x: *c}\n"), 1,
+         r"^error: .*grid\.yaml: YAML too large: .*an alias that contains itself"),
+    Case("distill-batch-size-beyond-data", lambda e: ["distill", e.data, "-o", e.tmp / "s", "--teacher", teacher_copy(e),
+                                                      "--batch-size", "1000000", "--epochs", "1", "--device", "cpu"], 0,
+         r"^teacher outputs: \w+ \(auto: estimated"),  # the timing probe batch: the data's slices, not a million
+    Case("onnx-metadata-size-text", predict_on_model(onnx_model(1, prepared_size="abc")), 1,
+         r"^error: .*m\.onnx: invalid metadata: medkd\.prepared_size must be an integer, got 'abc'$"),
+    Case("onnx-metadata-not-json", predict_on_model(onnx_model(1, intensity="{not json")), 1,
+         r"^error: .*m\.onnx: invalid metadata: medkd\.intensity must be a JSON object, got '\{not json'$"),
+    Case("onnx-graph-channels-differ-from-metadata", predict_on_model(onnx_model(3, input_channels="1")), 1,
+         r"^error: .*m\.onnx: graph input takes 3 channel\(s\) but metadata medkd\.input_channels says 1$"),
+    Case("evaluate-onnx-other-channels", lambda e: ["evaluate", teacher_copy(e), "--data", e.data, "--resolution",
+                                                    "prepared", "--onnx", onnx_model(3)(e)], 1,
+         r"^error: .*m\.onnx: the model takes 3 input channel\(s\) but .*teacher takes 1 \(is it the export"),
+    Case("manifest-case-without-split", evaluate_on(data_without_split), 1,
+         r"^error: .*nosplit/manifest\.json: invalid manifest \(case 0 \('[^']+'\) has no 'split'; expected one of "
+         r"train, val, test\)$"),
+    Case("export-opset", export_with("--opset", "3"), 2, r"^error: --opset must be >= 7, got 3$"),
+    Case("export-format", export_with("--format", "tflite"), 2, r"^error: unknown --format 'tflite'; valid: onnx, torchscript$"),
+    Case("train-in-channels-2", teacher_with("--in-channels", "2"), 2, r"^error: unknown --in-channels 2; valid: 1, 3$"),
+    Case("distill-in-channels-2", distill_with("--scales", "none", "--no-pmd", "--in-channels", "2"), 2,
+         r"^error: unknown --in-channels 2; valid: 1, 3$"),
+    Case("preprocess-size-0", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--size", "0"], 2,
+         r"^error: --size must be >= 8, got 0$"),
+    Case("preprocess-window-reversed", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--window", "240,-160"], 2,
+         r"^error: --window must be LOW,HIGH with HIGH > LOW"),
+    Case("preprocess-test-fraction", lambda e: ["preprocess", SAMPLE, "-o", e.tmp / "out", "--test-fraction", "1.5"],
+         2, r"^error: --test-fraction must be in \[0, 1\), got 1\.5$"),
+    Case("sample-data-cases-0", lambda e: ["sample-data", e.tmp / "sd", "--cases", "0"], 2,
+         r"^error: --cases must be >= 1, got 0$"),
+    Case("nifti-nan-pixdim", preprocess_bad_case(nifti_bad_geometry("pixdim")), 1,
+         r"^bad case: .*bad\.nii\.gz: non-finite voxel spacing \(pixdim nan, 2\.9, 5\)$"),
+    Case("nifti-nan-affine", preprocess_bad_case(nifti_bad_geometry("sform")), 1,
+         r"^bad case: .*bad\.nii\.gz: non-finite affine \(the header's sform/qform holds NaN or inf\)$"),
+    Case("dicom-nan-position", preprocess_bad_case(dicom_nan_position), 1,
+         r"^bad case: .*bad/IM0004\.dcm: non-finite ImagePositionPatient \[nan, 0, 0\]$"),
 ]
 
 
@@ -869,6 +1040,11 @@ def write_failures(tmp_path_factory, tiny_data, tiny_teacher):
     spec["predict"] = (["predict", tiny_teacher, SAMPLE / "imagesTr" / "spleen_001.nii.gz",
                         SAMPLE / "imagesTr" / "spleen_002.nii.gz", "-o", root / "predict" / "pred", "--device", "cpu"],
                        300)
+    # export: the error names the model file asked for, not the hidden temp file it is written to first
+    shutil.copytree(tiny_teacher, root / "export-run")  # export writes postprocessing.json into the run
+    for name, model in (("export", "m.onnx"), ("export-ts", "m.pt")):
+        spec[name] = (["export", root / "export-run", "-o", root / name / model, "--data", tiny_data,
+                       "--format", "onnx" if model.endswith(".onnx") else "torchscript"], 100_000)
     for name in spec:
         (root / name).mkdir(exist_ok=True)
     doc = {k: {"argv": [str(a) for a in argv], "limit": limit} for k, (argv, limit) in spec.items()}
@@ -928,6 +1104,15 @@ def test_predict_file_too_large(write_failures):
     out = root / "predict" / "pred"
     assert_write_failure(results["predict"], re.escape(str(out)) + r"/spleen_001_seg\.nii\.gz")
     assert not out.exists() or leftovers(out) == []
+
+
+@pytest.mark.parametrize("name,model", [("export", "m.onnx"), ("export-ts", "m.pt")])
+def test_export_file_too_large(write_failures, name, model):
+    pytest.importorskip("onnxruntime")
+    root, results, _ = write_failures
+    d = root / name
+    assert_write_failure(results[name], re.escape(str(d / model)))
+    assert sorted(p.name for p in d.iterdir()) == []  # no model, no sidecar, no temp file
 
 
 @pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,

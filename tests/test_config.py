@@ -147,3 +147,81 @@ def test_training_presets_are_packaged_option_files():
         build_config(TeacherConfig, preset="huge")
     root = Path(__file__).resolve().parents[1]  # configs/ links to the packaged files
     assert (root / "configs" / "train-study.yaml").read_text() == preset_file("train", "study").read_text()
+
+
+# ---------------------------------------------------------------- option bounds in one place
+
+
+def test_error_messages_cap_long_reprs():
+    """A value is shown by options.short_repr: one line, at most 60 characters, cheap for a huge structure."""
+    import time
+
+    assert options.short_repr("x" * 500).startswith("'xxx") and len(options.short_repr("x" * 500)) <= 60
+    assert options.short_repr(3) == "3" and options.short_repr("a\nb") == "'a\\nb'"
+    nested = [1] * 10
+    for _ in range(8):  # 10**9 elements, shared: what an alias-expanded YAML list looks like
+        nested = [nested] * 10
+    t0 = time.perf_counter()
+    s = options.short_repr(nested)
+    assert time.perf_counter() - t0 < 0.1 and len(s) <= 60 and "\n" not in s
+    for bad, check in ((nested, options.check_weights), (nested, options.check_epochs), ("x" * 10_000, options.check_lr),
+                       ({"k" * 500: 1}, lambda v: options.check_model_kwargs("unet", v))):
+        with pytest.raises(OptionError) as e:
+            check(bad)
+        assert len(str(e.value)) < 200 and "\n" not in str(e.value), str(e.value)
+
+
+def test_integer_options_are_bounded_for_torch_and_numpy():
+    assert options.check_seed(2**63 - 1) == 2**63 - 1 and options.check_seed(3.0) == 3
+    for bad, msg in ((-1, r"seed must be >= 0, got -1$"), (2**63, r"seed must be <= 2\*\*63 - 1 \(int64\)"),
+                     (float("inf"), "seed must be an integer, got inf"), (True, "seed must be an integer"),
+                     ("7", "seed must be an integer, got '7'"), (1.5, "seed must be an integer, got 1.5")):
+        with pytest.raises(OptionError, match=msg):
+            options.check_seed(bad)
+    with pytest.raises(OptionError, match=r"width must be <= 1024, got 5000"):
+        options.check_width(5000)
+    with pytest.raises(OptionError, match=r"unknown in_channels 2; valid: 1, 3"):
+        build_config(TeacherConfig, overrides={"in_channels": 2})
+    # the largest seed trains: every seed derived from it stays within what torch takes
+    from medkd.train.loop import epoch_loader
+
+    cfg = build_config(TeacherConfig, overrides={"seed": 2**63 - 1, "batch_size": 2})
+    loader, gen = epoch_loader(list(range(4)), cfg, epoch=3)
+    assert len(list(loader)) == 2
+
+
+def test_model_kwargs_are_checked_against_the_constructor():
+    from medkd.models import model_options
+
+    assert model_options("unet") == [] and "depth" in model_options("transunet")
+    with pytest.raises(OptionError, match=r"model_kwargs: unet takes no option\(s\) \['foo'\]; valid: none$"):
+        build_config(TeacherConfig, overrides={"model_kwargs": {"foo": 1}})
+    with pytest.raises(OptionError, match=r"transunet takes no option\(s\) \['deep'\]; valid: depth, heads, "):
+        build_config(TeacherConfig, overrides={"arch": "transunet", "model_kwargs": {"deep": 2}})
+    with pytest.raises(OptionError, match=r"transunet refuses \{'depth': inf\} \(TypeError"):
+        build_config(TeacherConfig, overrides={"arch": "transunet", "model_kwargs": {"depth": float("inf")}})
+    cfg = build_config(TeacherConfig, overrides={"arch": "transunet", "width": 64, "model_kwargs": {"depth": 2}})
+    assert cfg.model_kwargs == {"depth": 2}  # checked on the meta device: no memory for the 64-wide model
+
+
+def test_yaml_alias_bombs_are_refused_before_they_are_built(tmp_path):
+    import time
+
+    from medkd.config import MAX_YAML_NODES, expanded_size, load_yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("a: &x [1, 2, 3]\nb: [*x, *x]\nc: {<<: {k: 1}}\n")  # ordinary aliases still load
+    assert load_yaml(f) == {"a": [1, 2, 3], "b": [[1, 2, 3], [1, 2, 3]], "c": {"k": 1}}
+    assert expanded_size(yaml.compose(f.read_text()), 100) == 22  # each alias counted as its anchor's nodes
+    items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    f.write_text(f"epochs: [{', '.join(items)}]\n")
+    t0 = time.perf_counter()
+    with pytest.raises(MedkdError, match=rf"c\.yaml: YAML too large: more than {MAX_YAML_NODES:,} values"):
+        load_yaml(f)
+    assert time.perf_counter() - t0 < 0.5
+    f.write_text("- &c [1, *c]\n")  # an alias inside its own anchor: infinite once expanded
+    with pytest.raises(MedkdError, match="contains itself"):
+        load_yaml(f)
+    f.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(MedkdError, match=r"c\.yaml: invalid YAML \(nested too deeply\)"):
+        load_yaml(f)

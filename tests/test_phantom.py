@@ -204,4 +204,4 @@ def test_cli_sample_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]  # no temp folders left behind
 
     r = runner.invoke(app, ["sample-data", str(tmp_path / "x"), "--cases", "0"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # a usage error

@@ -209,6 +209,23 @@ def test_cli_budget_rules_out_the_disk_cache(tiny_data, teacher, tmp_path):
     assert r.exit_code == 2 and "--cache-budget must be >= 0" in r.stderr
 
 
+def test_probe_never_builds_a_batch_larger_than_the_data(tmp_path):
+    """A --batch-size above the training set is one batch of the whole set (what the loader gives): auto's timing
+    probe and its storage probes allocate that many slices, never the batch size (1e9 slices here)."""
+    from types import SimpleNamespace
+
+    import medkd.distill.teacher_outputs as to_mod
+
+    train_set = [(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), i) for i in range(40)]
+    cfg = SimpleNamespace(batch_size=10**9, in_channels=1)
+    seen = []
+    task = SimpleNamespace(teacher_targets=lambda x, y: seen.append(x.shape[0]))
+    costs = to_mod.measure_costs(task, train_set, cfg, torch.device("cpu"), {"logits": ("logits", (1, 8, 8))},
+                                 tmp_path, torch.device("cpu"))
+    assert max(seen) == 40 and costs.disk_read_s is not None and costs.memory_read_s is not None
+    assert to_mod.batch_slices(10**9, 40) == 40 and to_mod.batch_slices(8, 40) == 8
+
+
 def test_teacher_timing_costs_one_batch_beside_a_slow_teacher(monkeypatch):
     """auto's teacher timing: a slow teacher (>= SLOW_BATCH_S per batch) is timed on one full batch after a
     two-slice warm-up, not n + 1 batches (the study teacher on CPU: ~10 s each); a fast one on n after a warm-up."""

@@ -14,6 +14,7 @@ from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_f
                           preset_names, to_dict)
 from medkd.config import preset_file as packaged_preset
 from medkd.errors import MedkdError
+from medkd.options import OptionError, check_seed, short_repr
 
 GRID_PRESETS = tuple(preset_names("ablate"))  # packaged grids: medkd/presets/ablate-<name>.yaml
 DEFAULT_SEEDS = (0, 1, 2)
@@ -87,7 +88,7 @@ def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> 
         raise MedkdError(f"{source}: expected a non-empty YAML list of cells (mappings of distill options)")
     for i, c in enumerate(cells):
         if not isinstance(c, dict):
-            raise MedkdError(f"{source}: cell {i + 1} must be a mapping of distill options, got {c!r}")
+            raise MedkdError(f"{source}: cell {i + 1} must be a mapping of distill options, got {short_repr(c)}")
     if seeds is not None:
         seeds = parse_seeds(seeds, source)
     return {"source": source, "cells": cells, "seeds": seeds, "options": options or {}}
@@ -104,18 +105,24 @@ def parse_seeds(value: Any, source: str = "--seeds") -> List[int]:
         if isinstance(v, str) and not v.strip():
             continue
         try:
-            if isinstance(v, bool) or float(v) != int(float(v)):
-                raise ValueError
-            s = int(float(v))
-        except (TypeError, ValueError):
-            raise MedkdError(f"{source}: seeds must be integers, got {v!r}") from None
-        if s < 0:
-            raise MedkdError(f"{source}: seeds must be >= 0, got {s}")
+            s = check_seed(_number(v) if isinstance(v, str) else v, "seeds")
+        except OptionError as e:
+            raise MedkdError(f"{source}: {e}") from None
         if s not in out:
             out.append(s)
     if not out:
         raise MedkdError(f"{source}: no seeds given")
     return out
+
+
+def _number(text: str) -> Any:
+    """``"3"`` -> 3, ``"3.0"`` -> 3.0; other text is returned as it is (for the validator to name)."""
+    for kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            pass
+    return text
 
 
 def _normalize_cell(cell: Dict[str, Any], where: str) -> Dict[str, Any]:

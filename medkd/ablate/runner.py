@@ -16,8 +16,9 @@ from rich.markup import escape
 from medkd import rundir
 from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
 from medkd.ablate.report import CORRECTIONS, METRICS, compute_results
-from medkd.config import DistillConfig, to_dict
+from medkd.config import DistillConfig, load_yaml, to_dict
 from medkd.errors import MedkdError
+from medkd.options import short_repr
 from medkd.report.progress import Bars
 
 
@@ -54,8 +55,8 @@ def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
 def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
     """What differs between a run's recorded ``config.yaml`` and ``cfg`` (``""`` when they match)."""
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        doc = load_yaml(Path(path)) or {}
+    except MedkdError:
         return f"{path} unreadable"
     if not isinstance(doc, dict):
         return f"{path} malformed"
@@ -63,7 +64,7 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
         mine, theirs = identity(to_dict(cfg)), identity(doc)
     except MedkdError as e:
         return f"{path} malformed ({e})"
-    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    diffs = [f"{k}: {short_repr(theirs.get(k))} -> {short_repr(v)}" for k, v in mine.items() if theirs.get(k) != v]
     if doc.get("data") and str(Path(doc["data"]).resolve()) != str(Path(data).resolve()):
         diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
     teacher = doc.get("teacher")

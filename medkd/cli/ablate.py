@@ -69,7 +69,7 @@ def command(
     if seeds is not None and seed is not None:
         raise fail("give --seeds or --seed, not both", 2)
     usage_checks(student=student, device=device, fraction=fraction, epochs=epochs, batch_size=batch_size,
-                 lr=lr)
+                 lr=lr, in_channels=in_channels, subset_seed=subset_seed, student_width=student_width)
     from medkd.ablate import parse_shard
 
     if shard is not None and report_only:

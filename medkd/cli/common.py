@@ -118,6 +118,9 @@ _VALIDATORS = {
     "temperature": "check_temperature", "fraction": "check_fraction", "width": "check_width",
     "recon_weight": "check_recon_weight", "tolerance": "check_tolerance",
     "teacher_outputs": "check_teacher_outputs", "cache_budget": "check_cache_budget",
+    "seed": "check_seed", "subset_seed": "check_seed", "in_channels": "check_in_channels",
+    "optimizer": "check_optimizer", "schedule": "check_schedule", "student_width": "check_width",
+    "grad_share_every": "check_count",
 }
 
 

@@ -62,7 +62,9 @@ def command(
     checked = usage_checks(scales=scales, loss=loss, student=student, weights=weights, device=device,
                            kd_images=kd_images, temperature=temperature, fraction=fraction, epochs=epochs,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                           teacher_outputs=teacher_outputs, cache_budget=cache_budget)
+                           teacher_outputs=teacher_outputs, cache_budget=cache_budget, in_channels=in_channels,
+                           seed=seed, subset_seed=subset_seed, student_width=student_width,
+                           grad_share_every=grad_share_every)
     cfg = build_config(DistillConfig, config, dict(
         teacher=str(teacher) if teacher else None, student=student, student_width=student_width,
         scales=checked["scales"], loss=loss, pmd=pmd, temperature=temperature, fraction=fraction,

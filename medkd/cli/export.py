@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, log_console, print_json, usage_checks
+from medkd.cli.common import DeviceOpt, JsonOpt, QuietOpt, fail, handle_errors, log_console, print_json, usage_checks
 from medkd.export import DEFAULT_OPSET
 from medkd.options import DEFAULT_DEVICE
 
@@ -34,9 +34,14 @@ def command(
 ) -> None:
     """Export a run as a self-contained model: preprocessing, threshold and postprocessing in its metadata,
     verified against PyTorch on real prepared slices (refused above the tolerance). Needs medkd[deploy]."""
-    from medkd.export import export_run
+    from medkd.export import check_export_options, export_run
+    from medkd.options import OptionError
 
     usage_checks(device=device)
+    try:
+        check_export_options(fmt, opset, fp16)
+    except OptionError as e:
+        raise fail(str(e), 2)
     log = log_console(quiet)
     res = export_run(run, out, fmt=fmt, opset=opset, fp16=fp16, data=data, overwrite=overwrite,
                      tolerance=tolerance, device=device or DEFAULT_DEVICE)

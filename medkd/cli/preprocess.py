@@ -21,7 +21,7 @@ from medkd.cli.common import (
     stdout_console,
 )
 from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, parse_window, preprocess, split_summary
-from medkd.options import OptionError
+from medkd.errors import MedkdError
 from medkd.report.progress import Bars
 from medkd.report.tables import prepared_table
 
@@ -47,14 +47,15 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     """Check, window, resize and split raw volumes into a prepared slice dataset."""
-    try:
+    try:  # option values out of range are usage errors (exit 2)
         win, preset = parse_window(window, window_preset)
-    except OptionError as e:  # a bad --window / --window-preset is a usage error
+        settings = PreprocessSettings(
+            size=size, window=win, window_preset=preset, test_fraction=test_fraction,
+            val_fraction=val_fraction, seed=seed, workers=max(1, workers),
+        )
+        settings.validate()
+    except MedkdError as e:
         raise fail(str(e), 2)
-    settings = PreprocessSettings(
-        size=size, window=win, window_preset=preset, test_fraction=test_fraction,
-        val_fraction=val_fraction, seed=seed, workers=max(1, workers),
-    )
     log = log_console(quiet)
     with Bars(log, "preprocess", None) as bars:
         result = _run(source, out, settings, overwrite, bars.update, log, allow_outside)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from medkd.cli.common import OverwriteOpt, QuietOpt, handle_errors, log_console
+from medkd.cli.common import OverwriteOpt, QuietOpt, fail, handle_errors, log_console
 from medkd.data.phantom import DEFAULT_CASES, DEFAULT_SIZE, DEFAULT_SLICES
 
 
@@ -30,8 +30,13 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a synthetic abdominal CT dataset with spleen labels (bit-identical for a given seed)."""
-    from medkd.data.phantom import make_sample_data
+    from medkd.data.phantom import check_sample_options, make_sample_data
+    from medkd.options import OptionError
 
+    try:
+        check_sample_options(cases, seed, size, slices)
+    except OptionError as e:
+        raise fail(str(e), 2)
     res = make_sample_data(
         out, overwrite=overwrite, n_cases=cases, seed=seed, size=size, n_slices=slices, dicom_case=dicom
     )

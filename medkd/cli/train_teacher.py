@@ -44,7 +44,8 @@ def command(
     from medkd.train.teacher import train_teacher
 
     usage_checks(arch=arch, device=device, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, recon_weight=recon_weight)
+                 weight_decay=weight_decay, recon_weight=recon_weight, optimizer=optimizer, schedule=schedule,
+                 in_channels=in_channels, seed=seed)
     cfg = build_config(TeacherConfig, config, dict(
         arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, recon_weight=recon_weight, in_channels=in_channels,

@@ -86,7 +86,22 @@ def read_nifti(path: Path) -> Volume:
         raise DataError(f"{path}: expected a 3D volume, got shape {tuple(arr.shape)} ({arr.ndim}D)")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path}: unsupported voxel type {arr.dtype} (expected integers or floats)")
-    return Volume(arr, np.asarray(img.affine, dtype=np.float64), None, str(path))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: {_nifti_geometry_fault(img)}")
+    return Volume(arr, affine, None, str(path))
+
+
+def _nifti_geometry_fault(img) -> str:
+    """What makes a NIfTI image's affine non-finite, by header field: ``pixdim`` (voxel spacing) or the
+    sform/qform matrix."""
+    try:
+        zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    except Exception:  # a header without zooms: only the affine can be named
+        zooms = []
+    if zooms and not all(np.isfinite(zooms)):
+        return f"non-finite voxel spacing (pixdim {', '.join(f'{z:g}' for z in zooms)})"
+    return "non-finite affine (the header's sform/qform holds NaN or inf)"
 
 
 def read_dicom_series(folder: Path) -> Volume:
@@ -122,6 +137,9 @@ def read_dicom_series(folder: Path) -> Volume:
             d.ImageOrientationPatient, d.PixelSpacing  # noqa: B018
     except (AttributeError, TypeError, ValueError) as e:
         raise DataError(f"{folder}: DICOM geometry missing or invalid ({_short(e)})") from None
+    for name, v in (("ImageOrientationPatient", iop), ("PixelSpacing", ps)):
+        if not np.all(np.isfinite(v)):
+            raise DataError(f"{_dicom_file(dsets[0], folder)}: non-finite {name} {_values(v)}")
     for d in dsets:
         if not np.allclose([float(v) for v in d.ImageOrientationPatient], iop, atol=1e-4):
             raise DataError(f"{folder}: inconsistent ImageOrientationPatient within the series")
@@ -135,6 +153,9 @@ def read_dicom_series(folder: Path) -> Volume:
         pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in dsets])
     except (AttributeError, TypeError, ValueError) as e:
         raise DataError(f"{folder}: DICOM ImagePositionPatient missing or invalid ({_short(e)})") from None
+    bad = np.flatnonzero(~np.all(np.isfinite(pos), axis=1))
+    if bad.size:
+        raise DataError(f"{_dicom_file(dsets[bad[0]], folder)}: non-finite ImagePositionPatient {_values(pos[bad[0]])}")
     proj = pos @ normal
     order = np.argsort(proj)
     dsets = [dsets[i] for i in order]
@@ -168,6 +189,15 @@ def read_dicom_series(folder: Path) -> Volume:
     lps[:3, 3] = pos[0]
     modality = str(getattr(dsets[0], "Modality", "") or "") or None
     return Volume(arr, LPS_TO_RAS @ lps, modality, str(folder), {"n_files": len(dsets)})
+
+
+def _dicom_file(ds, folder: Path) -> str:
+    """The file a DICOM dataset was read from (the series folder when pydicom does not say)."""
+    return str(getattr(ds, "filename", "") or folder)
+
+
+def _values(v) -> str:
+    return "[" + ", ".join(f"{float(x):g}" for x in v) + "]"
 
 
 # Modalities whose objects are not images of the patient (plans, structures, doses, reports, segmentations, ...).

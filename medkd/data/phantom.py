@@ -607,6 +607,21 @@ def _readme(n_cases, seed, size, n_slices, dicom_case, vary_slices, spacing) -> 
     return "\n".join(lines)
 
 
+def check_sample_options(n_cases: int, seed: int, size: int, n_slices: int) -> None:
+    """The ``sample-data`` options in range (the command line makes a bad one a usage error, exit 2).
+
+    Raises:
+        OptionError: ``--cases`` < 1, a ``--seed`` outside what numpy takes, ``--size`` outside [16, MAX_SIZE],
+            ``--slices`` outside [12, MAX_SIZE].
+    """
+    from medkd.options import check_int, check_seed, check_size
+
+    check_int(n_cases, "--cases", lo=1)
+    check_seed(seed, "--seed")
+    check_size(size, "--size", lo=16)
+    check_size(n_slices, "--slices", lo=12)
+
+
 def make_sample_data(
     out: Path,
     *,
@@ -628,7 +643,8 @@ def make_sample_data(
         Summary dict: ``out``, ``cases``, ``files``, ``bytes``, ``seconds``.
 
     Raises:
-        MedkdError: ``out`` exists and is not empty (without ``overwrite``), or bad arguments.
+        MedkdError: ``out`` exists and is not empty (without ``overwrite``), or bad arguments
+            (:func:`check_sample_options`).
     """
     import shutil
     import time
@@ -637,10 +653,7 @@ def make_sample_data(
     from medkd.rundir import replace_dir, temp_dir_beside
 
     out = Path(out)
-    if n_cases < 1:
-        raise MedkdError(f"--cases must be >= 1 (got {n_cases})")
-    if size < 16 or n_slices < 12:
-        raise MedkdError(f"--size must be >= 16 and --slices >= 12 (got {size}, {n_slices})")
+    check_sample_options(n_cases, seed, size, n_slices)
     exists = out.exists() or out.is_symlink()
     if exists and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise MedkdError(f"{out} already exists and is not empty; pass --overwrite to replace it")

@@ -18,6 +18,34 @@ SPLITS = ("train", "val", "test")
 UNLABELLED = -1.0  # mask value of a slice whose label the student may not see (``SliceDataset(labelled_ids=...)``)
 
 
+def _check_manifest(doc: object, path: Path) -> None:
+    """The parts of ``manifest.json`` every reader relies on: a JSON object whose ``settings`` hold the prepared
+    ``size`` and whose ``cases`` are objects, each with a ``split`` in :data:`SPLITS`.
+
+    Raises:
+        DataError: one line naming ``path`` and the first thing missing or wrong (the case by position and id).
+    """
+    from medkd.options import short_repr
+
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: invalid manifest (expected a JSON object, got {type(doc).__name__})")
+    settings, cases = doc.get("settings"), doc.get("cases")
+    if not isinstance(settings, dict):
+        raise DataError(f"{path}: invalid manifest ('settings' must be an object)")
+    size = settings.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DataError(f"{path}: invalid manifest (settings.size must be a positive integer, got {short_repr(size)})")
+    if not isinstance(cases, list):
+        raise DataError(f"{path}: invalid manifest ('cases' must be a list)")
+    for i, c in enumerate(cases):
+        if not isinstance(c, dict):
+            raise DataError(f"{path}: invalid manifest (case {i} must be an object, got {short_repr(c)})")
+        if c.get("split") not in SPLITS:
+            what = "has no 'split'" if "split" not in c else f"has split {short_repr(c['split'])}"
+            raise DataError(f"{path}: invalid manifest (case {i} ({short_repr(c.get('id'), 40)}) {what}; "
+                            f"expected one of {', '.join(SPLITS)})")
+
+
 class PreparedData:
     """A prepared dataset folder: ``manifest.json`` + ``cases/<id>_{img,lbl}.npy``.
 
@@ -35,11 +63,14 @@ class PreparedData:
             raise DataError(f"{self.root}: no manifest.json (is this a folder written by 'medkd preprocess'?)")
         try:
             self.manifest = json.loads(path.read_text())
+            _check_manifest(self.manifest, path)
             self.cases: List[dict] = self.manifest["cases"]
             self.settings: dict = self.manifest["settings"]
             self._by_id = {check_case_id(c["id"], path): c for c in self.cases}  # ids name files: no ../
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
+        except RecursionError:
+            raise DataError(f"{path}: invalid manifest (nested too deeply)") from None
         self._cache: Dict[Tuple[str, str], np.ndarray] = {}
         self._fingerprint: Optional[str] = None
 

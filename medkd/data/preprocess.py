@@ -72,6 +72,10 @@ class PreprocessSettings:
                 raise MedkdError(f"{name} must be in [0, 1), got {f}")
         if self.test_fraction + self.val_fraction >= 1.0:
             raise MedkdError("--test-fraction + --val-fraction must leave training cases (< 1)")
+        from medkd.options import check_seed, check_size
+
+        check_size(self.size, "--size")  # the sane maximum (an integer, at most MAX_SIZE)
+        check_seed(self.seed, "--seed")  # numpy's split generator takes no negative seed
 
 
 class PreprocessFailed(MedkdError):

@@ -75,6 +75,8 @@ def _discover_msd(source: Path, allow_outside: bool = False) -> List[CaseSource]
         training = meta["training"] if isinstance(meta, dict) else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a valid MSD dataset.json ({type(e).__name__}: {e})") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise DataError(f"{path}: not a valid MSD dataset.json (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: not a valid MSD dataset.json (expected a JSON object)")
     modality = None

@@ -185,10 +185,17 @@ def _batch(dataset, ids: Sequence[int], in_channels: int, device: torch.device) 
     return x, torch.stack([m for _, m, _ in items]).to(device)
 
 
+def batch_slices(batch_size: int, n_slices: int) -> int:
+    """Slices in a training batch: the batch size, or all ``n_slices`` when the batch size is larger (the loader
+    then gives one batch of the whole set). What measuring and filling allocate per batch, so that a huge
+    ``--batch-size`` never builds a batch larger than the data."""
+    return max(1, min(int(batch_size), int(n_slices)))
+
+
 def _batches(train_set, cfg, device: torch.device, n: int, bs: Optional[int] = None):
-    """The first ``n`` real training batches (of ``bs`` slices, default the batch size) as ``(x, y, index)`` on
-    ``device``, loaded one at a time as they are asked for."""
-    bs = bs or cfg.batch_size
+    """The first ``n`` real training batches (of ``bs`` slices, default the batch size capped by
+    :func:`batch_slices`) as ``(x, y, index)`` on ``device``, loaded one at a time as they are asked for."""
+    bs = bs or batch_slices(cfg.batch_size, len(train_set))
     for b in range(n):
         ids = [(b * bs + j) % len(train_set) for j in range(bs)]
         yield (*_batch(train_set, ids, cfg.in_channels, device), torch.tensor(ids))
@@ -240,7 +247,7 @@ def measure_costs(task, train_set, cfg, device: torch.device, specs: Dict[str, I
     (skipped when ``None``). Probe contents are zeros and random row choices use a private generator: measuring
     never touches the global RNG, so ``auto`` trains exactly like the mode it picks.
     """
-    bs = cfg.batch_size
+    bs = batch_slices(cfg.batch_size, len(train_set))
     teacher_s = _teacher_seconds(task, train_set, cfg, device, n)
     rows = max(bs, min(len(train_set), 4 * bs))
     rng = np.random.default_rng(0)
@@ -301,7 +308,7 @@ def fill_memory(task, train_set, cfg, device: torch.device, specs: Dict[str, Ite
     if pinned:
         held = {k: v.pin_memory() for k, v in held.items()}
     compute = _compute(task, train_set, cfg, device)
-    step = max(2, 2 * cfg.batch_size)
+    step = max(2, 2 * batch_slices(cfg.batch_size, n))
     for i in range(0, n, step):
         ids = list(range(i, min(n, i + step)))
         for k, v in compute(ids).items():
@@ -334,8 +341,8 @@ def setup_teacher_outputs(task, cfg, data, train_set, cache_root: Path, checkpoi
 
     task.teacher.to(device)
     specs = task.target_specs()
-    bs = cfg.batch_size
     n = len(train_set)
+    bs = batch_slices(cfg.batch_size, n)
     nb = n // bs + (1 if n % bs >= 2 else 0)  # the loop drops a final batch of 1
     budget = int(cfg.cache_budget * 1e9) if cfg.cache_budget is not None else default_budget_bytes(cache_root)
     cache = TeacherCache(cache_root, checkpoint, data, cfg.in_channels, data.case_ids("train"), specs,
@@ -433,8 +440,9 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
     new_bytes = item_bytes({c.stems[n]: c.items[n] for c in caches for n in c.items if not c._path(n).is_file()}, len(caches[0].rows))
     keys = sorted({k for ds in sets for k in ds.index})
     missing = {k for c in caches for k in c.missing(keys)}
-    bs, epochs = cfg0.batch_size, max(c.epochs for c in cfgs)
+    epochs = max(c.epochs for c in cfgs)
     n_run = max(len(ds) for ds in sets)
+    bs = batch_slices(cfg0.batch_size, n_run)
     per_slice = max(item_bytes(sp, 1) for sp in specs_of)
     budget = int(cfg0.cache_budget * 1e9) if cfg0.cache_budget is not None else default_budget_bytes(cache_root)
     mem_dev, pinned, mem_limit = memory_placement(per_slice * n_run, device)

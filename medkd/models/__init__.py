@@ -22,6 +22,7 @@ S1 ``s1`` = 57,297; S2 ``s2`` = 227,233.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, List, Optional
 
 from torch import nn
@@ -31,21 +32,45 @@ from medkd.registry import Registry
 MODELS = Registry("model")
 
 
-def register_model(name: str, kind: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+#: Arguments every factory takes; the others are its model-specific options (``model_kwargs``).
+COMMON_ARGS = ("in_channels", "num_classes", "width")
+
+
+def register_model(name: str, kind: str, options_of: Optional[Callable[..., Any]] = None
+                   ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a model factory ``fn(in_channels, num_classes, width, **kwargs)`` under ``name``.
 
     Args:
         name: Registry name.
         kind: ``"teacher"`` or ``"student"``; stored as ``fn.kind`` for :func:`is_teacher`.
+        options_of: the callable whose signature lists the model-specific options ``**kwargs`` may hold (e.g. the
+            model class the factory passes them to); ``None``: the factory's own named parameters.
     """
     if kind not in ("teacher", "student"):
         raise ValueError(f"model kind must be 'teacher' or 'student', got {kind!r}")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         fn.kind = kind  # type: ignore[attr-defined]
+        fn.options = _named_params(options_of or fn)  # type: ignore[attr-defined]
         return MODELS.register(name)(fn)
 
     return deco
+
+
+def _named_params(fn: Callable[..., Any]) -> tuple:
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.name not in COMMON_ARGS and p.name != "self"
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def model_options(name: str) -> List[str]:
+    """The model-specific options (``model_kwargs``) the registered model ``name`` takes, from its constructor's
+    signature.
+
+    Raises:
+        KeyError: unknown name.
+    """
+    return list(getattr(MODELS.get(name), "options", ()))
 
 
 def build_model(
@@ -91,4 +116,5 @@ from medkd.models import transunet, unet  # noqa: E402,F401
 from medkd.models.transunet import TransUNet  # noqa: E402
 from medkd.models.unet import UNet  # noqa: E402
 
-__all__ = ["MODELS", "TransUNet", "UNet", "build_model", "is_teacher", "list_models", "register_model"]
+__all__ = ["MODELS", "TransUNet", "UNet", "build_model", "is_teacher", "list_models", "model_options",
+           "register_model"]

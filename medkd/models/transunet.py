@@ -174,7 +174,7 @@ class TransUNet(SegModelBase):
         return seg, recon
 
 
-@register_model("transunet", kind="teacher")
+@register_model("transunet", kind="teacher", options_of=TransUNet)
 def transunet(
     in_channels: int = 1, num_classes: int = 1, width: Optional[int] = None, **kwargs: Any
 ) -> TransUNet:

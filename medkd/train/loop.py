@@ -118,7 +118,9 @@ def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: b
     sampler = DistributedSampler(train_set, num_replicas=e.world_size, rank=e.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=False)
     sampler.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 7919993 * e.rank)
+    # modulo 2**64 (what manual_seed takes): the same number for every seed it took before, and no overflow for
+    # the largest seeds options.check_seed allows
+    gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch + 7919993 * e.rank) % 2**64)
     # one process: drop a final batch of 1 (BatchNorm cannot train on it; the contrastive loss needs >= 2).
     # Under DDP the BatchNorm statistics are global, so every rank keeps its (equally long) last batch.
     drop_last = e.world_size == 1 and len(sampler) % local_bs == 1
