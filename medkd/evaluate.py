@@ -226,8 +226,8 @@ def run_postprocessing(
     batch_size: int = 16,
     save: bool = True,
 ) -> Dict[str, Any]:
-    """The run's postprocessing rule: ``RUN/postprocessing.json`` when it belongs to this checkpoint, else chosen now
-    on the **val** split of ``data`` at native resolution (:func:`medkd.postprocess.choose`) and saved.
+    """The run's postprocessing rule: ``RUN/postprocessing.json`` when it belongs to this checkpoint and was chosen on
+    ``data`` (same fingerprint), else chosen now on the **val** split of ``data`` at native resolution (:func:`medkd.postprocess.choose`) and saved.
 
     Returns:
         The rule's document (``method``, ``min_volume_ml``, ``val_dice_without``, ``val_dice_with``, ...); with no
@@ -235,7 +235,7 @@ def run_postprocessing(
     """
     from medkd import postprocess as pp
 
-    doc = pp.for_checkpoint(loaded.run, loaded.checkpoint)
+    doc = pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
     if doc is not None:
         return doc
     val_ids = data.case_ids("val")

@@ -172,10 +172,12 @@ def checkpoint_stamp(checkpoint: Path) -> Dict[str, Any]:
     return {"checkpoint": Path(checkpoint).name, "checkpoint_size": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
 
 
-def for_checkpoint(run: Path, checkpoint: Path) -> Optional[Dict[str, Any]]:
-    """``RUN/postprocessing.json`` if it was chosen for ``checkpoint`` as it is now, else ``None`` (stale/missing)."""
+def for_checkpoint(run: Path, checkpoint: Path, data_fingerprint: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``RUN/postprocessing.json`` if it was chosen for ``checkpoint`` as it is now, on the val split of the prepared
+    dataset whose fingerprint is ``data_fingerprint``; else ``None`` (stale, missing, or chosen on other data: a rule
+    chosen on one dataset's val says nothing about another's)."""
     doc = load(run)
-    if doc is None:
+    if doc is None or data_fingerprint is None or doc.get("data_fingerprint") != data_fingerprint:
         return None
     stamp = checkpoint_stamp(checkpoint)
     return doc if all(doc.get(k) == v for k, v in stamp.items()) else None

@@ -206,7 +206,7 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
     in_ch = int(getattr(net, "in_channels", 1))
     rule = Postprocessing()
     if postprocessing:
-        doc = pp.for_checkpoint(model, run_checkpoint(model))
+        doc = pp.for_checkpoint(model, run_checkpoint(model), (ckpt.get("data") or {}).get("fingerprint"))
         if doc is None:
             notes.append(f"{model}: no postprocessing chosen yet (medkd evaluate or export chooses it on val); "
                          f"masks are not postprocessed")

@@ -61,3 +61,31 @@ def test_choose_on_val_keeps_a_rule_only_if_it_improves_dice():
     # thresholds are fractions of the smallest val organ (in mL)
     vols = [c.min_volume_ml for c in candidates([gt], [(1, 1, 1)]) if c.method == "min_volume"]
     assert vols == pytest.approx([f * 0.6 for f in (0.05, 0.1, 0.25, 0.5)])
+
+
+def test_saved_rule_is_not_reused_on_other_data(tmp_path, tiny_raw, tiny_data, tiny_teacher):
+    """A rule chosen on one dataset's val is not applied to another prepared dataset: it is chosen again there."""
+    import shutil
+
+    import torch
+
+    from medkd.data.prepared import PreparedData
+    from medkd.data.preprocess import PreprocessSettings, preprocess
+    from medkd.evaluate import load_run, run_postprocessing
+    from medkd.postprocess import for_checkpoint
+
+    run = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, run)
+    other = tmp_path / "other"
+    preprocess(tiny_raw, other, PreprocessSettings(size=32, test_fraction=0.2, val_fraction=0.2, seed=1))
+    a, b = PreparedData(tiny_data), PreparedData(other)
+    assert a.fingerprint() != b.fingerprint()
+    cpu = torch.device("cpu")
+    doc_a = run_postprocessing(load_run(run, a), a, cpu)
+    assert doc_a["data_fingerprint"] == a.fingerprint()
+    ckpt = load_run(run, a).checkpoint
+    assert for_checkpoint(run, ckpt, a.fingerprint()) == doc_a
+    assert for_checkpoint(run, ckpt, b.fingerprint()) is None
+    doc_b = run_postprocessing(load_run(run, b), b, cpu)
+    assert doc_b["data_fingerprint"] == b.fingerprint()
+    assert doc_b["val_dice_without"] != doc_a["val_dice_without"]  # scored on the other dataset's val cases
