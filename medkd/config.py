@@ -27,37 +27,37 @@ DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0}
 
 @dataclass
 class TrainConfig:
-    """Options shared by teacher and student training."""
+    """Options shared by teacher and student training. Each field is declared once with :func:`~medkd.options.option`
+    (help, check, identity); the command line, the checks and the run identity are derived from the declarations."""
 
-    epochs: int = 12
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    schedule: str = "cosine"  # cosine | plateau | none
-    seed: int = 0
-    device: str = DEFAULT_DEVICE  # auto | cpu | cuda
-    augment: bool = False  # random flips + intensity jitter (seeded per epoch)
-    amp: bool = True  # CUDA only: bf16 when supported, else fp16 with a grad scaler
-    num_workers: int = 0  # DataLoader workers (CUDA runs: set >0; pinned memory is automatic on CUDA)
-    in_channels: int = 1  # 3 reproduces the reference study (slice repeated over channels)
+    epochs: int = opt.option(12, help="Epochs.", check=opt.check_epochs, resume=True)
+    batch_size: int = opt.option(8, help="Batch size.", check=opt.check_batch_size)
+    lr: float = opt.option(2e-3, help="Learning rate.", check=opt.check_lr)
+    weight_decay: float = opt.option(1e-4, help="Weight decay.", check=opt.check_weight_decay)
+    optimizer: str = opt.option("adamw", help="Optimizer.", check=opt.check_optimizer,
+                                choices=lambda: opt.OPTIMIZERS)
+    schedule: str = opt.option("cosine", help="Learning-rate schedule.", check=opt.check_schedule,
+                               choices=lambda: opt.SCHEDULES)
+    seed: int = opt.option(0, help="Random seed.", check=opt.check_seed)
+    device: str = opt.option(DEFAULT_DEVICE, help="auto = CUDA when available.", check=opt.check_device,
+                             choices=lambda: opt.DEVICES, identity=False)
+    augment: bool = opt.option(False, help="Random flips + intensity jitter, seeded per epoch (distill: the teacher "
+                                           "then runs live).", flag="--augment/--no-augment")
+    amp: bool = opt.option(True, help="CUDA only: mixed precision (bf16 when supported, else fp16 with a grad "
+                                      "scaler).", flag="--amp/--no-amp", resume=True)
+    num_workers: int = opt.option(0, help="DataLoader worker processes (CUDA runs: set > 0; pinned memory is "
+                                          "automatic on CUDA).", check=opt.check_count, identity=False)
+    in_channels: int = opt.option(1, help="Input channels: 3 as in the reference study (the slice repeated); a "
+                                          "student must match its teacher.", check=opt.check_in_channels,
+                                  choices=lambda: opt.IN_CHANNELS)
 
     def validate(self) -> None:
-        """Check every option with the validators of :mod:`medkd.options`.
+        """Check every option with its declared check (:func:`medkd.options.check_fields`).
 
         Raises:
             OptionError: the first bad value, named.
         """
-        opt.check_epochs(self.epochs)
-        opt.check_batch_size(self.batch_size)
-        opt.check_lr(self.lr)
-        opt.check_weight_decay(self.weight_decay)
-        opt.check_optimizer(self.optimizer)
-        opt.check_schedule(self.schedule)
-        opt.check_seed(self.seed)
-        opt.check_device(self.device)
-        opt.check_count(self.num_workers, "num_workers")
-        opt.check_in_channels(self.in_channels)
+        opt.check_fields(self)
 
     def effective(self) -> Dict[str, Any]:
         """The options that decide what a run does, in canonical form (the whole config for teachers)."""
@@ -68,16 +68,15 @@ class TrainConfig:
 class TeacherConfig(TrainConfig):
     """``medkd train-teacher`` options."""
 
-    arch: str = "unet"
-    width: int = 16
-    recon_weight: float = 0.2
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. transunet depth/heads
+    arch: str = opt.option("unet", help="Teacher architecture.", check=opt.check_teacher, choices=opt.teachers)
+    width: int = opt.option(16, help="Base channel width (64 = the reference study's T1).", check=opt.check_width)
+    recon_weight: float = opt.option(0.2, help="Weight of the reconstruction MSE.", check=opt.check_recon_weight)
+    model_kwargs: Dict[str, Any] = opt.option(default_factory=dict, help="Model-specific options (e.g. transunet "
+                                                                         "depth, heads).", cli=False)
 
     def validate(self) -> None:
+        """The declared checks, then the model options against the architecture they are given to."""
         super().validate()
-        opt.check_teacher(self.arch)
-        opt.check_width(self.width)
-        opt.check_recon_weight(self.recon_weight)
         opt.check_model_kwargs(self.arch, self.model_kwargs, width=self.width, in_channels=self.in_channels)
 
 
@@ -91,54 +90,60 @@ class DistillConfig(TrainConfig):
     restores the reference study's recipe: all scales, contrastive, PMD, its weights, labelled images only.
     """
 
-    student: str = "s1"
-    student_width: Optional[int] = None
-    teacher: Optional[str] = None
-    scales: List[str] = field(default_factory=list)
-    loss: str = "contrastive"
-    scale_losses: Dict[str, str] = field(default_factory=dict)  # per-scale override, e.g. {enc: mse}
-    loss_options: Dict[str, Any] = field(default_factory=dict)  # passed to every feature loss's constructor
-    pmd: bool = True
-    temperature: float = 4.0
-    fraction: float = 0.5
-    # seed of the --fraction subset; None = the run's seed (the subset varies with the seed), an int holds the
-    # subset fixed across seeds (an ablation then replicates training only, not the data draw)
-    subset_seed: Optional[int] = None
-    weights: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    taps: Dict[str, Dict[str, str]] = field(default_factory=dict)  # {"student"|"teacher": {scale: module path}}
-    teacher_outputs: str = "auto"  # auto | live | disk | memory (medkd.distill.teacher_outputs)
-    cache_budget: Optional[float] = None  # GB the disk cache may add; None = 20 % of the free space on its disk
-    # which train images the teacher supervises: "labelled" = only the student's `fraction` (the reference study);
-    # "all" = also the other train cases, whose labels the student never sees (KD terms only there)
-    kd_images: str = "all"
-    # diagnostic: every N-th training step, each loss term's gradient norm on the student (one extra backward per
-    # term), logged as gshare_<term> in history.jsonl; 0 = off (the default: it costs ~5 % of a demo epoch at 64).
-    # Does not change what is learnt.
-    grad_share_every: int = 0
+    student: str = opt.option("s1", help="Student architecture.", check=opt.check_student, choices=opt.students)
+    student_width: Optional[int] = opt.option(None, help="Student base width.", check=opt.check_width,
+                                              default_text="the student's own: s1 16, s2 32")
+    teacher: Optional[str] = opt.option(None, help="Teacher run folder (not needed with --scales none --no-pmd).",
+                                        cli_type=Path, default_text="none")
+    scales: List[str] = opt.option(default_factory=list, help="Feature scales to distil: a comma list of "
+                                   "enc, bottleneck, dec, or none.", check=opt.parse_scales, parse=opt.parse_scales,
+                                   cli_type=str, default_text="none (PMD only)")
+    loss: str = opt.option("contrastive", help="Feature loss at the scales.", check=opt.check_loss,
+                           choices=opt.LOSSES.names)
+    scale_losses: Dict[str, str] = opt.option(default_factory=dict, help="Per-scale feature loss, e.g. {enc: mse}.",
+                                              check=opt.check_scale_losses, cli=False)
+    loss_options: Dict[str, Any] = opt.option(default_factory=dict, help="Options of every feature loss's "
+                                              "constructor, e.g. {pool: 4}.", cli=False)
+    pmd: bool = opt.option(True, help="Prediction-map distillation (temperature KL).", flag="--pmd/--no-pmd")
+    temperature: float = opt.option(4.0, help="PMD temperature.", check=opt.check_temperature)
+    fraction: float = opt.option(0.5, help="Seeded case-level fraction of the training cases the student is "
+                                           "given labels of.", check=opt.check_fraction)
+    subset_seed: Optional[int] = opt.option(None, help="Seed of the --fraction subset of training cases, to hold it "
+                                                       "fixed across seeds.", check=opt.check_seed,
+                                            default_text="the run's --seed, so the subset varies with the seed")
+    weights: Dict[str, float] = opt.option(default_factory=lambda: dict(DEFAULT_WEIGHTS), help="Term weights "
+                                           "name=value,... merged over the defaults (the study's: seg=0.4,pmd=0.2).",
+                                           check=opt.check_weights, parse=opt.parse_weights, cli_type=str)
+    taps: Dict[str, Dict[str, str]] = opt.option(default_factory=dict, help="Module paths of the tap points, "
+                                                 "{student|teacher: {scale: path}}.", cli=False)
+    teacher_outputs: str = opt.option("auto", help="Where the teacher's targets come from: auto (measure and pick "
+                                      "the cheapest that fits), live (run the teacher every batch), disk "
+                                      "(TEACHER_RUN/cache, shared by later runs), memory.",
+                                      check=opt.check_teacher_outputs, choices=lambda: opt.TEACHER_OUTPUTS,
+                                      identity=False)
+    cache_budget: Optional[float] = opt.option(None, help="GB the disk cache may add; a bigger cache is never "
+                                               "started.", check=opt.check_cache_budget, identity=False,
+                                               default_text="20% of the free space on its disk")
+    kd_images: str = opt.option("all", help="Train images the teacher supervises: 'labelled' (the student's "
+                                "--fraction only, the reference study) or 'all' (also the other train cases, without "
+                                "their labels: KD terms only).", check=opt.check_kd_images,
+                                flag="--kd-images")
+    grad_share_every: int = opt.option(0, help="Every N-th step, log each term's share of the gradient norm "
+                                       "(gshare_<term> in history.jsonl; one extra backward per term). 0 = off.",
+                                       check=opt.check_count, identity=False)
 
     def validate(self) -> None:
+        """The declared checks, then what ties options together (losses and their options, a teacher when a term
+        needs one).
+
+        Raises:
+            OptionError: the first bad value, named.
+        """
         super().validate()
-        opt.check_student(self.student)
-        if self.student_width is not None:
-            opt.check_width(self.student_width, "student_width")
-        self.scales = opt.parse_scales(self.scales)
-        for name in [self.loss, *self.scale_losses.values()]:
-            opt.check_loss(name)
-        opt.check_scale_names(self.scale_losses, "scale_losses")
         if self.scales:  # the options reach the losses only when there are feature scales
             opt.check_loss_options([self.scale_losses.get(s, self.loss) for s in self.scales], self.loss_options)
-        opt.check_fraction(self.fraction)
-        if self.subset_seed is not None:
-            opt.check_seed(self.subset_seed, "subset_seed")
-        opt.check_temperature(self.temperature)
-        opt.check_weights(self.weights)
-        opt.check_kd_images(self.kd_images)
         if self.uses_teacher and not self.teacher:
             raise opt.OptionError("distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
-        opt.check_teacher_outputs(self.teacher_outputs)
-        if self.cache_budget is not None:
-            opt.check_cache_budget(self.cache_budget)
-        opt.check_count(self.grad_share_every, "grad_share_every")
 
     @property
     def uses_teacher(self) -> bool:
@@ -196,6 +201,25 @@ class DistillConfig(TrainConfig):
         """A config from a run's recorded ``config.yaml`` (run metadata and unknown keys ignored; not validated)."""
         names = field_names(cls)
         return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+def identity_names(cls: Type[Any]) -> List[str]:
+    """The options that decide what a run of ``cls`` learns (declared ``identity``): the one definition used by
+    ``--resume``, an ablation's row names and its restart."""
+    return [n for n, s in opt.option_specs(cls).items() if s.identity]
+
+
+def run_identity(cfg: "TrainConfig") -> Dict[str, Any]:
+    """``cfg``'s identity: its :meth:`~TrainConfig.effective` form restricted to :func:`identity_names`."""
+    names = set(identity_names(type(cfg)))
+    return {k: v for k, v in cfg.effective().items() if k in names}
+
+
+def resume_differences(cls: Type[Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    """What a resumed run may not change, as ``"width=4 there, 8 now"`` items: the run's ``kind`` and every identity
+    option not declared ``resume`` (compared as recorded in the checkpoint's config document)."""
+    fixed = ["kind", *(n for n, s in opt.option_specs(cls).items() if s.identity and not s.resume)]
+    return [f"{k}={old[k]!r} there, {new[k]!r} now" for k in fixed if k in old and k in new and old[k] != new[k]]
 
 
 #: Kinds of packaged presets ``medkd/presets/<kind>-<name>.yaml``: ``train`` files hold training options (the

@@ -14,12 +14,15 @@ value with :func:`short_repr`, never its full ``repr`` (a config value can be a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import reprlib
-from typing import Any, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from medkd.errors import MedkdError
+from medkd.registry import LOSSES, MODELS, model_names
 
 #: The device default, written once: CUDA when available, else CPU.
 DEFAULT_DEVICE = "auto"
@@ -73,6 +76,67 @@ def short_text(text: str, n: int = 120) -> str:
     """``text`` on one line (whitespace runs collapsed), at most ``n`` characters (``...`` where cut)."""
     s = " ".join(str(text).split())
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Everything medkd knows about one option, declared once on its config field (:func:`option`).
+
+    The command line (flag, help with its default, usage check), the config check, the ``--resume`` check and
+    an ablation's run identity are all derived from it.
+
+    Attributes:
+        help: one sentence for ``--help`` (the default is appended from the field).
+        check: validator ``(value, what) -> canonical value`` (raises :class:`OptionError`); ``None`` values of
+            optional fields are not checked.
+        parse: command-line text -> value, when the flag is text but the option is not (``scales``, ``weights``).
+        flag: the flag(s), e.g. ``"--pmd/--no-pmd"``; default ``--<name with dashes>``.
+        cli_type: the flag's type when it differs from the field's (``str`` for parsed options).
+        default_text: how the default reads in ``--help`` when the value alone says too little.
+        choices: valid values for ``--help`` (a callable, so registries are read when help is built).
+        identity: part of what a run learns: compared on ``--resume`` and by an ablation's restart, and named in
+            its rows. Where the run executes (device, workers) and where teacher targets come from are not.
+        resume: part of the identity, but ``--resume`` may change it (more ``epochs`` extend a run).
+        cli: offered as a flag (mappings such as ``taps`` are set in a ``--config`` file).
+    """
+
+    help: str
+    check: Optional[Callable[..., Any]] = None
+    parse: Optional[Callable[..., Any]] = None
+    flag: Optional[str] = None
+    cli_type: Any = None
+    default_text: Optional[str] = None
+    choices: Optional[Callable[[], Sequence[Any]]] = None
+    identity: bool = True
+    resume: bool = False
+    cli: bool = True
+
+
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **spec: Any) -> Any:
+    """A config dataclass field declared with its :class:`OptionSpec` (``dataclasses.field`` metadata)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"medkd": OptionSpec(**spec)})
+
+
+def spec_of(f: "dataclasses.Field[Any]") -> Optional[OptionSpec]:
+    """The :class:`OptionSpec` of a config field (``None`` for a field declared without one)."""
+    return f.metadata.get("medkd")
+
+
+def option_specs(cls: Any) -> Dict[str, OptionSpec]:
+    """``{field name: spec}`` of a config class (or instance), in declaration order."""
+    return {f.name: s for f in dataclasses.fields(cls) if (s := spec_of(f)) is not None}
+
+
+def check_fields(cfg: Any) -> None:
+    """Run every field's declared check on ``cfg``, storing the canonical value it returns.
+
+    Raises:
+        OptionError: the first bad value, named by its field.
+    """
+    for name, spec in option_specs(cfg).items():
+        value = getattr(cfg, name)
+        if spec.check is not None and value is not None:
+            setattr(cfg, name, spec.check(value, name))
 
 
 def check_choice(value: Any, valid: Sequence[Any], what: str) -> Any:
@@ -218,16 +282,12 @@ def check_tolerance(value: Any, what: str = "tolerance") -> Any:
 
 def students() -> List[str]:
     """Registered student model names."""
-    from medkd.models import MODELS, is_teacher
-
-    return [n for n in MODELS.names() if not is_teacher(n)]
+    return model_names("student")
 
 
 def teachers() -> List[str]:
     """Registered teacher model names."""
-    from medkd.models import MODELS, is_teacher
-
-    return [n for n in MODELS.names() if is_teacher(n)]
+    return model_names("teacher")
 
 
 def check_student(name: Any, what: str = "student") -> str:
@@ -239,20 +299,17 @@ def check_teacher(name: Any, what: str = "teacher arch") -> str:
 
 
 def check_loss(name: Any, what: str = "loss") -> str:
-    from medkd.distill.losses import LOSSES
-
     return check_choice(name, LOSSES.names(), what)
 
 
 def check_loss_options(names: Sequence[str], options: Any, what: str = "loss_options") -> Any:
     """``options`` (passed to every feature loss's constructor) must be accepted by each loss in ``names``: checked by
-    building each loss once (a small channel count; heads are tiny), so unknown options and bad values (e.g.
-    ``pool: 0``) are named here instead of failing in the middle of set-up."""
-    from medkd.distill.losses import build_loss
-
+    building each loss once through the registry (:meth:`~medkd.distill.losses.FeatureLoss.from_options`; a small
+    channel count, heads are tiny), so unknown options and bad values (e.g. ``pool: 0``) are named here instead of
+    failing in the middle of set-up."""
     for name in dict.fromkeys(names):
         try:
-            build_loss(name, 4, **dict(options or {}))
+            LOSSES.get(name).from_options(4, **dict(options or {}))
         except (TypeError, ValueError) as e:
             raise OptionError(f"{what}: {e}", what) from None
     return options
@@ -261,9 +318,9 @@ def check_loss_options(names: Sequence[str], options: Any, what: str = "loss_opt
 def check_model_kwargs(arch: str, kwargs: Any, what: str = "model_kwargs", width: Optional[int] = None,
                        in_channels: int = 1) -> dict:
     """``kwargs`` (passed to the model's constructor) must be a mapping of options the model ``arch`` takes: the
-    names are checked against the constructor's signature (:func:`medkd.models.model_options`, listed in the
-    message); the values by building the model once, with the run's ``width`` and ``in_channels``, on the ``meta``
-    device (no memory, no weights).
+    names are checked against the options its registered factory declares (``factory.options``, from the
+    constructor's signature; listed in the message); the values by building the model once through the registry,
+    with the run's ``width`` and ``in_channels``, on the ``meta`` device (no memory, no weights).
 
     Raises:
         OptionError: not a mapping, an option the model does not take, or a value its constructor refuses.
@@ -274,16 +331,15 @@ def check_model_kwargs(arch: str, kwargs: Any, what: str = "model_kwargs", width
         return kwargs
     import torch
 
-    from medkd.models import build_model, model_options
-
-    valid = model_options(arch)
+    factory = MODELS.get(arch)
+    valid = list(getattr(factory, "options", ()))
     bad = [k for k in kwargs if k not in valid]
     if bad:
         raise OptionError(f"{what}: {arch} takes no option(s) {short_repr(bad)}; valid: "
                           f"{', '.join(valid) or 'none'}", what)
     try:
         with torch.device("meta"):
-            build_model(arch, in_channels=in_channels, width=width, **kwargs)
+            factory(in_channels=in_channels, num_classes=1, width=width, **kwargs)
     except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
         raise OptionError(f"{what}: {arch} refuses {short_repr(kwargs)} ({type(e).__name__}: "
                           f"{short_text(str(e), 100)})", what) from None
@@ -317,6 +373,16 @@ def check_scale_names(names: Iterable[Any], what: str) -> None:
     bad = [k for k in names if k not in SCALES]
     if bad:
         raise OptionError(f"{what} keys must be scales ({', '.join(SCALES)}), got {bad}")
+
+
+def check_scale_losses(value: Any, what: str = "scale_losses") -> Any:
+    """A mapping scale -> registered feature loss (per-scale override of ``loss``)."""
+    if not isinstance(value, dict):
+        raise OptionError(f"{what} must be a mapping of scales to loss names, got {value!r}", what)
+    check_scale_names(value, what)
+    for name in value.values():
+        check_loss(name, what)
+    return value
 
 
 def check_kd_images(value: Any, what: str = "kd_images") -> str:

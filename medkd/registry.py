@@ -1,4 +1,9 @@
-"""One generic name -> object registry (timm ``_registry.py`` style).
+"""One generic name -> object registry (timm ``_registry.py`` style), and medkd's two registries.
+
+:data:`MODELS` and :data:`LOSSES` live here, at the bottom of the package, so that the options layer
+(:mod:`medkd.options`, :mod:`medkd.config`) can check a name and list the valid ones without importing the
+model zoo or the losses: a registry imports its *home* package (the one whose ``__init__`` imports every
+registering module) the first time it is read, as a plugin system loads its entry points.
 
 Example:
     >>> LOSSES = Registry("loss")
@@ -9,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 
 class Registry:
@@ -18,11 +24,18 @@ class Registry:
 
     Args:
         kind: What is registered ("loss", "model"); used in error messages.
+        home: The package that registers every entry when imported; read lazily (see the module docstring).
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, home: Optional[str] = None):
         self.kind = kind
+        self.home = home
         self._items: Dict[str, Any] = {}
+
+    def _load(self) -> Dict[str, Any]:
+        if self.home is not None:
+            importlib.import_module(self.home)  # registers the entries (a no-op once imported)
+        return self._items
 
     def register(self, name: str) -> Callable[[Any], Any]:
         """Decorator registering ``obj`` under ``name``. A duplicate name warns and replaces."""
@@ -42,20 +55,31 @@ class Registry:
             KeyError: unknown name; the message lists the valid names.
         """
         try:
-            return self._items[name]
+            return self._load()[name]
         except KeyError:
             raise KeyError(
                 f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> List[str]:
-        return sorted(self._items)
+        return sorted(self._load())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._load()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._load())
+
+
+#: Model factories (:func:`medkd.models.register_model`); each has ``kind`` "teacher" or "student".
+MODELS = Registry("model", home="medkd.models")
+#: Feature distillation losses (:mod:`medkd.distill.losses`), classes taking ``(channels, **options)``.
+LOSSES = Registry("loss", home="medkd.distill.losses")
+
+
+def model_names(kind: str) -> List[str]:
+    """Registered model names of ``kind`` ("teacher" or "student")."""
+    return [n for n in MODELS.names() if getattr(MODELS.get(n), "kind", "student") == kind]

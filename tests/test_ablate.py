@@ -434,6 +434,27 @@ def test_resume_killed_runs(ablation, tiny_data, teacher, monkeypatch):
     assert all(r["seeds"] == [0, 1] for r in res["rows"])
 
 
+def test_restart_with_another_teacher_output_mode_resumes(ablation, tiny_data, teacher, monkeypatch):
+    """A restarted ablation whose plan picks another teacher-output mode resumes its partial runs: where the targets
+    come from is not part of a run's identity (one definition for --resume and ablate)."""
+    import medkd.distill.teacher_outputs as to_mod
+
+    out = _copy(ablation, "remode")
+    run = out / "runs" / "pmd-only" / "seed1"
+    partial = run.with_name("seed1.partial")
+    run.rename(partial)
+    (partial / "summary.json").unlink()
+    before = yaml.safe_load((partial / "config.yaml").read_text())["teacher_outputs"]
+    monkeypatch.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(  # a GPU: fast teacher, slow reads
+        teacher_s=0.03, disk_read_s=0.23, disk_write_s=0.05, memory_read_s=0.002))
+    calls = _patch_counts(monkeypatch)
+    ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
+    assert calls["distill"] == [(run, True, False)]
+    after = yaml.safe_load((run / "config.yaml").read_text())["teacher_outputs"]
+    assert before == "disk" and after != before
+    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 1
+
+
 def test_changed_config_is_an_error_unless_overwrite(ablation, tiny_data, teacher, monkeypatch):
     out = _copy(ablation, "changed")
     grid = write_grid(ablation["root"] / "grid2.yaml", [{"scales": "none", "pmd": False}])  # the baseline alone

@@ -84,7 +84,7 @@ def test_validators_name_the_option_and_valid_values():
     (DistillConfig, {"loss": "kl", "teacher": "T"}, "unknown loss 'kl'"),
     (DistillConfig, {"device": "gpu", "teacher": "T"}, "unknown device 'gpu'"),
     (DistillConfig, {"weights": {"seg": -1}, "teacher": "T"}, "weights seg must be >= 0"),
-    (TeacherConfig, {"arch": "vit"}, "unknown teacher arch 'vit'"),
+    (TeacherConfig, {"arch": "vit"}, "unknown arch 'vit'; valid: transunet, unet"),
     (TeacherConfig, {"optimizer": "lion"}, "unknown optimizer 'lion'"),
 ])
 def test_configs_use_the_same_validators(cls, over, msg):

@@ -131,11 +131,12 @@ def test_zero_weight_switches_a_term_off(tiny_teacher, batch):
 
 
 def test_first_step_check_names_constant_loss(tiny_teacher, batch, monkeypatch):
-    class Constant(torch.nn.Module):
-        def __init__(self, channels, **kw):
-            super().__init__()
+    from medkd.distill.losses import FeatureLoss
 
-        def forward(self, s, t, y=None):
+    class Constant(FeatureLoss):  # every registered feature loss is a FeatureLoss (one interface)
+        name = "constant"
+
+        def compute(self, s, t, y=None):
             return torch.tensor(0.7, requires_grad=True)
 
     monkeypatch.setitem(LOSSES._items, "constant", Constant)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml,
-                          preset_names, to_dict)
+                          preset_names, run_identity, to_dict)
 from medkd.config import preset_file as packaged_preset
 from medkd.errors import MedkdError
 from medkd.options import OptionError, check_seed, short_repr
@@ -20,9 +20,7 @@ GRID_PRESETS = tuple(preset_names("ablate"))  # packaged grids: medkd/presets/ab
 DEFAULT_SEEDS = (0, 1, 2)
 SPLIT = "test"  # every run of an ablation is evaluated (and compared) on this split
 
-CELL_RESERVED = ("teacher", "seed")  # fixed by the ablation (--teacher, --seeds)
-# options that do not change what a run learns (ignored when comparing a finished run's config)
-NON_IDENTITY = ("seed", "device", "num_workers", "teacher_outputs", "cache_budget", "teacher", "grad_share_every")
+CELL_RESERVED = ("teacher", "seed")  # fixed by the ablation (--teacher, --seeds): not part of a row's identity
 ABBR = {"enc": "E", "bottleneck": "B", "dec": "D"}
 
 
@@ -241,10 +239,11 @@ def baseline_config(cfg: DistillConfig) -> DistillConfig:
 
 
 def identity(d: Dict[str, Any]) -> Dict[str, Any]:
-    """The options that decide what a run learns, from ``to_dict(cfg)`` or a run's ``config.yaml``: the config's
-    :meth:`~medkd.config.DistillConfig.effective` form without the options that do not change what is learnt."""
-    eff = DistillConfig.from_record(d).effective()
-    return {k: v for k, v in eff.items() if k not in NON_IDENTITY}
+    """A row's identity, from ``to_dict(cfg)`` or a run's ``config.yaml``: the run identity
+    (:func:`medkd.config.run_identity`, the same one ``--resume`` holds fixed) without what the ablation fixes for
+    every row (:data:`CELL_RESERVED`)."""
+    ident = run_identity(DistillConfig.from_record(d))
+    return {k: v for k, v in ident.items() if k not in CELL_RESERVED}
 
 
 def _canon(d: Dict[str, Any]) -> str:

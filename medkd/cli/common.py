@@ -6,10 +6,13 @@ Training options default to ``None`` on the command line so that the merge order
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -18,33 +21,29 @@ from rich.console import Console
 from typing_extensions import Annotated
 
 from medkd.errors import MedkdError
+from medkd.options import DEFAULT_DEVICE
 
-DeviceOpt = Annotated[
-    Optional[str],
-    typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when available). [default: auto]"),
-]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed. [default: 0]")]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="YAML file of options; command-line flags override it.", dir_okay=False),
+    typer.Option("--config", help="YAML file of options; command-line flags override it. \\[default: none]",
+                 dir_okay=False),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
-
-# Training options shared by train-teacher, distill and ablate (defaults live in medkd.config).
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs. [default: 12]")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Batch size. [default: 8]")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate. [default: 2e-3]")]
-WeightDecayOpt = Annotated[Optional[float], typer.Option(help="Weight decay. [default: 1e-4]")]
-InChannelsOpt = Annotated[Optional[int], typer.Option(help="1, or 3 as in the study (a student must match its teacher). [default: 1]")]
-AugmentOpt = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips + intensity jitter (distill: the teacher then runs live).")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="Packaged training options: 'study' (the reference study's recipe, "
-                                                        "medkd/presets/train-study.yaml).")]
+                                                        "medkd/presets/train-study.yaml). \\[default: none]")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN's last.pt.")]
-SubsetSeedOpt = Annotated[Optional[int], typer.Option(
-    min=0, help="Seed of the --fraction subset of training cases, to hold it fixed across seeds. "
-                "\\[default: the run's --seed, so the subset varies with the seed]")]
+
+def with_default(help_text: str, default: str) -> str:
+    """``help_text`` with ``[default: ...]`` appended, escaped for Rich markup (which would take it for a tag)."""
+    from rich.markup import escape
+
+    return f"{help_text} {escape(f'[default: {default}]')}"
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help=with_default("auto | cpu | cuda | cuda:N (auto = CUDA when available).", DEFAULT_DEVICE))]
 
 # Human output (tables) -> stdout; logs/progress -> stderr.
 stdout_console = Console()
@@ -110,40 +109,117 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-#: Command-line option -> its validator in :mod:`medkd.options` (the value it returns is the canonical form).
-_VALIDATORS = {
-    "student": "check_student", "arch": "check_teacher", "loss": "check_loss", "scales": "parse_scales",
-    "device": "check_device", "split": "check_split", "weights": "parse_weights", "kd_images": "check_kd_images",
-    "epochs": "check_epochs", "batch_size": "check_batch_size", "lr": "check_lr", "weight_decay": "check_weight_decay",
-    "temperature": "check_temperature", "fraction": "check_fraction", "width": "check_width",
-    "recon_weight": "check_recon_weight", "tolerance": "check_tolerance",
-    "teacher_outputs": "check_teacher_outputs", "cache_budget": "check_cache_budget",
-    "seed": "check_seed", "subset_seed": "check_seed", "in_channels": "check_in_channels",
-    "optimizer": "check_optimizer", "schedule": "check_schedule", "student_width": "check_width",
-    "grad_share_every": "check_count",
-}
+# ------------------------------------------------------------------------ options declared on the config fields
 
 
-def usage_checks(**values: Any) -> Dict[str, Any]:
-    """Check command-line values with the validators the configs use; a bad one is a usage error (exit 2).
+def default_text(value: Any) -> str:
+    """How a default reads in ``--help``: ``0.5``, ``on``/``off``, ``a,b`` for lists, ``k=v,...`` for mappings."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
-    ``None`` values (flag not given) are skipped. Returns the checked values in canonical form (e.g. ``scales``
-    parsed into a list), ``None`` kept.
+
+def _field_default(f: "dataclasses.Field[Any]") -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _flag_param(f: "dataclasses.Field[Any]", spec: "OptionSpec", default: Optional[str] = None) -> inspect.Parameter:
+    """The Typer parameter of one declared option: optional (``None`` = not given, so the merge order
+    defaults < preset < --config < flags can tell), typed, with its default and valid values in the help."""
+    from medkd.options import OptionSpec  # noqa: F401 (annotation)
+
+    text = spec.help
+    if spec.choices is not None:
+        text += f" One of: {', '.join(map(str, spec.choices()))}."
+    text = with_default(text, default or spec.default_text or default_text(_field_default(f)))
+    base = spec.cli_type or _plain_type(f.type)
+    flags = (spec.flag or "--" + f.name.replace("_", "-")).split(" ")
+    info = typer.Option(*flags, help=text)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[base], info])
+
+
+def _plain_type(t: Any) -> Any:
+    """``int`` from ``"int"`` / ``"Optional[int]"`` (the config module uses postponed annotations)."""
+    name = str(t).replace("Optional[", "").rstrip("]")
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(name, str)
+
+
+def config_options(cls: type, *names: str, defaults: Optional[Dict[str, str]] = None
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the flags of the config options ``names`` of ``cls``, all derived from their declarations
+    (:func:`medkd.options.option`): flag, type, help with the default, and the usage check (exit 2).
+
+    The command declares a keyword ``opts``; it receives ``{name: canonical value or None}``, ready for
+    :func:`medkd.config.build_config`. The flags are listed after the command's required parameters, before its own options. ``defaults``
+    rewords a default where the command layers something over the config's (``ablate``: the grid's epochs).
+    """
+    from medkd.options import option_specs
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    specs = option_specs(cls)
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n, None) for n in names}
+            given = {n: str(v) if isinstance(v, Path) else v for n, v in given.items()}  # paths are text in configs
+            return fn(*args, opts=usage_checks(cls, **given), **kwargs)
+
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # the command's own Annotated options, resolved
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
+               if p.name != "opts"]
+        required = [p for p in own if p.default is inspect.Parameter.empty]
+        rest = [p for p in own if p.default is not inspect.Parameter.empty]
+        added = [_flag_param(fields[n], specs[n], (defaults or {}).get(n)) for n in names]
+        wrapper.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+            *required, *added, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest)])
+        wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+        return wrapper
+
+    return deco
+
+
+#: Checks of the options that are not config fields (evaluate's --split and --tolerance).
+_OTHER_CHECKS = {"split": "check_split", "tolerance": "check_tolerance"}
+
+
+def usage_checks(cls: Optional[type] = None, **values: Any) -> Dict[str, Any]:
+    """Check command-line values with their declared checks (the fields of ``cls``, else of the configs); a bad one
+    is a usage error (exit 2).
+
+    ``None`` values (flag not given) are kept. Returns the values in canonical form (e.g. ``scales`` parsed into a
+    list).
 
     Raises:
         typer.Exit: code 2, after one ``error: unknown --student 's9'; valid: s1, s2`` line.
     """
     from medkd import options
+    from medkd.config import DistillConfig, TeacherConfig
 
+    specs = {**options.option_specs(TeacherConfig), **options.option_specs(DistillConfig),
+             **(options.option_specs(cls) if cls is not None else {})}
     out: Dict[str, Any] = {}
     for name, value in values.items():
+        out[name] = value
         if value is None:
-            out[name] = None
             continue
-        check = getattr(options, _VALIDATORS[name])
+        spec = specs.get(name)
+        flag = (spec.flag if spec and spec.flag else "--" + name.replace("_", "-")).split("/")[0]
         try:
-            out[name] = check(value, "--" + name.replace("_", "-"))
+            if spec is None:
+                out[name] = getattr(options, _OTHER_CHECKS[name])(value, flag)
+                continue
+            if spec.parse is not None:
+                value = spec.parse(value, flag)
+            out[name] = spec.check(value, flag) if spec.check is not None else value
         except options.OptionError as e:
             raise fail(str(e), 2)
     return out
-

@@ -29,7 +29,7 @@ def command(
     split: Annotated[str, typer.Option(help="Split to evaluate: test | val | train.")] = "test",
     tolerance: Annotated[
         Optional[float],
-        typer.Option("--tolerance", help=f"Surface-Dice tolerance in mm. [default: per case max({DEFAULT_TOLERANCE_MM:g} mm, "
+        typer.Option("--tolerance", help=f"Surface-Dice tolerance in mm. \\[default: per case max({DEFAULT_TOLERANCE_MM:g} mm, "
                                          f"largest voxel spacing), never below the voxel size]"),
     ] = None,
     resolution: Annotated[
@@ -43,10 +43,10 @@ def command(
     ] = True,
     onnx: Annotated[
         Optional[List[Path]], typer.Option("--onnx", help="Exported model per run (same order, medkd export): "
-                                                          "adds its ONNX Runtime latency.", dir_okay=False)
+                                                          "adds its ONNX Runtime latency. \\[default: none]", dir_okay=False)
     ] = None,
     overlays: Annotated[
-        Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs.", file_okay=False)
+        Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs. \\[default: none]", file_okay=False)
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
     force: Annotated[bool, typer.Option("--force", help="Evaluate even when the split holds cases a run was "

@@ -22,10 +22,10 @@ def command(
     fp16: Annotated[bool, typer.Option("--fp16", help="Store weights as float16 (half the file; computes in float32).")] = False,
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Prepared dataset for the verification slices (and the "
-                                                    "postprocessing choice on val). [default: the run's dataset]")
+                                                    "postprocessing choice on val). \\[default: the run's dataset]")
     ] = None,
     tolerance: Annotated[
-        Optional[float], typer.Option("--tolerance", help="Max |runtime - PyTorch| logit difference. [default: 1e-3; 5e-2 with --fp16]")
+        Optional[float], typer.Option("--tolerance", help="Max |runtime - PyTorch| logit difference. \\[default: 1e-3; 5e-2 with --fp16]")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model file.")] = False,
     device: DeviceOpt = None,

@@ -35,7 +35,7 @@ def command(
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
     modality: Annotated[
-        Optional[str], typer.Option(help="CT | MR: override detection (DICOM tag, else CT when min < -500 HU).")
+        Optional[str], typer.Option(help="CT | MR: override detection (DICOM tag, else CT when min < -500 HU). \\[default: detected]")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
     postprocessing: Annotated[

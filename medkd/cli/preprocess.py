@@ -31,9 +31,9 @@ def command(
     source: Annotated[Path, typer.Argument(help="MSD folder (dataset.json) or a folder of cases.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the prepared dataset.")],
     size: Annotated[int, typer.Option(help="In-plane size of the prepared slices.")] = 128,
-    window: Annotated[Optional[str], typer.Option(help="CT window LOW,HIGH in HU (e.g. -160,240).")] = None,
+    window: Annotated[Optional[str], typer.Option(help="CT window LOW,HIGH in HU (e.g. -160,240). \\[default: the window preset's]")] = None,
     window_preset: Annotated[
-        Optional[str], typer.Option(help="Named CT window: abdomen (default), liver, bone, lung, brain.")
+        Optional[str], typer.Option(help="Named CT window: abdomen, liver, bone, lung, brain. \\[default: abdomen]")
     ] = None,
     test_fraction: Annotated[float, typer.Option(help="Fraction of cases for the test split.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Fraction of cases for the validation split.")] = 0.1,

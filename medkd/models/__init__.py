@@ -27,9 +27,7 @@ from typing import Any, Callable, List, Optional
 
 from torch import nn
 
-from medkd.registry import Registry
-
-MODELS = Registry("model")
+from medkd.registry import MODELS
 
 
 #: Arguments every factory takes; the others are its model-specific options (``model_kwargs``).

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import medkd
 from medkd import distributed, rundir
-from medkd.config import TrainConfig, to_dict
+from medkd.config import TrainConfig, resume_differences, to_dict
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError, TrainingError
 from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
@@ -186,10 +186,6 @@ def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
-#: Options that may change when a run is resumed (more epochs extend it; where it runs does not change it).
-RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "amp", "data", "grad_share_every")
-
-
 def data_record(data: PreparedData, train_ids: Sequence[str], val_ids: Sequence[str]) -> Dict[str, Any]:
     """What a run was trained on, saved in every checkpoint (``ckpt["data"]``) and, in part, in ``summary.json``:
     the prepared folder, its fingerprint and settings, the source it was prepared from, the exact training and
@@ -200,11 +196,10 @@ def data_record(data: PreparedData, train_ids: Sequence[str], val_ids: Sequence[
             "train_cases": sorted(train_ids), "val_cases": sorted(val_ids), "profile": data.profile(sorted(train_ids))}
 
 
-def resume_mismatch(ck: Dict[str, Any], config_doc: Dict[str, Any], data_doc: Dict[str, Any]) -> str:
-    """What differs between a partial run's checkpoint and the run being resumed (``""`` when nothing does)."""
-    old = ck.get("config") or {}
-    diffs = [f"{k}={old[k]!r} there, {v!r} now" for k, v in config_doc.items()
-             if k not in RESUME_MAY_CHANGE and k in old and old[k] != v]
+def resume_mismatch(ck: Dict[str, Any], cls: type, config_doc: Dict[str, Any], data_doc: Dict[str, Any]) -> str:
+    """What differs between a partial run's checkpoint and the run being resumed (``""`` when nothing does): the
+    options :func:`medkd.config.resume_differences` holds fixed, and the data's fingerprint."""
+    diffs = resume_differences(cls, ck.get("config") or {}, config_doc)
     old_data = ck.get("data") or {}
     if old_data.get("fingerprint") and old_data["fingerprint"] != data_doc["fingerprint"]:
         diffs.append(f"data {old_data.get('root')} (fingerprint {old_data['fingerprint']}) there, "
@@ -332,7 +327,7 @@ class Trainer:
                 ``copied``), or its weights do not fit the model.
         """
         ck = load_checkpoint(path, "cpu")  # load_state_dict copies to the modules' device
-        differs = resume_mismatch(ck, self.config_doc, self.data_doc)
+        differs = resume_mismatch(ck, type(self.cfg), self.config_doc, self.data_doc)
         if differs:
             if copied and self.main:
                 shutil.rmtree(self.work, ignore_errors=True)

@@ -29,9 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.registry import Registry
-
-LOSSES = Registry("loss")
+from medkd.registry import LOSSES
 
 
 def check_pair(student_feat: torch.Tensor, teacher_feat: torch.Tensor, name: str) -> None:
@@ -108,6 +106,20 @@ class FeatureLoss(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def from_options(cls, channels: int, **options: Any) -> "FeatureLoss":
+        """Build the loss from a config's ``loss_options``; an option the constructor does not take is a
+        ``TypeError`` that lists the valid ones (a bad value is the constructor's ``ValueError``). The options
+        layer checks a config by building each loss it uses once, through the registry."""
+        params = inspect.signature(cls.__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        valid = [p for p in params if p not in ("self", "channels")]
+        unknown = sorted(set(options) - set(valid))
+        if unknown and not takes_any:
+            raise TypeError(f"loss {cls.name!r} takes no option(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(valid) or '(none)'}")
+        return cls(channels, **options)
+
     def pooling_weights(self, targets: Optional[torch.Tensor], size, batch: int, dtype: torch.dtype,
                         device: torch.device):
         """For a loss that reads only weighted spatial pools of the student feature: ``(weights (B, K, H, W),
@@ -119,7 +131,7 @@ class FeatureLoss(nn.Module):
 
 
 def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
-    """Build the feature loss registered as ``name``.
+    """Build the feature loss registered as ``name`` (:meth:`FeatureLoss.from_options`).
 
     Args:
         name: Registered loss name (see ``LOSSES.names()``).
@@ -132,17 +144,9 @@ def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
     Raises:
         KeyError: unknown name; the message lists the valid names.
         TypeError: an option the loss does not take; the message lists the ones it does.
+        ValueError: a bad option value.
     """
-    cls = LOSSES.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    valid = [p for p in params if p not in ("self", "channels")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown and not takes_any:
-        raise TypeError(
-            f"loss {name!r} takes no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"
-        )
-    return cls(channels, **options)
+    return LOSSES.get(name).from_options(channels, **options)
 
 
 # Import every registering module so registration never depends on import side effects elsewhere.
