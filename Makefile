@@ -29,6 +29,7 @@ demo: install
 	$(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick --overwrite
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: install
