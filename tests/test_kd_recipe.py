@@ -127,6 +127,7 @@ def test_grad_shares_logged_and_sum_to_one(tiny_data, tiny_teacher):
     stats = task.epoch_stats()
     assert set(stats) == {"gshare_seg", "gshare_enc", "gshare_dec", "gshare_pmd"}
     assert sum(stats.values()) == pytest.approx(1.0, abs=1e-3) and all(v > 0 for v in stats.values())
+    task.on_epoch_start(1)
     assert task.epoch_stats() == {}  # reset per epoch
     with torch.no_grad():
         task(x, y, idx)

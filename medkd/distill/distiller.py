@@ -31,6 +31,7 @@ from medkd.distill.losses import PMDLoss, build_loss
 from medkd.errors import MedkdError
 from medkd.infer import seg_logits
 from medkd.train.losses import SegLoss
+from medkd.train.task import Task
 
 
 def in_teacher_batches(fn: Callable[[torch.Tensor, torch.Tensor], List[Dict[str, torch.Tensor]]],
@@ -106,7 +107,7 @@ class LiveTeacher:
         return self.task.teacher_targets(x, y)
 
 
-class Distiller(nn.Module):
+class Distiller(Task):
     """Distillation task for :func:`medkd.train.loop.fit`.
 
     Args:
@@ -131,7 +132,7 @@ class Distiller(nn.Module):
         self.outputs = LiveTeacher(self)
         self.seg_loss = SegLoss(student.num_classes)
         self.teacher_forwards = 0  # teacher batches run live (tests and benchmarks count them)
-        self._step = 0  # steps in the current epoch (reset by epoch_stats)
+        self._step = 0  # steps in the current epoch (reset by on_epoch_start)
         self._gnorm: Dict[str, float] = {}
         self._gnorm_n = 0
         if cfg.uses_teacher and teacher is None:
@@ -298,11 +299,13 @@ class Distiller(nn.Module):
                 self._gnorm[name] = self._gnorm.get(name, 0.0) + n / total
             self._gnorm_n += 1
 
-    def epoch_stats(self) -> Dict[str, float]:
-        """``{"gshare_<term>": mean share of the summed gradient norms}`` since the last call; starts a new epoch."""
-        out = {f"gshare_{k}": round(v / self._gnorm_n, 4) for k, v in self._gnorm.items()} if self._gnorm_n else {}
+    def on_epoch_start(self, epoch: int) -> None:
+        """Restart the step count (every ``grad_share_every``-th step of an epoch measures) and the shares."""
         self._step, self._gnorm, self._gnorm_n = 0, {}, 0
-        return out
+
+    def epoch_stats(self) -> Dict[str, float]:
+        """``{"gshare_<term>": mean share of the summed gradient norms}`` since :meth:`on_epoch_start`."""
+        return {f"gshare_{k}": round(v / self._gnorm_n, 4) for k, v in self._gnorm.items()} if self._gnorm_n else {}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)

@@ -1,11 +1,5 @@
-"""The training loop: short on purpose. Losses, hooks and metrics live elsewhere.
-
-A *task* is an ``nn.Module`` with:
-
-* ``model``: the network saved in ``best.pt`` (loadable alone);
-* ``forward(images, masks, index) -> dict[str, Tensor]``: the **weighted** loss terms, named; the loop sums them;
-* ``predict(images) -> logits``: for validation;
-* optionally ``trainable_state()`` / ``load_trainable_state()`` for modules saved beside the model (adapters, heads).
+"""The training loop: short on purpose. Losses, hooks and metrics live elsewhere; what is trained is a
+:class:`~medkd.train.task.Task`.
 """
 
 from __future__ import annotations
@@ -28,13 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 import medkd
 from medkd import distributed, rundir
 from medkd.config import TrainConfig, resume_differences, to_dict
-from medkd.data.prepared import PreparedData
+from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError, TrainingError
 from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
 from medkd.metrics.efficiency import count_params
 from medkd.metrics.segmentation import confusion, overlap_from_counts
 from medkd.report.progress import Bars
 from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
+from medkd.train.task import Task
 
 
 def seed_everything(seed: int) -> None:
@@ -278,7 +273,7 @@ class Trainer:
     :meth:`restore` (from ``last.pt``), one epoch (:meth:`train_epoch` + :meth:`end_epoch`), :meth:`finish`.
 
     Args:
-        task: the task (see the module docstring); moved to ``device``.
+        task: what is trained; moved to ``device``.
         cfg: the training config.
         data: the prepared dataset (validation split; what was trained on is recorded in every checkpoint).
         train_set: the training slices.
@@ -287,7 +282,7 @@ class Trainer:
         device: where to train.
     """
 
-    def __init__(self, task: torch.nn.Module, cfg: TrainConfig, data: PreparedData, train_set: Dataset, run: Path,
+    def __init__(self, task: Task, cfg: TrainConfig, data: PreparedData, train_set: SliceDataset, run: Path,
                  kind: str, device: torch.device):
         self.task, self.cfg, self.data, self.train_set, self.kind, self.device = task, cfg, data, train_set, kind, device
         self.run, self.work = Path(run), partial_dir(run)
@@ -300,7 +295,7 @@ class Trainer:
         if self.use_cuda:
             task.to(memory_format=torch.channels_last)
         # DDP (under torchrun): trainable modules wrapped, BatchNorm synchronised; ``self.task`` stays the plain module
-        self.net = distributed.wrap(task, device, find_unused_parameters=getattr(task, "find_unused_parameters", False))
+        self.net = distributed.wrap(task, device, find_unused_parameters=task.find_unused_parameters)
         self.amp_dtype = torch.bfloat16 if self.use_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.use_amp = bool(cfg.amp and self.use_cuda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -314,7 +309,7 @@ class Trainer:
         self.resumed = False
         # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
         self.config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
-        self.data_doc = data_record(data, getattr(train_set, "case_ids", []), self.val_ids)
+        self.data_doc = data_record(data, train_set.case_ids, self.val_ids)
 
     # ----------------------------------------------------------------------------------------------- restore
 
@@ -335,8 +330,7 @@ class Trainer:
                              f"same options and data, or start again with --overwrite)")
         try:
             self.model.load_state_dict(ck["model"])
-            if hasattr(self.task, "load_trainable_state"):
-                self.task.load_trainable_state(ck.get("extra", {}))
+            self.task.load_trainable_state(ck.get("extra", {}))
             self.opt.load_state_dict(ck["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise MedkdError(f"{path}: cannot resume, its weights do not fit this model "
@@ -369,6 +363,7 @@ class Trainer:
         epoch, cfg, device = self.epoch, self.cfg, self.device
         loader, gen = epoch_loader(self.train_set, cfg, epoch, pin_memory=self.use_cuda, env=self.env)
         self.task.train()
+        self.task.on_epoch_start(epoch)
         sums: Dict[str, float] = {}
         n = 0
         bars.start(f"epoch {epoch + 1}", inner_total=len(loader))
@@ -417,7 +412,7 @@ class Trainer:
         n = max(n, 1)
         row = {"epoch": self.epoch, "loss": sum(sums.values()) / n, **{k: s / n for k, s in sums.items()},
                "val_dice": val_dice, "lr": lr,
-               **(self.task.epoch_stats() if hasattr(self.task, "epoch_stats") else {}),
+               **self.task.epoch_stats(),
                "seconds": round(time.time() - t0, 3)}
         self.history.append(row)
         improved = val_dice > self.best["val_dice"]
@@ -426,8 +421,9 @@ class Trainer:
         if self.main:
             if improved:
                 atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
-                if hasattr(self.task, "trainable_state"):
-                    atomic_save(self.task.trainable_state(), self.work / rundir.HEADS)
+                heads = self.task.trainable_state()
+                if heads:  # modules trained beside the model (the teacher has none)
+                    atomic_save(heads, self.work / rundir.HEADS)
             atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
             rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
         return {**row, "improved": improved}
@@ -443,8 +439,9 @@ class Trainer:
             d.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
                      scaler=self.scaler.state_dict(), history=self.history, best=self.best, rng=_rng_state(),
                      seconds=self.seconds)
-            if hasattr(self.task, "trainable_state"):
-                d["extra"] = self.task.trainable_state()
+            extra = self.task.trainable_state()
+            if extra:
+                d["extra"] = extra
         return d
 
     # ------------------------------------------------------------------------------------------------ finish
@@ -457,7 +454,7 @@ class Trainer:
             "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
             "final_val_dice": h[-1]["val_dice"] if h else None, "seconds": round(self.seconds, 2),
             "seed": self.cfg.seed, "device": str(self.device), "medkd_version": medkd.__version__,
-            "data": str(self.data.root.resolve()), "train_cases": len(getattr(self.train_set, "case_ids", [])),
+            "data": str(self.data.root.resolve()), "train_cases": len(self.train_set.case_ids),
             "train_slices": len(self.train_set), "data_fingerprint": d["fingerprint"],
             "train_case_ids": d["train_cases"], "val_case_ids": d["val_cases"], "world_size": self.env.world_size,
             **(summary_extra or {}),
@@ -478,10 +475,10 @@ def epoch_line(kind: str, row: Dict[str, Any], epochs: int) -> str:
 
 @claims_run
 def fit(
-    task: torch.nn.Module,
+    task: Task,
     cfg: TrainConfig,
     data: PreparedData,
-    train_set: Dataset,
+    train_set: SliceDataset,
     run: Path,
     *,
     kind: str,

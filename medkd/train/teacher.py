@@ -14,11 +14,12 @@ from medkd.config import TeacherConfig
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError
 from medkd.models import build_model
-from medkd.train.losses import SegLoss
 from medkd.train.loop import claims_run, fit, seed_everything
+from medkd.train.losses import SegLoss
+from medkd.train.task import Task
 
 
-class TeacherTask(nn.Module):
+class TeacherTask(Task):
     """Loss terms: ``dice`` + ``bce`` on the segmentation head, ``recon`` = recon_weight x MSE(recon, input)."""
 
     def __init__(self, model: nn.Module, recon_weight: float):
@@ -53,7 +54,7 @@ def train_teacher(
     data = PreparedData(data_dir)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, in_channels=cfg.in_channels, num_classes=1, width=cfg.width, **cfg.model_kwargs)
-    if data.size < getattr(model, "min_size", 1):
+    if data.size < model.min_size:
         raise MedkdError(f"{data_dir}: slices of {data.size} px are smaller than {cfg.arch}'s minimum {model.min_size}")
     train_set = SliceDataset(data, "train")
     task = TeacherTask(model, cfg.recon_weight)
