@@ -121,7 +121,7 @@ def training_overlap(ckpt: Dict[str, Any], data: PreparedData, split: str) -> Op
     """Cases of ``split`` that the checkpoint's run was trained on.
 
     The run's checkpoint records its training case ids and the source folder its data was prepared from
-    (``medkd.train.loop.data_record``); ids are compared when both datasets come from the same source (a dataset
+    (``medkd.train.provenance.data_record``); ids are compared when both datasets come from the same source (a dataset
     prepared again with another split seed reshuffles the same patients). Returns ``None`` when the run does
     not record its training cases (runs from before medkd recorded them), ``[]`` for another source.
     """

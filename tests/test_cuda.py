@@ -50,7 +50,7 @@ def augmented(request, tiny_data, runs):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_augment_batch_stays_on_the_batch_device(device):
-    from medkd.train.loop import augment_batch
+    from medkd.train.batches import augment_batch
 
     x = torch.rand(5, 1, 8, 8)
     y = (torch.rand(5, 1, 8, 8) > 0.5).float()
@@ -65,16 +65,16 @@ def test_augment_batch_stays_on_the_batch_device(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rng_state_restores_from_a_checkpoint_mapped_to_the_device(device):
     """``torch.load(map_location=device)`` moves the saved ByteTensors; restoring must still work."""
-    from medkd.train.loop import _rng_state, _set_rng_state
+    from medkd.train.seeding import rng_state, set_rng_state
 
     torch.manual_seed(11)
-    st = _rng_state()
+    st = rng_state()
     expected = torch.rand(3)
     moved = {**st, "torch": st["torch"].to(device)}
     if "cuda" in st:
         moved["cuda"] = [s.to(device) for s in st["cuda"]]
     torch.rand(7)
-    _set_rng_state(moved)
+    set_rng_state(moved)
     assert torch.equal(torch.rand(3), expected)
 
 

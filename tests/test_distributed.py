@@ -102,7 +102,7 @@ def test_ranks_split_each_global_batch(tiny_data):
     from medkd.config import TeacherConfig
     from medkd.data.prepared import PreparedData, SliceDataset
     from medkd.distributed import DistEnv
-    from medkd.train.loop import epoch_loader
+    from medkd.train.batches import epoch_loader
 
     ds = SliceDataset(PreparedData(tiny_data), "train")
     cfg = TeacherConfig(batch_size=4, seed=3)

@@ -156,7 +156,8 @@ def test_old_release_last_pt_restores_like_resume():
 
     from medkd.config import TeacherConfig, build_config
     from medkd.models import build_model
-    from medkd.train.loop import _rng_state, _set_rng_state, make_optimizer, make_scheduler
+    from medkd.train.optim import make_optimizer, make_scheduler
+    from medkd.train.seeding import rng_state, set_rng_state
 
     ck = load_checkpoint(OLD_RUN / "last.pt")
     cfg = build_config(TeacherConfig, overrides={k: v for k, v in ck["config"].items() if k not in ("kind", "data")})
@@ -165,13 +166,13 @@ def test_old_release_last_pt_restores_like_resume():
     opt = make_optimizer(model.parameters(), cfg)
     opt.load_state_dict(ck["optimizer"])
     make_scheduler(opt, cfg).load_state_dict(ck["scheduler"])
-    saved = _rng_state()
+    saved = rng_state()
     try:
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         assert np.array_equal(np.random.get_state()[1], ck["rng"]["numpy"][1])
         assert random.getstate() == ck["rng"]["python"]
     finally:
-        _set_rng_state(saved)
+        set_rng_state(saved)
 
 
 # ------------------------------------------------------------------------------------------ paths

@@ -1,1 +1,1 @@
-"""Training: the short loop, checkpoints, run folders."""
+"""Training: the :class:`~medkd.train.task.Task` interface, the loop and its parts, the teacher task."""

@@ -1,213 +1,42 @@
-"""The training loop: short on purpose. Losses, hooks and metrics live elsewhere; what is trained is a
-:class:`~medkd.train.task.Task`.
+"""The training loop: a :class:`Trainer` (one run's state and phases) and :func:`fit` (restore, epochs, finish).
+
+What is trained is a :class:`~medkd.train.task.Task`; losses, hooks and metrics live elsewhere, and so do the
+loop's parts: batches (:mod:`.batches`), optimizer (:mod:`.optim`), seeding and RNG state (:mod:`.seeding`),
+validation (:mod:`.validation`), loss checks (:mod:`.checks`), provenance and resume checks (:mod:`.provenance`),
+the entry-point decorator (:mod:`.entry`) and ``curves.png`` (:mod:`.plots`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
-from torch.utils.data import DataLoader, Dataset
 
 import medkd
 from medkd import distributed, rundir
-from medkd.config import TrainConfig, resume_differences, to_dict
+from medkd.config import TrainConfig, to_dict
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError, TrainingError
-from medkd.infer import logits_to_mask, match_channels, predict_volume, resolve_device
+from medkd.infer import match_channels, resolve_device
 from medkd.metrics.efficiency import count_params
-from medkd.metrics.segmentation import confusion, overlap_from_counts
 from medkd.report.progress import Bars
 from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
+from medkd.train.batches import augment_batch, epoch_loader
+from medkd.train.checks import all_finite, check_first_step
+from medkd.train.entry import claims_run
+from medkd.train.optim import extend_schedule, make_optimizer, make_scheduler
+from medkd.train.plots import plot_curves
+from medkd.train.provenance import data_record, resume_mismatch
+from medkd.train.seeding import rng_state, set_deterministic, set_rng_state
 from medkd.train.task import Task
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def set_deterministic(device: torch.device) -> None:
-    """Same seed + config on CPU -> same numbers. (CUDA keeps cuDNN's fast non-deterministic kernels.)"""
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def fused_ok(params) -> bool:
-    """Whether torch's fused (one-kernel) Adam/AdamW step can update ``params``: floating-point tensors on CPU or
-    CUDA. On a small student with adapters and heads, the per-tensor step of the default implementation is a
-    measurable part of a distillation step on CPU (benchmarks/RESULTS.md, issue 15)."""
-    params = list(params)
-    devices = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)  # fused CPU kernels since torch 2.4
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.optimizer in ("adamw", "adam"):
-        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_ok(params) or None)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-
-
-def make_scheduler(opt, cfg: TrainConfig):
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
-    return None
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-    """Random flips (per sample, both axes) and intensity scale/shift; ``gen`` is seeded per epoch.
-
-    ``gen`` is a CPU generator (the same draws on every device); the draws are moved to ``x``'s device.
-
-    Args:
-        x: images ``(B, C, H, W)``; y: masks ``(B, 1, H, W)`` on the same device.
-    """
-    b = x.shape[0]
-    r = torch.rand(b, 4, generator=gen).to(x.device)  # (B, 4): flip H, flip W, scale, shift
-    fh, fw = r[:, 0] < 0.5, r[:, 1] < 0.5
-    x, y = x.clone(), y.clone()
-    x[fh], y[fh] = x[fh].flip(-2), y[fh].flip(-2)
-    x[fw], y[fw] = x[fw].flip(-1), y[fw].flip(-1)
-    scale = (0.9 + 0.2 * r[:, 2]).view(b, 1, 1, 1)
-    shift = (-0.05 + 0.1 * r[:, 3]).view(b, 1, 1, 1)
-    return x * scale + shift, y
-
-
-def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: bool = False,
-                 env: Optional[distributed.DistEnv] = None):
-    """This process's DataLoader for one epoch, and its augmentation generator.
-
-    The sample order is one permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s), drawn from its
-    own generator, so DataLoader workers and augmentation draws cannot change it, and with N processes the
-    ``cfg.batch_size`` slices of a global step are the same as one process's. The augmentation generator is seeded
-    by ``(cfg.seed, epoch, rank)``; it also seeds the workers.
-
-    Returns:
-        ``(loader, generator)``.
-
-    Raises:
-        MedkdError: the global batch size does not divide over the processes.
-    """
-    from torch.utils.data import DistributedSampler
-
-    e = env or distributed.DistEnv()
-    if cfg.batch_size % e.world_size:
-        raise MedkdError(f"--batch-size {cfg.batch_size} (the global batch) does not divide over {e.world_size} "
-                         f"processes")
-    local_bs = cfg.batch_size // e.world_size
-    sampler = DistributedSampler(train_set, num_replicas=e.world_size, rank=e.rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=False)
-    sampler.set_epoch(epoch)
-    # modulo 2**64 (what manual_seed takes): the same number for every seed it took before, and no overflow for
-    # the largest seeds options.check_seed allows
-    gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch + 7919993 * e.rank) % 2**64)
-    # one process: drop a final batch of 1 (BatchNorm cannot train on it; the contrastive loss needs >= 2).
-    # Under DDP the BatchNorm statistics are global, so every rank keeps its (equally long) last batch.
-    drop_last = e.world_size == 1 and len(sampler) % local_bs == 1
-    loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, generator=gen, drop_last=drop_last,
-                        num_workers=cfg.num_workers, pin_memory=pin_memory)
-    return loader, gen
-
-
-def validate(predict, data: PreparedData, ids: Sequence[str], device, in_channels: int, batch_size: int) -> float:
-    """Mean 3D Dice over the validation cases (cases with empty GT and empty prediction are left out).
-
-    Under DDP each process predicts every N-th case and the per-case Dice values are gathered (in case order).
-    """
-    e = distributed.env()
-    mine = [(i, cid) for i, cid in enumerate(ids) if i % e.world_size == e.rank]
-    dices = []
-    for i, cid in mine:
-        pred = logits_to_mask(predict_volume(predict, data.image(cid), device, in_channels, batch_size))
-        c = confusion(pred, np.asarray(data.label(cid)) > 0)
-        dice = overlap_from_counts(c["tp"], c["fp"], c["fn"])["dice"]
-        if not np.isnan(dice):
-            dices.append((i, dice))
-    dices = sorted(d for part in distributed.all_gather_objects(dices) for d in part)
-    return float(np.mean([d for _, d in dices])) if dices else 0.0
-
-
-def _rng_state() -> Dict[str, Any]:
-    """The RNG states, as tensors and plain Python values (a checkpoint loads weights-only without an allow-list):
-    numpy's legacy state tuple is stored with its uint32 key as a list of ints."""
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    st = {"torch": torch.get_rng_state(), "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(gauss)),
-          "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    """Restore the RNG states of :func:`_rng_state` (numpy's key as a list, or as the ndarray older checkpoints
-    hold). Generator states are CPU ``ByteTensor``s whatever device the checkpoint was mapped to
-    (``torch.set_rng_state`` and the CUDA generators accept nothing else)."""
-    torch.set_rng_state(st["torch"].cpu())
-    name, key, *rest = st["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
-    random.setstate(st["python"])
-    if st.get("cuda") and torch.cuda.is_available():
-        # a run may resume on a machine with fewer GPUs than it was saved on
-        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]][: torch.cuda.device_count()])
-
-
-def _extend_schedule(sched, opt: torch.optim.Optimizer, epochs: int) -> None:
-    """A resumed cosine schedule follows the *current* ``epochs`` (resuming with more epochs extends the run).
-
-    The learning rate is recomputed in closed form, so stopping after epoch k of N and resuming gives the same
-    rates as an uninterrupted N-epoch run, and extending a finished run does not continue at lr ~ 0.
-    """
-    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == epochs:
-        return
-    sched.T_max = epochs
-    t = sched.last_epoch
-    for g, base in zip(opt.param_groups, sched.base_lrs):
-        g["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-
-
-def data_record(data: PreparedData, train_ids: Sequence[str], val_ids: Sequence[str]) -> Dict[str, Any]:
-    """What a run was trained on, saved in every checkpoint (``ckpt["data"]``) and, in part, in ``summary.json``:
-    the prepared folder, its fingerprint and settings, the source it was prepared from, the exact training and
-    validation case ids (``evaluate`` refuses to score a run on its own training cases) and the training data's
-    profile (``predict`` compares inputs with it)."""
-    return {"root": str(data.root.resolve()), "fingerprint": data.fingerprint(), "size": data.size,
-            "settings": data.settings, "source": data.manifest.get("source"),
-            "train_cases": sorted(train_ids), "val_cases": sorted(val_ids), "profile": data.profile(sorted(train_ids))}
-
-
-def resume_mismatch(ck: Dict[str, Any], cls: type, config_doc: Dict[str, Any], data_doc: Dict[str, Any]) -> str:
-    """What differs between a partial run's checkpoint and the run being resumed (``""`` when nothing does): the
-    options :func:`medkd.config.resume_differences` holds fixed, and the data's fingerprint."""
-    diffs = resume_differences(cls, ck.get("config") or {}, config_doc)
-    old_data = ck.get("data") or {}
-    if old_data.get("fingerprint") and old_data["fingerprint"] != data_doc["fingerprint"]:
-        diffs.append(f"data {old_data.get('root')} (fingerprint {old_data['fingerprint']}) there, "
-                     f"{data_doc['root']} (fingerprint {data_doc['fingerprint']}) now")
-    return "; ".join(diffs)
-
-
-def _all_finite(loss: torch.Tensor, env: distributed.DistEnv) -> bool:
-    """``loss`` is finite on every process (so all stop together instead of hanging in the next all-reduce)."""
-    ok = bool(torch.isfinite(loss))
-    if env.world_size > 1:
-        ok = distributed.all_reduce_(torch.tensor([0.0 if ok else 1.0], device=loss.device), "max").item() == 0.0
-    return ok
+from medkd.train.validation import validate
 
 
 def _sum_over_ranks(sums: Dict[str, float], n: int, env: distributed.DistEnv, device: torch.device):
@@ -218,54 +47,6 @@ def _sum_over_ranks(sums: Dict[str, float], n: int, env: distributed.DistEnv, de
     t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=device)  # NCCL: on the GPU
     t = distributed.all_reduce_(t).cpu()
     return {k: float(v) for k, v in zip(keys, t[:-1])}, int(t[-1])
-
-
-def check_first_step(terms: Dict[str, torch.Tensor], params: List[torch.nn.Parameter]) -> None:
-    """Every enabled term must be finite, non-zero and send gradient to the trainable modules."""
-    for name, v in terms.items():
-        if not torch.isfinite(v):
-            raise TrainingError(f"loss term {name!r} is {v.item()} at the first step")
-        if v.detach().abs().item() == 0.0:
-            raise TrainingError(f"loss term {name!r} is exactly zero at the first step (it would teach nothing)")
-        grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
-        if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
-            raise TrainingError(f"loss term {name!r} gives no gradient to the trainable modules")
-
-
-def claims_run(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn(..., run, cfg, ...)`` (arguments named ``run`` and ``cfg``) as a training entry point:
-
-    * under torchrun, inside the job's process group (:func:`medkd.distributed.session`, device from ``cfg``);
-    * holding the claim on ``run`` (rank 0 claims for the job): a second process training into the same folder
-      fails at once (:class:`medkd.claim.ClaimedError`) naming the owner;
-    * when ``fn`` fails before any epoch finished, its ``RUN.partial`` (nothing to resume) is removed (by rank 0).
-    """
-    import functools
-    import inspect
-
-    from medkd.claim import Claim
-
-    sig = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = sig.bind(*args, **kwargs).arguments
-        run = Path(bound["run"])
-        held: List[Claim] = []
-        with distributed.session(resolve_device(bound["cfg"].device)) as env:
-            distributed.on_main(lambda: held.append(Claim(run).acquire()))
-            try:
-                return fn(*args, **kwargs)
-            except BaseException:
-                work = partial_dir(run)
-                if env.is_main and work.is_dir() and not (work / rundir.LAST).is_file():
-                    shutil.rmtree(work, ignore_errors=True)
-                raise
-            finally:
-                for claim in held:
-                    claim.release()
-
-    return wrapper
 
 
 class Trainer:
@@ -337,12 +118,12 @@ class Trainer:
                              f"({str(e).strip().splitlines()[0][:160]})") from None
         if self.sched is not None and ck.get("scheduler"):
             self.sched.load_state_dict(ck["scheduler"])
-            _extend_schedule(self.sched, self.opt, self.cfg.epochs)
+            extend_schedule(self.sched, self.opt, self.cfg.epochs)
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.history, self.best = ck["history"], ck["best"]
         self.epoch, self.seconds = ck["epoch"], ck.get("seconds", 0.0)
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         self.resumed = True
 
     def write_config(self) -> None:
@@ -379,7 +160,7 @@ class Trainer:
                 terms = self.net(x, y, idx)
             terms = {k: v.float() for k, v in terms.items()}
             loss = sum(terms.values())
-            if not _all_finite(loss, self.env):
+            if not all_finite(loss, self.env):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                 last = self.work / rundir.LAST
                 kept = (f"last good checkpoint: {last}, epoch {epoch}" if last.is_file()
@@ -437,7 +218,7 @@ class Trainer:
         }
         if full:
             d.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
-                     scaler=self.scaler.state_dict(), history=self.history, best=self.best, rng=_rng_state(),
+                     scaler=self.scaler.state_dict(), history=self.history, best=self.best, rng=rng_state(),
                      seconds=self.seconds)
             extra = self.task.trainable_state()
             if extra:
@@ -533,32 +314,8 @@ def fit(
                           highlight=False, soft_wrap=True)
         if t.history and main:  # best effort: a failing plot must not hide why training stopped
             with contextlib.suppress(Exception):
-                _plot_curves(t.history, work / rundir.CURVES)
+                plot_curves(t.history, work / rundir.CURVES)
         raise
     if t.history and main:
-        _plot_curves(t.history, work / rundir.CURVES)
+        plot_curves(t.history, work / rundir.CURVES)
     return t.finish(summary_extra)
-
-
-def _plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    skip = {"epoch", "val_dice", "lr", "seconds"}
-    names = [k for k in history[0] if k not in skip and not k.startswith("gshare_")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in names:
-        a.plot(epochs, [r.get(k, math.nan) for r in history], label=k, lw=2 if k == "loss" else 1)
-    a.set_xlabel("epoch"), a.set_ylabel("loss term (weighted)"), a.set_yscale("log"), a.legend(fontsize=7)
-    b.plot(epochs, [r["val_dice"] for r in history], marker="o")
-    b.set_xlabel("epoch"), b.set_ylabel("val Dice"), b.set_ylim(0, 1), b.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with rundir.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-    finally:
-        plt.close(fig)
-

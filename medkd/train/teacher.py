@@ -14,8 +14,10 @@ from medkd.config import TeacherConfig
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.errors import MedkdError
 from medkd.models import build_model
-from medkd.train.loop import claims_run, fit, seed_everything
+from medkd.train.entry import claims_run
+from medkd.train.loop import fit
 from medkd.train.losses import SegLoss
+from medkd.train.seeding import seed_everything
 from medkd.train.task import Task
 
 
