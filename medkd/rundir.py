@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from medkd.compat import torch_at_least
 from medkd.errors import DataError, MedkdError, OutputError
 
 CONFIG = "config.yaml"
@@ -361,7 +362,7 @@ def _allow_legacy_globals():
     ``(type, name)`` entries; on older torch only checkpoints without them load)."""
     import torch
 
-    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6):
+    if torch_at_least(2, 6):
         return torch.serialization.safe_globals(_legacy_globals())
     return contextlib.nullcontext()  # pragma: no cover - torch < 2.6
 

@@ -274,3 +274,12 @@ def test_flags_override_yaml(tmp_path):
     y.write_text("width: 8\nlr: 1e-4\nepochs: 3\n")
     cfg = build_config(TeacherConfig, y, {"epochs": 5, "width": None})
     assert (cfg.width, cfg.lr, cfg.epochs) == (8, 1e-4, 5)
+
+
+def test_torch_versions_compare_as_numbers():
+    """'2.13' is newer than '2.4' (as text it sorts before): the fused CPU optimizer and the legacy checkpoint
+    allow-list are chosen by number."""
+    from medkd.compat import version_tuple
+
+    assert version_tuple("2.13.0+cpu") == (2, 13, 0) > (2, 6) > version_tuple("2.4.1")
+    assert version_tuple("2.6.0a0+git123") == (2, 6, 0)

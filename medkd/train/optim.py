@@ -6,15 +6,16 @@ import math
 
 import torch
 
+from medkd.compat import torch_at_least
 from medkd.config import TrainConfig
 
 
 def fused_ok(params) -> bool:
     """Whether torch's fused (one-kernel) Adam/AdamW step can update ``params``: floating-point tensors on CPU or
-    CUDA. On a small student with adapters and heads, the per-tensor step of the default implementation is a
-    measurable part of a distillation step on CPU (benchmarks/RESULTS.md, issue 15)."""
+    CUDA. A student with adapters and heads has many small parameter tensors, which the per-tensor step of the
+    default implementation updates one by one."""
     params = list(params)
-    devices = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)  # fused CPU kernels since torch 2.4
+    devices = ("cpu", "cuda") if torch_at_least(2, 4) else ("cuda",)  # fused CPU kernels since torch 2.4
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
