@@ -344,6 +344,37 @@ def test_map_loss_pool_compares_block_means(name):
     assert got.item() != pytest.approx(full(torch.from_numpy(s), torch.from_numpy(t)).item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("name,options", [(n, {}) for n in LOSSES.names()] + [("contrastive", {"region": False})])
+def test_label_aware_is_declared_truthfully(name, options):
+    """``label_aware`` (declared, never probed by the distiller) says whether the teacher view reads the masks:
+    a view that reads them differs with and without a mask."""
+    loss = build_loss(name, 3, **options)
+    feat = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :4] = 1
+    without, with_mask = loss.teacher_view(feat, None), loss.teacher_view(feat, mask)
+    reads = set(without) != set(with_mask) or any(not torch.equal(without[k], with_mask[k]) for k in without)
+    assert loss.label_aware == reads
+
+
+def test_registered_losses_must_be_feature_losses(monkeypatch):
+    """The distiller calls the FeatureLoss interface directly: a registered class outside it is refused by name."""
+    class Plain(torch.nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+
+    monkeypatch.setitem(LOSSES._items, "plain", Plain)
+    with pytest.raises(TypeError, match="'plain'.*not a FeatureLoss"):
+        build_loss("plain", 8)
+
+
+def test_a_map_loss_has_no_pooled_form():
+    loss = build_loss("mse", 3)
+    assert loss.pooling_weights(None, (4, 4), 2, torch.float32, torch.device("cpu")) is None
+    with pytest.raises(NotImplementedError, match="mse"):
+        loss.forward_pooled(torch.zeros(2, 1, 3), torch.ones(2, 1, dtype=torch.bool), {})
+
+
 def test_pool_is_a_map_loss_option_only():
     with pytest.raises(TypeError, match="pool"):
         build_loss("contrastive", 8, pool=2)

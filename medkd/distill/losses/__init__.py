@@ -7,14 +7,16 @@ Every feature loss shares one signature:
   (projection heads, temperatures) are built here, never in ``forward``.
 * ``forward(student_feat (B, C, H, W), teacher_feat (B, C, H, W), targets (B, 1, H0, W0) float {0,1} | None)``
   returns a scalar tensor.
-* ``teacher_view(teacher_feat, targets) -> {name: (B, ...)}``: what the loss consumes of the teacher feature
+* what the distiller asks of every loss, declared on :class:`FeatureLoss` (a subclass overrides what differs):
+  ``teacher_view(teacher_feat, targets) -> {name: (B, ...)}``, what the loss consumes of the teacher feature
   (default: the map itself, ``{"map": teacher_feat}``, average-pooled by the ``pool`` option of the map losses;
-  a loss that pools stores the pooled values), and
-  ``view_id``, a string naming that content (part of the teacher-output cache key). ``forward`` is
+  a loss that pools stores the pooled values); ``view_id``, a string naming that content (part of the
+  teacher-output cache key); ``forward_view(student_feat, view, targets)``, the loss from a view (``forward`` is
   ``forward_view(student_feat, teacher_view(teacher_feat, targets), targets)``, so a cached view and the live
-  teacher give the same loss. The view must not depend on trainable parameters.
-* optionally ``pooling_weights(...)`` + ``forward_pooled(...)``: a loss that reads only weighted pools of the
-  student feature lets the distiller take them from the adapter without building the adapted map.
+  teacher give the same loss); ``label_aware``, whether the view reads the masks; and ``pooling_weights(...)`` +
+  ``forward_pooled(...)`` (default ``None``: the loss reads the map), for a loss that reads only weighted pools
+  of the student feature, which the distiller then takes from the adapter without building the adapted map.
+  The view must not depend on trainable parameters.
 
 Adding a method = one file with ``@LOSSES.register("name")`` + one import line below.
 Prediction-map distillation (:mod:`.pmd`) takes logits, not features, so it is not in the registry.
@@ -49,12 +51,14 @@ class FeatureLoss(nn.Module):
     Args:
         channels: Teacher channels at the tap (losses without learnable parts ignore it).
         pool: Map losses only: compare both maps average-pooled by this factor (``1`` = full resolution). The
-            teacher view, and so a disk or memory cache of it, is then ``pool^2`` times smaller (e.g. the study
-            teacher's ``dec`` map: 64 x 256 x 256 fp16 = 8.4 MB per slice, 0.5 MB at ``pool: 4``). It changes
-            the loss (coarser targets): its effect on val Dice is in benchmarks/RESULTS.md.
+            teacher view, and so a disk or memory cache of it, is then ``pool^2`` times smaller. It changes the
+            loss (coarser targets).
     """
 
     name = "feature"
+    #: Whether :meth:`teacher_view` reads the masks (``targets``): then a cached view depends on which slices the
+    #: run may label. A subclass whose view reads them sets it (per instance where an option decides).
+    label_aware: bool = False
 
     def __init__(self, channels: int, pool: int = 1):
         super().__init__()
@@ -129,8 +133,14 @@ class FeatureLoss(nn.Module):
         (the default): the loss reads the map."""
         return None
 
+    def forward_pooled(self, pooled: torch.Tensor, valid: torch.Tensor, view: Dict[str, torch.Tensor],
+                       targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss from the student pools ``(B, K, C)`` (``valid (B, K)``) that :meth:`pooling_weights` asked for
+        and the teacher view. Only called on a loss whose :meth:`pooling_weights` returns weights."""
+        raise NotImplementedError(f"{self.name} loss reads the map: it has no pooled form")
 
-def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
+
+def build_loss(name: str, channels: int, **options: Any) -> FeatureLoss:
     """Build the feature loss registered as ``name`` (:meth:`FeatureLoss.from_options`).
 
     Args:
@@ -143,10 +153,14 @@ def build_loss(name: str, channels: int, **options: Any) -> nn.Module:
 
     Raises:
         KeyError: unknown name; the message lists the valid names.
-        TypeError: an option the loss does not take; the message lists the ones it does.
+        TypeError: an option the loss does not take (the message lists the ones it does), or a registered class
+            that is not a :class:`FeatureLoss` (the distiller calls its interface directly).
         ValueError: a bad option value.
     """
-    return LOSSES.get(name).from_options(channels, **options)
+    cls = LOSSES.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, FeatureLoss)):
+        raise TypeError(f"loss {name!r} is registered as {cls!r}, not a FeatureLoss subclass")
+    return cls.from_options(channels, **options)
 
 
 # Import every registering module so registration never depends on import side effects elsewhere.

@@ -162,6 +162,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
     """
 
     name = "contrastive"
+    label_aware = True  # the region prototypes pool the mask
 
     def __init__(
         self,
@@ -179,6 +180,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
         self.region = bool(region)
+        self.label_aware = self.region  # without the region term the view reads no mask
         self.slice_weight = float(slice_weight)
         self.region_weight = float(region_weight)
         self.normalize = bool(normalize)
