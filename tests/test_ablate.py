@@ -263,22 +263,31 @@ class Counter:
 @pytest.fixture(scope="module")
 def ablation(tiny_data, teacher, tmp_path_factory):
     """The CLI on a 2-cell x 2-seed grid (+ baseline = 6 runs) with --json, counting the teacher's work."""
+    import medkd.ablate.plan_outputs as plan_mod
     import medkd.distill.run as run_mod
     import medkd.distill.teacher_outputs as to_mod
 
     mp = pytest.MonkeyPatch()
     count = Counter()
-    orig_fill = to_mod.fill_together
+    orig_fill = plan_mod.fill_together
 
     def fill(caches, keys, compute, batch_size=16):
         count.cache_keys += sorted({k for c in caches for k in c.missing(keys)})
         return orig_fill(caches, keys, compute, batch_size)
 
     # CPU-like costs at study scale (the teacher dominates): the plan shares one disk cache across the runs
-    mp.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(teacher_s=5.0, disk_read_s=0.01,
-                                                                       disk_write_s=0.01, memory_read_s=0.005))
-    mp.setattr(to_mod, "fill_together", fill)
+    mp.setattr(plan_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(teacher_s=5.0, disk_read_s=0.01,
+                                                                         disk_write_s=0.01, memory_read_s=0.005))
+    mp.setattr(plan_mod, "fill_together", fill)
 
+    views = []  # the runs' teacher views (the plan's are its own)
+    orig_setup = run_mod.setup_teacher_outputs
+
+    def setup(view, *a, **kw):
+        views.append(view)
+        return orig_setup(view, *a, **kw)
+
+    mp.setattr(run_mod, "setup_teacher_outputs", setup)
     distillers = []
     orig_distiller = run_mod.Distiller
 
@@ -298,7 +307,7 @@ def ablation(tiny_data, teacher, tmp_path_factory):
     finally:
         mp.undo()
     assert res.exit_code == 0, res.stderr
-    count.live_forwards = sum(d.teacher_forwards for d in distillers)
+    count.live_forwards = sum(v.forwards for v in views)
     count.n_runs = len(distillers)
     return {"out": out, "grid": grid, "cli": res, "args": args, "results": json.loads(res.stdout), "count": count,
             "root": root}
@@ -361,18 +370,19 @@ def test_teacher_runs_once_per_ablation(ablation, tiny_data):
 
 def test_gpu_like_costs_plan_no_shared_cache(tiny_data, teacher, monkeypatch):
     """Where the teacher is fast and reads are slow (a GPU), the ablation plan never starts a disk cache."""
+    import medkd.ablate.plan_outputs as plan_mod
     import medkd.distill.teacher_outputs as to_mod
     from medkd.config import DistillConfig, build_config
     from medkd.data.prepared import PreparedData
     from rich.console import Console
 
-    monkeypatch.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(
+    monkeypatch.setattr(plan_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(
         teacher_s=0.03, disk_read_s=0.23, disk_write_s=0.05, memory_read_s=0.002))
     cfgs = [build_config(DistillConfig, overrides={**TINY, "epochs": 20, "teacher": str(teacher), "seed": s, **cell})
             for s in (0, 1) for cell in ({"scales": ["dec"], "loss": "mse", "pmd": False}, {"scales": [], "pmd": True})]
     cache = teacher / "cache"
     before = sorted(cache.rglob("*")) if cache.exists() else []
-    mode, rec = to_mod.plan_runs(cfgs, teacher, PreparedData(tiny_data), Console(stderr=True, quiet=True))
+    mode, rec = plan_mod.plan_runs(cfgs, teacher, PreparedData(tiny_data), Console(stderr=True, quiet=True))
     assert mode == "memory" and rec["estimates"]["memory"] < rec["estimates"]["live"] < rec["estimates"]["disk"]
     assert (sorted(cache.rglob("*")) if cache.exists() else []) == before  # nothing written to the cache
 
@@ -437,6 +447,7 @@ def test_resume_killed_runs(ablation, tiny_data, teacher, monkeypatch):
 def test_restart_with_another_teacher_output_mode_resumes(ablation, tiny_data, teacher, monkeypatch):
     """A restarted ablation whose plan picks another teacher-output mode resumes its partial runs: where the targets
     come from is not part of a run's identity (one definition for --resume and ablate)."""
+    import medkd.ablate.plan_outputs as plan_mod
     import medkd.distill.teacher_outputs as to_mod
 
     out = _copy(ablation, "remode")
@@ -445,7 +456,7 @@ def test_restart_with_another_teacher_output_mode_resumes(ablation, tiny_data, t
     run.rename(partial)
     (partial / "summary.json").unlink()
     before = yaml.safe_load((partial / "config.yaml").read_text())["teacher_outputs"]
-    monkeypatch.setattr(to_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(  # a GPU: fast teacher, slow reads
+    monkeypatch.setattr(plan_mod, "measure_costs", lambda *a, **kw: to_mod.Costs(  # a GPU: fast teacher, slow reads
         teacher_s=0.03, disk_read_s=0.23, disk_write_s=0.05, memory_read_s=0.002))
     calls = _patch_counts(monkeypatch)
     ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)

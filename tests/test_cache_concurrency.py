@@ -23,8 +23,8 @@ def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
     contrastive + PMD items); the teacher sleeps ``delay`` s per batch."""
     from medkd.config import DistillConfig, build_config
     from medkd.distill.cache import TeacherCache
-    from medkd.distill.distiller import Distiller
-    from medkd.distill.teacher_outputs import _compute
+    from medkd.distill.distiller import DistillTerms
+    from medkd.distill.targets import targets_of
     from medkd.models import build_model
     from medkd.rundir import load_model_from_run
 
@@ -33,10 +33,10 @@ def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
                                                       loss="contrastive", pmd=True))
     data = PreparedData(data_dir)
     teacher, _ = load_model_from_run(Path(teacher_run), "best")
-    task = Distiller(build_model("s1", in_channels=1, num_classes=1, width=4), teacher, cfg, data.size)
-    cache = TeacherCache(Path(root), Path(teacher_run) / "best.pt", data, 1, data.case_ids("train"), task.target_specs())
+    task = DistillTerms(build_model("s1", in_channels=1, num_classes=1, width=4), teacher, cfg, data.size).teacher_view()
+    cache = TeacherCache(Path(root), Path(teacher_run) / "best.pt", data, 1, data.case_ids("train"), task.specs())
     ds = SliceDataset(data, "train", fraction=0.5, seed=int(seed))
-    compute = _compute(task, ds, cfg, torch.device("cpu"))
+    compute = targets_of(task, ds, cfg.in_channels, torch.device("cpu"))
     pos = {k: i for i, k in enumerate(ds.index)}
 
     def slow(keys):

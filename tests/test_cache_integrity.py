@@ -20,8 +20,8 @@ from medkd.cli import app
 from medkd.config import DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.distill.cache import TeacherCache
-from medkd.distill.distiller import Distiller
-from medkd.distill.teacher_outputs import _compute
+from medkd.distill.distiller import DistillTerms
+from medkd.distill.targets import targets_of
 from medkd.models import build_model
 from medkd.rundir import load_model_from_run
 
@@ -37,12 +37,12 @@ def _cache(data, teacher, root, log=None):
     cfg = build_config(DistillConfig, overrides=dict(student_width=4, batch_size=4, device="cpu", seed=0,
                                                       teacher=str(teacher), scales=["dec"], loss="contrastive"))
     torch.manual_seed(0)
-    task = Distiller(build_model("s1", in_channels=1, num_classes=1, width=4), load_model_from_run(teacher)[0], cfg,
-                     data.size)
+    task = DistillTerms(build_model("s1", in_channels=1, num_classes=1, width=4), load_model_from_run(teacher)[0], cfg,
+                        data.size).teacher_view()
     ds = SliceDataset(data, "train")
-    compute = _compute(task, ds, cfg, torch.device("cpu"))
+    compute = targets_of(task, ds, cfg.in_channels, torch.device("cpu"))
     pos = {k: i for i, k in enumerate(ds.index)}
-    cache = TeacherCache(root, teacher / "best.pt", data, 1, data.case_ids("train"), task.target_specs(), log=log)
+    cache = TeacherCache(root, teacher / "best.pt", data, 1, data.case_ids("train"), task.specs(), log=log)
     return cache, ds, (lambda keys: compute([pos[k] for k in keys]))
 
 

@@ -19,7 +19,7 @@ from medkd.cli import app
 from medkd.config import SCALES, STUDY_WEIGHTS, DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.distill.cache import TeacherCache
-from medkd.distill.distiller import Distiller
+from medkd.distill.distiller import DistillTerms, Distiller
 from medkd.distill.losses import LOSSES
 from medkd.errors import MedkdError, TrainingError
 from medkd.rundir import load_checkpoint, load_model_from_run
@@ -62,13 +62,13 @@ def batch(tiny_data):
     return x, y, torch.tensor([i for _, _, i in items])
 
 
-def make_distiller(teacher_run, cfg, size=32, **kw):
+def make_distiller(teacher_run, cfg, size=32):
     teacher = load_model_from_run(teacher_run)[0] if teacher_run is not None else None
     torch.manual_seed(0)
     from medkd.models import build_model
 
     student = build_model(cfg.student, in_channels=1, num_classes=1, width=cfg.student_width)
-    return Distiller(student, teacher, cfg, size, **kw)
+    return Distiller(student, cfg, DistillTerms(student, teacher, cfg, size))
 
 
 def test_transunet_teacher_trains_one_epoch(tt_teacher):
@@ -325,7 +325,7 @@ def test_cli_teacher_of_wrong_kind(tiny_data, one_epoch, tmp_path):
 
 def test_pmd_only_step_needs_no_feature_taps(tiny_teacher, batch):
     task = make_distiller(tiny_teacher, dcfg(tiny_teacher, scales=[], pmd=True))
-    assert task.t_hooks is None and task.s_hooks is None and len(task.adapters) == 0
+    assert task.targets.view.hooks is None and task.s_hooks is None and len(task.adapters) == 0
     terms = task(*batch)
     assert set(terms) == {"seg", "pmd"}
     check_first_step(terms, [p for p in task.parameters() if p.requires_grad])

@@ -18,8 +18,9 @@ from medkd.cli import app
 from medkd.config import DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.distill.cache import TeacherCache
-from medkd.distill.distiller import Distiller
-from medkd.distill.teacher_outputs import Costs, Workload, _compute, choose_mode, estimate, fill_memory
+from medkd.distill.distiller import DistillTerms
+from medkd.distill.targets import TeacherView, fill_memory, slice_batch, targets_of
+from medkd.distill.teacher_outputs import Costs, Workload, choose_mode, estimate
 from medkd.models import build_model
 from medkd.rundir import load_checkpoint, load_model_from_run
 
@@ -31,10 +32,14 @@ def dcfg(teacher, **kw) -> DistillConfig:
     return build_config(DistillConfig, overrides=base)
 
 
-def distiller(teacher_run, cfg, size=32):
+def terms(teacher_run, cfg, size=32) -> DistillTerms:
     torch.manual_seed(0)
     student = build_model("s1", in_channels=1, num_classes=1, width=4)
-    return Distiller(student, load_model_from_run(teacher_run)[0], cfg, size)
+    return DistillTerms(student, load_model_from_run(teacher_run)[0], cfg, size)
+
+
+def view(teacher_run, cfg, size=32) -> TeacherView:
+    return terms(teacher_run, cfg, size).teacher_view()
 
 
 def work(**kw) -> Workload:
@@ -96,8 +101,8 @@ def test_choice_is_the_cheapest_that_fits_over_a_grid():
 def test_items_hold_only_what_the_losses_read(tiny_teacher):
     specs = {}
     for loss in ("contrastive", "mse", "attention"):
-        specs[loss] = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss=loss)).target_specs()
-    t_shape = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse")).t_shapes["dec"]  # (C, h, w)
+        specs[loss] = view(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss=loss)).specs()
+    t_shape = terms(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse")).t_shapes["dec"]  # (C, h, w)
     c, h, w = t_shape
     assert {k: v[1] for k, v in specs["contrastive"].items()} == {"dec.gap": (c,), "dec.proto": (2, c), "logits": (1, 32, 32)}
     assert {k: v[1] for k, v in specs["mse"].items()} == {"dec.map": (c, h, w), "logits": (1, 32, 32)}
@@ -105,23 +110,23 @@ def test_items_hold_only_what_the_losses_read(tiny_teacher):
     # the same logits item for all; what a loss stores is part of the item's identity
     assert len({s["logits"] for s in specs.values()}) == 1
     assert "view=contrastive-pooled(gap,region)" in specs["contrastive"]["dec.gap"][0]
-    no_region = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss_options={"region": False})).target_specs()
+    no_region = view(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss_options={"region": False})).specs()
     assert set(no_region) == {"dec.gap", "logits"} and no_region["dec.gap"][0] != specs["contrastive"]["dec.gap"][0]
-    pooled = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse", loss_options={"pool": 4})).target_specs()
+    pooled = view(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse", loss_options={"pool": 4})).specs()
     assert pooled["dec.map"][1] == (c, -(-h // 4), -(-w // 4)) and "view=map-pool4" in pooled["dec.map"][0]
     # only the scales the run distils; no logits without PMD
-    assert set(distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc"], loss="mse", pmd=False,
-                                            kd_images="labelled")).target_specs()) == {"enc.map"}
+    assert set(view(tiny_teacher, dcfg(tiny_teacher, scales=["enc"], loss="mse", pmd=False,
+                                        kd_images="labelled")).specs()) == {"enc.map"}
 
 
 def test_disk_and_memory_serve_exactly_the_live_targets(tiny_data, tiny_teacher, tmp_path):
     data = PreparedData(tiny_data)
     cfg = dcfg(tiny_teacher)
-    task = distiller(tiny_teacher, cfg)
+    task = view(tiny_teacher, cfg)
     ds = SliceDataset(data, "train", fraction=0.5, seed=0)
-    specs = task.target_specs()
+    specs = task.specs()
     cache = TeacherCache(tmp_path / "cache", tiny_teacher / "best.pt", data, 1, data.case_ids("train"), specs)
-    compute = _compute(task, ds, cfg, torch.device("cpu"))
+    compute = targets_of(task, ds, 1, torch.device("cpu"))
     pos = {k: i for i, k in enumerate(ds.index)}
     assert cache.fill(ds.index, lambda keys: compute([pos[k] for k in keys]), batch_size=3) == len(ds)
     assert not cache.missing(ds.index) and cache.fill(ds.index, None) == 0
@@ -144,7 +149,7 @@ def test_disk_and_memory_serve_exactly_the_live_targets(tiny_data, tiny_teacher,
         f.write(b"\0")
     assert TeacherCache(tmp_path / "cache", changed, data, 1, data.case_ids("train"), specs).key != cache.key
     # another view at the same tap is a new item beside the shared ones
-    mse = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse")).target_specs()
+    mse = view(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss="mse")).specs()
     other = TeacherCache(tmp_path / "cache", tiny_teacher / "best.pt", data, 1, data.case_ids("train"), mse)
     assert other.missing(ds.index) == ds.index and 0 < other.new_bytes() < other.planned_bytes()
 
@@ -241,10 +246,10 @@ def test_teacher_timing_costs_one_batch_beside_a_slow_teacher(monkeypatch):
     def task_with(seconds_per_slice):
         calls = []
 
-        def teacher_targets(x, y):
+        def targets(x, y):
             calls.append(x.shape[0])
             clock[0] += seconds_per_slice * x.shape[0]
-        return SimpleNamespace(teacher_targets=teacher_targets), calls
+        return SimpleNamespace(targets=targets), calls
 
     slow, calls = task_with(0.5)  # 2 s per batch of 4
     assert to_mod._teacher_seconds(slow, train_set, cfg, torch.device("cpu"), n=2) == pytest.approx(2.0)
@@ -260,20 +265,18 @@ def test_teacher_timing_costs_one_batch_beside_a_slow_teacher(monkeypatch):
 def test_teacher_targets_do_not_depend_on_the_batch(tiny_data, tiny_teacher):
     """A slice's targets are the same bits alone, in a training batch, in another order or in a fill's chunk (CPU
     convolutions round differently at batch 1 than at 19: the teacher always runs on TEACHER_BATCH slices)."""
-    from medkd.distill.teacher_outputs import _batch
-
-    task = distiller(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "bottleneck", "dec"], pmd=True))
+    task = view(tiny_teacher, dcfg(tiny_teacher, scales=["enc", "bottleneck", "dec"], pmd=True))
     ds = SliceDataset(PreparedData(tiny_data), "train")
     n = 19
-    x, y = _batch(ds, list(range(n)), 1, torch.device("cpu"))
-    whole = task.teacher_targets(x, y)
-    assert set(whole) == set(task.target_specs()) and all(v.shape[0] == n for v in whole.values())
+    x, y = slice_batch(ds, list(range(n)), 1, torch.device("cpu"))
+    whole = task.targets(x, y)
+    assert set(whole) == set(task.specs()) and all(v.shape[0] == n for v in whole.values())
     for i in range(n):
-        alone = task.teacher_targets(x[i : i + 1], y[i : i + 1])
+        alone = task.targets(x[i : i + 1], y[i : i + 1])
         for k, v in alone.items():
             assert torch.equal(v, whole[k][i : i + 1]), (k, i)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    shuffled = task.teacher_targets(x[perm], y[perm])
+    shuffled = task.targets(x[perm], y[perm])
     for k, v in shuffled.items():
         assert torch.equal(v, whole[k][perm]), k
 

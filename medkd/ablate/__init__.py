@@ -22,7 +22,7 @@ Baseline
 Runs
     ``DIR/runs/<slug>/seed<k>/`` is an ordinary ``medkd distill`` run folder; ``DIR/ablation.yaml`` records the
     resolved plan. Runs go seed-major (one seed of every row first). Before the first run, one
-    teacher-output mode is planned for all pending runs (:func:`medkd.distill.teacher_outputs.plan_runs`, printed with
+    teacher-output mode is planned for all pending runs (:func:`medkd.ablate.plan_outputs.plan_runs`, printed with
     its estimated teacher cost): a disk cache in ``TEACHER_RUN/cache/`` shared by every run, filled in one teacher pass
     for all cells, only when that is cheaper than each run holding its targets in memory or running the teacher live.
     Each finished run is evaluated once on the test split (``RUN/eval-test.json``, reused while it is newer than

@@ -166,7 +166,8 @@ def ablate(
     from medkd.claim import Claim, ClaimedError, describe
     from medkd.locks import exclusive_lock
     from medkd.data.prepared import PreparedData
-    from medkd.distill.run import distill, load_teacher
+    from medkd.distill.inputs import load_teacher
+    from medkd.distill.run import distill
     from medkd.evaluate import evaluate_runs
     from medkd.report.ablate_table import write_reports
 
@@ -213,7 +214,7 @@ def ablate(
             if s[4] != "done" and s[3].uses_teacher and s[3].teacher_outputs == "auto" and not s[3].augment]
     outputs_plan, outputs_note = None, None
     if auto:
-        from medkd.distill.teacher_outputs import plan_runs
+        from medkd.ablate.plan_outputs import plan_runs
 
         mode, outputs_plan = plan_runs([states[i][3] for i in auto], Path(teacher), prepared, console)
         outputs_note = f"ablation plan for {len(auto)} run(s): {outputs_plan['reason']}"

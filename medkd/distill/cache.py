@@ -1,4 +1,4 @@
-"""On-disk teacher-output cache (the ``disk`` mode of :mod:`medkd.distill.teacher_outputs`).
+"""On-disk teacher-output cache (the ``disk`` mode of :mod:`medkd.distill.targets`).
 
 The teacher is frozen, so without random augmentation what the losses read of it is fixed per slice. Those
 *targets* (one array per item: e.g. ``dec.gap`` and ``dec.proto`` for a contrastive loss that pools, ``dec.map`` for
@@ -40,9 +40,9 @@ from medkd.rundir import atomic_path, confined, write_json
 FORMAT = "items-v3"  # v3: targets computed in batches of TEACHER_BATCH slices
 STORE_DTYPE = np.float16  # every mode (live included) rounds targets to this: same numbers whichever mode runs
 TORCH_STORE_DTYPE = torch.float16
-#: Slices per teacher forward, in every teacher-output mode (:func:`medkd.distill.distiller.in_teacher_batches`).
-#: A kernel may round a slice's output differently at another batch size (CPU convolutions: ~1e-6 between batches
-#: of 1, 8 and 16, enough to flip fp16 targets), never because of what the other slices are; so the teacher always
+#: Slices per teacher forward, in every teacher-output mode (:func:`medkd.distill.targets.in_teacher_batches`).
+#: A kernel may round a slice's output differently at another batch size (CPU convolutions do, enough to flip
+#: fp16 targets), never because of what the other slices are; so the teacher always
 #: sees batches of exactly this many slices, and live, memory and disk targets are the same bits whatever the
 #: training batch size or the fill's chunks. Part of the cache key.
 TEACHER_BATCH = 8
@@ -97,7 +97,6 @@ class TeacherCache:
                 self.rows[(cid, z)] = len(self.rows)
         self.arrays: Dict[str, np.ndarray] = {}
         self.filled = {name: np.zeros(len(self.rows), dtype=bool) for name in self.items}
-        self.hits = 0
         self.teacher_slices = 0  # slices the teacher was run on to fill the cache
         self.log = log
         self.notes: List[str] = []
@@ -181,10 +180,13 @@ class TeacherCache:
         """Bytes of every item's array (existing or not)."""
         return item_bytes(self.items, len(self.rows))
 
+    def new_items(self) -> Dict[str, ItemSpec]:
+        """The items not created yet (or damaged, to be created again)."""
+        return {n: s for n, s in self.items.items() if n in self.damaged or not self._path(n).is_file()}
+
     def new_bytes(self) -> int:
-        """Bytes this run would add to the disk: items not created yet."""
-        return item_bytes({n: s for n, s in self.items.items() if n in self.damaged or not self._path(n).is_file()},
-                          len(self.rows))
+        """Bytes this run would add to the disk: :meth:`new_items`."""
+        return item_bytes(self.new_items(), len(self.rows))
 
     # ---------------------------------------------------------------------------------------------- rows
     def missing(self, keys: Sequence[Key]) -> List[Key]:
@@ -203,7 +205,6 @@ class TeacherCache:
     def get(self, keys: Sequence[Key], device: torch.device) -> Dict[str, torch.Tensor]:
         """Cached targets for ``keys`` as fp16 tensors on ``device``: ``{item: (len(keys), *shape)}``."""
         rows = np.array([self.rows[k] for k in keys])
-        self.hits += len(keys)
         return {name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][rows])).to(device, non_blocking=True)
                 for name in self.items}
 
