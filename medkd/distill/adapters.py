@@ -111,8 +111,7 @@ class FeatureAdapter(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The 1x1 convolution ``(B, Cs, h, w) -> (B, Ct, h, w)`` as a channel contraction: the same map as
-        ``self.proj(x)``, ~1.6-3x faster forward + backward than the CPU convolution kernel at the demo's adapter
-        shapes (8 x 16 x 64 x 64: 1.1 vs 2.9 ms; benchmarks/RESULTS.md, issue 15)."""
+        ``self.proj(x)``, cheaper forward and backward than the general convolution kernel on CPU."""
         return torch.einsum("oc,bchw->bohw", self.proj.weight[:, :, 0, 0], x)
 
     def extra_repr(self) -> str:
