@@ -224,7 +224,7 @@ def test_probe_never_builds_a_batch_larger_than_the_data(tmp_path):
     train_set = [(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), i) for i in range(40)]
     cfg = SimpleNamespace(batch_size=10**9, in_channels=1)
     seen = []
-    task = SimpleNamespace(teacher_targets=lambda x, y: seen.append(x.shape[0]))
+    task = SimpleNamespace(targets=lambda x, y: seen.append(x.shape[0]))  # a TeacherView stand-in
     costs = to_mod.measure_costs(task, train_set, cfg, torch.device("cpu"), {"logits": ("logits", (1, 8, 8))},
                                  tmp_path, torch.device("cpu"))
     assert max(seen) == 40 and costs.disk_read_s is not None and costs.memory_read_s is not None
