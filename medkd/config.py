@@ -7,7 +7,7 @@ and is enough to rerun (``medkd train-teacher DATA -o RUN2 --config RUN/config.y
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 

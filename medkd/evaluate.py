@@ -349,7 +349,7 @@ def evaluate_loaded(
         medkd_version=medkd.__version__,
     )
     if model_file is not None:
-        from medkd.export import ort_latency_ms
+        from medkd.exported import ort_latency_ms
 
         result.update(model_file=str(model_file), model_file_mb=checkpoint_size_mb(model_file),
                       latency_ms_ort=ort_latency_ms(model_file, in_shape, warmup=LATENCY_WARMUP,
@@ -457,8 +457,7 @@ def evaluate_runs(
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_run(Path(r), prepared) for r in runs]
     if model_files:  # before any evaluation: a model file of another run, or one that does not return the logits,
-        from medkd.export import check_model_file, load_exported  # fails at once, named
-        from medkd.predict import probe_exported
+        from medkd.exported import check_model_file, load_exported, probe_exported  # fails at once, named
 
         for lr, f in zip(loaded, model_files):
             in_ch = int(getattr(lr.model, "in_channels", 1))

@@ -186,7 +186,7 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
     model = Path(model)
     notes: List[str] = []
     if model.is_file():
-        from medkd.export import load_exported
+        from medkd.exported import load_exported, probe_exported
 
         m = load_exported(model)
         meta = m.metadata
@@ -221,13 +221,6 @@ def load_segmenter(model: Path, device: str = DEFAULT_DEVICE, postprocessing: bo
     window = tuple(float(v) for v in settings.get("window") or WINDOW_PRESETS["abdomen"])
     return Segmenter(logits, in_ch, int(size), window, rule, "pytorch", str(model), notes,  # type: ignore[arg-type]
                      (ckpt.get("data") or {}).get("profile"))
-
-
-def probe_exported(model, in_channels: int, size: int) -> None:
-    """Run an exported model once on two blank ``(C, S, S)`` slices: a graph whose output is not ``(2, K, S, S)``
-    logits fails here (:func:`medkd.export.check_logits`, a :class:`~medkd.errors.ModelError` naming the file),
-    before any input is read or any mask written."""
-    model(np.zeros((2, in_channels, size, size), dtype=np.float32))
 
 
 def segment_volume(

@@ -407,7 +407,7 @@ def onnx_model(in_channels: int, **meta) -> Callable[[Env], Path]:
         import onnx
         import torch
 
-        from medkd.export import PREFIX, _encode
+        from medkd.exported import PREFIX, encode_metadata as _encode
 
         path = env.tmp / "m.onnx"
         net = torch.nn.Conv2d(in_channels, 1, 1)

@@ -100,7 +100,8 @@ def test_onnx_predict_equals_run_predict_without_the_run(exported, student, tiny
 
 
 def test_torchscript_and_fp16_exports(student, tiny_raw, tmp_path):
-    from medkd.export import export_run, read_metadata
+    from medkd.export import export_run
+    from medkd.exported import read_metadata
     from medkd.predict import predict_paths
 
     ts = export_run(student, tmp_path / "s1.pt", fmt="torchscript")
@@ -170,7 +171,8 @@ def test_transunet_teacher_exports_with_fixed_spatial_size(tiny_data, tmp_path):
     prepared size, which export detects and records (spatial = fixed) instead of claiming a dynamic size."""
     from rich.console import Console
 
-    from medkd.export import OnnxModel, export_run
+    from medkd.export import export_run
+    from medkd.exported import OnnxModel
     from medkd.train.teacher import train_teacher
     from conftest import tiny_teacher_config
 

@@ -14,7 +14,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from typing_extensions import Annotated
 
 from medkd.errors import MedkdError
 from medkd.options import DEFAULT_DEVICE
+
+if TYPE_CHECKING:
+    from medkd.options import OptionSpec
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -132,8 +135,6 @@ def _field_default(f: "dataclasses.Field[Any]") -> Any:
 def _flag_param(f: "dataclasses.Field[Any]", spec: "OptionSpec", default: Optional[str] = None) -> inspect.Parameter:
     """The Typer parameter of one declared option: optional (``None`` = not given, so the merge order
     defaults < preset < --config < flags can tell), typed, with its default and valid values in the help."""
-    from medkd.options import OptionSpec  # noqa: F401 (annotation)
-
     text = spec.help
     if spec.choices is not None:
         text += f" One of: {', '.join(map(str, spec.choices()))}."

@@ -15,7 +15,6 @@ from medkd.distill.teacher_outputs import setup_teacher_outputs
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
-from medkd.rundir import load_model_from_run, require_run_dir, run_checkpoint, trained_size
 from medkd.train.entry import claims_run
 from medkd.train.loop import fit
 from medkd.train.seeding import seed_everything
