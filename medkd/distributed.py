@@ -217,7 +217,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-def wrap(task: nn.Module, device: torch.device, frozen: Optional[str] = "teacher",
+def wrap(task: nn.Module, device: torch.device, frozen: Optional[str] = None,
          find_unused_parameters: bool = False) -> nn.Module:
     """Prepare ``task`` for DDP: synchronised BatchNorm in the trainable children, the ``frozen`` child (the
     teacher) left out of DDP's synchronisation, then ``DistributedDataParallel``. Returns ``task`` unchanged for a
@@ -227,7 +227,7 @@ def wrap(task: nn.Module, device: torch.device, frozen: Optional[str] = "teacher
         return task
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    frozen_mod = getattr(task, frozen, None) if frozen else None
+    frozen_mod = task.get_submodule(frozen) if frozen else None
     for name, child in task.named_children():
         if child is not frozen_mod:
             convert_sync_batchnorm(child, device)

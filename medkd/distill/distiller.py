@@ -142,6 +142,9 @@ class Distiller(Task):
         self.adapters, self.losses = terms.adapters, terms.losses
         self.pmd = PMDLoss(cfg.temperature) if terms.pmd else None
 
+    def frozen_child(self) -> Optional[str]:
+        return "teacher" if self.teacher is not None else None
+
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None:

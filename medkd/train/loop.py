@@ -76,7 +76,8 @@ class Trainer:
         if self.use_cuda:
             task.to(memory_format=torch.channels_last)
         # DDP (under torchrun): trainable modules wrapped, BatchNorm synchronised; ``self.task`` stays the plain module
-        self.net = distributed.wrap(task, device, find_unused_parameters=task.find_unused_parameters)
+        self.net = distributed.wrap(task, device, frozen=task.frozen_child(),
+                                    find_unused_parameters=task.find_unused_parameters)
         self.amp_dtype = torch.bfloat16 if self.use_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.use_amp = bool(cfg.amp and self.use_cuda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)

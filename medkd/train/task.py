@@ -8,7 +8,7 @@ The teacher task (:class:`medkd.train.teacher.TeacherTask`) and the distiller
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -55,3 +55,8 @@ class Task(nn.Module):
     def epoch_stats(self) -> Dict[str, float]:
         """Extra numbers for the epoch's history row (after validation); ``{}`` by default."""
         return {}
+
+    def frozen_child(self) -> Optional[str]:
+        """Name of a child module that is never trained (a distillation's teacher): DDP leaves it out of its
+        synchronisation and SyncBatchNorm conversion. ``None`` when there is none."""
+        return None
