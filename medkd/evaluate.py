@@ -52,7 +52,8 @@ from medkd.metrics import (
     to_jsonable,
 )
 from medkd import rundir
-from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
+from medkd.rundir import run_checkpoint
+from medkd.checkpoint import load_model_from_run, trained_size
 
 #: Per-case keys kept in the result (``case_metrics`` output minus nothing; order = JSON order).
 CASE_KEYS = (*METRIC_KEYS, "gt_empty", "pred_empty", *COUNT_KEYS)

@@ -92,7 +92,7 @@ def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[
     from medkd.data.preprocess import CT_MIN_HU, MR_PERCENTILES, WINDOW_PRESETS
     from medkd.infer import THRESHOLD
     from medkd.metrics import count_params
-    from medkd.rundir import trained_size
+    from medkd.checkpoint import trained_size
 
     data = ckpt.get("data") or {}
     settings = data.get("settings") or {}
@@ -255,7 +255,8 @@ def export_run(
     from medkd.data.prepared import PreparedData
     from medkd.evaluate import load_run, run_postprocessing
     from medkd.infer import match_channels, resolve_device, seg_logits
-    from medkd.rundir import load_checkpoint, run_checkpoint
+    from medkd.rundir import run_checkpoint
+    from medkd.checkpoint import load_checkpoint
 
     t0 = time.time()
     run, out = Path(run), Path(out)

@@ -46,7 +46,8 @@ from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_devi
 from medkd.options import DEFAULT_DEVICE
 from medkd import rundir
 from medkd.postprocess import Postprocessing
-from medkd.rundir import load_model_from_run, run_checkpoint, trained_size
+from medkd.rundir import run_checkpoint
+from medkd.checkpoint import load_model_from_run, trained_size
 
 
 @dataclass

@@ -26,7 +26,7 @@ def fill_fraction(data_dir, teacher_run, root, seed, delay, go=None) -> str:
     from medkd.distill.distiller import DistillTerms
     from medkd.distill.targets import targets_of
     from medkd.models import build_model
-    from medkd.rundir import load_model_from_run
+    from medkd.checkpoint import load_model_from_run
 
     cfg = build_config(DistillConfig, overrides=dict(student_width=4, batch_size=1, device="cpu", seed=int(seed),
                                                       teacher=str(teacher_run), scales=["enc", "bottleneck", "dec"],

@@ -23,7 +23,7 @@ from medkd.distill.cache import TeacherCache
 from medkd.distill.distiller import DistillTerms
 from medkd.distill.targets import targets_of
 from medkd.models import build_model
-from medkd.rundir import load_model_from_run
+from medkd.checkpoint import load_model_from_run
 
 
 @pytest.fixture(scope="module")

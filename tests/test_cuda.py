@@ -16,7 +16,8 @@ import torch
 
 from conftest import _quiet, interrupt_at_validation, tiny_teacher_config
 from medkd.errors import MedkdError
-from medkd.rundir import load_checkpoint, partial_dir
+from medkd.rundir import partial_dir
+from medkd.checkpoint import load_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]

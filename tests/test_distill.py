@@ -22,7 +22,7 @@ from medkd.distill.cache import TeacherCache
 from medkd.distill.distiller import DistillTerms, Distiller
 from medkd.distill.losses import LOSSES
 from medkd.errors import MedkdError, TrainingError
-from medkd.rundir import load_checkpoint, load_model_from_run
+from medkd.checkpoint import load_checkpoint, load_model_from_run
 from medkd.train.checks import check_first_step
 
 STUDENT_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val_dice", "seconds", "seed",

@@ -67,7 +67,7 @@ def _steps(folder: Path, kind: str):
 
 
 def test_one_run_folder_each_with_world_size_2(runs):
-    from medkd.rundir import load_model_from_run
+    from medkd.checkpoint import load_model_from_run
 
     ddp = runs["ddp"]
     assert sorted(p.name for p in ddp.iterdir()) == ["steps-0.json", "steps-1.json", "student", "teacher"]

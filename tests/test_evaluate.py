@@ -48,7 +48,7 @@ def train_result(run_a, tiny_data):
 def _independent_masks(run: Path, data_dir: Path, split: str):
     """Predict each case of ``split`` with plain torch (whole volume in one batch), no medkd.infer."""
     from medkd.data.prepared import PreparedData
-    from medkd.rundir import load_model_from_run
+    from medkd.checkpoint import load_model_from_run
 
     model, _ = load_model_from_run(run)
     data = PreparedData(data_dir)

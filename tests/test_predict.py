@@ -92,7 +92,7 @@ def test_probabilities_agree_with_prepared_prediction(predicted, tiny_teacher, t
     from medkd.data.prepared import PreparedData
     from medkd.data.preprocess import resize_slices
     from medkd.infer import predict_volume
-    from medkd.rundir import load_model_from_run
+    from medkd.checkpoint import load_model_from_run
 
     _, out, _ = predicted
     data = PreparedData(tiny_data)

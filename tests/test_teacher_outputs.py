@@ -22,7 +22,7 @@ from medkd.distill.distiller import DistillTerms
 from medkd.distill.targets import TeacherView, fill_memory, slice_batch, targets_of
 from medkd.distill.teacher_outputs import Costs, Workload, choose_mode, estimate
 from medkd.models import build_model
-from medkd.rundir import load_checkpoint, load_model_from_run
+from medkd.checkpoint import load_checkpoint, load_model_from_run
 
 
 def dcfg(teacher, **kw) -> DistillConfig:

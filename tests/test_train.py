@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from conftest import _quiet, interrupt_at_validation, tiny_teacher_config
 from medkd.cli import app
 from medkd.errors import MedkdError, TrainingError
-from medkd.rundir import atomic_save, load_checkpoint, load_model_from_run, partial_dir
+from medkd.rundir import atomic_save, partial_dir
+from medkd.checkpoint import load_checkpoint, load_model_from_run
 from medkd.train.teacher import train_teacher
 
 SUMMARY_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val_dice", "seconds", "seed",

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from medkd.cli import app
 from medkd.errors import DataError, MedkdError
-from medkd.rundir import check_case_id, confined, load_checkpoint
+from medkd.rundir import check_case_id, confined
+from medkd.checkpoint import load_checkpoint
 
 OLD_RUN = Path(__file__).parent / "data" / "a13dbb9-teacher"
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"

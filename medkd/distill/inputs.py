@@ -12,7 +12,8 @@ from torch import nn
 from medkd.config import DistillConfig
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.errors import MedkdError
-from medkd.rundir import load_model_from_run, require_run_dir, run_checkpoint, trained_size
+from medkd.rundir import require_run_dir, run_checkpoint
+from medkd.checkpoint import load_model_from_run, trained_size
 
 
 def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData) -> Tuple[nn.Module, Path]:

@@ -27,7 +27,8 @@ from medkd.errors import MedkdError, TrainingError
 from medkd.infer import match_channels, resolve_device
 from medkd.metrics.efficiency import count_params
 from medkd.report.progress import Bars
-from medkd.rundir import atomic_save, finalize_run_dir, load_checkpoint, partial_dir, prepare_run_dir
+from medkd.rundir import atomic_save, finalize_run_dir, partial_dir, prepare_run_dir
+from medkd.checkpoint import load_checkpoint
 from medkd.train.batches import augment_batch, epoch_loader
 from medkd.train.checks import all_finite, check_first_step
 from medkd.train.entry import claims_run
