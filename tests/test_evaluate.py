@@ -261,7 +261,7 @@ def test_native_dice_is_one_when_prediction_equals_label(native_size_data):
     a prediction equal to the label scores Dice 1 and HD95 0 against the original label file."""
     from medkd.data.io import read_nifti
     from medkd.data.prepared import PreparedData
-    from medkd.evaluate import case_masks
+    from medkd.cases import case_masks
 
     data = PreparedData(native_size_data)
     for cid in [c["id"] for c in data.cases]:
@@ -283,7 +283,7 @@ def test_native_hd95_of_a_shifted_mask_is_the_shift_in_mm(tmp_path):
     import nibabel as nib
 
     from medkd.data.prepared import PreparedData
-    from medkd.evaluate import native_label
+    from medkd.cases import native_label
 
     lab = np.zeros((20, 12, 6), np.uint8)
     lab[5, 2:10, 1:5] = 1

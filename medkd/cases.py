@@ -1,0 +1,84 @@
+"""One prepared case, predicted and compared: its predicted and true masks on the native grid (each case's original
+voxels, the label file read again) or on the prepared training grid. What evaluation and the postprocessing choice
+score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medkd.data.prepared import PreparedData
+from medkd.errors import MedkdError
+from medkd.infer import THRESHOLD, foreground_prob, logits_to_mask, predict_volume, prob_to_native
+
+
+def predict_mask(model: nn.Module, volume: np.ndarray, device: torch.device, in_channels: int,
+                 batch_size: int = 16) -> np.ndarray:
+    """Foreground mask ``(Z, S, S)`` bool of a prepared ``(Z, S, S)`` image stack."""
+    return logits_to_mask(predict_volume(model, volume, device, in_channels, batch_size))
+
+
+def _case_file(data: PreparedData, path: str) -> Path:
+    """A manifest's source path: as stored (absolute, or relative to the working directory), else relative to
+    the folder that was preprocessed (the manifest's top-level ``source``)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    src = data.manifest.get("source")
+    if src:
+        parts = p.parts
+        for k in range(len(parts)):  # strip the leading components that named the source folder
+            q = Path(src).joinpath(*parts[k:])
+            if q.exists():
+                return q
+    return p
+
+
+def native_label(data: PreparedData, cid: str):
+    """The case's original label file: ``(mask (I, J, K) bool, spacing (3,) mm)`` in its own voxel grid.
+
+    Raises:
+        MedkdError: the label file is gone or no longer matches the manifest's geometry.
+    """
+    from medkd.data.io import read_nifti
+
+    entry = data.case(cid)
+    if "label_source" not in entry or "canonical_shape" not in entry:
+        raise MedkdError(f"{data.root}: manifest has no original geometry for case {cid!r} "
+                         f"(re-run medkd preprocess, or use --resolution prepared)")
+    path = _case_file(data, entry["label_source"])
+    if not path.is_file():
+        raise MedkdError(f"{path}: original label of case {cid!r} not found (needed for --resolution native; "
+                         f"use --resolution prepared)")
+    vol = read_nifti(path)
+    if list(vol.array.shape) != list(entry["shape"]):
+        raise MedkdError(f"{path}: label shape {list(vol.array.shape)} differs from the manifest's {entry['shape']} "
+                         f"(the source changed since preprocessing)")
+    return np.asarray(vol.array) > 0, tuple(float(v) for v in vol.spacing)
+
+
+def case_masks(
+    model: nn.Module,
+    data: PreparedData,
+    cid: str,
+    device: torch.device,
+    in_channels: int,
+    batch_size: int = 16,
+    resolution: str = "native",
+):
+    """Predict one case and return ``(pred, gt, spacing, prepared_pred)`` on the chosen grid.
+
+    ``prepared_pred`` is the ``(Z, S, S)`` mask on the training grid (for overlays) whatever ``resolution`` is.
+    """
+    logits = predict_volume(model, data.image(cid), device, in_channels, batch_size)  # (Z, K, S, S)
+    prepared_pred = logits_to_mask(logits)
+    if resolution == "prepared":
+        gt = np.asarray(data.label(cid)) > 0
+        return prepared_pred, gt, tuple(data.case(cid)["prepared_spacing"]), prepared_pred
+    entry = data.case(cid)
+    gt, spacing = native_label(data, cid)
+    prob = prob_to_native(foreground_prob(logits), entry["canonical_shape"][:2], entry["affine"], entry["shape"])
+    return prob > THRESHOLD, gt, spacing, prepared_pred
