@@ -207,7 +207,7 @@ def test_model_kwargs_are_checked_against_the_constructor():
 def test_yaml_alias_bombs_are_refused_before_they_are_built(tmp_path):
     import time
 
-    from medkd.config import MAX_YAML_NODES, expanded_size, load_yaml
+    from medkd.yamlfile import MAX_YAML_NODES, expanded_size, load_yaml
 
     f = tmp_path / "c.yaml"
     f.write_text("a: &x [1, 2, 3]\nb: [*x, *x]\nc: {<<: {k: 1}}\n")  # ordinary aliases still load

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_file, field_names, load_yaml,
+from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_file, field_names,
                           preset_names, run_identity, to_dict)
 from medkd.config import preset_file as packaged_preset
 from medkd.errors import MedkdError
 from medkd.options import OptionError, check_seed, short_repr
+from medkd.yamlfile import load_yaml
 
 GRID_PRESETS = tuple(preset_names("ablate"))  # packaged grids: medkd/presets/ablate-<name>.yaml
 DEFAULT_SEEDS = (0, 1, 2)

@@ -16,7 +16,8 @@ from rich.markup import escape
 from medkd import rundir
 from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
 from medkd.ablate.report import CORRECTIONS, METRICS, compute_results
-from medkd.config import DistillConfig, load_yaml, to_dict
+from medkd.config import DistillConfig, to_dict
+from medkd.yamlfile import load_yaml
 from medkd.errors import MedkdError
 from medkd.options import short_repr
 from medkd.report.progress import Bars
