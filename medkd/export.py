@@ -89,7 +89,7 @@ def file_sha256(path: Path) -> str:
 
 def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing recipe and provenance of a run, as a dict (values are JSON-able)."""
-    from medkd.data.preprocess import CT_MIN_HU, MR_PERCENTILES, WINDOW_PRESETS
+    from medkd.data.recipe import CT_MIN_HU, MR_PERCENTILES, WINDOW_PRESETS
     from medkd.infer import THRESHOLD
     from medkd.metrics import count_params
     from medkd.checkpoint import trained_size

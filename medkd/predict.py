@@ -9,7 +9,7 @@ but the network call:
 1. read (NIfTI file or DICOM series folder, :func:`medkd.data.io.read_volume`);
 2. reorient to RAS (:func:`~medkd.data.io.to_canonical`);
 3. intensity: the preprocess rule (CT: the run's window; MR/other: 0.5/99.5 percentiles of this volume),
-   modality from the DICOM ``Modality`` tag or, for NIfTI, :func:`~medkd.data.preprocess.detect_modality`
+   modality from the DICOM ``Modality`` tag or, for NIfTI, :func:`~medkd.data.recipe.detect_modality`
    (override with ``modality``);
 4. ``(X, Y, Z) -> (Z, X, Y)``, resize in-plane to the prepared size, predict slice by slice (batched);
 5. foreground **probabilities** (sigmoid, or 1 - softmax background) taken back to the input's voxel grid by
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from medkd.data.io import NIFTI_SUFFIXES, Volume, is_nifti, read_volume, strip_nifti_suffix, to_canonical
-from medkd.data.preprocess import CT_MIN_HU, WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
+from medkd.data.recipe import CT_MIN_HU, WINDOW_PRESETS, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import LABEL_SUFFIX
 from medkd.errors import DataError, MedkdError, ModelError, OutputError
 from medkd.infer import THRESHOLD, foreground_prob, prob_to_native, resolve_device, seg_logits

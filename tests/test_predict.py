@@ -90,7 +90,7 @@ def test_probabilities_agree_with_prepared_prediction(predicted, tiny_teacher, t
 
     from medkd.data.io import read_nifti, to_canonical
     from medkd.data.prepared import PreparedData
-    from medkd.data.preprocess import resize_slices
+    from medkd.data.recipe import resize_slices
     from medkd.infer import predict_volume
     from medkd.checkpoint import load_model_from_run
 

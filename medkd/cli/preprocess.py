@@ -20,7 +20,8 @@ from medkd.cli.common import (
     stderr_console,
     stdout_console,
 )
-from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, parse_window, preprocess, split_summary
+from medkd.data.preprocess import PreprocessFailed, PreprocessSettings, preprocess, split_summary
+from medkd.data.recipe import parse_window
 from medkd.errors import MedkdError
 from medkd.report.progress import Bars
 from medkd.report.tables import prepared_table

@@ -32,24 +32,14 @@ import numpy as np
 
 import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
+from medkd.data.recipe import WINDOW_PRESETS, check_window, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import CaseSource, discover
 from medkd.errors import DataError, MedkdError, OutputError
-from medkd.options import OptionError
 from medkd.rundir import clean_stale_temps, confined, replace_dir, temp_dir_beside, write_json
 
 SCHEMA = 1
 AFFINE_ATOL = 1e-2  # mm
 AFFINE_RTOL = 1e-4
-CT_MIN_HU = -500.0
-MR_PERCENTILES = (0.5, 99.5)
-WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
-    "abdomen": (-160.0, 240.0),  # soft tissue W400/L40
-    "liver": (-45.0, 105.0),  # W150/L30
-    "bone": (-450.0, 1050.0),  # W1500/L300
-    "lung": (-1350.0, 150.0),  # W1500/L-600
-    "brain": (0.0, 80.0),  # W80/L40
-}
-
 
 @dataclass
 class PreprocessSettings:
@@ -93,86 +83,6 @@ class PreprocessResult:
     manifest: dict
     bad: List[dict] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def check_window(lo: float, hi: float, what: str = "--window") -> Tuple[float, float]:
-    """A CT window in HU: finite bounds with ``HIGH > LOW`` (an infinite bound would map every voxel to NaN).
-
-    Raises:
-        OptionError: naming ``what``.
-    """
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise OptionError(f"{what} must be finite LOW,HIGH in HU (e.g. -160,240), got {lo:g},{hi:g}", what)
-    if not hi > lo:
-        raise OptionError(f"{what} must be LOW,HIGH with HIGH > LOW, got {lo:g},{hi:g}", what)
-    return lo, hi
-
-
-def parse_window(window: Optional[str], preset: Optional[str]) -> Tuple[Tuple[float, float], Optional[str]]:
-    """Resolve ``--window LOW,HIGH`` / ``--window-preset NAME`` (default: abdomen).
-
-    Raises:
-        OptionError: both given, not two numbers, non-finite or empty window, unknown preset (a usage error on the
-            command line).
-    """
-    if window is not None and preset is not None:
-        raise OptionError("give either --window or --window-preset, not both", "--window")
-    if window is not None:
-        try:
-            lo, hi = (float(v) for v in window.split(","))
-        except ValueError:
-            raise OptionError(f"--window must be LOW,HIGH (e.g. -160,240), got {window!r}", "--window") from None
-        return check_window(lo, hi), None
-    preset = preset or "abdomen"
-    if preset not in WINDOW_PRESETS:
-        raise OptionError(f"unknown --window-preset {preset!r}; valid: {', '.join(sorted(WINDOW_PRESETS))}",
-                          "--window-preset")
-    return WINDOW_PRESETS[preset], preset
-
-
-def detect_modality(declared: Optional[str], arr: np.ndarray) -> str:
-    if declared:
-        return declared.upper()
-    return "CT" if float(np.min(arr)) < CT_MIN_HU else "MR"
-
-
-def normalise_intensity(arr: np.ndarray, modality: str, window: Tuple[float, float]) -> Tuple[np.ndarray, dict]:
-    """Map intensities to [0, 1]. Returns the array and the parameters used (for the manifest/predict)."""
-    arr = arr.astype(np.float32)
-    if modality == "CT":
-        lo, hi = window
-        rule = {"rule": "ct_window", "low": float(lo), "high": float(hi)}
-    else:
-        nz = arr[arr != 0]
-        ref = nz if nz.size else arr.ravel()
-        lo, hi = (float(v) for v in np.percentile(ref, MR_PERCENTILES))
-        if hi <= lo:
-            hi = lo + 1.0
-        rule = {"rule": "percentile", "low": lo, "high": hi, "percentiles": list(MR_PERCENTILES)}
-    out = (np.clip(arr, lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32), rule
-
-
-def apply_intensity(arr: np.ndarray, rule: dict) -> np.ndarray:
-    """Apply a stored CT-window rule, or recompute the percentile rule for a new volume."""
-    if rule["rule"] == "ct_window":
-        return normalise_intensity(arr, "CT", (rule["low"], rule["high"]))[0]
-    return normalise_intensity(arr, "MR", (0.0, 1.0))[0]
-
-
-def resize_slices(vol: np.ndarray, size: int, is_label: bool) -> np.ndarray:
-    """Resize a ``(Z, X, Y)`` stack in-plane to ``(Z, size, size)``."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[:, None]
-    if tuple(t.shape[-2:]) == (size, size):
-        out = t
-    elif is_label:
-        out = F.interpolate(t, size=(size, size), mode="nearest-exact")
-    else:
-        out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out[:, 0].numpy()
 
 
 def check_label(case: CaseSource, image_vol, label_vol) -> None:
