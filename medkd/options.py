@@ -271,6 +271,15 @@ def check_size(value: Any, what: str = "--size", lo: int = 8) -> int:
     return check_int(value, what, lo=lo, hi=MAX_SIZE)
 
 
+def check_split_fraction(value: Any, what: str = "test_fraction") -> Any:
+    """The share of cases a preprocess split takes: ``0 <= f < 1``."""
+    return check_range(value, what, lo=0, hi=1, hi_open=True)
+
+
+def check_workers(value: Any, what: str = "workers") -> int:
+    return check_int(value, what, lo=1)
+
+
 def check_recon_weight(value: Any, what: str = "recon_weight") -> Any:
     return check_range(value, what, lo=0)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import typer
 from rich.markup import escape
 from typing_extensions import Annotated
 
 from medkd.cli.common import (
+    config_options,
     JsonOpt,
     OverwriteOpt,
     QuietOpt,
@@ -28,32 +29,28 @@ from medkd.report.tables import prepared_table
 
 
 @handle_errors
+@config_options(PreprocessSettings, "size", "test_fraction", "val_fraction", "seed", "workers")
 def command(
     source: Annotated[Path, typer.Argument(help="MSD folder (dataset.json) or a folder of cases.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the prepared dataset.")],
-    size: Annotated[int, typer.Option(help="In-plane size of the prepared slices.")] = 128,
     window: Annotated[Optional[str], typer.Option(help="CT window LOW,HIGH in HU (e.g. -160,240). \\[default: the window preset's]")] = None,
     window_preset: Annotated[
         Optional[str], typer.Option(help="Named CT window: abdomen, liver, bone, lung, brain. \\[default: abdomen]")
     ] = None,
-    test_fraction: Annotated[float, typer.Option(help="Fraction of cases for the test split.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of cases for the validation split.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the case-level split.")] = 0,
-    workers: Annotated[int, typer.Option(help="Cases processed in parallel (processes).")] = 1,
     overwrite: OverwriteOpt = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some cases were bad.")] = False,
     allow_outside: Annotated[bool, typer.Option(
         "--allow-outside", help="Read dataset.json entries that lie outside SOURCE (absolute or ../ paths).")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    *,
+    opts: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Check, window, resize and split raw volumes into a prepared slice dataset."""
     try:  # option values out of range are usage errors (exit 2)
         win, preset = parse_window(window, window_preset)
-        settings = PreprocessSettings(
-            size=size, window=win, window_preset=preset, test_fraction=test_fraction,
-            val_fraction=val_fraction, seed=seed, workers=max(1, workers),
-        )
+        given = {k: v for k, v in (opts or {}).items() if v is not None}
+        settings = PreprocessSettings(window=win, window_preset=preset, **given)
         settings.validate()
     except MedkdError as e:
         raise fail(str(e), 2)

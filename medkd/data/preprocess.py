@@ -34,6 +34,7 @@ import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
 from medkd.data.recipe import WINDOW_PRESETS, check_window, detect_modality, normalise_intensity, resize_slices
 from medkd.data.sources import CaseSource, discover
+from medkd import options as opt
 from medkd.errors import DataError, MedkdError, OutputError
 from medkd.rundir import clean_stale_temps, confined, replace_dir, temp_dir_beside, write_json
 
@@ -45,27 +46,28 @@ AFFINE_RTOL = 1e-4
 class PreprocessSettings:
     """Options of ``medkd preprocess`` (the manifest stores them under ``settings``)."""
 
-    size: int = 128
-    window: Tuple[float, float] = WINDOW_PRESETS["abdomen"]
-    window_preset: Optional[str] = "abdomen"
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    seed: int = 0
-    workers: int = 1
+    size: int = opt.option(128, help="In-plane size of the prepared slices.", check=opt.check_size)
+    # the window is given as text (--window LOW,HIGH or --window-preset NAME) and resolved by parse_window
+    window: Tuple[float, float] = opt.option(WINDOW_PRESETS["abdomen"], help="CT window in HU.", cli=False)
+    window_preset: Optional[str] = opt.option("abdomen", help="Named CT window.", cli=False)
+    test_fraction: float = opt.option(0.2, help="Fraction of cases for the test split.",
+                                      check=opt.check_split_fraction)
+    val_fraction: float = opt.option(0.1, help="Fraction of cases for the validation split.",
+                                     check=opt.check_split_fraction)
+    seed: int = opt.option(0, help="Seed of the case-level split.", check=opt.check_seed)
+    workers: int = opt.option(1, help="Cases processed in parallel (processes).", check=opt.check_workers,
+                              identity=False)
 
     def validate(self) -> None:
-        if self.size < 8:
-            raise MedkdError(f"--size must be >= 8, got {self.size}")
-        check_window(*self.window)
-        for name, f in (("--test-fraction", self.test_fraction), ("--val-fraction", self.val_fraction)):
-            if not 0.0 <= f < 1.0:
-                raise MedkdError(f"{name} must be in [0, 1), got {f}")
-        if self.test_fraction + self.val_fraction >= 1.0:
-            raise MedkdError("--test-fraction + --val-fraction must leave training cases (< 1)")
-        from medkd.options import check_seed, check_size
+        """The declared checks, the window, and splits that leave training cases.
 
-        check_size(self.size, "--size")  # the sane maximum (an integer, at most MAX_SIZE)
-        check_seed(self.seed, "--seed")  # numpy's split generator takes no negative seed
+        Raises:
+            OptionError: the first bad value, named.
+        """
+        opt.check_fields(self)
+        check_window(*self.window)
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise opt.OptionError("--test-fraction + --val-fraction must leave training cases (< 1)")
 
 
 class PreprocessFailed(MedkdError):
