@@ -70,11 +70,12 @@ from medkd.ablate.report import (
     test_description
 )
 from medkd.ablate.runner import (
-    ablate, config_diff, eval_is_fresh, inputs_newer, parse_shard, run_error, run_state, shard_runs
+    PendingRun, ablate, config_diff, eval_is_fresh, inputs_newer, parse_shard, run_error, run_state, shard_runs
 )
 
 __all__ = [
-    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "SPLIT", "Cell", "Plan",
+    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "SPLIT", "Cell", "PendingRun",
+    "Plan",
     "ablate", "baseline_config", "build_plan", "compute_results", "config_diff", "eval_is_fresh", "identity",
     "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "parse_shard", "shard_runs", "per_case_matrix", "preset_file",
     "run_dir", "run_error", "run_state", "setting_name", "slugify", "test_description",

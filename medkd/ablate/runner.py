@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -13,14 +13,23 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from medkd import rundir
-from medkd.ablate.grid import SPLIT, Plan, build_plan, identity, load_grid_doc
+from medkd import evaluate, rundir
+from medkd.ablate.grid import SPLIT, Cell, Plan, build_plan, identity, load_grid_doc
+from medkd.ablate.plan_outputs import plan_runs
 from medkd.ablate.report import CORRECTIONS, METRICS, compute_results
+from medkd.claim import Claim, ClaimedError, describe
 from medkd.config import DistillConfig, to_dict
-from medkd.yamlfile import load_yaml
+from medkd.data.prepared import PreparedData
+from medkd.distill import run as distill_run
+from medkd.distill.inputs import load_teacher
+from medkd.distributed import under_torchrun
 from medkd.errors import MedkdError
+from medkd.locks import exclusive_lock
+from medkd.metrics import to_jsonable
 from medkd.options import short_repr
+from medkd.report.ablate_table import write_reports
 from medkd.report.progress import Bars
+from medkd.yamlfile import load_yaml
 
 
 def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
@@ -114,6 +123,27 @@ def eval_is_fresh(run: Path, data: Path) -> bool:
     return eval_state(run, data)[0]
 
 
+@dataclass
+class PendingRun:
+    """One planned run this process may train and evaluate: its row, seed, folder, config (the row's with the
+    seed, and the planned teacher-output mode) and the state of its folder (:func:`run_state`)."""
+
+    cell: Cell
+    seed: int
+    run: Path
+    cfg: DistillConfig
+    state: str = "new"
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell.name} seed {self.seed}"
+
+    def failure(self, error: str) -> Dict[str, Any]:
+        """The ``failed`` entry of the results for this run."""
+        return {"run": str(self.run), "name": self.cell.name, "seed": self.seed, "error": error}
+
+
 def ablate(
     data: Path,
     teacher: Optional[Path],
@@ -131,6 +161,7 @@ def ablate(
 ) -> Optional[Dict[str, Any]]:
     """Run (or resume) an ablation, or one shard of it, and write ``DIR/results.{json,csv,md,png}``.
 
+    Plan (:func:`~medkd.ablate.grid.build_plan`), then claim, train and evaluate each pending run, then report.
     Every run is trained and evaluated under its run-folder claim (:mod:`medkd.claim`): a run another live process
     holds is skipped, and a run is re-checked once claimed, so shards that overlap or are restarted never train a
     run twice. Shard ``(i, n)`` trains the runs ``k`` of the seed-major plan with ``k % n == i - 1``
@@ -164,17 +195,7 @@ def ablate(
         MedkdError: bad grid/options (before anything runs), config mismatch of a finished run, failed runs
             (after the results of the other runs are written), planned runs missing when the results are written.
     """
-    from medkd.claim import Claim, ClaimedError, describe
-    from medkd.locks import exclusive_lock
-    from medkd.data.prepared import PreparedData
-    from medkd.distill.inputs import load_teacher
-    from medkd.distill.run import distill
-    from medkd.evaluate import evaluate_runs
-    from medkd.report.ablate_table import write_reports
-
     console = console or Console(stderr=True, quiet=True)
-    from medkd.distributed import under_torchrun
-
     if under_torchrun():
         raise MedkdError("ablate trains one run per process: start it without torchrun (one `medkd ablate ... "
                          "--shard I/N` per GPU or node instead, see the README)")
@@ -184,94 +205,24 @@ def ablate(
     prepared = PreparedData(data)
     prepared.require_split(SPLIT)
     plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config)
-    if any(c.cfg.uses_teacher for c in plan.cells):
-        if teacher is None:
-            raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
-        load_teacher(Path(teacher), next(c.cfg for c in plan.cells if c.cfg.uses_teacher), prepared)
+    _check_teacher(plan, teacher, prepared)
     runs = plan.runs(out)
     mine = [] if report_only else shard_runs(runs, *shard)
-    states = []
-    for cell, seed, run in mine:
-        cfg = replace(cell.cfg, seed=seed)
-        state, detail = run_state(run, cfg, data)
-        if state == "mismatch" and not overwrite:
-            raise MedkdError(f"{run}: finished with a different config ({detail}); use another -o DIR, or "
-                             f"--overwrite to retrain such runs")
-        if state == "stray" and not overwrite:
-            raise MedkdError(f"{run}: {detail}; remove it or use --overwrite")
-        states.append((cell, seed, run, cfg, state, detail))
+    pending = [_pending(cell, seed, run, data, overwrite) for cell, seed, run in mine]
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, plan, data, teacher)
-
-    n_done = sum(1 for s in states if s[4] == "done")
-    part = f"; shard {shard[0]}/{shard[1]}: {len(mine)} of them" if shard[1] > 1 and not report_only else ""
-    console.print(f"ablation {escape(str(out))}: {len(plan.cells)} row(s) x {len(plan.seeds)} seed(s) = "
-                  f"{len(runs)} run(s) ({escape(plan.source)}){part}; {n_done} already finished", highlight=False,
-                  soft_wrap=True)
-    for note in plan.notes:
-        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    # one teacher-output mode for all pending runs that leave it to auto: a shared disk cache only when cheaper
-    auto = [i for i, s in enumerate(states)
-            if s[4] != "done" and s[3].uses_teacher and s[3].teacher_outputs == "auto" and not s[3].augment]
-    outputs_plan, outputs_note = None, None
-    if auto:
-        from medkd.ablate.plan_outputs import plan_runs
-
-        mode, outputs_plan = plan_runs([states[i][3] for i in auto], Path(teacher), prepared, console)
-        outputs_note = f"ablation plan for {len(auto)} run(s): {outputs_plan['reason']}"
-        for i in auto:
-            cell, seed, run, cfg, state, detail = states[i]
-            states[i] = (cell, seed, run, replace(cfg, teacher_outputs=mode), state, detail)
-    failed: List[Dict[str, str]] = []
-    busy: List[str] = []
-    t0 = time.time()
+    _announce(console, plan, out, runs, pending, shard, report_only)
+    outputs_plan, outputs_note = _plan_teacher_outputs(pending, teacher, prepared, console)
     if report_only:  # evaluate finished runs that lack their evaluation; train nothing
-        states = [(c, s, r, replace(c.cfg, seed=s), "done", "") for c, s, r in runs
-                  if (r / rundir.SUMMARY).is_file() and not eval_is_fresh(r, data)]
-    with Bars(console, "[bold]ablation[/]", len(states), n_done if not report_only else 0, unit="runs",
-              transient=False, nested=True) as progress:
-        for cell, seed, run, cfg, state, detail in states:
-            label = f"{cell.name} seed {seed}"
-            try:
-                claim = Claim(run).acquire()
-            except ClaimedError as e:
-                busy.append(str(run))
-                progress.log(f"{escape(label)}: in progress in {escape(describe(e.owner))}; skipped")
-                progress.advance()
-                continue
-            try:
-                if state != "done":  # look again now that it is ours: another process may have finished it
-                    state, detail = run_state(run, cfg, data)
-                    if state == "mismatch" and not overwrite:  # finished meanwhile by a run with another config
-                        failed.append({"run": str(run), "name": cell.name, "seed": seed,
-                                       "error": f"finished by another process with a different config ({detail})"})
-                        continue
-                if state != "done":
-                    progress.start(label, announce=True)
-                    if detail:
-                        progress.log(escape(f"{run}: {detail}; restarting"))
-                    try:
-                        distill(data, run, cfg, resume=state == "resume",
-                                overwrite=state in ("restart", "mismatch", "stray"), console=console,
-                                outputs_note=outputs_note)
-                    except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
-                        failed.append({"run": str(run), "name": cell.name, "seed": seed, "error": run_error(e)})
-                        progress.log(f"[red]failed[/] {escape(label)}: {escape(run_error(e))}")
-                        progress.advance()
-                        continue
-                    progress.advance()
-                fresh, damaged = eval_state(run, data)
-                if not fresh:
-                    if damaged:  # never a silent drop of this seed: say so and evaluate again
-                        progress.log(f"note: {escape(damaged)}; evaluating again")
-                    try:
-                        evaluate_runs([run], prepared, SPLIT, device=cfg.device)
-                    except Exception as e:
-                        failed.append({"run": str(run), "name": cell.name, "seed": seed,
-                                       "error": f"evaluate: {run_error(e)}"})
-                        progress.log(f"[red]evaluation failed[/] {escape(label)}: {escape(run_error(e))}")
-            finally:
-                claim.release()
+        pending = [PendingRun(c, s, r, replace(c.cfg, seed=s), "done") for c, s, r in runs
+                   if (r / rundir.SUMMARY).is_file() and not eval_is_fresh(r, data)]
+    t0 = time.time()
+    failed: List[Dict[str, Any]] = []
+    n_done = 0 if report_only else sum(1 for p in pending if p.state == "done")
+    with Bars(console, "[bold]ablation[/]", len(pending), n_done, unit="runs", transient=False,
+              nested=True) as progress:
+        for p in pending:
+            failed += _claim_train_evaluate(p, data, prepared, overwrite, outputs_note, console, progress)
     missing = [str(r) for _, _, r in runs if not ((r / rundir.SUMMARY).is_file() and eval_is_fresh(r, data))]
     if shard[1] > 1 and not report_only and missing:  # not the last shard: leave the results to the last one
         console.print(f"shard {shard[0]}/{shard[1]} done ({len(mine)} run(s)); {len(missing)} planned run(s) are not "
@@ -280,20 +231,7 @@ def ablate(
         if failed:
             raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']})")
         return None
-    evals = {}
-    for cell, seed, run in runs:
-        if eval_is_fresh(run, data) and not any(f["run"] == str(run) for f in failed):  # the others are pending
-            evals[(cell.name, seed)] = json.loads(rundir.eval_json(run, SPLIT).read_text())
-    results = compute_results(plan, evals, correction=correction)
-    results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
-                   out=str(out.resolve()), failed=failed, seconds=round(time.time() - t0, 1),
-                   teacher_outputs=outputs_plan)
-    from medkd.metrics import to_jsonable
-
-    results["pending"] = sorted(set(missing) - {f["run"] for f in failed})
-    results = to_jsonable(results)  # NaN/inf -> None, as written to results.json
-    with exclusive_lock(out / ".results.lock"):  # shards finishing together write one after the other
-        write_reports(results, out)
+    results = _report(plan, runs, data, teacher, out, correction, failed, missing, outputs_plan, time.time() - t0)
     console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png", highlight=False,
                   soft_wrap=True)
     if failed:
@@ -302,6 +240,134 @@ def ablate(
     if results["pending"]:
         raise MedkdError(f"{len(results['pending'])} planned run(s) are not finished (first: "
                          f"{results['pending'][0]}); results of the finished ones are in {out / 'results.json'}")
+    return results
+
+
+def _check_teacher(plan: Plan, teacher: Optional[Path], prepared: PreparedData) -> None:
+    """A grid that distils needs a teacher that fits the data (checked before anything runs)."""
+    kd = next((c.cfg for c in plan.cells if c.cfg.uses_teacher), None)
+    if kd is None:
+        return
+    if teacher is None:
+        raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
+    load_teacher(Path(teacher), kd, prepared)
+
+
+def _pending(cell: Cell, seed: int, run: Path, data: Path, overwrite: bool) -> PendingRun:
+    """A planned run of this process with the state of its folder.
+
+    Raises:
+        MedkdError: the run finished with another config, or its folder is not a run (unless ``overwrite``).
+    """
+    p = PendingRun(cell, seed, run, replace(cell.cfg, seed=seed))
+    p.state, p.detail = run_state(run, p.cfg, data)
+    if p.state == "mismatch" and not overwrite:
+        raise MedkdError(f"{run}: finished with a different config ({p.detail}); use another -o DIR, or "
+                         f"--overwrite to retrain such runs")
+    if p.state == "stray" and not overwrite:
+        raise MedkdError(f"{run}: {p.detail}; remove it or use --overwrite")
+    return p
+
+
+def _announce(console: Console, plan: Plan, out: Path, runs: Sequence[Tuple[Cell, int, Path]],
+              pending: Sequence[PendingRun], shard: Tuple[int, int], report_only: bool) -> None:
+    """The plan in one line (rows x seeds, this shard's share, finished runs), then the plan's notes."""
+    n_done = sum(1 for p in pending if p.state == "done")
+    part = f"; shard {shard[0]}/{shard[1]}: {len(pending)} of them" if shard[1] > 1 and not report_only else ""
+    console.print(f"ablation {escape(str(out))}: {len(plan.cells)} row(s) x {len(plan.seeds)} seed(s) = "
+                  f"{len(runs)} run(s) ({escape(plan.source)}){part}; {n_done} already finished", highlight=False,
+                  soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def _plan_teacher_outputs(pending: List[PendingRun], teacher: Optional[Path], prepared: PreparedData,
+                          console: Console) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """One teacher-output mode for the pending runs that leave it to ``auto``: a shared disk cache only when
+    cheaper (:func:`medkd.ablate.plan_outputs.plan_runs`). Sets it on those runs' configs; returns the plan's
+    record and the note each run prints."""
+    auto = [p for p in pending
+            if p.state != "done" and p.cfg.uses_teacher and p.cfg.teacher_outputs == "auto" and not p.cfg.augment]
+    if not auto:
+        return None, None
+    mode, record = plan_runs([p.cfg for p in auto], Path(teacher), prepared, console)
+    for p in auto:
+        p.cfg = replace(p.cfg, teacher_outputs=mode)
+    return record, f"ablation plan for {len(auto)} run(s): {record['reason']}"
+
+
+def _claim_train_evaluate(p: PendingRun, data: Path, prepared: PreparedData, overwrite: bool,
+                          outputs_note: Optional[str], console: Console, progress: Bars) -> List[Dict[str, Any]]:
+    """Claim one run, train it unless it is done (looking again once claimed), evaluate it unless its evaluation is
+    fresh. A run another process holds is skipped. Returns the failures (``[]`` or one entry)."""
+    try:
+        claim = Claim(p.run).acquire()
+    except ClaimedError as e:
+        progress.log(f"{escape(p.label)}: in progress in {escape(describe(e.owner))}; skipped")
+        progress.advance()
+        return []
+    try:
+        if p.state != "done":  # look again now that it is ours: another process may have finished it
+            p.state, p.detail = run_state(p.run, p.cfg, data)
+            if p.state == "mismatch" and not overwrite:  # finished meanwhile by a run with another config
+                return [p.failure(f"finished by another process with a different config ({p.detail})")]
+        if p.state != "done":
+            error = _train(p, data, outputs_note, console, progress)
+            if error:
+                return [p.failure(error)]
+        return _evaluate(p, data, prepared, progress)
+    finally:
+        claim.release()
+
+
+def _train(p: PendingRun, data: Path, outputs_note: Optional[str], console: Console, progress: Bars) -> str:
+    """Train (resume, restart) one claimed run. Returns ``""`` or the one-line reason it failed."""
+    progress.start(p.label, announce=True)
+    if p.detail:
+        progress.log(escape(f"{p.run}: {p.detail}; restarting"))
+    try:
+        distill_run.distill(data, p.run, p.cfg, resume=p.state == "resume",
+                            overwrite=p.state in ("restart", "mismatch", "stray"), console=console,
+                            outputs_note=outputs_note)
+    except Exception as e:  # one run's failure (bad loss, CUDA error, OOM) must not end the ablation
+        progress.log(f"[red]failed[/] {escape(p.label)}: {escape(run_error(e))}")
+        progress.advance()
+        return run_error(e)
+    progress.advance()
+    return ""
+
+
+def _evaluate(p: PendingRun, data: Path, prepared: PreparedData, progress: Bars) -> List[Dict[str, Any]]:
+    """Evaluate one finished run on the test split unless its ``eval-test.json`` is fresh. Returns the failures."""
+    fresh, damaged = eval_state(p.run, data)
+    if fresh:
+        return []
+    if damaged:  # never a silent drop of this seed: say so and evaluate again
+        progress.log(f"note: {escape(damaged)}; evaluating again")
+    try:
+        evaluate.evaluate_runs([p.run], prepared, SPLIT, device=p.cfg.device)
+    except Exception as e:
+        progress.log(f"[red]evaluation failed[/] {escape(p.label)}: {escape(run_error(e))}")
+        return [p.failure(f"evaluate: {run_error(e)}")]
+    return []
+
+
+def _report(plan: Plan, runs: Sequence[Tuple[Cell, int, Path]], data: Path, teacher: Optional[Path], out: Path,
+            correction: str, failed: List[Dict[str, Any]], missing: List[str],
+            outputs_plan: Optional[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
+    """Compute the results from the evaluated runs (failed ones left out) and write every report format."""
+    failed_runs = {f["run"] for f in failed}
+    evals = {}
+    for cell, seed, run in runs:
+        if eval_is_fresh(run, data) and str(run) not in failed_runs:  # the others are pending
+            evals[(cell.name, seed)] = json.loads(rundir.eval_json(run, SPLIT).read_text())
+    results = compute_results(plan, evals, correction=correction)
+    results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
+                   out=str(out.resolve()), failed=failed, seconds=round(seconds, 1), teacher_outputs=outputs_plan)
+    results["pending"] = sorted(set(missing) - failed_runs)
+    results = to_jsonable(results)  # NaN/inf -> None, as written to results.json
+    with exclusive_lock(out / ".results.lock"):  # shards finishing together write one after the other
+        write_reports(results, out)
     return results
 
 
