@@ -33,6 +33,10 @@ class TrainConfig:
 
     epochs: int = opt.option(12, help="Epochs.", check=opt.check_epochs, resume=True)
     batch_size: int = opt.option(8, help="Batch size.", check=opt.check_batch_size)
+    steps_per_epoch: Optional[int] = opt.option(None, help="Optimizer steps per epoch (a training budget): seeded "
+                                                "permutations of the training images back to back, full passes "
+                                                "then a partial one.", check=opt.check_steps_per_epoch,
+                                                default_text="one pass over the training images")
     lr: float = opt.option(2e-3, help="Learning rate.", check=opt.check_lr)
     weight_decay: float = opt.option(1e-4, help="Weight decay.", check=opt.check_weight_decay)
     optimizer: str = opt.option("adamw", help="Optimizer.", check=opt.check_optimizer,
@@ -61,8 +65,15 @@ class TrainConfig:
         opt.check_fields(self)
 
     def effective(self) -> Dict[str, Any]:
-        """The options that decide what a run does, in canonical form (the whole config for teachers)."""
+        """The options that decide what a run does, in canonical form."""
         return to_dict(self)
+
+    @property
+    def subset_draw_seed(self) -> int:
+        """The seed that draws a ``fraction`` subset of training cases (configs that have one): ``subset_seed``,
+        else the run's seed."""
+        subset_seed = getattr(self, "subset_seed", None)
+        return self.seed if subset_seed is None else int(subset_seed)
 
 
 @dataclass
@@ -74,6 +85,22 @@ class TeacherConfig(TrainConfig):
     recon_weight: float = opt.option(0.2, help="Weight of the reconstruction MSE.", check=opt.check_recon_weight)
     model_kwargs: Dict[str, Any] = opt.option(default_factory=dict, help="Model-specific options (e.g. transunet "
                                                                          "depth, heads).", cli=False)
+    fraction: float = opt.option(1.0, help="Seeded case-level fraction of the training cases the teacher trains on: "
+                                           "1 = all of them (the reference study's setting: the teacher has seen the "
+                                           "labels of the students' 'unlabelled' cases); below 1 = the "
+                                           "semi-supervised setting, the same subset a student with this --fraction "
+                                           "and --subset-seed is given labels of.", check=opt.check_fraction)
+    subset_seed: Optional[int] = opt.option(None, help="Seed of the --fraction subset of training cases (the "
+                                                       "students' --subset-seed trains the teacher on their labelled "
+                                                       "cases).", check=opt.check_seed,
+                                            default_text="the run's --seed")
+
+    def effective(self) -> Dict[str, Any]:
+        """This config in canonical form: ``subset_seed`` dropped with ``fraction`` 1 (no subset to draw)."""
+        out = to_dict(self)
+        if self.fraction >= 1:
+            out.pop("subset_seed")
+        return out
 
     def validate(self) -> None:
         """The declared checks, then the model options against the architecture they are given to."""
@@ -154,11 +181,6 @@ class DistillConfig(TrainConfig):
     def kd_on_unlabelled(self) -> bool:
         """The teacher also supervises the train cases outside the student's labelled ``fraction``."""
         return self.uses_teacher and self.kd_images == "all" and self.fraction < 1.0
-
-    @property
-    def subset_draw_seed(self) -> int:
-        """The seed that draws the ``fraction`` subset of training cases: ``subset_seed``, else the run's seed."""
-        return self.seed if self.subset_seed is None else int(self.subset_seed)
 
     def effective_weights(self) -> Dict[str, float]:
         """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`DEFAULT_WEIGHTS`.

@@ -239,6 +239,14 @@ def check_schedule(value: Any, what: str = "schedule") -> str:
     return check_choice(value, SCHEDULES, what)
 
 
+def check_steps_per_epoch(value: Any, what: str = "steps_per_epoch") -> Any:
+    """Optimizer steps in one epoch (a training budget): a whole number >= 1."""
+    check_range(value, what, lo=1)
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise OptionError(f"{what} must be a whole number of steps, got {value}", what)
+    return int(float(value))
+
+
 def check_cache_budget(value: Any, what: str = "cache_budget") -> Any:
     """GB the teacher-output disk cache may add (0 = never start one)."""
     return check_range(value, what, lo=0)

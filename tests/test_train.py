@@ -284,3 +284,99 @@ def test_torch_versions_compare_as_numbers():
 
     assert version_tuple("2.13.0+cpu") == (2, 13, 0) > (2, 6) > version_tuple("2.4.1")
     assert version_tuple("2.6.0a0+git123") == (2, 6, 0)
+
+
+# ------------------------------------------------------------------------------------- training budget, subset
+
+
+def test_pass_steps_is_the_loaders_length():
+    """The steps of one pass (used to plan equal budgets without training) are what the loader makes."""
+    from torch.utils.data import TensorDataset
+
+    from medkd.config import TeacherConfig
+    from medkd.train.batches import epoch_loader, pass_steps
+
+    for n in (1, 2, 7, 8, 9, 17):
+        for bs in (1, 4, 8):
+            loader, _ = epoch_loader(TensorDataset(torch.zeros(n)), TeacherConfig(batch_size=bs), 0)
+            assert pass_steps(n, bs) == len(loader), (n, bs)
+
+
+def test_budget_sampler_draws_permutations_back_to_back():
+    from torch.utils.data import DistributedSampler
+
+    from medkd.train.batches import BudgetSampler
+
+    n, bs, steps = 5, 4, 3
+    order = BudgetSampler(n, steps * bs, seed=7, epoch=2).indices()
+    assert len(order) == 12
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5)) and len(set(order[10:])) == 2  # then a partial
+    plain = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=7)
+    plain.set_epoch(2)
+    assert order[:5] == list(plain)  # the first pass is the epoch's order without a budget
+    assert BudgetSampler(n, 12, seed=7, epoch=3).indices() != order  # a new epoch, a new order
+    # two processes: each takes its half of every global batch of ``bs`` (DistributedSampler's interleaving)
+    ranks = [list(BudgetSampler(n, 12, seed=7, epoch=2, rank=r, world_size=2)) for r in (0, 1)]
+    assert all(len(r) == 6 for r in ranks)
+    for step in range(steps):
+        local = [r[step * 2:(step + 1) * 2] for r in ranks]  # local batch size bs / 2
+        assert sorted(local[0] + local[1]) == sorted(order[step * bs:(step + 1) * bs])
+
+
+def test_budget_is_measured_and_recorded(tiny_data, run2, runs):
+    from medkd.train.batches import pass_steps
+
+    summary = run2[1]
+    per_epoch = pass_steps(summary["train_slices"], 4)
+    n_images = summary["train_slices"] - (1 if summary["train_slices"] % 4 == 1 else 0)
+    assert summary["budget"] == {"epochs": 2, "steps_per_epoch": per_epoch, "optimizer_steps": 2 * per_epoch,
+                                 "images_seen": 2 * n_images, "augment": False}
+    # a fixed budget: exactly that many full batches, whatever the training set's size
+    s = train_teacher(tiny_data, runs / "budget", tiny_teacher_config(steps_per_epoch=3, augment=True),
+                      console=_quiet())
+    assert s["budget"] == {"epochs": 1, "steps_per_epoch": 3, "optimizer_steps": 3, "images_seen": 12,
+                           "augment": True}
+    assert yaml.safe_load((runs / "budget" / "config.yaml").read_text())["steps_per_epoch"] == 3
+
+
+def test_budget_of_one_pass_trains_like_no_budget(tiny_data, run2, runs):
+    """steps_per_epoch = one pass (a batch size that divides the training slices): the same run, bit for bit."""
+    n = run2[1]["train_slices"]
+    bs = next(b for b in range(2, n + 1) if n % b == 0)  # n itself when n is prime: one step per epoch
+    a = train_teacher(tiny_data, runs / "nobudget", tiny_teacher_config(batch_size=bs), console=_quiet())
+    b = train_teacher(tiny_data, runs / "onepass", tiny_teacher_config(batch_size=bs, steps_per_epoch=n // bs),
+                      console=_quiet())
+    assert_same_weights(_weights(runs / "nobudget"), _weights(runs / "onepass"))
+    assert a["best_val_dice"] == b["best_val_dice"] and a["budget"] == b["budget"]
+
+
+def test_teacher_fraction_trains_on_the_students_subset(tiny_data, runs):
+    """train-teacher --fraction/--subset-seed: the seeded subset a student with the same options is given labels of."""
+    from medkd.config import DistillConfig, build_config
+    from medkd.data.prepared import PreparedData
+    from medkd.distill.run import student_train_set
+
+    s = train_teacher(tiny_data, runs / "semi", tiny_teacher_config(fraction=0.5, subset_seed=3), console=_quiet())
+    student = build_config(DistillConfig, overrides={"fraction": 0.5, "subset_seed": 3, "scales": "none",
+                                                     "pmd": False, "seed": 9})
+    labelled = student_train_set(PreparedData(tiny_data), student).case_ids
+    all_train = PreparedData(tiny_data).case_ids("train")
+    assert s["train_case_ids"] == sorted(labelled) and len(labelled) < len(all_train)
+    assert s["fraction"] == 0.5 and s["subset_seed"] == 3
+    # the default: every train case (the reference study's setting), recorded
+    default = json.loads((runs / "budget" / "summary.json").read_text())
+    assert default["fraction"] == 1.0 and default["subset_seed"] is None
+    assert default["train_case_ids"] == sorted(all_train)
+
+
+def test_teacher_fraction_cli_flags(tiny_data, tmp_path):
+    r = CliRunner().invoke(app, ["train-teacher", str(tiny_data), "-o", str(tmp_path / "t"), "--fraction", "0"])
+    assert r.exit_code == 2 and "fraction must be in (0, 1]" in r.stderr
+    r = CliRunner().invoke(app, ["train-teacher", str(tiny_data), "-o", str(tmp_path / "t"), "--steps-per-epoch", "0"])
+    assert r.exit_code == 2 and "steps-per-epoch must be >= 1" in r.stderr
+    from medkd.config import TeacherConfig, build_config
+    from medkd.options import OptionError
+
+    with pytest.raises(OptionError, match="steps_per_epoch must be a whole number of steps, got 2.5"):
+        build_config(TeacherConfig, overrides={"steps_per_epoch": 2.5})
+    assert not (tmp_path / "t").exists()

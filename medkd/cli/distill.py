@@ -17,7 +17,7 @@ from medkd.config import DistillConfig, build_config
 
 @handle_errors
 @config_options(DistillConfig, "teacher", "student", "student_width", "scales", "loss", "pmd", "temperature", "fraction",
-                "subset_seed", "weights", "epochs", "batch_size", "lr", "weight_decay", "in_channels", "augment",
+                "subset_seed", "weights", "epochs", "batch_size", "steps_per_epoch", "lr", "weight_decay", "in_channels", "augment",
                 "teacher_outputs", "cache_budget", "kd_images", "grad_share_every", "device", "seed")
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],

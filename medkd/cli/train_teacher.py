@@ -16,8 +16,8 @@ from medkd.config import TeacherConfig, build_config
 
 
 @handle_errors
-@config_options(TeacherConfig, "arch", "width", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule",
-                "recon_weight", "in_channels", "augment", "device", "seed")
+@config_options(TeacherConfig, "arch", "width", "fraction", "subset_seed", "epochs", "batch_size", "steps_per_epoch",
+                "lr", "weight_decay", "optimizer", "schedule", "recon_weight", "in_channels", "augment", "device", "seed")
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
@@ -30,7 +30,8 @@ def command(
     *,
     opts: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Train the multi-task teacher (segmentation + image reconstruction) on all training cases."""
+    """Train the multi-task teacher (segmentation + image reconstruction) on all training cases (or a seeded
+    --fraction of them: the semi-supervised setting)."""
     from medkd.train.teacher import train_teacher
 
     cfg = build_config(TeacherConfig, config, opts, preset=preset)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from medkd import distributed
 from medkd.config import TrainConfig
@@ -31,14 +31,54 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
     return x * scale + shift, y
 
 
+def pass_steps(n_samples: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over ``n_samples`` in one process, as :func:`epoch_loader` makes them:
+    ``ceil(n / batch_size)``, less a final batch of 1 (dropped: BatchNorm cannot train on it)."""
+    full, rest = divmod(int(n_samples), int(batch_size))
+    return full + (1 if rest > 1 else 0)
+
+
+class BudgetSampler(Sampler):
+    """Exactly ``total`` sample indices for one epoch of a fixed budget (``steps_per_epoch x batch_size``):
+    seeded permutations of the ``n`` samples back to back (full passes, then the start of one more).
+
+    The permutations come from one generator seeded with ``seed + epoch`` as ``DistributedSampler`` seeds its one
+    permutation, so the first pass is the order an epoch without a budget has. With ``world_size`` processes, rank
+    ``r`` takes every ``world_size``-th index from ``r`` (``DistributedSampler``'s interleaving): the batches of a
+    global step are the same as one process's. ``total`` must divide over the processes.
+    """
+
+    def __init__(self, n: int, total: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+        if n < 1:
+            raise MedkdError("no training samples to draw a budget from")
+        self.n, self.total, self.seed, self.epoch, self.rank, self.world_size = n, total, seed, epoch, rank, world_size
+
+    def indices(self) -> list:
+        """The global order of the epoch (every rank's indices, ``total`` of them)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        out: list = []
+        while len(out) < self.total:
+            out += torch.randperm(self.n, generator=g).tolist()
+        return out[: self.total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return self.total // self.world_size
+
+
 def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: bool = False,
                  env: Optional[distributed.DistEnv] = None):
     """This process's DataLoader for one epoch, and its augmentation generator.
 
-    The sample order is one permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s), drawn from its
-    own generator, so DataLoader workers and augmentation draws cannot change it, and with N processes the
-    ``cfg.batch_size`` slices of a global step are the same as one process's. The augmentation generator is seeded
-    by ``(cfg.seed, epoch, rank)``; it also seeds the workers.
+    Without a budget the sample order is one permutation seeded by ``(cfg.seed, epoch)`` (``DistributedSampler``'s);
+    with ``cfg.steps_per_epoch`` it is that many global batches drawn by :class:`BudgetSampler` (the same seeding,
+    further permutations back to back). The order comes from its own generator, so DataLoader workers and
+    augmentation draws cannot change it, and with N processes the ``cfg.batch_size`` slices of a global step are
+    the same as one process's. The augmentation generator is seeded by ``(cfg.seed, epoch, rank)``; it also seeds
+    the workers.
 
     Returns:
         ``(loader, generator)``.
@@ -51,9 +91,13 @@ def epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, pin_memory: b
         raise MedkdError(f"--batch-size {cfg.batch_size} (the global batch) does not divide over {e.world_size} "
                          f"processes")
     local_bs = cfg.batch_size // e.world_size
-    sampler = DistributedSampler(train_set, num_replicas=e.world_size, rank=e.rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=False)
-    sampler.set_epoch(epoch)
+    if cfg.steps_per_epoch:
+        sampler = BudgetSampler(len(train_set), cfg.steps_per_epoch * cfg.batch_size, cfg.seed, epoch, e.rank,
+                                e.world_size)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=e.world_size, rank=e.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=False)
+        sampler.set_epoch(epoch)
     # modulo 2**64 (what manual_seed takes): the same number for every seed it took before, and no overflow for
     # the largest seeds options.check_seed allows
     gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch + 7919993 * e.rank) % 2**64)

@@ -89,6 +89,8 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.best = {"epoch": 0, "val_dice": -1.0}
         self.epoch, self.seconds = 0, 0.0  # epochs done, training seconds so far
+        # the training budget spent so far, measured (None once unknown: resumed from a checkpoint without it)
+        self.budget: Dict[str, Optional[int]] = {"steps_per_epoch": None, "optimizer_steps": 0, "images_seen": 0}
         self.resumed = False
         # the resolved config (re-usable with --config; ``kind``/``data`` are run metadata that build_config skips)
         self.config_doc = {"kind": kind, "data": str(data.root.resolve()), **to_dict(cfg)}
@@ -125,6 +127,7 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         self.history, self.best = ck["history"], ck["best"]
         self.epoch, self.seconds = ck["epoch"], ck.get("seconds", 0.0)
+        self.budget = ck.get("budget") or {"steps_per_epoch": None, "optimizer_steps": None, "images_seen": None}
         set_rng_state(ck["rng"])
         self.resumed = True
 
@@ -137,8 +140,8 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- one epoch
 
     def train_epoch(self, bars: Bars) -> Tuple[Dict[str, float], int]:
-        """One pass over the training set (epoch ``self.epoch``). Returns each term summed over samples, and the
-        number of samples.
+        """One epoch (``self.epoch``): a pass over the training set, or ``cfg.steps_per_epoch`` steps. Returns each
+        term summed over samples, and the number of samples (over all processes); adds both to :attr:`budget`.
 
         Raises:
             TrainingError: a non-finite loss (the last good ``last.pt`` stays), a dead term at the first step.
@@ -148,7 +151,7 @@ class Trainer:
         self.task.train()
         self.task.on_epoch_start(epoch)
         sums: Dict[str, float] = {}
-        n = 0
+        n = steps = 0
         bars.start(f"epoch {epoch + 1}", inner_total=len(loader))
         for step, (x, y, idx) in enumerate(loader):
             x = x.to(device, non_blocking=True)
@@ -178,8 +181,19 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
             n += x.shape[0]
+            steps += 1
             bars.step({k: s / n for k, s in sums.items()})
-        return _sum_over_ranks(sums, n, self.env, device)
+        sums, n = _sum_over_ranks(sums, n, self.env, device)
+        self._spend(steps, n)
+        return sums, n
+
+    def _spend(self, steps: int, images: int) -> None:
+        """Add one epoch's optimizer steps (global: every process takes each step) and images to the budget."""
+        b = self.budget
+        b["steps_per_epoch"] = steps
+        if b["optimizer_steps"] is not None and b["images_seen"] is not None:
+            b["optimizer_steps"] += steps
+            b["images_seen"] += images
 
     def end_epoch(self, sums: Dict[str, float], n: int, t0: float) -> Dict[str, Any]:
         """Validate, step the schedule, record the epoch (begun at ``t0``) and write ``best.pt`` (when improved),
@@ -221,7 +235,7 @@ class Trainer:
         if full:
             d.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
                      scaler=self.scaler.state_dict(), history=self.history, best=self.best, rng=rng_state(),
-                     seconds=self.seconds)
+                     seconds=self.seconds, budget=dict(self.budget))
             extra = self.task.trainable_state()
             if extra:
                 d["extra"] = extra
@@ -240,6 +254,7 @@ class Trainer:
             "data": str(self.data.root.resolve()), "train_cases": len(self.train_set.case_ids),
             "train_slices": len(self.train_set), "data_fingerprint": d["fingerprint"],
             "train_case_ids": d["train_cases"], "val_case_ids": d["val_cases"], "world_size": self.env.world_size,
+            "budget": {"epochs": len(h), **self.budget, "augment": bool(self.cfg.augment)},
             **(summary_extra or {}),
         }
         if self.main:

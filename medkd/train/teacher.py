@@ -52,13 +52,15 @@ def train_teacher(
     overwrite: bool = False,
     console: Optional[Console] = None,
 ) -> Dict[str, Any]:
-    """Train a multi-task teacher on all training cases. Returns the run summary."""
+    """Train a multi-task teacher on its seeded ``cfg.fraction`` of the training cases (all of them by default;
+    the subset a student with the same ``fraction`` and subset seed is given labels of). Returns the run summary."""
     data = PreparedData(data_dir)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, in_channels=cfg.in_channels, num_classes=1, width=cfg.width, **cfg.model_kwargs)
     if data.size < model.min_size:
         raise MedkdError(f"{data_dir}: slices of {data.size} px are smaller than {cfg.arch}'s minimum {model.min_size}")
-    train_set = SliceDataset(data, "train")
+    train_set = SliceDataset(data, "train", fraction=cfg.fraction, seed=cfg.subset_draw_seed)
     task = TeacherTask(model, cfg.recon_weight)
     return fit(task, cfg, data, train_set, run, kind="teacher", resume=resume, overwrite=overwrite, console=console,
-               summary_extra={"width": cfg.width})
+               summary_extra={"width": cfg.width, "fraction": cfg.fraction,
+                              "subset_seed": cfg.effective().get("subset_seed")})
