@@ -1,9 +1,11 @@
 """Statistics for ablation studies where the *training run* is a replication unit.
 
-Two public functions, usable on any table of per-case results:
+Public functions, usable on any table of per-case results:
 
 * :func:`compare` -- does a setting (``treated``) differ from its baseline, given a per-case metric of several
-  training runs of each, paired by seed?
+  training runs of each, paired by seed? (New training runs, these test cases.)
+* :func:`bootstrap_diff` -- a two-level (seeds and cases) bootstrap interval of the same difference, and of the
+  share of the baseline-to-teacher gap it closes. (New training runs *and* new patients.)
 * :func:`adjust` -- Holm or Benjamini-Hochberg adjustment of a family of p-values.
 
 Why seeds are the unit
@@ -36,9 +38,10 @@ Alternatives considered, and what they can reach
     * Exact sign-flip (randomisation) test over seeds: distribution-free, but with *n* seeds its smallest
       two-sided p is ``2 / 2**n``: **0.25 with 3 seeds**, 0.125 with 4, 0.0625 with 5, 0.031 with 6; it cannot
       reach p < 0.05 below 6 seeds, and after a Holm correction over 29 rows (needs p < 0.05 / 29) not below 11.
-    * Hierarchical bootstrap (resample seeds, then cases within seed): with 3 seeds there are only 10 distinct
-      seed resamples and the percentile interval ignores the t quantile, so it is too narrow (anticonservative)
-      exactly where seeds are few.
+    * Hierarchical bootstrap (resample seeds, then cases): with 3 seeds there are only 10 distinct seed
+      resamples and the percentile interval ignores the t quantile, so its seed part is too narrow
+      (anticonservative) exactly where seeds are few. It is not the test here; :func:`bootstrap_diff` reports it
+      beside the t interval because it answers another question (below).
     * The t-test can give any p with >= 2 seeds, but with 2 seeds it has 1 degree of freedom (|t| > 12.7 needed
       for p < 0.05): such a design can show only very large, very consistent effects. With 1 seed there is no
       test (``p_value`` is NaN).
@@ -53,6 +56,15 @@ What the p-value means
     difference at least this far from zero. The test cases are held fixed: it generalises over training runs
     (init, order, data subset), not over new patients -- a case-level effect that varies by patient adds
     uncertainty this test does not see. Cases are weighted equally within a seed and seeds equally overall.
+
+Which question each interval answers
+    * :func:`compare` (t interval, p): "would new training runs of this setting beat new runs of the baseline
+      *on these test cases*?" The cases are fixed; only run-to-run variation counts.
+    * :func:`bootstrap_diff` (two-level percentile interval): "... *on new patients from the same population*?"
+      Seeds and cases are both resampled (crossed: one case draw for every seed and both arms), so a gain that
+      holds for some patients and not others widens it. With few seeds its seed part is too narrow (see above);
+      with few cases its case part is. Read the two together: a difference is convincing for new patients only
+      when both exclude zero.
 """
 
 from __future__ import annotations
@@ -179,6 +191,110 @@ def compare(
         out["min_p_note"] = design_note(int(n))
     out.update(method=METHOD, alternative="two-sided", alpha=alpha, level=level)
     return out
+
+
+def bootstrap_diff(
+    baseline: Any,
+    treated: Any,
+    n_boot: int = 2000,
+    seed: int = 0,
+    *,
+    teacher: Any = None,
+    level: float = 0.95,
+) -> Dict[str, Any]:
+    """Two-level bootstrap of the seed-paired mean difference (and of the gap closed towards a teacher).
+
+    The estimator is :func:`compare`'s: for each seed, the mean over the cases defined in both arms of
+    ``treated - baseline``, then the mean over seeds. Each bootstrap replicate resamples the seeds with
+    replacement (a seed keeps its pair of runs: row *s* of both arms) and, independently, the cases with
+    replacement -- one case draw for every seed and both arms, as the test cases are crossed with the seeds --
+    and recomputes the estimator. Random draws, in this order, from ``numpy.random.default_rng(seed)``:
+    ``integers(0, n_seeds, (n_boot, n_seeds))`` then ``integers(0, n_cases, (n_boot, n_cases))``. The interval
+    is the percentile interval of the replicates (``numpy.percentile``, linear interpolation).
+
+    Assumptions: seeds are exchangeable training runs and test cases an exchangeable sample of patients, the two
+    crossed (every seed scored on every case); no parametric form. With one seed it is a plain case bootstrap;
+    with no case-to-case variation it is a plain seed bootstrap. It answers whether the difference would hold
+    for new training runs *and new patients*; :func:`compare`'s t interval holds the cases fixed. With few seeds
+    (3) the seed part of a percentile interval is too narrow: do not read it as a test over runs.
+
+    Args:
+        baseline, treated: arrays ``(n_seeds, n_cases)`` paired by row (seed) and column (case), as for
+            :func:`compare`; NaN where a value is missing.
+        n_boot: replicates.
+        seed: seed of the resampling.
+        teacher: the teacher's per-case metric ``(n_cases,)`` (resampled with the same case draw), or one number;
+            with it the gap closed ``mean_diff / (teacher - baseline)`` is bootstrapped too (means over the same
+            drawn cases; replicates where the teacher is not above the baseline are left out of its interval).
+        level: confidence level of the intervals.
+
+    Returns:
+        ``mean_diff`` and ``ci`` (``(low, high)``); ``gap_closed`` and ``gap_closed_ci`` (``None`` without a
+        teacher, or when the teacher is not above the baseline: the gap is then undefined); ``n_seeds``,
+        ``n_cases`` (as :func:`compare` counts them), ``n_boot``, ``seed``, ``level``, ``method``. Intervals are
+        NaN when no replicate is defined.
+
+    Raises:
+        ValueError: shapes differ or are not ``(n_seeds, n_cases)``; a teacher array of another length.
+    """
+    b, t = _as_pair(baseline, treated)
+    if b.ndim != 2:
+        raise ValueError(f"expected arrays of shape (n_seeds, n_cases); got {b.shape}")
+    n_seeds, n_cases = b.shape
+    rng = np.random.default_rng(seed)
+    seed_draw = rng.integers(0, n_seeds, (n_boot, n_seeds))
+    case_draw = rng.integers(0, n_cases, (n_boot, n_cases))
+    weight = np.zeros((n_boot, n_cases))  # how often each case is drawn in each replicate
+    np.add.at(weight, (np.arange(n_boot)[:, None], case_draw), 1.0)
+    both = np.isfinite(b) & np.isfinite(t)
+
+    def per_seed(w: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``(n_rep, n_seeds)``: per seed, the case-weighted mean of ``values`` over the pairs defined in both."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (w @ np.where(both, values, 0.0).T) / (w @ both.T.astype(float))
+
+    def over_seeds(x: np.ndarray, draw: np.ndarray) -> np.ndarray:
+        picked = np.take_along_axis(x, draw, axis=1)
+        ok = np.isfinite(picked)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(ok, picked, 0.0).sum(axis=1) / ok.sum(axis=1)
+
+    ones, all_seeds = np.ones((1, n_cases)), np.arange(n_seeds)[None, :]
+    diff = over_seeds(per_seed(weight, t - b), seed_draw)  # (n_boot,)
+    point = float(over_seeds(per_seed(ones, t - b), all_seeds)[0])
+    q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    out: Dict[str, Any] = {
+        "mean_diff": point, "ci": _percentile(diff, q), "gap_closed": None, "gap_closed_ci": None,
+        "n_seeds": int(both.any(axis=1).sum()), "n_cases": int(both.any(axis=0).sum()), "n_boot": int(n_boot),
+        "seed": seed, "level": level, "method": "two-level bootstrap (seeds and cases, crossed)",
+    }
+    if teacher is None:
+        return out
+    tch = np.broadcast_to(np.asarray(teacher, dtype=float), (n_cases,)) if np.ndim(teacher) == 0 else \
+        np.asarray(teacher, dtype=float)
+    if tch.shape != (n_cases,):
+        raise ValueError(f"teacher must be one number or ({n_cases},) per-case values; got shape {tch.shape}")
+    fin = np.isfinite(tch)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        teacher_boot = (weight @ np.where(fin, tch, 0.0)) / (weight @ fin.astype(float))
+        teacher_point = float(np.where(fin, tch, 0.0).sum() / fin.sum())
+        base_boot = over_seeds(per_seed(weight, b), seed_draw)
+        base_point = float(over_seeds(per_seed(ones, b), all_seeds)[0])
+        gap = teacher_point - base_point
+        if not gap > 0:
+            return out
+        out["gap_closed"] = point / gap
+        gaps = teacher_boot - base_boot
+        out["gap_closed_ci"] = _percentile(np.where(gaps > 0, diff / gaps, np.nan), q)
+    return out
+
+
+def _percentile(x: np.ndarray, q: np.ndarray):
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(x, q)
+    return (float(lo), float(hi))
 
 
 def _scalar(v: Any) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from medkd.stats import adjust, compare, design_note, simulate
+from medkd.stats import adjust, bootstrap_diff, compare, design_note, simulate
 
 
 def old_case_level_p(base: np.ndarray, treated: np.ndarray) -> np.ndarray:
@@ -175,3 +175,74 @@ def test_design_note_states_what_the_design_can_reach():
     holm = design_note(3, 29, "holm")  # the study preset's 29 rows with 3 seeds
     assert "p < 0.0017" in holm and f"|t| > {st.t.ppf(1 - 0.05 / 58, 2):.3g}" in holm
     assert "lone effect" in design_note(3, 29, "bh")
+
+
+# ------------------------------------------------------------------------------------- two-level bootstrap
+
+
+def loop_bootstrap(base, treated, n_boot, seed, teacher=None):
+    """Reference: the documented draws, one replicate at a time, plainly (seeds, then one case draw for all)."""
+    rng = np.random.default_rng(seed)
+    n_s, n_c = base.shape
+    sd, cd = rng.integers(0, n_s, (n_boot, n_s)), rng.integers(0, n_c, (n_boot, n_c))
+    diffs, gaps = [], []
+    for r in range(n_boot):
+        b, t = base[sd[r]][:, cd[r]], treated[sd[r]][:, cd[r]]
+        per_d, per_b = [], []
+        for s in range(n_s):
+            ok = np.isfinite(b[s]) & np.isfinite(t[s])
+            if ok.any():
+                per_d.append(np.mean(t[s][ok] - b[s][ok]))
+                per_b.append(np.mean(b[s][ok]))
+        diffs.append(np.mean(per_d) if per_d else np.nan)
+        if teacher is not None:
+            gaps.append(diffs[-1] / (np.mean(np.asarray(teacher)[cd[r]]) - np.mean(per_b)))
+    pct = lambda x: tuple(np.percentile(np.asarray(x)[np.isfinite(x)], [2.5, 97.5]))  # noqa: E731
+    return pct(diffs), (pct(gaps) if teacher is not None else None)
+
+
+def test_bootstrap_matches_a_loop_reference():
+    rng = np.random.default_rng(1)
+    base = 0.7 + rng.normal(0, 0.05, (4, 1)) + rng.normal(0, 0.1, (4, 9))
+    treated = base + 0.03 + rng.normal(0, 0.04, (4, 9))
+    base[1, 3] = np.nan  # a missing pair is left out of its seed's mean
+    teacher = 0.9 + rng.normal(0, 0.05, 9)
+    r = bootstrap_diff(base, treated, n_boot=300, seed=5, teacher=teacher)
+    ci, gap_ci = loop_bootstrap(base, treated, 300, 5, teacher)
+    assert r["ci"] == pytest.approx(ci) and r["gap_closed_ci"] == pytest.approx(gap_ci)
+    c = compare(base, treated)
+    assert r["mean_diff"] == pytest.approx(c["mean_diff"])  # the same estimator as the t-test's
+    assert r["gap_closed"] == pytest.approx(c["mean_diff"] / (np.mean(teacher) - c["mean_baseline"]))
+    assert r["n_seeds"] == 4 and r["n_cases"] == 9 and r["n_boot"] == 300
+
+
+def test_bootstrap_without_case_variation_is_a_seed_bootstrap():
+    per_seed = np.array([0.02, 0.05, -0.01, 0.04, 0.03])
+    base = np.tile(np.array([[0.6], [0.7], [0.65], [0.62], [0.68]]), (1, 6))
+    treated = base + per_seed[:, None]  # every case of a seed moves alike
+    r = bootstrap_diff(base, treated, n_boot=500, seed=3, teacher=0.9)
+    draws = np.random.default_rng(3).integers(0, 5, (500, 5))
+    ref = np.percentile(per_seed[draws].mean(axis=1), [2.5, 97.5])
+    assert r["ci"] == pytest.approx(tuple(ref))
+    gap_ref = per_seed[draws].mean(axis=1) / (0.9 - base[:, 0][draws].mean(axis=1))
+    assert r["gap_closed_ci"] == pytest.approx(tuple(np.percentile(gap_ref, [2.5, 97.5])))
+
+
+def test_bootstrap_with_one_seed_is_a_case_bootstrap():
+    base = np.array([[0.5, 0.8, 0.7, 0.9, 0.6, 0.75, 0.4]])
+    treated = base + np.array([[0.1, -0.05, 0.2, 0.0, 0.15, 0.05, 0.3]])
+    r = bootstrap_diff(base, treated, n_boot=400, seed=11)
+    draws = np.random.default_rng(11).integers(0, 7, (400, 7))
+    d = (treated - base)[0]
+    assert r["ci"] == pytest.approx(tuple(np.percentile(d[draws].mean(axis=1), [2.5, 97.5])))
+    assert r["gap_closed"] is None and r["gap_closed_ci"] is None
+    # case-to-case variation in the gain widens the interval; the t-test over seeds cannot see it (no seeds)
+    assert math.isnan(compare(base, treated)["p_value"])
+
+
+def test_bootstrap_gap_needs_a_teacher_above_the_baseline():
+    base = np.full((3, 4), 0.8)
+    r = bootstrap_diff(base, base + 0.01, n_boot=50, teacher=0.7)
+    assert r["gap_closed"] is None and r["gap_closed_ci"] is None and r["mean_diff"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="teacher must be one number"):
+        bootstrap_diff(base, base, n_boot=10, teacher=[0.9, 0.9])
