@@ -149,6 +149,24 @@ def test_helpers():
     assert np.isnan(m[0, 0]) and m[0, 1] == 0.5 and np.isnan(m[0, 2])
 
 
+def test_empty_label_and_empty_prediction_stays_in_the_comparison():
+    """A case empty in the label and correctly empty in one arm scores 1 there (not dropped), 0 in the arm that
+    predicted something on it."""
+    quiet = {"id": "e", "dice": None, "iou": None, "gt_empty": True, "pred_empty": True}
+    noisy = {"id": "e", "dice": 0.0, "iou": 0.0, "gt_empty": True, "pred_empty": False}
+    m = ab.per_case_matrix([{"per_case": [quiet, {"id": "a", "dice": 0.5}]}, {"per_case": [noisy]}], ["a", "e"])
+    assert m[0].tolist() == [0.5, 1.0] and np.isnan(m[1, 0]) and m[1, 1] == 0.0
+    assert np.isnan(ab.per_case_matrix([{"per_case": [quiet]}], ["e"], "recall")[0, 0])  # recall: undefined
+    plan = plan_of([{"scales": ["dec"], "loss": "mse", "pmd": False}], seeds=[0, 1])
+    base, kd = (c.name for c in plan.cells)
+    per = lambda *cases: {"dice": 0.7, "iou": 0.5, "recall": 0.5, "precision": 0.5, "hd95": 1.0,  # noqa: E731
+                          "pooled": {"dice": 0.5}, "per_case": [{"id": "a", "dice": 0.7}, *cases]}
+    evals = {(base, s): per(quiet) for s in (0, 1)}
+    evals.update({(kd, s): per(noisy) for s in (0, 1)})
+    r = ab.compute_results(plan, evals)["rows"][1]
+    assert r["n_cases"] == 2 and r["dice_diff"] == pytest.approx(-0.5)  # (0 + (0 - 1)) / 2 per seed
+
+
 def _fake_eval(per_case, **means):
     return {"dice": float(np.mean([v for v in per_case.values() if v is not None])), "iou": means.get("iou", 0.5), "recall": 0.5,
             "precision": 0.5, "hd95": means.get("hd95", 10.0), "params": 1234, "pooled": {"dice": 0.5},

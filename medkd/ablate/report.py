@@ -27,14 +27,24 @@ def mean_std(values: Iterable[Any]) -> Tuple[Optional[float], Optional[float]]:
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
+#: Score of an overlap metric in a comparison when the label and the prediction are both empty: a correct answer.
+#: (Evaluate's means leave such a case out as undefined, NaN; a comparison must not: one arm may find the case
+#: correctly empty while the other predicts something there and scores 0.)
+EMPTY_BOTH_SCORE = {"dice": 1.0, "iou": 1.0}
+
+
 def per_case_matrix(evals: Sequence[Dict[str, Any]], case_ids: Sequence[str], metric: str = "dice") -> np.ndarray:
     """``(len(evals), len(case_ids))`` array of a per-case metric, one row per run (seed); NaN where the case is
-    missing from a run or its metric is undefined."""
+    missing from a run or its metric is undefined. An overlap metric of a case whose label and prediction are both
+    empty is :data:`EMPTY_BOTH_SCORE` (1), so the case stays in the comparison (an empty label with a non-empty
+    prediction is 0, as evaluate scores it)."""
     out = np.full((len(evals), len(case_ids)), np.nan)
     col = {cid: j for j, cid in enumerate(case_ids)}
     for i, ev in enumerate(evals):
         for c in ev.get("per_case") or []:
             v, j = finite(c.get(metric)), col.get(str(c.get("id")))
+            if v is None and metric in EMPTY_BOTH_SCORE and c.get("gt_empty") is True and c.get("pred_empty") is True:
+                v = EMPTY_BOTH_SCORE[metric]
             if v is not None and j is not None:
                 out[i, j] = v
     return out
