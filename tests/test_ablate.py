@@ -34,9 +34,9 @@ def write_grid(path: Path, cells=GRID) -> Path:
     return path
 
 
-def plan_of(cells, base=None, teacher="T", seeds=None, options=None):
+def plan_of(cells, base=None, teacher="T", seeds=None, options=None, **kw):
     doc = {"source": "grid.yaml", "cells": cells, "seeds": None, "options": options or {}}
-    return ab.build_plan(doc, Path(teacher), seeds, {**TINY, **(base or {})})
+    return ab.build_plan(doc, Path(teacher), seeds, {**TINY, **(base or {})}, **kw)
 
 
 # --------------------------------------------------------------------------------------------- grid and validation
@@ -113,17 +113,27 @@ def test_baseline_per_fraction_and_grid_baseline_merged():
     assert by["baseline [fraction=0.25]"].cfg.fraction == 0.25
 
 
-def test_presets_load_and_validate():
-    quick = ab.build_plan(ab.load_grid_doc(preset="quick"), Path("T"), None, {"device": "cpu"})
-    assert len(quick.cells) == 3 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
-    # the first KD row is the default distill setting; the second the reference study's recipe
-    assert [c.name for c in quick.cells] == ["baseline", "PMD only +unlabelled",
-                                             "E+B+D contrastive +PMD [w_seg=0.4, w_pmd=0.2]"]
+def test_presets_load_and_validate(tiny_data):
+    from medkd.data.prepared import PreparedData
+
+    data = PreparedData(tiny_data)
+    quick = ab.build_plan(ab.load_grid_doc(preset="quick"), Path("T"), None, {"device": "cpu"}, data=data)
+    assert len(quick.cells) == 5 and quick.seeds == [0, 1] and quick.cells[0].name == "baseline"
+    assert quick.references == ["all_labels", "teacher"]
+    # the first KD row is the default distill setting, compared with a baseline of its (larger) budget; the second
+    # the reference study's recipe, on its labelled images only like the student alone; then all labels
+    names = [c.name for c in quick.cells]
+    steps = ab.natural_steps_per_epoch(quick.cells[2].cfg, data)
+    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +unlabelled",
+                     "E+B+D contrastive +PMD [w_seg=0.4, w_pmd=0.2]", "all labels"]
+    assert [c.baseline for c in quick.cells[2:]] == [names[1], "baseline", names[1]]
+    assert quick.cells[4].reference == "all_labels" and quick.cells[4].cfg.fraction == 1.0
     default = build_config(DistillConfig, overrides={"teacher": "T", "device": "cpu"})
-    assert identity(to_dict(quick.cells[1].cfg)) == identity(to_dict(default))
-    assert quick.cells[2].cfg.effective_weights() == STUDY_WEIGHTS and quick.cells[2].cfg.kd_images == "labelled"
-    study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"})
-    assert len(study.cells) == 30 and study.seeds == [0, 1, 2]
+    assert identity(to_dict(quick.cells[2].cfg)) == identity(to_dict(default))
+    assert quick.cells[3].cfg.effective_weights() == STUDY_WEIGHTS and quick.cells[3].cfg.kd_images == "labelled"
+    study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"}, data=data)
+    assert len(study.cells) == 31 and study.seeds == [0, 1, 2]
+    assert study.cells[-1].reference == "all_labels" and study.cells[-1].name.startswith("all labels")
     assert all(c.cfg.student == "s2" for c in study.cells)
     kd = [c for c in study.cells if c.cfg.scales]
     assert len(kd) == 28 and {c.cfg.loss for c in kd} == {"contrastive", "mse"}
@@ -133,6 +143,61 @@ def test_presets_load_and_validate():
     root = Path(__file__).resolve().parents[1]
     for name in ab.GRID_PRESETS:
         assert (root / "configs" / f"ablate-{name}.yaml").read_text() == ab.preset_file(name).read_text()
+
+
+@pytest.mark.parametrize("fractions", [None, [0.25, 0.5, 1.0]])
+@pytest.mark.parametrize("preset", ab.GRID_PRESETS)
+def test_no_preset_row_is_compared_with_a_smaller_budget(tiny_data, preset, fractions):
+    """Every distillation row of every packaged preset (and at several fractions) is compared with a baseline that
+    takes at least as many optimizer steps on every seed, with the same epochs, augmentation and fraction; the
+    all-labels ceiling takes at least as many as any row."""
+    from dataclasses import replace
+
+    from medkd.data.prepared import PreparedData
+
+    data = PreparedData(tiny_data)
+    for options in ({"batch_size": 4}, {"batch_size": 8, "augment": True}):
+        plan = ab.build_plan(ab.load_grid_doc(preset=preset), Path("T"), None, options, data=data,
+                             fractions=fractions)
+        by_name = {c.name: c for c in plan.cells}
+
+        def steps(cfg, seed):
+            return ab.optimizer_steps(replace(cfg, seed=seed), data)
+
+        kd = [c for c in plan.cells if not c.is_baseline and c.reference is None]
+        assert kd
+        for c in kd:
+            b = by_name[c.baseline]
+            assert b.is_baseline and not b.cfg.uses_teacher
+            assert (b.cfg.augment, b.cfg.epochs, b.cfg.fraction, b.cfg.batch_size) == \
+                (c.cfg.augment, c.cfg.epochs, c.cfg.fraction, c.cfg.batch_size)
+            for s in plan.seeds:
+                assert steps(b.cfg, s) >= steps(c.cfg, s), (c.name, b.name, s)
+        for r in (c for c in plan.cells if c.reference == "all_labels"):
+            assert r.cfg.fraction == 1.0 and not r.cfg.uses_teacher
+            assert all(steps(r.cfg, s) >= steps(c.cfg, s) for c in kd for s in plan.seeds)
+
+
+def test_budget_matched_baselines_dedupe_and_name_their_budget(tiny_data):
+    from medkd.data.prepared import PreparedData
+
+    data = PreparedData(tiny_data)
+    cells = [{"scales": "none", "pmd": True, "kd_images": "all"},
+             {"scales": ["dec"], "loss": "mse", "kd_images": "all"}, {"scales": ["dec"], "loss": "mse"}]
+    plan = plan_of(cells, data=data, references=[])
+    names = [c.name for c in plan.cells]
+    steps = ab.natural_steps_per_epoch(plan.cells[2].cfg, data)
+    # the two +unlabelled rows share one baseline of their budget; the labelled row keeps the plain one
+    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +unlabelled", "D mse +PMD +unlabelled",
+                     "D mse +PMD"]
+    assert [c.baseline for c in plan.cells[2:]] == [names[1], names[1], "baseline"]
+    assert plan.cells[1].cfg.steps_per_epoch == steps and plan.cells[0].cfg.steps_per_epoch is None
+    # with only +unlabelled rows there is one baseline, and its name need not tell budgets apart
+    plan = plan_of(cells[:1], data=data, references=[])
+    assert [c.name for c in plan.cells] == ["baseline", "PMD only +unlabelled"]
+    assert plan.cells[0].cfg.steps_per_epoch == steps
+    with pytest.raises(MedkdError, match="needs the prepared dataset"):
+        plan_of(cells[:1])
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -331,6 +396,10 @@ def ablation(tiny_data, teacher, tmp_path_factory):
             "root": root}
 
 
+def students(rows):
+    return [r for r in rows if r["reference"] != "teacher"]
+
+
 def test_runs_outputs_and_schema(ablation, tiny_data):
     out, res = ablation["out"], ablation["results"]
     assert ablation["count"].n_runs == 6
@@ -343,20 +412,21 @@ def test_runs_outputs_and_schema(ablation, tiny_data):
     assert json.loads((out / "runs" / "baseline" / "seed0" / "summary.json").read_text())["teacher"] is None
     doc = json.loads((out / "results.json").read_text())
     assert doc == res  # --json printed the results.json document
-    assert [r["name"] for r in doc["rows"]] == ["baseline", "D mse", "PMD only"]
+    assert [r["name"] for r in doc["rows"]] == ["baseline", "D mse", "PMD only", "teacher"]
     assert doc["baseline"]["name"] == "baseline"
     for r in doc["rows"]:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+    for r in students(doc["rows"]):
         assert r["seeds"] == [0, 1] and 0 <= r["dice_mean"] <= 1 and r["params"] > 0
     assert doc["rows"][0]["dice_rel_gain"] == 0.0
     t = doc["test"]
     assert t["method"] == "seed-paired t-test" and t["correction"] == "holm" and t["n_cases"] >= 1
     assert t["n_seeds"] == 2 and t["n_tests"] == 2 and "1 degree of freedom" in t["note"]
     assert doc["subset"]["subset_seed"] is None
-    for r in doc["rows"][1:]:
+    for r in doc["rows"][1:3]:
         assert r["seeds_matched"] == [0, 1] and r["test"] == "seed-paired t-test"
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("name,is_baseline,baseline,scales")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("name,is_baseline,baseline,scales")
     header = csv_lines[0].split(",")
     assert {"p_value", "p_adjusted", "test", "correction", "seeds_matched", "n_seeds", "n_cases"} <= set(header)
     assert "seed-paired t-test" in csv_lines[1 + 1] and ",holm," in csv_lines[1 + 1]
@@ -459,7 +529,7 @@ def test_resume_killed_runs(ablation, tiny_data, teacher, monkeypatch):
     res = ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
     assert sorted(calls["distill"]) == sorted([(run, True, False), (run0, False, True)])
     assert (run / "summary.json").is_file() and not partial.exists() and (run0 / "summary.json").is_file()
-    assert all(r["seeds"] == [0, 1] for r in res["rows"])
+    assert all(r["seeds"] == [0, 1] for r in students(res["rows"]))
 
 
 def test_restart_with_another_teacher_output_mode_resumes(ablation, tiny_data, teacher, monkeypatch):
@@ -518,8 +588,92 @@ def test_failed_run_reported_others_kept(ablation, tiny_data, teacher, monkeypat
         ab.ablate(tiny_data, teacher, out, grid=ablation["grid"], seeds=[0, 1], base_overrides=TINY)
     doc = json.loads((out / "results.json").read_text())
     assert doc["failed"][0]["name"] == "PMD only" and message in doc["failed"][0]["error"]
-    assert [r["seeds"] for r in doc["rows"]] == [[0, 1], [0, 1], [1]]
+    assert [r["seeds"] for r in students(doc["rows"])] == [[0, 1], [0, 1], [1]]
     assert "1 run(s) failed" in (out / "results.md").read_text()
+
+
+def test_references_gap_closed_and_budgets(tiny_data, teacher, tmp_path):
+    """The all-labels student and the teacher as reference rows; gap closed with its intervals in every format; the
+    measured budgets of the runs; the commit the results were produced at."""
+    import csv
+    import io
+
+    grid = write_grid(tmp_path / "grid.yaml", [{"scales": "none", "pmd": True}])
+    out = tmp_path / "abl"
+    res = ab.ablate(tiny_data, teacher, out, grid=grid, seeds=[0, 1], base_overrides=TINY,
+                    references=["all_labels", "teacher"])
+    base, pmd, all_labels, tch = res["rows"]
+    assert [r["reference"] for r in res["rows"]] == [None, None, "all_labels", "teacher"]
+    assert all_labels["fraction"] == 1.0 and all_labels["baseline"] == "baseline" and all_labels["seeds"] == [0, 1]
+    assert all_labels["p_adjusted"] is None and res["test"]["n_tests"] == 1  # described, not tested
+    # the teacher: evaluated once on the test split, into the ablation folder (not the teacher's)
+    ev = json.loads((out / "references" / "teacher" / "eval-test.json").read_text())
+    assert not (teacher / "eval-test.json").exists()
+    assert tch["dice_mean"] == pytest.approx(ev["dice"]) and tch["seeds"] == [] and tch["params"] == ev["params"]
+    assert res["teacher_training"]["fraction"] == 1.0 and "all" in res["teacher_training"]["description"]
+    # gap closed = diff / (teacher - baseline) on the same cases; its t interval is the diff's divided by that gap
+    gap = pmd["gap_teacher_dice"] - pmd["gap_baseline_dice"]
+    assert pmd["gap_closed"] == pytest.approx(pmd["dice_diff"] / gap)
+    assert pmd["gap_closed_ci"] == pytest.approx([v / gap for v in pmd["dice_diff_ci"]])
+    lo, hi = pmd["gap_closed_boot_ci"]
+    assert lo <= hi and pmd["dice_diff_boot_ci"][0] <= pmd["dice_diff_boot_ci"][1]
+    ids = [c["id"] for c in ev["per_case"]]
+    assert pmd["gap_teacher_dice"] == pytest.approx(np.nanmean(ab.per_case_matrix([ev], ids)))
+    # budgets: measured in every run, equal between the row and its baseline (labelled images only)
+    for r in (base, pmd, all_labels):
+        for s, n in zip(r["budget"]["seeds"], r["budget"]["optimizer_steps"]):
+            summ = json.loads((out / "runs" / r["slug"] / f"seed{s}" / "summary.json").read_text())
+            assert summ["budget"]["optimizer_steps"] == n and summ["budget"]["epochs"] == 1
+    assert pmd["budget"]["optimizer_steps"] == base["budget"]["optimizer_steps"] and pmd["budget_matched"] is True
+    assert min(all_labels["budget"]["optimizer_steps"]) >= max(pmd["budget"]["optimizer_steps"])
+    # every format carries the gap closed
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert float(rows[1]["gap_closed"]) == pytest.approx(pmd["gap_closed"]) and rows[3]["reference"] == "teacher"
+    assert rows[1]["gap_closed_boot_ci_low"] and rows[1]["optimizer_steps"]
+    md = (out / "results.md").read_text()
+    assert "gap closed (95% CI)" in md and "| *teacher* |" in md and "| *all labels" in md
+    assert "the teacher was trained on all" in md and "new patients" in md
+    from medkd.report.ablate_table import ablate_table, fmt_gap
+    from rich.console import Console
+
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(ablate_table(res))
+    assert fmt_gap(pmd["gap_closed"], pmd["gap_closed_ci"]) in console.export_text()
+    # reproducible: the code version and, from a checkout, the commit
+    assert res["medkd_version"] and res["schema"] == 2
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        import subprocess
+
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert res["git_commit"] == head.strip()
+
+
+def test_fractions_label_efficiency(tiny_data, teacher, tmp_path):
+    """--fractions: every cell and its own equal-budget baseline at each fraction, and the label-efficiency figure."""
+    out = tmp_path / "abl"
+    r = runner.invoke(app, ["ablate", str(tiny_data), "--teacher", str(teacher), "-o", str(out), "--grid",
+                            str(write_grid(tmp_path / "g.yaml", [{"scales": "none", "pmd": True}])),
+                            "--fractions", "0.5,1", "--seeds", "0", "--student-width", "4", "--epochs", "1",
+                            "--batch-size", "4", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    by = {row["name"]: row for row in res["rows"]}
+    assert res["fractions"] == [0.5, 1.0] and set(by) >= {"PMD only +unlabelled [fraction=0.5]",
+                                                          "PMD only [fraction=1]", "baseline [fraction=1]", "teacher"}
+    half = by["PMD only +unlabelled [fraction=0.5]"]
+    b = by[half["baseline"]]
+    assert b["fraction"] == 0.5 and b["budget"]["steps_per_epoch"] is not None  # its budget, not one pass
+    assert b["budget"]["optimizer_steps"] == half["budget"]["optimizer_steps"] and half["budget_matched"] is True
+    assert by["PMD only [fraction=1]"]["baseline"] == "baseline [fraction=1]"
+    assert {row["setting"] for row in res["rows"] if not row["is_baseline"]} == {"PMD only +unlabelled", "teacher"}
+    assert "all labels" not in by  # at fraction 1 the baseline is the all-labels student already
+    assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "label_efficiency.png" in r.stderr
+    assert runner.invoke(app, ["ablate", str(tiny_data), "--teacher", str(teacher), "-o", str(tmp_path / "x"),
+                               "--preset", "quick", "--fractions", "0.5", "--fraction", "0.5"]).exit_code == 2
+    assert runner.invoke(app, ["ablate", str(tiny_data), "--teacher", str(teacher), "-o", str(tmp_path / "x"),
+                               "--preset", "quick", "--fractions", "0,1"]).exit_code == 2
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

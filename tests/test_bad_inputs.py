@@ -817,6 +817,22 @@ CASES: List[Case] = [
          r"^bad case: .*bad\.nii\.gz: non-finite affine \(the header's sform/qform holds NaN or inf\)$"),
     Case("dicom-nan-position", preprocess_bad_case(dicom_nan_position), 1,
          r"^bad case: .*bad/IM0004\.dcm: non-finite ImagePositionPatient \[nan, 0, 0\]$"),
+    # trust boundaries: ablate fair comparisons (budgets, references, fractions) and the teacher's subset
+    Case("ablate-fractions-0", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl", "--preset",
+                                          "quick", "--fractions", "0.5,0"], 2,
+         r"^error: --fractions: fraction must be in \(0, 1\], got 0$"),
+    Case("ablate-fractions-with-fraction", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl",
+                                                      "--preset", "quick", "--fractions", "0.5", "--fraction", "0.5"],
+         2, r"^error: give --fraction or --fractions, not both$"),
+    Case("ablate-grid-unknown-reference", with_file("grid.yaml", b"references: [teacher, oracle]\ncells: [{}]\n",
+                                                    lambda e, p: ["ablate", e.data, "--teacher", e.teacher, "-o",
+                                                                  e.tmp / "abl", "--grid", p]), 1,
+         r"^error: .*grid\.yaml: references: unknown reference\(s\) \['oracle'\]; valid: all_labels, teacher$"),
+    Case("ablate-steps-per-epoch-0", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o", e.tmp / "abl",
+                                                "--preset", "quick", "--steps-per-epoch", "0"], 2,
+         r"^error: --steps-per-epoch must be >= 1, got 0$"),
+    Case("teacher-fraction-0", lambda e: ["train-teacher", e.data, "-o", e.tmp / "t", "--fraction", "0"], 2,
+         r"^error: --fraction must be in \(0, 1\], got 0(\.0)?$"),
 ]
 
 

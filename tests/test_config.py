@@ -103,7 +103,8 @@ def test_a_runs_config_yaml_is_a_config_for_distill_and_ablate(tmp_path):
     assert cfg.epochs == 3 and cfg.fraction == 0.25 and cfg.weights["enc"] == 0.3 and cfg.seed == 7
     doc = {"source": "g.yaml", "cells": [{"scales": ["dec"], "weights": {"dec": 0.5}}], "seeds": None,
            "options": {"epochs": 9}}
-    plan = ab.build_plan(doc, Path("T2"), None, {"device": "cpu"}, config=f)
+    # kd_images=labelled: the rows' budgets need no counting, so the plan needs no dataset
+    plan = ab.build_plan(doc, Path("T2"), None, {"device": "cpu", "kd_images": "labelled"}, config=f)
     cell = next(c for c in plan.cells if not c.is_baseline)
     # grid options < --config < command line < cell; the ablation sets teacher and seed
     assert cell.cfg.epochs == 3 and cell.cfg.fraction == 0.25 and cell.cfg.device == "cpu"

@@ -181,15 +181,19 @@ def test_kd_images_config_and_cli(tiny_data, tmp_path):
     assert r.exit_code == 2 and "--kd-images" in r.output and "labelled, all" in r.output
 
 
-def test_ablate_names_rows_that_use_unlabelled_images():
+def test_ablate_names_rows_that_use_unlabelled_images(tiny_data):
     from pathlib import Path
 
     import medkd.ablate as ab
+    from medkd.data.prepared import PreparedData
 
     doc = {"source": "g", "cells": [{}, {"scales": ["dec"], "loss": "mse", "kd_images": "labelled"}], "seeds": None,
            "options": {}}
-    plan = ab.build_plan(doc, Path("T"), None, {"device": "cpu"})
-    assert [c.name for c in plan.cells] == ["baseline", "PMD only +unlabelled", "D mse +PMD"]
+    plan = ab.build_plan(doc, Path("T"), None, {"device": "cpu"}, data=PreparedData(tiny_data), references=[])
+    names = [c.name for c in plan.cells]
+    # the +unlabelled row takes more steps per epoch: its baseline gets as many (ablate's equal budgets)
+    assert names[0] == "baseline" and names[1].startswith("baseline [steps/epoch=")
+    assert names[2:] == ["PMD only +unlabelled", "D mse +PMD"]
     assert plan.cells[0].cfg.uses_teacher is False  # the baseline has no teacher, so no unlabelled images
 
 

@@ -11,13 +11,38 @@ Grid (``--grid GRID.yaml``)
     teacher is ``--teacher``; seeds are ``--seeds``). The file may also be a mapping
     ``{seeds: [...], options: {...}, cells: [...]}`` (the presets use this form): ``options`` apply to every cell
     and are overridden by ``--config``, then by command-line options, then by the cell itself. Unknown keys are
-    an error naming the key and the cell. Presets ``quick`` and ``study`` are such files, packaged in
-    ``medkd/presets/ablate-*.yaml`` (``configs/`` links to them for copying).
+    an error naming the key and the cell. The mapping may also set ``fractions`` (as ``--fractions``) and
+    ``references`` (a list of ``all_labels``, ``teacher``; default ``[teacher]``). Presets ``quick`` and
+    ``study`` are such files (with both references), packaged in ``medkd/presets/ablate-*.yaml`` (``configs/``
+    links to them for copying).
 
-Baseline
-    The student alone (``scales: none, pmd: false``) with the same student, fraction, seeds and training options
-    is always included (once per distinct student/fraction/training setting in the grid; a grid cell that *is*
-    the baseline is merged into it). Every row is compared with its own baseline.
+Baseline (equal budgets)
+    Every distillation row is compared with the student alone (``scales: none, pmd: false``) with the same
+    student, fraction, seeds, training options *and training budget* (:mod:`medkd.ablate.budget`): the same
+    epochs, batch size and augmentation, and as many optimizer steps per epoch. A row with ``kd_images=all``
+    iterates its labelled subset and the other train cases every epoch, so its baseline gets
+    ``steps_per_epoch`` = the row's steps (it draws its labelled subset again, in fresh seeded permutations). Rows
+    of equal budgets share a baseline; others get their own (named by their budget when that tells baselines
+    apart, e.g. ``baseline [steps/epoch=105]``). A grid cell that *is* a baseline is merged into it. Every run's
+    ``summary.json`` records its measured ``budget``; each results row carries them and ``budget_matched``.
+
+References
+    ``all_labels``: the student alone given every train label (fraction 1), with the budget of the distillation
+    row that takes the most steps, trained like any row (``reference: "all_labels"``; described, not tested).
+    ``teacher``: the teacher run evaluated once on the test split (``DIR/references/teacher/eval-test.json``;
+    ``reference: "teacher"``). With the teacher, every compared row reports ``gap_closed`` = (row - baseline) /
+    (teacher - baseline) in mean Dice with two intervals (below). ``--no-references`` leaves both out.
+
+Fractions
+    ``--fractions 0.1,0.25,0.5,1`` (or ``fractions:`` in the grid) runs every cell that sets no ``fraction`` at
+    each fraction, each against its own equal-budget baseline, and draws ``label_efficiency.png``: test Dice vs
+    labelled fraction per setting and its baselines (95 % t intervals over seeds), the teacher as a line, the
+    all-labels student as a point.
+
+Setting
+    By default the teacher was trained on all train cases (as in the reference study), so on the students'
+    "unlabelled" cases it has seen their labels; the captions say so (``results["teacher_training"]``).
+    ``medkd train-teacher --fraction F --subset-seed N`` trains it on the labelled subset only (semi-supervised).
 
 Runs
     ``DIR/runs/<slug>/seed<k>/`` is an ordinary ``medkd distill`` run folder; ``DIR/ablation.yaml`` records the
@@ -53,7 +78,14 @@ Statistics (all in ``results.json``; computed by :mod:`medkd.stats`)
     (``correction``: Holm by default, Benjamini-Hochberg, or none); a row is ``significant`` only when
     ``p_adjusted < 0.05``. With 1 seed no test is possible; with 2 seeds (1 degree of freedom) only a very large,
     very consistent difference can be significant -- ``results["test"]["note"]``, the table caption and
-    ``results.md`` say so. Calibration and power by simulation: ``benchmarks/RESULTS.md``.
+    ``results.md`` say so. Calibration and power by simulation: ``benchmarks/RESULTS.md``. The p-value and the t
+    interval answer "would new training runs beat the baseline *on these test cases*?"; beside them
+    ``dice_diff_boot_ci`` and ``gap_closed_boot_ci`` are two-level bootstrap intervals
+    (:func:`medkd.stats.bootstrap_diff`: seeds and cases resampled) that also speak to *new patients*. A case
+    whose label and prediction are both empty scores Dice 1 in the comparison (never dropped).
+
+Provenance
+    ``results.json`` records ``medkd_version`` and, from a git checkout, ``git_commit`` and ``git_dirty``.
 
 Subset
     By default each run's ``fraction`` subset of training cases is drawn from its seed (seeds replicate the data
@@ -61,8 +93,11 @@ Subset
     ``results["subset"]`` records which.
 """
 
+from medkd.ablate.budget import (
+    baseline_config, matched_baseline, natural_steps_per_epoch, optimizer_steps, steps_per_epoch
+)
 from medkd.ablate.grid import (
-    DEFAULT_SEEDS, GRID_PRESETS, SPLIT, Cell, Plan, baseline_config, build_plan, identity, load_grid_doc,
+    DEFAULT_SEEDS, GRID_PRESETS, REFERENCES, SPLIT, Cell, Plan, build_plan, identity, load_grid_doc, parse_fractions,
     parse_seeds, preset_file, run_dir, setting_name, slugify
 )
 from medkd.ablate.report import (
@@ -74,9 +109,10 @@ from medkd.ablate.runner import (
 )
 
 __all__ = [
-    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "SPLIT", "Cell", "PendingRun",
-    "Plan",
-    "ablate", "baseline_config", "build_plan", "compute_results", "config_diff", "eval_is_fresh", "identity",
-    "inputs_newer", "load_grid_doc", "matched_gain", "mean_std", "parse_seeds", "parse_shard", "shard_runs", "per_case_matrix", "preset_file",
-    "run_dir", "run_error", "run_state", "setting_name", "slugify", "test_description",
+    "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "REFERENCES", "SPLIT",
+    "Cell", "PendingRun", "Plan", "ablate", "baseline_config", "build_plan", "compute_results", "config_diff",
+    "eval_is_fresh", "identity", "inputs_newer", "load_grid_doc", "matched_baseline", "matched_gain", "mean_std",
+    "natural_steps_per_epoch", "optimizer_steps", "parse_fractions", "parse_seeds", "parse_shard", "per_case_matrix",
+    "preset_file", "run_dir", "run_error", "run_state", "setting_name", "shard_runs", "slugify", "steps_per_epoch",
+    "test_description",
 ]

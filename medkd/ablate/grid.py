@@ -1,5 +1,6 @@
-"""The ablation plan: grid file / preset -> resolved :class:`Cell` configs (+ baselines), names and folders.
-See :mod:`medkd.ablate` for the grid format."""
+"""The ablation plan: grid file / preset -> resolved :class:`Cell` configs, each distillation row with a baseline of
+its budget (:mod:`medkd.ablate.budget`), the reference rows, names and folders. See :mod:`medkd.ablate` for the
+grid format."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from medkd.ablate.budget import baseline_config, matched_baseline, natural_steps_per_epoch, steps_per_epoch
 from medkd.config import (DEFAULT_WEIGHTS, DistillConfig, build_config, config_file, field_names,
                           preset_names, run_identity, to_dict)
 from medkd.config import preset_file as packaged_preset
+from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
-from medkd.options import OptionError, check_seed, short_repr
+from medkd.options import OptionError, check_fraction, check_seed, short_repr
 from medkd.yamlfile import load_yaml
 
 GRID_PRESETS = tuple(preset_names("ablate"))  # packaged grids: medkd/presets/ablate-<name>.yaml
@@ -23,6 +26,14 @@ SPLIT = "test"  # every run of an ablation is evaluated (and compared) on this s
 
 CELL_RESERVED = ("teacher", "seed")  # fixed by the ablation (--teacher, --seeds): not part of a row's identity
 ABBR = {"enc": "E", "bottleneck": "B", "dec": "D"}
+#: Reference rows an ablation can add: the student given every train label (a student row, trained like the
+#: others) and the teacher itself (evaluated once on the test split, not trained).
+REFERENCES = ("all_labels", "teacher")
+#: References of a grid file that does not list its own (the packaged presets list both).
+DEFAULT_REFERENCES = ("teacher",)
+GRID_KEYS = ("cells", "seeds", "options", "fractions", "references", "description")
+#: How an option reads in a row's name when it differs (default: its own name).
+NAME_LABELS = {"steps_per_epoch": "steps/epoch"}
 
 
 @dataclass
@@ -36,6 +47,10 @@ class Cell:
     baseline: str = "baseline"  # name of the row this one is compared with (itself for a baseline)
     is_baseline: bool = False
     identity: Dict[str, Any] = field(default_factory=dict)
+    setting: str = ""  # the name without fraction and budget: one curve of the label-efficiency figure
+    reference: Optional[str] = None  # "all_labels" for that reference row
+    key: str = ""  # canonical identity (baselines: how rows find theirs while the plan is built)
+    cell_index: Optional[int] = None  # the grid cell it comes from (one per fraction with --fractions)
 
 
 @dataclass
@@ -45,6 +60,8 @@ class Plan:
     source: str
     base: DistillConfig
     notes: List[str] = field(default_factory=list)  # shown before the runs (e.g. a cell merged into the baseline)
+    references: List[str] = field(default_factory=list)  # of REFERENCES
+    fractions: Optional[List[float]] = None  # --fractions: every cell at each of them
 
     def runs(self, out: Path) -> List[Tuple[Cell, int, Path]]:
         """(cell, seed, run folder), seed-major."""
@@ -61,7 +78,8 @@ def preset_file(name: str):
 
 
 def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> Dict[str, Any]:
-    """Read a grid file or preset into ``{"source", "cells", "seeds", "options"}`` (not validated yet).
+    """Read a grid file or preset into ``{"source", "cells", "seeds", "options", "fractions", "references"}``
+    (cells not validated yet; ``fractions`` and ``references`` ``None`` when the file does not set them).
 
     Raises:
         MedkdError: both/neither given, unreadable or malformed file, unknown preset.
@@ -73,12 +91,16 @@ def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> 
     else:
         source = str(grid)
     doc = load_yaml(preset_file(preset) if preset is not None else Path(grid))
-    seeds = options = None
+    seeds = options = fractions = references = None
     if isinstance(doc, dict):
-        unknown = [k for k in doc if k not in ("cells", "seeds", "options", "description")]
+        unknown = [k for k in doc if k not in GRID_KEYS]
         if unknown:
-            raise MedkdError(f"{source}: unknown top-level key(s) {unknown}; valid: cells, seeds, options, description")
+            raise MedkdError(f"{source}: unknown top-level key(s) {unknown}; valid: {', '.join(GRID_KEYS)}")
         cells, seeds, options = doc.get("cells"), doc.get("seeds"), doc.get("options") or {}
+        if doc.get("fractions") is not None:
+            fractions = parse_fractions(doc["fractions"], f"{source}: fractions")
+        if "references" in doc:
+            references = parse_references(doc["references"] or [], f"{source}: references")
         if not isinstance(options, dict):
             raise MedkdError(f"{source}: 'options' must be a mapping of distill options")
     else:
@@ -90,7 +112,44 @@ def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> 
             raise MedkdError(f"{source}: cell {i + 1} must be a mapping of distill options, got {short_repr(c)}")
     if seeds is not None:
         seeds = parse_seeds(seeds, source)
-    return {"source": source, "cells": cells, "seeds": seeds, "options": options or {}}
+    return {"source": source, "cells": cells, "seeds": seeds, "options": options or {}, "fractions": fractions,
+            "references": references}
+
+
+def parse_fractions(value: Any, source: str = "--fractions") -> List[float]:
+    """``"0.1,0.25"`` / ``[0.1, 0.25]`` -> ``[0.1, 0.25]`` (each in (0, 1], unique, order kept).
+
+    Raises:
+        MedkdError: not a number, out of range, none given.
+    """
+    items = value.split(",") if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple))
+                                                             else [value])
+    out: List[float] = []
+    for v in items:
+        if isinstance(v, str) and not v.strip():
+            continue
+        try:
+            f = float(check_fraction(v, "fraction"))
+        except OptionError as e:
+            raise MedkdError(f"{source}: {e}") from None
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise MedkdError(f"{source}: no fractions given")
+    return out
+
+
+def parse_references(value: Any, source: str = "references") -> List[str]:
+    """A list of :data:`REFERENCES` names (``[]``: none), in that order.
+
+    Raises:
+        MedkdError: an unknown name (listing the valid ones).
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in items if v not in REFERENCES]
+    if bad:
+        raise MedkdError(f"{source}: unknown reference(s) {bad}; valid: {', '.join(REFERENCES)}")
+    return [r for r in REFERENCES if r in items]
 
 
 def parse_seeds(value: Any, source: str = "--seeds") -> List[int]:
@@ -145,13 +204,62 @@ def build_plan(
     seeds: Optional[Sequence[int]] = None,
     base_overrides: Optional[Dict[str, Any]] = None,
     config: Optional[Path] = None,
+    *,
+    data: Optional[PreparedData] = None,
+    fractions: Optional[Sequence[float]] = None,
+    references: Optional[Sequence[str]] = None,
 ) -> Plan:
-    """Resolve every cell's config (defaults < grid options < ``config`` < ``base_overrides`` < cell), add the
-    baseline(s), name the rows. Every cell is validated before anything runs.
+    """Resolve every cell's config (defaults < grid options < ``config`` < ``base_overrides`` < cell), give each
+    distillation row a baseline of its budget, add the references, name the rows. Every cell is validated before
+    anything runs.
+
+    Args:
+        grid_doc: from :func:`load_grid_doc`.
+        teacher: the teacher run (every distillation row's ``teacher``).
+        seeds: the seeds (default: the grid's, else :data:`DEFAULT_SEEDS`).
+        base_overrides: options for every cell unless the cell sets them.
+        config: a distill options YAML under ``base_overrides``.
+        data: the prepared dataset, to count the steps of rows that iterate more slices than the student alone
+            (``kd_images=all``; :func:`medkd.ablate.budget.matched_baseline`). Needed only for such rows.
+        fractions: every cell (and baseline) at each labelled fraction; cells that set ``fraction`` keep it
+            (default: the grid's ``fractions``, else none).
+        references: of :data:`REFERENCES` (default: the grid's ``references``, else :data:`DEFAULT_REFERENCES`);
+            ``teacher`` is kept only with a teacher and distillation rows, ``all_labels`` with distillation rows.
 
     Raises:
-        MedkdError: unknown/invalid key (naming the cell), duplicate settings, duplicate names.
+        MedkdError: unknown/invalid key (naming the cell), duplicate settings, ``fraction`` given with
+            ``fractions``, a budget to count without ``data``.
     """
+    source = grid_doc["source"]
+    seeds_l = parse_seeds(list(seeds) if seeds is not None else (grid_doc.get("seeds") or list(DEFAULT_SEEDS)))
+    fractions = list(fractions) if fractions is not None else grid_doc.get("fractions")
+    wanted = list(references) if references is not None else grid_doc.get("references")
+    wanted = parse_references(DEFAULT_REFERENCES if wanted is None else wanted)
+    if fractions and (base_overrides or {}).get("fraction") is not None:
+        raise MedkdError("give --fraction or --fractions, not both")
+    resolve = _resolver(grid_doc, teacher, base_overrides, config)
+    base = resolve({}, f"{source}: common options")
+    bases = [resolve({"fraction": f}, f"{source}: fractions") for f in fractions] if fractions else [base]
+    cells = _grid_cells(grid_doc, resolve, fractions)
+    notes: List[str] = []
+    baselines = _baselines(cells, bases, data, seeds_l, source, notes)
+    kd_cells = [c for c in cells if c.cfg.uses_teacher]
+    refs = _all_labels(kd_cells, baselines, data, seeds_l, notes) if "all_labels" in wanted else []
+    # the student alone with the common options first, then in order of appearance
+    first = _canon(identity(to_dict(baseline_config(bases[0]))))
+    ordered_b = sorted(baselines.values(), key=lambda b: b.key != first)
+    _name_rows(ordered_b, kd_cells, refs, base, show=("fraction",) if fractions else ())
+    if not kd_cells:
+        notes.append(f"{source}: no distillation cell, so no row is compared with the baseline")
+    kept = [r for r in wanted if kd_cells and (r != "teacher" or teacher is not None)]
+    return Plan(cells=[*ordered_b, *kd_cells, *refs], seeds=seeds_l, source=source, base=base, notes=notes,
+                references=kept, fractions=list(fractions) if fractions else None)
+
+
+def _resolver(grid_doc: Dict[str, Any], teacher: Optional[Path], base_overrides: Optional[Dict[str, Any]],
+              config: Optional[Path]) -> Callable[[Dict[str, Any], str], DistillConfig]:
+    """``resolve(cell, where)``: the cell's config from the layers defaults < grid options < ``config`` <
+    ``base_overrides`` < cell, validated (errors name ``where``)."""
     source = grid_doc["source"]
     teacher_s = str(Path(teacher).resolve()) if teacher else None
     options = _normalize_cell(grid_doc.get("options") or {}, f"{source}: options")
@@ -168,75 +276,138 @@ def build_plan(
         except MedkdError as e:
             raise MedkdError(f"{where}: {e}") from None
 
-    base = resolve({}, f"{source}: common options")
+    return resolve
+
+
+def _grid_cells(grid_doc: Dict[str, Any], resolve: Callable[[Dict[str, Any], str], DistillConfig],
+                fractions: Optional[Sequence[float]]) -> List[Cell]:
+    """The grid's cells, resolved and checked for duplicates; with ``fractions``, each cell that does not set its
+    own ``fraction`` once per fraction (fraction-major order)."""
+    source = grid_doc["source"]
+    raw_cells = [(i, _normalize_cell(raw, f"{source}: cell {i + 1}"), raw) for i, raw in enumerate(grid_doc["cells"])]
+    expanded = []
+    for k, f in enumerate(fractions or [None]):
+        for i, cell, raw in raw_cells:
+            if f is not None and "fraction" not in cell:
+                expanded.append((i, {**cell, "fraction": f}, raw))
+            elif k == 0:
+                expanded.append((i, cell, raw))
     cells: List[Cell] = []
     seen: Dict[str, int] = {}
-    for i, raw in enumerate(grid_doc["cells"]):
+    for i, cell, raw in expanded:
         where = f"{source}: cell {i + 1}"
-        cell = _normalize_cell(raw, where)
         cfg = resolve(cell, where)
         ident = identity(to_dict(cfg))
         key = _canon(ident)
         if key in seen:
-            raise MedkdError(f"{where}: same setting as cell {seen[key] + 1}")
+            at = f" (at fraction {cfg.fraction:g})" if fractions else ""
+            raise MedkdError(f"{where}: same setting as cell {seen[key] + 1}{at}")
         seen[key] = i
-        cells.append(Cell(name=str(cell.get("name") or ""), slug="", cfg=cfg, overrides=dict(raw), identity=ident))
+        cells.append(Cell(name=str(cell.get("name") or ""), slug="", cfg=cfg, overrides=dict(raw), identity=ident,
+                          cell_index=i))
+    return cells
 
-    # baselines: one per distinct non-KD setting, listed first in order of appearance
+
+def _baselines(cells: List[Cell], bases: Sequence[DistillConfig], data: Optional[PreparedData], seeds: List[int],
+               source: str, notes: List[str]) -> Dict[str, Cell]:
+    """``{key: baseline}``: one per distinct budget-matched no-KD setting of the distillation rows (each row's
+    ``baseline`` set to that key), the grid cells that use no teacher merged into an equal one; when there is
+    neither, the student alone with the common options (at each fraction)."""
     baselines: Dict[str, Cell] = {}
-    for c in [Cell("", "", base, {}), *cells]:
-        bcfg = baseline_config(c.cfg)
-        bkey = _canon(identity(to_dict(bcfg)))
-        if bkey not in baselines:
-            baselines[bkey] = Cell(name="", slug="", cfg=bcfg, overrides={}, is_baseline=True,
-                                   identity=identity(to_dict(bcfg)))
-        c.baseline = bkey
-    # a grid cell that is itself a baseline merges into it (keeping its name/overrides)
-    kd_cells: List[Cell] = []
-    notes: List[str] = []
+
+    def add(cfg: DistillConfig) -> str:
+        ident = identity(to_dict(cfg))
+        key = _canon(ident)
+        if key not in baselines:
+            baselines[key] = Cell(name="", slug="", cfg=cfg, overrides={}, is_baseline=True, identity=ident, key=key)
+        return key
+
     for i, c in enumerate(cells):
+        if c.cfg.uses_teacher:
+            try:
+                c.baseline = add(matched_baseline(c.cfg, data, seeds))
+            except ValueError as e:
+                raise MedkdError(f"{source}: cell {c.overrides}: {e}") from None
+    for i, c in enumerate(cells):  # a grid cell that is itself a baseline merges into it (keeping name/overrides)
         if not c.cfg.uses_teacher:
             notes.append(f"{source}: cell {i + 1} uses no teacher, so it is the no-KD baseline row (which ablate "
                          f"always runs), not a setting compared with it")
-            b = baselines[c.baseline]
+            b = baselines[add(c.cfg)]
             b.overrides, b.name = c.overrides, c.name or b.name
-        else:
-            kd_cells.append(c)
-    ordered_b = [b for b in baselines.values() if b is baselines[_canon(identity(to_dict(baseline_config(base))))]]
-    ordered_b += [b for b in baselines.values() if b not in ordered_b]
-    # names: the core setting plus what differs from the common options
-    for b in ordered_b:
-        b.name = b.name or setting_name(b.cfg, base)
+    if not baselines:
+        for cfg in bases:
+            add(baseline_config(cfg))
+    return baselines
+
+
+def _all_labels(kd_cells: List[Cell], baselines: Dict[str, Cell], data: Optional[PreparedData], seeds: List[int],
+                notes: List[str]) -> List[Cell]:
+    """The ``all_labels`` reference row: the student alone given every train label (fraction 1) with the budget of
+    the distillation row that plans the most optimizer steps (so no row has more updates than this ceiling; one
+    pass over every train case when that is the budget, or without ``data``), compared with that row's baseline.
+    ``[]`` without distillation rows, or when one of the baselines is that row already (a note says so)."""
+    if not kd_cells:
+        return []
+
+    def per_epoch(c: Cell) -> Optional[int]:
+        if data is None:
+            return c.cfg.steps_per_epoch
+        return max(steps_per_epoch(replace(c.cfg, seed=s), data) for s in seeds)
+
+    top = max(kd_cells, key=lambda c: c.cfg.epochs * (per_epoch(c) or 1))  # the first of the largest
+    cfg = replace(baseline_config(top.cfg), fraction=1.0, subset_seed=None, steps_per_epoch=None)
+    steps = per_epoch(top)
+    if steps is not None and (data is None or steps != natural_steps_per_epoch(cfg, data)):
+        cfg = replace(cfg, steps_per_epoch=steps)
+    ident = identity(to_dict(cfg))
+    key = _canon(ident)
+    if key in baselines:
+        notes.append("the all-labels reference (the student alone at fraction 1 with the largest budget of the "
+                     "distillation rows) is a baseline row of this plan already: not added again")
+        return []
+    return [Cell(name="", slug="", cfg=cfg, overrides={}, baseline=top.baseline, identity=ident, key=key,
+                 reference="all_labels")]
+
+
+def _name_rows(baselines: List[Cell], kd_cells: List[Cell], refs: List[Cell], base: DistillConfig,
+               show: Sequence[str]) -> None:
+    """Names (the core setting plus what differs from the common options; a baseline's budget only when it tells
+    baselines apart), settings (names without fraction and budget), unique slugs, and each row's ``baseline``
+    as a name."""
+    hide = ("steps_per_epoch",)
+    for b in baselines:
+        b.name = b.name or setting_name(b.cfg, base, show=show, hide=hide)
+    names = [b.name for b in baselines]
+    for b in baselines:
+        if names.count(b.name) > 1 and not b.overrides.get("name"):
+            b.name = setting_name(b.cfg, base, show=show)
     for c in kd_cells:
-        c.name = c.name or setting_name(c.cfg, base)
-    all_cells = ordered_b + kd_cells
+        c.name = c.name or setting_name(c.cfg, base, show=show)
+    for r in refs:
+        r.name = "all labels" + _extras_text(setting_extras(r.cfg, base, hide=("fraction", "subset_seed")))
+    rows = [*baselines, *kd_cells, *refs]
+    first_of: Dict[Optional[int], Cell] = {}
+    for c in rows:  # a grid cell's setting is named once, at its first fraction (+unlabelled is lost at 1)
+        first = first_of.setdefault(c.cell_index, c) if c.cell_index is not None else c
+        c.setting = (first.overrides.get("name") or setting_name(first.cfg, base, hide=("fraction", *hide)))
+    for r in refs:
+        r.setting = "all labels"
     names_seen: Dict[str, int] = {}
-    for c in all_cells:
+    for c in rows:
         n = names_seen.get(c.name, 0) + 1
         names_seen[c.name] = n
         if n > 1:
             c.name = f"{c.name} ({n})"
     slugs: Dict[str, int] = {}
-    for c in all_cells:
+    for c in rows:
         s = slugify(c.name)
         slugs[s] = slugs.get(s, 0) + 1
         c.slug = s if slugs[s] == 1 else f"{s}-{slugs[s]}"
-    bname = {k: b.name for k, b in baselines.items()}
-    for b in ordered_b:
+    bname = {b.key: b.name for b in baselines}
+    for b in baselines:
         b.baseline = b.name
-    for c in kd_cells:
+    for c in [*kd_cells, *refs]:
         c.baseline = bname[c.baseline]
-    seeds_l = list(seeds) if seeds is not None else (grid_doc.get("seeds") or list(DEFAULT_SEEDS))
-    if not kd_cells:
-        notes.append(f"{source}: no distillation cell, so no row is compared with the baseline")
-    return Plan(cells=all_cells, seeds=parse_seeds(seeds_l), source=source, base=base, notes=notes)
-
-
-def baseline_config(cfg: DistillConfig) -> DistillConfig:
-    """The student alone: ``cfg`` without any distillation (KD-only options back to their defaults)."""
-    d = DistillConfig()
-    return replace(cfg, scales=[], pmd=False, teacher=None, loss=d.loss, scale_losses={}, loss_options={},
-                   temperature=d.temperature, weights=dict(d.weights), taps={})
 
 
 def identity(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -251,10 +422,11 @@ def _canon(d: Dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
+def setting_name(cfg: DistillConfig, base: DistillConfig, show: Sequence[str] = (), hide: Sequence[str] = ()) -> str:
     """``"baseline"``, ``"PMD only"``, ``"E+B+D contrastive +PMD"``, ``"PMD only +unlabelled"`` (``kd_images=all``),
     plus ``[key=value, ...]`` for options that differ from the ablation's common options
-    (e.g. ``"D mse [fraction=0.25]"``)."""
+    (e.g. ``"D mse [fraction=0.25]"``, ``"baseline [steps/epoch=105]"``); options in ``show`` are named even when
+    they do not differ, those in ``hide`` never."""
     scales = cfg.effective()["scales"]
     if not scales and not cfg.pmd:
         core = "baseline"
@@ -264,22 +436,34 @@ def setting_name(cfg: DistillConfig, base: DistillConfig) -> str:
         core = "+".join(ABBR[s] for s in scales) + f" {cfg.loss}" + (" +PMD" if cfg.pmd else "")
     if cfg.kd_on_unlabelled:  # named in every row, so a gain from the extra images is never misattributed
         core += " +unlabelled"
+    return core + _extras_text(setting_extras(cfg, base, show, hide))
+
+
+def setting_extras(cfg: DistillConfig, base: DistillConfig, show: Sequence[str] = (),
+                   hide: Sequence[str] = ()) -> List[str]:
+    """The ``key=value`` items of :func:`setting_name`: identity options of ``cfg`` that differ from ``base``'s
+    (and those in ``show``), less those in ``hide``."""
     mine, ref = identity(to_dict(cfg)), identity(to_dict(base))
     extras = []
-    for k, v in mine.items():
-        if k in ("scales", "pmd", "loss", "kd_images"):  # kd_images=all is in the core name
+    for k, v in sorted(mine.items(), key=lambda kv: kv[0] not in show):  # those always named first
+        if k in ("scales", "pmd", "loss", "kd_images") or k in hide:  # kd_images=all is in the core name
             continue
         r = ref.get(k)
+        label = NAME_LABELS.get(k, k)
         if k == "weights":
             if not cfg.uses_teacher:
                 continue  # the supervised term alone is not weighted
             rw = {**DEFAULT_WEIGHTS, **base.weights}
             extras += [f"w_{n}={_short(x)}" for n, x in v.items() if float(rw.get(n, math.nan)) != x]
         elif isinstance(v, dict):
-            extras += [f"{k}.{n}={_short(x)}" for n, x in v.items() if (r or {}).get(n) != x]
-        elif v != r:
-            extras.append(f"{k}={_short(v)}")
-    return core + (f" [{', '.join(extras)}]" if extras else "")
+            extras += [f"{label}.{n}={_short(x)}" for n, x in v.items() if (r or {}).get(n) != x]
+        elif v != r or k in show:
+            extras.append(f"{label}={_short(v)}")
+    return extras
+
+
+def _extras_text(extras: Sequence[str]) -> str:
+    return f" [{', '.join(extras)}]" if extras else ""
 
 
 def _short(v: Any) -> str:

@@ -27,7 +27,7 @@ from medkd.errors import MedkdError
 from medkd.locks import exclusive_lock
 from medkd.metrics import to_jsonable
 from medkd.options import short_repr
-from medkd.report.ablate_table import write_reports
+from medkd.report.ablate_table import has_label_efficiency, write_reports
 from medkd.report.progress import Bars
 from medkd.yamlfile import load_yaml
 
@@ -158,8 +158,11 @@ def ablate(
     overwrite: bool = False,
     shard: Tuple[int, int] = (1, 1),
     report_only: bool = False,
+    fractions: Optional[Sequence[float]] = None,
+    references: Optional[Sequence[str]] = None,
 ) -> Optional[Dict[str, Any]]:
-    """Run (or resume) an ablation, or one shard of it, and write ``DIR/results.{json,csv,md,png}``.
+    """Run (or resume) an ablation, or one shard of it, and write ``DIR/results.{json,csv,md,png}`` (and
+    ``label_efficiency.png`` with several fractions).
 
     Plan (:func:`~medkd.ablate.grid.build_plan`), then claim, train and evaluate each pending run, then report.
     Every run is trained and evaluated under its run-folder claim (:mod:`medkd.claim`): a run another live process
@@ -185,6 +188,11 @@ def ablate(
         overwrite: retrain finished runs whose recorded config differs from the grid's (else an error).
         shard: ``(i, n)``: train the i-th of n deterministic slices of the plan (1-based).
         report_only: train nothing; aggregate the finished runs.
+        fractions: run every cell (that does not set its own ``fraction``) at each of these labelled fractions,
+            each against its own baseline (default: the grid's ``fractions``, else none).
+        references: reference rows, of ``all_labels`` and ``teacher`` (default: the grid's ``references``, else
+            ``teacher``; ``[]``: none). The teacher is evaluated once on the test split
+            (``DIR/references/teacher/eval-test.json``).
 
     Returns:
         The results document (also ``DIR/results.json``): ``{"baseline": row, "rows": [row, ...], "test": {...},
@@ -204,7 +212,8 @@ def ablate(
     data, out = Path(data), Path(out)
     prepared = PreparedData(data)
     prepared.require_split(SPLIT)
-    plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config)
+    plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config, data=prepared,
+                      fractions=fractions, references=references)
     _check_teacher(plan, teacher, prepared)
     runs = plan.runs(out)
     mine = [] if report_only else shard_runs(runs, *shard)
@@ -231,9 +240,16 @@ def ablate(
         if failed:
             raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']})")
         return None
-    results = _report(plan, runs, data, teacher, out, correction, failed, missing, outputs_plan, time.time() - t0)
-    console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png", highlight=False,
-                  soft_wrap=True)
+    teacher_eval = None
+    if "teacher" in plan.references:
+        teacher_eval, error = _teacher_reference(Path(teacher), prepared, out, plan.base.device, console)
+        if error:
+            failed.append({"run": str(teacher), "name": "teacher", "seed": None, "error": error})
+    results = _report(plan, runs, data, teacher, out, correction, failed, missing, outputs_plan, time.time() - t0,
+                      teacher_eval)
+    figure = ", label_efficiency.png" if has_label_efficiency(results) else ""
+    console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png{figure}",
+                  highlight=False, soft_wrap=True)
     if failed:
         raise MedkdError(f"{len(failed)} run(s) failed (first: {failed[0]['run']}: {failed[0]['error']}); "
                          f"results of the others are in {out / 'results.json'}")
@@ -352,16 +368,54 @@ def _evaluate(p: PendingRun, data: Path, prepared: PreparedData, progress: Bars)
     return []
 
 
+def _teacher_reference(teacher: Path, prepared: PreparedData, out: Path, device: str,
+                       console: Console) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The teacher's evaluation on the test split, once per ablation: ``DIR/references/teacher/eval-test.json``,
+    reused while it is fresh (newer than the teacher's ``best.pt``, on the same data, well formed). Nothing is
+    written into the teacher's folder. Returns ``(evaluate dict or None, "" or why it failed)``."""
+    path = rundir.eval_json(out / "references" / "teacher", SPLIT)
+    best = teacher / rundir.BEST
+    if path.is_file() and not (best.is_file() and path.stat().st_mtime < best.stat().st_mtime):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if not eval_problem(doc) and doc.get("data") == str(prepared.root.resolve()) and doc.get("split") == SPLIT:
+            return doc, ""
+    console.print(f"evaluating the teacher {escape(str(teacher))} on the {SPLIT} split (reference row)",
+                  highlight=False, soft_wrap=True)
+    try:
+        doc = evaluate.evaluate_runs([teacher], prepared, SPLIT, device=device, save=False)[0]
+    except Exception as e:  # the students' results are still written
+        console.print(f"[red]teacher evaluation failed[/]: {escape(run_error(e))}", highlight=False, soft_wrap=True)
+        return None, f"evaluate: {run_error(e)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(path, doc)
+    return doc, ""
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _report(plan: Plan, runs: Sequence[Tuple[Cell, int, Path]], data: Path, teacher: Optional[Path], out: Path,
             correction: str, failed: List[Dict[str, Any]], missing: List[str],
-            outputs_plan: Optional[Dict[str, Any]], seconds: float) -> Dict[str, Any]:
+            outputs_plan: Optional[Dict[str, Any]], seconds: float,
+            teacher_eval: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Compute the results from the evaluated runs (failed ones left out) and write every report format."""
     failed_runs = {f["run"] for f in failed}
-    evals = {}
+    evals, budgets = {}, {}
     for cell, seed, run in runs:
         if eval_is_fresh(run, data) and str(run) not in failed_runs:  # the others are pending
             evals[(cell.name, seed)] = json.loads(rundir.eval_json(run, SPLIT).read_text())
-    results = compute_results(plan, evals, correction=correction)
+            budgets[(cell.name, seed)] = (_read_json(run / rundir.SUMMARY) or {}).get("budget")
+    teacher_summary = _read_json(Path(teacher) / rundir.SUMMARY) if teacher else None
+    results = compute_results(plan, evals, correction=correction, teacher_eval=teacher_eval,
+                              teacher_summary=teacher_summary, budgets=budgets)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
                    out=str(out.resolve()), failed=failed, seconds=round(seconds, 1), teacher_outputs=outputs_plan)
     results["pending"] = sorted(set(missing) - failed_runs)
@@ -407,7 +461,9 @@ def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path]) -> N
     doc = {
         "source": plan.source, "data": str(Path(data).resolve()),
         "teacher": str(Path(teacher).resolve()) if teacher else None, "seeds": plan.seeds,
-        "rows": [{"name": c.name, "folder": f"runs/{c.slug}", "baseline": c.baseline, "grid": c.overrides,
+        "fractions": plan.fractions, "references": plan.references,
+        "rows": [{"name": c.name, "folder": f"runs/{c.slug}", "baseline": c.baseline, "setting": c.setting,
+                  "reference": c.reference, "grid": c.overrides,
                   "config": {k: v for k, v in to_dict(c.cfg).items() if k != "seed"}} for c in plan.cells],
     }
     rundir.write_text(out / "ablation.yaml", yaml.safe_dump(doc, sort_keys=False))

@@ -17,8 +17,10 @@ from medkd.report.tables import print_table
 
 
 @handle_errors
-@config_options(DistillConfig, "student", "student_width", "fraction", "subset_seed", "epochs", "batch_size", "lr",
-                "in_channels", "device", defaults={"student": "the grid's, else s1", "epochs": "the grid's, else 12"})
+@config_options(DistillConfig, "student", "student_width", "fraction", "subset_seed", "epochs", "batch_size",
+                "steps_per_epoch", "lr", "in_channels", "device",
+                defaults={"student": "the grid's, else s1", "epochs": "the grid's, else 12",
+                          "steps_per_epoch": "one pass over each row's training images; baselines get their row's"})
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
     teacher: Annotated[Path, typer.Option(help="Teacher run folder (its teacher-output cache is shared by every run).")],
@@ -41,16 +43,24 @@ def command(
                                                       "writes the results. \\[default: none, all runs]")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Train nothing: write results.* from the finished "
                                                                     "runs (evaluating those not evaluated yet).")] = False,
+    fractions: Annotated[Optional[str], typer.Option(help="Comma list of labelled fractions, e.g. 0.1,0.25,0.5,1: every "
+                                                          "cell (that sets no fraction) and its equal-budget baseline "
+                                                          "at each; draws label_efficiency.png. \\[default: the grid's, "
+                                                          "else none]")] = None,
+    no_references: Annotated[bool, typer.Option("--no-references", help="Leave out the reference rows (the student "
+                                                                        "given all labels, the teacher) and so the gap "
+                                                                        "closed.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     *,
     opts: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Distill over a grid of settings x seeds plus the no-KD baseline; table of mean ± std, gains and p-values.
+    """Distill over a grid of settings x seeds, each against a no-KD baseline of the same training budget, plus
+    reference rows (all labels, teacher); table of mean ± std, gains, gap closed and p-values.
 
     Resumable: rerun the same command to skip finished runs and finish the rest.
     """
-    from medkd.ablate import CORRECTIONS, GRID_PRESETS, ablate, parse_seeds
+    from medkd.ablate import CORRECTIONS, GRID_PRESETS, ablate, parse_fractions, parse_seeds
     from medkd.report.ablate_table import ablate_table
 
     if grid is not None and preset is not None:
@@ -71,18 +81,22 @@ def command(
         shard_ij = parse_shard(shard)
     except MedkdError as e:
         raise fail(str(e), 2)
-    seed_list = None
+    if fractions is not None and (opts or {}).get("fraction") is not None:
+        raise fail("give --fraction or --fractions, not both", 2)
+    seed_list = fraction_list = None
     try:
         if seeds is not None:
             seed_list = parse_seeds(seeds)
         elif seed is not None:
             seed_list = parse_seeds([seed], "--seed")
+        if fractions is not None:
+            fraction_list = parse_fractions(fractions)
     except MedkdError as e:
         raise fail(str(e), 2)
     results = ablate(
         data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, correction=correction,
-        overwrite=overwrite, shard=shard_ij, report_only=report_only,
-        base_overrides=opts,
+        overwrite=overwrite, shard=shard_ij, report_only=report_only, fractions=fraction_list,
+        references=[] if no_references else None, base_overrides=opts,
         console=log_console(quiet),
     )
     if results is None:  # a shard whose part is done while other shards still run
