@@ -114,3 +114,20 @@ def test_ranks_split_each_global_batch(tiny_data):
     assert [sorted(b) for b in one][: n_even // 4] == glob[: n_even // 4]
     with pytest.raises(Exception, match="does not divide over 3 processes"):
         epoch_loader(ds, cfg, 0, env=DistEnv(0, 3, 0))
+
+
+def test_ranks_split_each_global_batch_of_a_budget(tiny_data):
+    """With --steps-per-epoch every rank takes exactly that many local batches, and together they are the
+    single-process global batches (no padding: the budget is whole global batches)."""
+    from medkd.config import TeacherConfig
+    from medkd.data.prepared import PreparedData, SliceDataset
+    from medkd.distributed import DistEnv
+    from medkd.train.batches import epoch_loader
+
+    ds = SliceDataset(PreparedData(tiny_data), "train")
+    cfg = TeacherConfig(batch_size=4, seed=3, steps_per_epoch=len(ds) // 4 + 3)  # more than one pass
+    one = [b[2].tolist() for b in epoch_loader(ds, cfg, 2)[0]]
+    ranks = [[b[2].tolist() for b in epoch_loader(ds, cfg, 2, env=DistEnv(r, 2, r))[0]] for r in (0, 1)]
+    assert len(one) == cfg.steps_per_epoch and all(len(b) == 4 for b in one)
+    assert all(len(r) == cfg.steps_per_epoch and all(len(b) == 2 for b in r) for r in ranks)
+    assert [sorted(b) for b in one] == [sorted(a + b) for a, b in zip(*ranks)]

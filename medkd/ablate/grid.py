@@ -322,7 +322,7 @@ def _baselines(cells: List[Cell], bases: Sequence[DistillConfig], data: Optional
             baselines[key] = Cell(name="", slug="", cfg=cfg, overrides={}, is_baseline=True, identity=ident, key=key)
         return key
 
-    for i, c in enumerate(cells):
+    for c in cells:
         if c.cfg.uses_teacher:
             try:
                 c.baseline = add(matched_baseline(c.cfg, data, seeds))
