@@ -163,8 +163,8 @@ def test_error_messages_cap_long_reprs():
     for _ in range(8):  # 10**9 elements, shared: what an alias-expanded YAML list looks like
         nested = [nested] * 10
     t0 = time.perf_counter()
-    s = options.short_repr(nested)
-    assert time.perf_counter() - t0 < 0.1 and len(s) <= 60 and "\n" not in s
+    s = options.short_repr(nested)  # rendering it whole would take hours; 2 s leaves room for a loaded CI machine
+    assert time.perf_counter() - t0 < 2.0 and len(s) <= 60 and "\n" not in s
     for bad, check in ((nested, options.check_weights), (nested, options.check_epochs), ("x" * 10_000, options.check_lr),
                        ({"k" * 500: 1}, lambda v: options.check_model_kwargs("unet", v))):
         with pytest.raises(OptionError) as e:

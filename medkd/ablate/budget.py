@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from medkd.config import DistillConfig
 from medkd.data.prepared import PreparedData
-from medkd.distill.run import student_train_set
+from medkd.distill.inputs import student_train_set
 from medkd.train.batches import pass_steps
 
 
@@ -29,7 +29,7 @@ def baseline_config(cfg: DistillConfig) -> DistillConfig:
 
 def natural_steps_per_epoch(cfg: DistillConfig, data: PreparedData) -> int:
     """Optimizer steps of one epoch of a distill run of ``cfg`` without a budget: one pass over the slices the
-    student iterates (:func:`medkd.distill.run.student_train_set`: its labelled subset of the train cases, drawn
+    student iterates (:func:`medkd.distill.inputs.student_train_set`: its labelled subset of the train cases, drawn
     with its subset seed, plus the other train cases with ``kd_images=all`` and a teacher), in batches of
     ``cfg.batch_size`` as the loader makes them (:func:`medkd.train.batches.pass_steps`; one process)."""
     return pass_steps(len(student_train_set(data, cfg)), cfg.batch_size)

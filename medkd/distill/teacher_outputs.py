@@ -38,6 +38,7 @@ from rich.markup import escape
 from medkd.distill.cache import STORE_DTYPE, TORCH_STORE_DTYPE, ItemSpec, TeacherCache, item_bytes
 from medkd.distill.targets import (DiskTargets, LiveTargets, MemoryTargets, TeacherTargets, TeacherView, batch_slices,
                                    fill_memory, slice_batch, targets_of)
+from medkd.train.batches import pass_steps
 
 DEFAULT_BUDGET_SHARE = 0.2  # of the free space on the cache's disk
 MEMORY_SHARE = 0.25  # of the available host memory (or free GPU memory) for the memory mode
@@ -151,11 +152,6 @@ def memory_placement(n_bytes: int, device: torch.device) -> Tuple[Optional[torch
     return (torch.device("cpu") if n_bytes <= host_limit else None), False, host_limit
 
 
-def batches_per_epoch(slices: int, batch_size: int) -> int:
-    """Training batches per epoch over ``slices`` slices (the loop drops a final batch of one slice)."""
-    return slices // batch_size + (1 if slices % batch_size >= 2 else 0)
-
-
 def workload(cfg, slices: int, slice_bytes: int, missing: int, new_bytes: int, cache_root: Path,
              device: torch.device, runs: int = 1, epochs: Optional[int] = None,
              label_dependent: bool = False) -> Tuple[Workload, Optional[torch.device], bool]:
@@ -178,9 +174,10 @@ def workload(cfg, slices: int, slice_bytes: int, missing: int, new_bytes: int, c
         ``(workload, memory storage device or None when it does not fit, pinned)``.
     """
     bs = batch_slices(cfg.batch_size, slices)
+    steps = cfg.steps_per_epoch or pass_steps(slices, bs)  # the loader's steps per epoch
     budget = int(cfg.cache_budget * 1e9) if cfg.cache_budget is not None else default_budget_bytes(cache_root)
     mem_dev, pinned, mem_limit = memory_placement(slice_bytes * slices, device)
-    work = Workload(epochs=cfg.epochs if epochs is None else epochs, batches_per_epoch=batches_per_epoch(slices, bs),
+    work = Workload(epochs=cfg.epochs if epochs is None else epochs, batches_per_epoch=steps,
                     fill_batches=slices / bs, disk_missing_batches=missing / bs, disk_new_bytes=new_bytes,
                     budget_bytes=budget, memory_bytes=slice_bytes * slices, memory_limit_bytes=mem_limit, runs=runs,
                     disk_blocked=LABEL_DEPENDENT if label_dependent else "")
