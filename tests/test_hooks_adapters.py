@@ -128,10 +128,12 @@ def test_adapter_shape_and_gradients(in_size, out_size):
     assert adapter.proj.bias is None
 
 
-@pytest.mark.parametrize("in_size,out_size", [((4, 4), (16, 16)), ((8, 8), (8, 8)), ((16, 16), (4, 4))])
+@pytest.mark.parametrize("in_size,out_size", [((4, 4), (16, 16)), ((8, 8), (8, 8)), ((16, 16), (4, 4)),
+                                              ((16, 8), (4, 4)), ((8, 4), (4, 8))])
 def test_adapter_equals_conv_bn_resize(in_size, out_size):
-    """The channel contraction is the 1x1 conv it replaces: BN(conv(x)) resized (or, when shrinking, conv and BN
-    of the resized map) with torch's own conv2d / batch_norm / interpolate, values and gradients."""
+    """The channel contraction is the 1x1 conv it replaces, and the resizing is block averaging along an axis that
+    shrinks by an integer factor (before the conv and BN) and bilinear interpolation along one that grows (after
+    them), with torch's own conv2d / batch_norm / avg_pool2d / interpolate: values and gradients."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -146,11 +148,10 @@ def test_adapter_equals_conv_bn_resize(in_size, out_size):
     def bn(z):
         return F.batch_norm(z, None, None, g, b, training=True)
 
-    shrink = out_size[0] * out_size[1] < in_size[0] * in_size[1]
-    if shrink:
-        ref = bn(F.conv2d(F.interpolate(xr, size=out_size, mode="bilinear", align_corners=False), w))
-    else:
-        ref = F.interpolate(bn(F.conv2d(xr, w)), size=out_size, mode="bilinear", align_corners=False)
+    kernel = tuple(max(1, i // o) for i, o in zip(in_size, out_size))  # block size along each shrinking axis
+    ref = bn(F.conv2d(F.avg_pool2d(xr, kernel), w))
+    if tuple(ref.shape[-2:]) != out_size:
+        ref = F.interpolate(ref, size=out_size, mode="bilinear", align_corners=False)
     y = adapter(x, out_size)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     seed = torch.randn_like(y)
@@ -160,7 +161,39 @@ def test_adapter_equals_conv_bn_resize(in_size, out_size):
     torch.testing.assert_close(adapter.proj.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("in_size,out_size", [((8, 8), (8, 8)), ((16, 16), (4, 4)), ((9, 7), (3, 3))])
+@pytest.mark.parametrize("in_size,out_size", [((64, 64), (16, 16)), ((32, 32), (8, 8)), ((12, 9), (4, 3))])
+def test_shrinking_adapter_sends_gradient_to_every_student_position(in_size, out_size):
+    """The student's enc and bottleneck maps are 4x the teacher's: bilinear resizing without antialiasing read 2 of
+    every 4 rows and columns, so 3/4 of the student positions got no gradient. Area averaging reaches them all."""
+    adapter = FeatureAdapter(3, 6).train()
+    x = torch.randn(2, 3, *in_size, requires_grad=True)
+    adapter(x, out_size).pow(2).mean().backward()
+    assert bool((x.grad != 0).all()), f"{int((x.grad == 0).sum())} of {x.numel()} positions got no gradient"
+
+
+def test_adapter_adaptive_shrink_matches_numpy_windows():
+    """A non-integer shrink averages the windows ``[floor(i h / H), ceil((i + 1) h / H))`` of each axis."""
+    import math
+
+    import numpy as np
+
+    from medkd.distill.adapters import shrink
+
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    got = shrink(x, (4, 3)).numpy()
+
+    def windows(n, m):
+        return [(math.floor(i * n / m), math.ceil((i + 1) * n / m)) for i in range(m)]
+
+    ref = np.array([[[[x.numpy()[b, c, r0:r1, c0:c1].mean() for c0, c1 in windows(7, 3)] for r0, r1 in windows(9, 4)]
+                     for c in range(3)] for b in range(2)])
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    assert shrink(x, (9, 7)) is x and shrink(x, (20, 20)) is x  # nothing to shrink
+    assert shrink(x, (3, 20)).shape == (2, 3, 3, 7)  # only the axis that shrinks
+
+
+@pytest.mark.parametrize("in_size,out_size", [((8, 8), (8, 8)), ((16, 16), (4, 4)), ((9, 7), (3, 3)),
+                                              ((64, 64), (16, 16))])
 def test_adapter_pooled_equals_pooling_the_adapted_map(in_size, out_size):
     """pooled() = weighted pools of forward()'s output: values, gradients (input, conv, BN affine) and the BN
     running statistics, in train and eval mode."""
@@ -197,6 +230,7 @@ def test_adapter_pooled_equals_pooling_the_adapted_map(in_size, out_size):
 
 def test_adapter_pooled_declines_enlargement():
     assert FeatureAdapter(4, 4).pooled(torch.randn(2, 4, 4, 4), (8, 8), torch.ones(2, 1, 8, 8) / 64) is None
+    assert FeatureAdapter(4, 4).pooled(torch.randn(2, 4, 8, 4), (4, 8), torch.ones(2, 1, 4, 8) / 32) is None
 
 
 def test_adapter_set():

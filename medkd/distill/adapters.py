@@ -13,8 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def shrink(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``x (B, C, h, w)`` area-averaged down to ``(min(h, H), min(w, W))`` for ``size = (H, W)``: every input
+    position weighs in (adaptive average pooling, :func:`torch.nn.functional.adaptive_avg_pool2d`; an integer factor
+    ``k`` is ``avg_pool2d`` with a ``k x k`` window), so the gradient reaches all of them (bilinear resizing without
+    antialiasing would read 2 of every ``k`` rows and columns: a quarter of the positions at ``k = 4``). An axis that is
+    not larger than the target is left as it is; ``x`` itself when nothing shrinks."""
+    h, w = x.shape[-2:]
+    target = (min(int(h), int(size[0])), min(int(w), int(size[1])))
+    return x if target == (h, w) else F.adaptive_avg_pool2d(x, target)
+
+
 class FeatureAdapter(nn.Module):
-    """1x1 conv (no bias) + BatchNorm2d from student to teacher channels, then bilinear resize.
+    """1x1 conv (no bias) + BatchNorm2d from student to teacher channels, resized to the teacher's map: area
+    averaging along an axis that shrinks (:func:`shrink`), bilinear interpolation along one that grows.
 
     Args:
         student_channels: Channels ``Cs`` of the student feature.
@@ -39,13 +51,10 @@ class FeatureAdapter(nn.Module):
             ``(B, Ct, H, W)``.
         """
         size = (int(size[0]), int(size[1]))
-        if size[0] * size[1] < x.shape[-2] * x.shape[-1]:
-            # Shrinking: resize first. The 1x1 conv and bilinear resizing are both linear and commute,
-            # so this is the same map at a fraction of the cost (BN then sees the teacher-sized map).
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, Cs, H, W)
-            return self.bn(self.project(x))
-        y = self.bn(self.project(x))  # (B, Ct, hs, ws)
-        if tuple(y.shape[-2:]) != size:
+        # Shrinking first: the 1x1 conv and area averaging are both linear and commute, so this is the same map at
+        # a fraction of the cost (BN then sees the shrunk map).
+        y = self.bn(self.project(shrink(x, size)))  # (B, Ct, min(hs, H), min(ws, W))
+        if tuple(y.shape[-2:]) != size:  # an axis still to grow
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return y
 
@@ -66,15 +75,14 @@ class FeatureAdapter(nn.Module):
             weights: ``(B, K, H, W)`` pooling weights (any; an average when a ``(b, k)`` map sums to 1).
 
         Returns:
-            ``(B, K, Ct)``, or ``None`` when the teacher map is larger than the student's (the bilinear enlargement
-            does not commute with pooling cheaply: use :meth:`forward`).
+            ``(B, K, Ct)``, or ``None`` when the teacher map is larger than the student's along an axis (the
+            bilinear enlargement does not commute with pooling cheaply: use :meth:`forward`).
         """
         from medkd.distributed import global_sum
 
         size = (int(size[0]), int(size[1]))
-        if size[0] * size[1] < x.shape[-2] * x.shape[-1]:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # as forward: resize first
-        elif tuple(x.shape[-2:]) != size:
+        x = shrink(x, size)  # as forward: shrink first
+        if tuple(x.shape[-2:]) != size:
             return None
         bn = self.bn
         with torch.autocast(x.device.type, enabled=False):  # second moments in fp32 under CUDA autocast
