@@ -132,8 +132,13 @@ class DistillConfig(TrainConfig):
                                               check=opt.check_scale_losses, cli=False)
     loss_options: Dict[str, Any] = opt.option(default_factory=dict, help="Options of every feature loss's "
                                               "constructor, e.g. {pool: 4}.", cli=False)
-    pmd: bool = opt.option(True, help="Prediction-map distillation (temperature KL).", flag="--pmd/--no-pmd")
+    pmd: bool = opt.option(True, help="Prediction-map distillation (the term 'pmd', see --pmd-loss).",
+                           flag="--pmd/--no-pmd")
     temperature: float = opt.option(4.0, help="PMD temperature.", check=opt.check_temperature)
+    pmd_loss: str = opt.option("kl", help="PMD form: kl (per-pixel temperature KL) or cwd (channel-wise "
+                               "distillation, Shu et al. 2021: per logit channel, KL of the softmax over the slice's "
+                               "positions; one logit z is read as the channels z, -z).", check=opt.check_pmd_loss,
+                               choices=lambda: opt.PMD_LOSSES)
     fraction: float = opt.option(0.5, help="Seeded case-level fraction of the training cases the student is "
                                            "given labels of.", check=opt.check_fraction)
     subset_seed: Optional[int] = opt.option(None, help="Seed of the --fraction subset of training cases, to hold it "
@@ -196,7 +201,7 @@ class DistillConfig(TrainConfig):
     def effective(self) -> Dict[str, Any]:
         """This config in its canonical form: scales in :data:`SCALES` order, weights over the study defaults
         (only the terms used), and the options that cannot act dropped (the feature loss, ``scale_losses`` and
-        ``loss_options`` without scales, the temperature without PMD, ``subset_seed`` with ``fraction`` 1, teacher
+        ``loss_options`` without scales, the temperature and ``pmd_loss`` without PMD, ``subset_seed`` with ``fraction`` 1, teacher
         and taps without a teacher).
 
         Two configs that train the same thing have equal ``effective()`` dicts.
@@ -211,6 +216,7 @@ class DistillConfig(TrainConfig):
                 out.pop(k)
         if not self.pmd:
             out.pop("temperature")
+            out.pop("pmd_loss")
         if self.fraction >= 1:
             out.pop("subset_seed")  # every training case is used: no subset to draw
         if not self.uses_teacher:

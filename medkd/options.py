@@ -37,6 +37,8 @@ SCHEDULES = ("cosine", "plateau", "none")
 IN_CHANNELS = (1, 3)
 #: Train images the teacher supervises: the student's labelled fraction only, or all train cases.
 KD_IMAGES = ("labelled", "all")
+#: Forms of the prediction-map term (medkd.distill.losses.pmd): per-pixel temperature KL, channel-wise distillation.
+PMD_LOSSES = ("kl", "cwd")
 #: Where a distillation's teacher targets come from (medkd.distill.teacher_outputs).
 TEACHER_OUTPUTS = ("auto", "live", "disk", "memory")
 #: The largest integer torch accepts everywhere (int64): the default upper bound of integer options.
@@ -404,6 +406,10 @@ def check_scale_losses(value: Any, what: str = "scale_losses") -> Any:
 
 def check_kd_images(value: Any, what: str = "kd_images") -> str:
     return check_choice(value, KD_IMAGES, what)
+
+
+def check_pmd_loss(value: Any, what: str = "pmd_loss") -> str:
+    return check_choice(value, PMD_LOSSES, what)
 
 
 def check_device(name: Any, what: str = "device") -> str:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from medkd.distill.losses import LOSSES, PMDLoss, build_loss, pmd_loss
+from medkd.distill.losses.pmd import pmd_cwd_loss
 from medkd.distill.losses.contrastive import ContrastiveFeatureLoss
 
 
@@ -66,6 +67,19 @@ def np_pmd(s: np.ndarray, t: np.ndarray, tau: float) -> float:
                     ls = np_log_softmax(s[i, :, y, x] / tau)
                     lt = np_log_softmax(t[i, :, y, x] / tau)
                     kls.append((np.exp(lt) * (lt - ls)).sum())
+    return float(np.mean(kls)) * tau**2
+
+
+def np_pmd_cwd(s: np.ndarray, t: np.ndarray, tau: float) -> float:
+    """Channel-wise KL of the spatial softmax of the logit map; a one-logit map z is the channels z, -z."""
+    if s.shape[1] == 1:
+        s, t = np.concatenate([s, -s], axis=1), np.concatenate([t, -t], axis=1)
+    kls = []
+    for b in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            ps = np.exp(s[b, c] / tau) / np.exp(s[b, c] / tau).sum()
+            pt = np.exp(t[b, c] / tau) / np.exp(t[b, c] / tau).sum()
+            kls.append(float((pt * np.log(pt / ps)).sum()))
     return float(np.mean(kls)) * tau**2
 
 
@@ -160,6 +174,18 @@ def test_pmd_multiclass_hand_value():
     assert PMDLoss(tau)(s, t).item() == pytest.approx(expected)
 
 
+def test_pmd_cwd_binary_hand_value():
+    """One logit, two positions: the foreground channel z/T = [0, ln 3] gives p_s = [1/4, 3/4], the background
+    channel -z/T gives [3/4, 1/4]; the teacher's zero map gives [1/2, 1/2] for both, so both KLs are equal."""
+    tau = 4.0
+    s = t64([[[[0.0, tau * math.log(3.0)]]]])  # (1, 1, 1, 2)
+    t = torch.zeros_like(s)
+    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert pmd_cwd_loss(s, t, tau).item() == pytest.approx(tau**2 * kl)
+    assert PMDLoss(tau, "cwd")(s, t).item() == pytest.approx(tau**2 * kl)
+    assert PMDLoss(tau)(s, t).item() == pytest.approx(pmd_loss(s, t, tau).item())  # kl stays the default
+
+
 # ---------------------------------------------------------------- numpy reference on random tensors
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_matches_numpy(seed):
@@ -208,6 +234,41 @@ def test_pmd_is_stable_for_extreme_logits():
 def test_pmd_shape_mismatch():
     with pytest.raises(ValueError, match="same shape"):
         pmd_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        pmd_cwd_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="kl, cwd"):
+        PMDLoss(4.0, "mse")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_pmd_cwd_matches_numpy(channels, tau):
+    s, t = rng_feats(2, channels, 3, 4, seed=channels)
+    s, t = 3 * s, 3 * t
+    assert pmd_cwd_loss(t64(s), t64(t), tau).item() == pytest.approx(np_pmd_cwd(s, t, tau))
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_pmd_cwd_is_the_feature_cwd_on_the_logit_channels(tau):
+    """Several logit channels: the feature-level CWD loss of the logit map. One logit z: the feature CWD of the
+    two-channel map [z, -z]."""
+    s, t = rng_feats(2, 3, 4, 4, seed=5)
+    cwd = build_loss("cwd", 3, temperature=tau)
+    assert pmd_cwd_loss(t64(s), t64(t), tau).item() == pytest.approx(cwd(t64(s), t64(t), None).item())
+    s1, t1 = t64(s[:, :1]), t64(t[:, :1])
+    two = build_loss("cwd", 2, temperature=tau)(torch.cat([s1, -s1], 1), torch.cat([t1, -t1], 1), None)
+    assert pmd_cwd_loss(s1, t1, tau).item() == pytest.approx(two.item())
+
+
+def test_pmd_cwd_ignores_a_constant_per_channel_and_has_finite_gradients():
+    z = torch.randn(2, 1, 5, 5, dtype=torch.float64) * 10
+    assert pmd_cwd_loss(z + 7.0, z).item() == pytest.approx(0.0, abs=1e-12)  # a spatial softmax ignores a constant
+    s = torch.full((1, 1, 2, 2), -300.0, requires_grad=True)
+    with torch.no_grad():
+        s[0, 0, 0, 0] = 300.0
+    loss = pmd_cwd_loss(s, torch.full((1, 1, 2, 2), 300.0), 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0 and torch.isfinite(s.grad).all()
 
 
 # ---------------------------------------------------------------- contrastive

@@ -140,7 +140,7 @@ class Distiller(Task):
         self.s_hooks = FeatureExtractor(student, terms.s_paths).register() if self.scales else None
         self.t_shapes = terms.t_shapes
         self.adapters, self.losses = terms.adapters, terms.losses
-        self.pmd = PMDLoss(cfg.temperature) if terms.pmd else None
+        self.pmd = PMDLoss(cfg.temperature, cfg.pmd_loss) if terms.pmd else None
 
     def frozen_child(self) -> Optional[str]:
         return "teacher" if self.teacher is not None else None
