@@ -118,6 +118,25 @@ def test_teacher_frozen_and_unchanged_by_training_steps(tiny_teacher, batch):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("mode", ["frozen", "identity"])
+def test_contrastive_teacher_head_is_not_trained(tiny_teacher, batch, mode):
+    cfg = dcfg(tiny_teacher, scales=["dec"], loss="contrastive", loss_options={"teacher_head": mode})
+    task = make_distiller(tiny_teacher, cfg).train()
+    head = task.losses["dec"].teacher_head
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    trained = [p for p in task.parameters() if p.requires_grad]
+    assert not any(p is q for p in trained for q in head.parameters())
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(task(*batch).values()).backward()
+        opt.step()
+    assert all(p.grad is None for p in head.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    assert (mode == "identity") == (len(before) == 0)
+    assert task.losses["dec"].student_head[0].weight.grad.abs().sum() > 0
+
+
 def test_zero_weight_switches_a_term_off(tiny_teacher, batch):
     cfg = dcfg(tiny_teacher, weights={"seg": 0.4, "enc": 0.0, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.0})
     task = make_distiller(tiny_teacher, cfg)

@@ -335,6 +335,69 @@ def test_contrastive_learnable_temperature_gets_gradient():
     assert loss.log_temperature.grad is not None and loss.log_temperature.grad.abs() > 0
 
 
+@pytest.mark.parametrize("mode", ["frozen", "identity"])
+def test_contrastive_teacher_head_gets_no_gradient(mode):
+    """frozen: the teacher head keeps its random initialisation (the trainable head's, drawn from the same seeded
+    generator) and is out of the optimizer's reach; identity: there is no teacher head at all."""
+    trainable, fixed = small_contrastive(), small_contrastive(teacher_head=mode)
+    s, t = rng_feats(4, 3, 4, 4, seed=6)
+    mask = np.zeros((4, 1, 4, 4))
+    mask[:2, 0, 1:3, 1:3] = 1
+    s = t64(s).requires_grad_()
+    fixed(s, t64(t), t64(mask)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fixed.student_head.parameters())
+    if mode == "frozen":
+        assert not any(p.requires_grad for p in fixed.teacher_head.parameters())
+        assert all(p.grad is None for p in fixed.teacher_head.parameters())
+        for a, b in zip(fixed.teacher_head.parameters(), trainable.teacher_head.parameters()):
+            assert torch.equal(a, b)
+    else:
+        assert list(fixed.teacher_head.parameters()) == []
+    assert [n for n, p in fixed.named_parameters() if p.requires_grad] == [
+        n for n, _ in fixed.named_parameters() if n.startswith("student_head.")]
+    assert f"teacher_head={mode}" in repr(fixed)
+
+
+def test_contrastive_identity_teacher_head_matches_numpy():
+    """The student head maps to the teacher's channels; the teacher embedding is its L2-normalised pooled feature."""
+    s, t = rng_feats(3, 3, 4, 4, seed=7)
+    loss = small_contrastive(region=False, teacher_head="identity")
+    assert loss.student_head[2].out_features == 3
+    zs = np_head(s.mean(axis=(2, 3)), loss.student_head)
+    gt = t.mean(axis=(2, 3))
+    zt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
+    assert loss(t64(s), t64(t), None).item() == pytest.approx(np_info_nce(zs, zt, 0.1))
+
+
+def test_contrastive_teacher_view_does_not_depend_on_the_teacher_head():
+    """Every teacher_head choice reads the same teacher view (the pooled feature, before any head), so one cached
+    view serves them all, and training the loss's parameters leaves it as it was."""
+    s, t = rng_feats(4, 3, 4, 4, seed=8)
+    mask = t64(np.pad(np.ones((4, 1, 2, 2)), ((0, 0), (0, 0), (1, 1), (1, 1))))
+    views = {}
+    for mode in ("trainable", "frozen", "identity"):
+        loss = small_contrastive(teacher_head=mode)
+        before = loss.teacher_view(t64(t), mask)
+        opt = torch.optim.SGD([p for p in loss.parameters() if p.requires_grad], lr=1.0)
+        loss.forward_view(t64(s), before, mask).backward()
+        opt.step()
+        after = loss.teacher_view(t64(t), mask)
+        assert all(torch.equal(before[k], after[k]) for k in before), mode
+        views[mode] = (loss.view_id, before)
+        # a cached view gives the live teacher's loss
+        assert loss.forward_view(t64(s), before, mask).item() == pytest.approx(loss(t64(s), t64(t), mask).item())
+    ids = {v[0] for v in views.values()}
+    assert len(ids) == 1
+    for mode in ("frozen", "identity"):
+        assert all(torch.equal(views[mode][1][k], views["trainable"][1][k]) for k in views["trainable"][1])
+
+
+def test_contrastive_teacher_head_option_is_checked():
+    with pytest.raises(ValueError, match="teacher_head must be one of trainable, frozen, identity"):
+        build_loss("contrastive", 4, teacher_head="shared")
+
+
 def test_contrastive_heads_built_once():
     loss = ContrastiveFeatureLoss(4)
     before = {k: v.clone() for k, v in loss.state_dict().items()}

@@ -119,6 +119,13 @@ def test_items_hold_only_what_the_losses_read(tiny_teacher):
                                         kd_images="labelled")).specs()) == {"enc.map"}
 
 
+def test_contrastive_teacher_head_choices_share_one_cached_view(tiny_teacher):
+    """The teacher head comes after the view: a trained, frozen or absent head reads the same cache items."""
+    specs = {m: view(tiny_teacher, dcfg(tiny_teacher, scales=["dec"], loss_options={"teacher_head": m})).specs()
+             for m in ("trainable", "frozen", "identity")}
+    assert specs["frozen"] == specs["trainable"] == specs["identity"]
+
+
 def test_disk_and_memory_serve_exactly_the_live_targets(tiny_data, tiny_teacher, tmp_path):
     data = PreparedData(tiny_data)
     cfg = dcfg(tiny_teacher)

@@ -137,6 +137,11 @@ def _head(channels: int, hidden_dim: int, proj_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
 
 
+#: What embeds the teacher side (the ``teacher_head`` option): a trained head, a random head fixed at its
+#: initialisation, or none (the teacher's pooled feature itself).
+TEACHER_HEADS = ("trainable", "frozen", "identity")
+
+
 @LOSSES.register("contrastive")
 class ContrastiveFeatureLoss(FeatureLoss):
     """Contrastive distillation: InfoNCE (van den Oord et al., "Representation Learning with Contrastive
@@ -144,8 +149,14 @@ class ContrastiveFeatureLoss(FeatureLoss):
     Contrastive Learning", NeurIPS 2020). See the module docstring for the variants and fallbacks.
 
     Student and teacher sides have separate projection heads (``Linear - ReLU - Linear`` to ``proj_dim``,
-    then L2 normalisation); both heads are trained, the teacher network itself is not. The same heads
-    embed slice features and region prototypes.
+    then L2 normalisation); the teacher network itself is not trained. The same heads embed slice features and
+    region prototypes. A trained teacher head can move the teacher's embedding towards the student's instead
+    of the reverse; ``teacher_head`` fixes it: ``"frozen"`` keeps the randomly initialised head (drawn from the
+    run's seeded generator like every other module, then ``requires_grad=False``: a fixed random projection of
+    the teacher feature), ``"identity"`` has no teacher head (the student head maps to the teacher's ``C``
+    channels and the teacher side is its L2-normalised pooled feature; ``proj_dim`` is unused). Either way the
+    teacher side depends on nothing the run trains. The teacher view (what is cached) is the same pooled feature
+    for every choice.
 
     Args:
         channels: Teacher channels ``C`` at the tap (the student feature is already adapted to ``C``).
@@ -159,6 +170,7 @@ class ContrastiveFeatureLoss(FeatureLoss):
         region_weight: Weight of the region term.
         normalize: Report both terms on a batch-independent scale (0 = optimum, 1 = chance; see
             :func:`info_nce` and :func:`supcon_cross`).
+        teacher_head: ``"trainable"`` (default), ``"frozen"`` or ``"identity"`` (:data:`TEACHER_HEADS`; see above).
     """
 
     name = "contrastive"
@@ -175,17 +187,26 @@ class ContrastiveFeatureLoss(FeatureLoss):
         slice_weight: float = 1.0,
         region_weight: float = 1.0,
         normalize: bool = False,
+        teacher_head: str = "trainable",
     ):
         super().__init__(channels)
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
+        if teacher_head not in TEACHER_HEADS:
+            raise ValueError(f"contrastive teacher_head must be one of {', '.join(TEACHER_HEADS)}, got {teacher_head!r}")
         self.region = bool(region)
         self.label_aware = self.region  # without the region term the view reads no mask
         self.slice_weight = float(slice_weight)
         self.region_weight = float(region_weight)
         self.normalize = bool(normalize)
-        self.student_head = _head(self.channels, hidden_dim, proj_dim)
-        self.teacher_head = _head(self.channels, hidden_dim, proj_dim)
+        self.teacher_head_mode = teacher_head
+        if teacher_head == "identity":
+            self.student_head = _head(self.channels, hidden_dim, self.channels)
+            self.teacher_head: nn.Module = nn.Identity()
+        else:
+            self.student_head = _head(self.channels, hidden_dim, proj_dim)
+            self.teacher_head = _head(self.channels, hidden_dim, proj_dim)
+            self.teacher_head.requires_grad_(teacher_head == "trainable")
         if learn_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         else:
@@ -309,5 +330,6 @@ class ContrastiveFeatureLoss(FeatureLoss):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, region={self.region}, learn_temperature={self.learn_temperature}, "
-            f"slice_weight={self.slice_weight}, region_weight={self.region_weight}, normalize={self.normalize}"
+            f"slice_weight={self.slice_weight}, region_weight={self.region_weight}, normalize={self.normalize}, "
+            f"teacher_head={self.teacher_head_mode}"
         )
