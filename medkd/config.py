@@ -22,8 +22,8 @@ from medkd.options import DEFAULT_DEVICE, SCALES, parse_scales, parse_weights  #
 STUDY_WEIGHTS = {"seg": 0.4, "enc": 0.1, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.2}
 #: medkd's default weights (chosen on the sample data's val split, see benchmarks/RESULTS.md "distillation gain"):
 #: the supervised term at full weight (the study's 0.4 starved it) and PMD at 1. A config's ``weights`` are
-#: merged over them.
-DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0}
+#: merged over them. ``pl`` weighs the pseudo-label term (``pseudo_label``), which the study did not have.
+DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0, "pl": 1.0}
 
 
 @dataclass
@@ -161,6 +161,13 @@ class DistillConfig(TrainConfig):
                                 "--fraction only, the reference study) or 'all' (also the other train cases, without "
                                 "their labels: KD terms only).", check=opt.check_kd_images,
                                 flag="--kd-images")
+    pseudo_label: bool = opt.option(False, help="Pseudo-label term 'pl' (weight weights.pl): the teacher's mask "
+                                    "(p > 0.5) as the target of the supervised loss (Dice + BCE) on the train images "
+                                    "without a label; acts with --kd-images all and --fraction < 1.",
+                                    flag="--pseudo-label/--no-pseudo-label")
+    kd_warmup_epochs: int = opt.option(0, help="Ramp every KD term's weight (all but seg) up over the first N "
+                                       "epochs: epoch k (from 1) uses min(k/N, 1) of it. 0 = off.",
+                                       check=opt.check_count)
     grad_share_every: int = opt.option(0, help="Every N-th step, log each term's share of the gradient norm "
                                        "(gshare_<term> in history.jsonl; one extra backward per term). 0 = off.",
                                        check=opt.check_count, identity=False)
@@ -176,11 +183,18 @@ class DistillConfig(TrainConfig):
         if self.scales:  # the options reach the losses only when there are feature scales
             opt.check_loss_options([self.scale_losses.get(s, self.loss) for s in self.scales], self.loss_options)
         if self.uses_teacher and not self.teacher:
-            raise opt.OptionError("distillation needs --teacher TEACHER_RUN (or use --scales none --no-pmd)")
+            off = "--scales none --no-pmd" + (" --no-pseudo-label" if self.uses_pseudo_labels else "")
+            raise opt.OptionError(f"distillation needs --teacher TEACHER_RUN (or use {off})")
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.scales) or self.pmd
+        return bool(self.scales) or self.pmd or self.uses_pseudo_labels
+
+    @property
+    def uses_pseudo_labels(self) -> bool:
+        """The pseudo-label term acts: asked for, and some train images have no label for the student
+        (``kd_images="all"``, ``fraction < 1``); the labelled ones are supervised by their label already."""
+        return bool(self.pseudo_label) and self.kd_images == "all" and self.fraction < 1.0
 
     @property
     def kd_on_unlabelled(self) -> bool:
@@ -188,21 +202,23 @@ class DistillConfig(TrainConfig):
         return self.uses_teacher and self.kd_images == "all" and self.fraction < 1.0
 
     def effective_weights(self) -> Dict[str, float]:
-        """The weight of every term the run uses: ``seg``, each scale, ``pmd``, over :data:`DEFAULT_WEIGHTS`.
+        """The weight of every term the run uses: ``seg``, each scale, ``pmd``, ``pl``, over :data:`DEFAULT_WEIGHTS`.
 
         Without a teacher the supervised loss is the only term and is not weighted (``{"seg": 1.0}``).
         """
         if not self.uses_teacher:
             return {"seg": 1.0}
         w = {**DEFAULT_WEIGHTS, **(self.weights or {})}
-        used = ("seg", *opt.parse_scales(self.scales), *(["pmd"] if self.pmd else []))
+        used = ("seg", *opt.parse_scales(self.scales), *(["pmd"] if self.pmd else []),
+                *(["pl"] if self.uses_pseudo_labels else []))
         return {k: float(w[k]) for k in used}
 
     def effective(self) -> Dict[str, Any]:
         """This config in its canonical form: scales in :data:`SCALES` order, weights over the study defaults
         (only the terms used), and the options that cannot act dropped (the feature loss, ``scale_losses`` and
-        ``loss_options`` without scales, the temperature and ``pmd_loss`` without PMD, ``subset_seed`` with ``fraction`` 1, teacher
-        and taps without a teacher).
+        ``loss_options`` without scales, the temperature and ``pmd_loss`` without PMD, ``pseudo_label`` without
+        images to pseudo-label, ``subset_seed`` with ``fraction`` 1, teacher, taps and ``kd_warmup_epochs`` without a
+        teacher).
 
         Two configs that train the same thing have equal ``effective()`` dicts.
         """
@@ -217,11 +233,14 @@ class DistillConfig(TrainConfig):
         if not self.pmd:
             out.pop("temperature")
             out.pop("pmd_loss")
+        if not self.uses_pseudo_labels:
+            out.pop("pseudo_label")
         if self.fraction >= 1:
             out.pop("subset_seed")  # every training case is used: no subset to draw
         if not self.uses_teacher:
             out.pop("teacher")
             out.pop("taps")
+            out.pop("kd_warmup_epochs")
             out.pop("kd_images")  # without a teacher the student sees its labelled fraction only
         return out
 

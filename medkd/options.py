@@ -30,8 +30,9 @@ DEVICES = (DEFAULT_DEVICE, "cpu", "cuda")  # also "cuda:N"
 SPLITS = ("train", "val", "test")
 #: Distillation tap points, in network order (the canonical order of ``scales``).
 SCALES = ("enc", "bottleneck", "dec")
-#: Weighted loss terms of a distillation run: the supervised term, one per scale, prediction-map distillation.
-WEIGHT_NAMES = ("seg", *SCALES, "pmd")
+#: Weighted loss terms of a distillation run: the supervised term, one per scale, prediction-map distillation,
+#: pseudo-labels.
+WEIGHT_NAMES = ("seg", *SCALES, "pmd", "pl")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "plateau", "none")
 IN_CHANNELS = (1, 3)

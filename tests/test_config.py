@@ -24,7 +24,7 @@ def test_dict_options_merge_layer_by_layer(tmp_path):
     f.write_text(yaml.safe_dump({"weights": {"enc": 0.5}, "loss_options": {"proj_dim": 64}, "taps": {"student": {"enc": "x"}}}))
     cfg = build_config(DistillConfig, f, {"teacher": "T", "weights": {"seg": 0.9}},
                        layers=[{"weights": {"pmd": 0.0}, "loss_options": {"hidden_dim": 32}, "taps": {"student": {"dec": "y"}}}])
-    assert cfg.weights == {"seg": 0.9, "enc": 0.5, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.0}
+    assert cfg.weights == {"seg": 0.9, "enc": 0.5, "bottleneck": 0.2, "dec": 0.1, "pmd": 0.0, "pl": 1.0}
     assert cfg.loss_options == {"proj_dim": 64, "hidden_dim": 32}
     assert cfg.taps == {"student": {"enc": "x", "dec": "y"}}
     # lists replace, None is "not given"

@@ -221,3 +221,94 @@ def test_pooled_adapter_path_matches_the_adapted_map(tiny_data, tiny_teacher, mo
     gf = torch.cat([p.grad.flatten() for p in fast.model.parameters()])
     gs = torch.cat([p.grad.flatten() for p in slow.model.parameters()])
     assert float((gf - gs).norm()) <= 1e-4 * float(gs.norm()) and float(gs.norm()) > 0
+
+
+# ------------------------------------------------------------------------------------------- pseudo-labels
+def test_pseudo_label_term_is_the_supervised_loss_on_the_teachers_mask(tiny_data, tiny_teacher):
+    """``pl`` = w_pl * (batch Dice + BCE) of the student on the unlabelled slices, against the teacher's mask
+    (sigmoid > 0.5), computed by hand here; labelled slices are left to ``seg``."""
+    from medkd.rundir import load_model_from_run
+
+    x, y, idx = _mixed_batch(tiny_data)  # slices 1 and 3 unlabelled
+    cfg = dcfg(tiny_teacher, scales=[], pmd=False, kd_images="all", pseudo_label=True,
+               weights={"seg": 1.0, "pl": 0.7})
+    assert cfg.effective_weights() == {"seg": 1.0, "pl": 0.7}
+    task = make_distiller(tiny_teacher, cfg)
+    task.eval()  # BatchNorm in eval: the student's logits do not depend on the batch composition
+    terms = task(x, y, idx)
+    assert set(terms) == {"seg", "pl"}
+    with torch.no_grad():
+        teacher = load_model_from_run(tiny_teacher)[0]
+        mask = (torch.sigmoid(teacher(x[[1, 3]])[0]) > 0.5).double()  # the teacher's hard labels
+        p = torch.sigmoid(task.model(x)[[1, 3]].double())
+    assert 0 < mask.sum() < mask.numel()  # both classes: Dice and BCE both at work
+    dice = 1 - (2 * (p * mask).sum() + 1e-5) / (p.sum() + mask.sum() + 1e-5)
+    bce = -(mask * p.log() + (1 - mask) * (1 - p).log()).mean()
+    assert terms["pl"].item() == pytest.approx(0.7 * (dice + bce).item(), rel=1e-5)
+    labelled = y.clone()
+    labelled[[1, 3]] = 0  # an empty label is a label
+    assert "pl" not in task(x, labelled, idx)
+    every = task(x, torch.full_like(y, UNLABELLED), idx)
+    assert set(every) == {"pl"}  # no labelled slice: no seg
+
+
+def test_pseudo_label_option_acts_only_on_unlabelled_images():
+    on = dict(teacher="t", scales=[], pmd=False, pseudo_label=True, fraction=0.5)
+    cfg = build_config(DistillConfig, overrides={**on, "kd_images": "all"})
+    assert cfg.uses_pseudo_labels and cfg.uses_teacher and cfg.effective()["pseudo_label"] is True
+    assert cfg.effective_weights() == {"seg": 1.0, "pl": 1.0}  # the default weight of an enabled term
+    for inert in ({"kd_images": "labelled"}, {"kd_images": "all", "fraction": 1.0}):
+        c = build_config(DistillConfig, overrides={**on, **inert, "teacher": None})  # no teacher needed
+        assert not c.uses_pseudo_labels and not c.uses_teacher and "pseudo_label" not in c.effective()
+        assert c.effective_weights() == {"seg": 1.0}
+    off = build_config(DistillConfig, overrides={"teacher": "t"})
+    assert not off.pseudo_label and "pseudo_label" not in off.effective() and "pl" not in off.effective_weights()
+    with pytest.raises(MedkdError, match="--teacher"):
+        build_config(DistillConfig, overrides={**on, "kd_images": "all"} | {"teacher": None})
+
+
+# ------------------------------------------------------------------------------------------- KD warm-up
+def test_kd_ramp_values():
+    from medkd.distill.distiller import kd_ramp
+
+    assert [kd_ramp(e, 0) for e in range(3)] == [1.0, 1.0, 1.0]
+    assert [kd_ramp(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_kd_warmup_scales_every_kd_term_but_seg(tiny_data, tiny_teacher):
+    x, y, idx = _mixed_batch(tiny_data)
+    common = dict(scales=["dec"], loss="mse", kd_images="all", pseudo_label=True)
+    full = make_distiller(tiny_teacher, dcfg(tiny_teacher, **common)).eval()
+    ramp = make_distiller(tiny_teacher, dcfg(tiny_teacher, kd_warmup_epochs=3, **common)).eval()
+    ramp.load_state_dict(full.state_dict())
+    ref = full(x, y, idx)
+    assert set(ref) == {"seg", "dec", "pmd", "pl"}
+    for epoch, f in [(0, 1 / 3), (1, 2 / 3), (2, 1.0), (7, 1.0)]:
+        ramp.on_epoch_start(epoch)
+        got = ramp(x, y, idx)
+        assert got["seg"].item() == pytest.approx(ref["seg"].item(), rel=1e-6)
+        for k in ("dec", "pmd", "pl"):
+            assert got[k].item() == pytest.approx(f * ref[k].item(), rel=1e-5), (epoch, k)
+        assert ramp.epoch_stats()["kd_ramp"] == round(f, 4)
+    assert "kd_ramp" not in full.epoch_stats()
+
+
+def test_kd_warmup_run_logs_terms_that_follow_the_ramp(tiny_data, tiny_teacher, tmp_path):
+    """Two runs that barely move (lr 1e-9, one batch of every slice per epoch): the logged KD terms of the warm-up
+    run are the other run's times min(k/N, 1) in epoch k; seg is the same."""
+    from medkd.distill.run import distill
+
+    n = len(SliceDataset(tiny_data, "train"))
+    common = dict(scales=[], pmd=True, kd_images="all", pseudo_label=True, epochs=3, batch_size=n, lr=1e-9,
+                  teacher_outputs="memory")
+    hist = {}
+    for name, warm in (("plain", 0), ("warm", 2)):
+        distill(tiny_data, tmp_path / name, dcfg(tiny_teacher, kd_warmup_epochs=warm, **common),
+                cache_dir=tmp_path / "cache", console=_quiet())
+        hist[name] = [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+    assert [r["kd_ramp"] for r in hist["warm"]] == [0.5, 1.0, 1.0] and "kd_ramp" not in hist["plain"][0]
+    for k, (plain, warm) in enumerate(zip(hist["plain"], hist["warm"]), start=1):
+        f = min(k / 2, 1.0)
+        assert warm["seg"] == pytest.approx(plain["seg"], rel=1e-4)
+        for term in ("pmd", "pl"):
+            assert warm[term] == pytest.approx(f * plain[term], rel=1e-4), (k, term)

@@ -1,10 +1,19 @@
 """The Distiller: student + frozen teacher + adapters + losses -> a dict of named, weighted loss terms.
 
     total = w_seg * (Dice + BCE) + sum_scales w_scale * L_loss(adapter(student_feat), teacher_feat) + w_pmd * PMD
+            + w_pl * (Dice + BCE)(student, teacher's mask)
 
 The supervised term uses the labelled slices of a batch only; slices without a label (``kd_images="all"``: train
 cases outside the student's labelled fraction, mask filled with ``UNLABELLED``) get the distillation terms only,
-and label-aware feature losses see the teacher's predicted mask there instead of a label.
+and label-aware feature losses see the teacher's predicted mask there instead of a label. With ``pseudo_label``
+the term ``pl`` is the supervised loss on those slices with the teacher's mask (``p > 0.5``, i.e. logit > 0) as
+the target: the images whose labels the student does not see (on a labelled slice the label is the target of
+``seg`` already).
+
+With ``kd_warmup_epochs = N`` every term but ``seg`` is weighted ``min(k / N, 1)`` times its weight in epoch
+``k`` (counted from 1, as mdistiller's DKD warm-up): one factor per epoch, set in :meth:`Distiller.on_epoch_start`,
+so a resumed run continues the ramp exactly (``kd_ramp`` in ``history.jsonl``).
+
 Every ``cfg.grad_share_every``-th step of an epoch (``--grad-share-every N``; default 0 = never) the gradient norm of each term on the
 student's parameters is measured (one extra backward per term); :meth:`Distiller.epoch_stats` reports each term's
 mean share of the summed norms (``gshare_<term>``).
@@ -59,6 +68,12 @@ def probe_channels(model: nn.Module, paths: Dict[str, str], in_channels: int, si
     return {k: v[0] for k, v in probe_shapes(model, paths, in_channels, size).items()}
 
 
+def kd_ramp(epoch: int, warmup_epochs: int) -> float:
+    """The factor of the KD terms' weights in epoch ``epoch`` (0-based): ``min((epoch + 1) / N, 1)``, ``1`` when
+    ``N = warmup_epochs`` is 0. Never 0, so the first step's check still sees every term (``check_first_step``)."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 class DistillTerms:
     """Which terms a distillation trains and what its feature terms are built from: per distilled scale the tap
     paths on both models, the teacher's feature shape there, an adapter (student feature -> teacher shape) and the
@@ -80,15 +95,16 @@ class DistillTerms:
         self.weights = cfg.effective_weights()
         self.scales = [s for s in cfg.effective()["scales"] if self.weights[s] > 0]
         self.pmd = cfg.pmd and self.weights["pmd"] > 0
+        self.pl = cfg.uses_pseudo_labels and self.weights["pl"] > 0
         if cfg.uses_teacher and teacher is None:
-            raise ValueError("scales or pmd need a teacher")
-        if not (self.weights["seg"] > 0 or self.scales or self.pmd):
+            raise ValueError("scales, pmd or pseudo-labels need a teacher")
+        if not (self.weights["seg"] > 0 or self.scales or self.pmd or self.pl):
             raise MedkdError("every loss term has weight 0: nothing to train (check --weights)")
         self.teacher, self.size = teacher, size
         self.s_paths = tap_paths(student, self.scales, cfg.taps.get("student"))
         self.t_paths: Dict[str, str] = {}
         self.t_shapes: Dict[str, Tuple[int, ...]] = {}
-        # the teacher's mask stands in for the labels the student may not see
+        # the teacher's mask stands in for the labels the student may not see (label-aware losses, pseudo-labels)
         self.logits = self.pmd or cfg.kd_on_unlabelled
         if teacher is None:
             self.adapters, self.losses = AdapterSet({}, {}, []), nn.ModuleDict()
@@ -141,6 +157,8 @@ class Distiller(Task):
         self.t_shapes = terms.t_shapes
         self.adapters, self.losses = terms.adapters, terms.losses
         self.pmd = PMDLoss(cfg.temperature, cfg.pmd_loss) if terms.pmd else None
+        self.pl = terms.pl
+        self.kd_factor = kd_ramp(0, cfg.kd_warmup_epochs)  # this epoch's factor of the KD weights (on_epoch_start)
 
     def frozen_child(self) -> Optional[str]:
         return "teacher" if self.teacher is not None else None
@@ -156,10 +174,11 @@ class Distiller(Task):
         dataset indices.
 
         Returns:
-            Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``; terms whose weight
-            is 0 are left out, and so is ``seg`` for a batch without a labelled slice.
+            Weighted terms: ``seg``, one per scale (``enc``/``bottleneck``/``dec``), ``pmd``, ``pl``; terms whose
+            weight is 0 are left out, and so is ``seg`` for a batch without a labelled slice and ``pl`` for a batch
+            without an unlabelled one.
         """
-        w = self.weights
+        w = {k: v if k == "seg" else v * self.kd_factor for k, v in self.weights.items()}  # the KD warm-up
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
         labelled = y.flatten(1).amin(dim=1) != UNLABELLED  # (B,)
@@ -169,7 +188,7 @@ class Distiller(Task):
             z = s_logits.float()  # fp32 under CUDA autocast
             dice, bce = self.seg_loss(z, y) if all_labelled else self.seg_loss(z[labelled], y[labelled])
             terms["seg"] = w["seg"] * (dice + bce) if self.cfg.uses_teacher else dice + bce
-        if self.scales or self.pmd is not None:
+        if self.scales or self.pmd is not None or self.pl:
             t = self.targets.get(x, y, index)
             targets = kd_targets(y, t.get("logits"))  # the label where there is one, the teacher's mask elsewhere
             for s in self.scales:
@@ -177,6 +196,9 @@ class Distiller(Task):
                 terms[s] = w[s] * self._feature_term(s, s_feats[s], view, targets)
             if self.pmd is not None:
                 terms["pmd"] = w["pmd"] * self.pmd(s_logits.float(), t["logits"].float())
+            if self.pl and not all_labelled:
+                dice, bce = self.seg_loss(s_logits.float()[~labelled], targets[~labelled])
+                terms["pl"] = w["pl"] * (dice + bce)
         if self.training and torch.is_grad_enabled():
             every = self.cfg.grad_share_every
             if every and self._step % every == 0 and len(terms) > 1:
@@ -211,12 +233,18 @@ class Distiller(Task):
             self._gnorm_n += 1
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Restart the step count (every ``grad_share_every``-th step of an epoch measures) and the shares."""
+        """Set this epoch's term weights (:func:`kd_ramp`); restart the step count (every ``grad_share_every``-th
+        step of an epoch measures) and the shares."""
+        self.kd_factor = kd_ramp(epoch, self.cfg.kd_warmup_epochs)
         self._step, self._gnorm, self._gnorm_n = 0, {}, 0
 
     def epoch_stats(self) -> Dict[str, float]:
-        """``{"gshare_<term>": mean share of the summed gradient norms}`` since :meth:`on_epoch_start`."""
-        return {f"gshare_{k}": round(v / self._gnorm_n, 4) for k, v in self._gnorm.items()} if self._gnorm_n else {}
+        """``{"gshare_<term>": mean share of the summed gradient norms}`` since :meth:`on_epoch_start`, and with a
+        KD warm-up the epoch's factor of the KD weights (``kd_ramp``)."""
+        stats = {f"gshare_{k}": round(v / self._gnorm_n, 4) for k, v in self._gnorm.items()} if self._gnorm_n else {}
+        if self.cfg.kd_warmup_epochs and self.cfg.uses_teacher:
+            stats["kd_ramp"] = round(self.kd_factor, 4)
+        return stats
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
