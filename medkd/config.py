@@ -55,6 +55,10 @@ class TrainConfig:
     in_channels: int = opt.option(1, help="Input channels: 3 as in the reference study (the slice repeated); a "
                                           "student must match its teacher.", check=opt.check_in_channels,
                                   choices=lambda: opt.IN_CHANNELS)
+    ema_decay: float = opt.option(0.0, help="Validate and keep (best.pt) an exponential moving average of the "
+                                            "model's weights, updated after every optimizer step with this decay "
+                                            "(e.g. 0.99; BatchNorm statistics copied). 0 = off.",
+                                  check=opt.check_ema_decay)
 
     def validate(self) -> None:
         """Check every option with its declared check (:func:`medkd.options.check_fields`).

@@ -263,6 +263,11 @@ def check_weight_decay(value: Any, what: str = "weight_decay") -> Any:
     return check_range(value, what, lo=0)
 
 
+def check_ema_decay(value: Any, what: str = "ema_decay") -> Any:
+    """Decay of the weights' moving average: ``0 <= d < 1`` (0 = off; 1 would never move)."""
+    return check_range(value, what, lo=0, hi=1, hi_open=True)
+
+
 def check_temperature(value: Any, what: str = "temperature") -> Any:
     return check_range(value, what, lo=0, lo_open=True)
 

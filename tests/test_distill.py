@@ -348,3 +348,19 @@ def test_pmd_only_step_needs_no_feature_taps(tiny_teacher, batch):
     terms = task(*batch)
     assert set(terms) == {"seg", "pmd"}
     check_first_step(terms, [p for p in task.parameters() if p.requires_grad])
+
+
+def test_ema_distill_run_keeps_the_averaged_student(tiny_data, tiny_teacher, tmp_path):
+    """--ema-decay on a student (feature hooks on it): best.pt is the average (epoch 1 is always the best so far),
+    last.pt keeps the trained weights and the average; the student hooks still catch the training features."""
+    from medkd.distill.run import distill
+
+    summary = distill(tiny_data, tmp_path / "ema", dcfg(tiny_teacher, scales=["dec"], loss="mse", ema_decay=0.5,
+                                                        teacher_outputs="live"), console=_quiet())
+    assert summary["best_epoch"] == 1
+    last, best = load_checkpoint(tmp_path / "ema" / "last.pt"), load_checkpoint(tmp_path / "ema" / "best.pt")
+    assert last["ema"]["weights"].keys() == best["model"].keys() == last["model"].keys()
+    for k, v in best["model"].items():
+        assert torch.equal(v, last["ema"]["weights"][k]), k
+    assert any(not torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    assert yaml.safe_load((tmp_path / "ema" / "config.yaml").read_text())["ema_decay"] == 0.5

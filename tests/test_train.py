@@ -185,6 +185,84 @@ def test_first_step_check_names_a_dead_term(tiny_data, runs, monkeypatch):
         train_teacher(tiny_data, runs / "dead", tiny_teacher_config(), console=_quiet())
 
 
+# ------------------------------------------------------------------------------------ moving average of the weights
+
+
+def test_model_ema_hand_values_and_swap():
+    """ema = d^2 w0 + d (1 - d) w1 + (1 - d) w2 after two steps; buffers are the model's; ``applied`` swaps the
+    average in and puts the model's own weights back into the same parameter tensors."""
+    from medkd.train.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ModelEMA(model, 0.9)
+    steps = []
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model.train()(torch.randn(4, 2))  # BatchNorm's running statistics move
+        steps.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update(model)
+    for k in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        torch.testing.assert_close(ema.weights[k], 0.81 * w0[k] + 0.09 * steps[0][k] + 0.1 * steps[1][k])
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(ema.weights[k], steps[1][k]), k  # copied, not averaged
+    params = list(model.parameters())
+    with ema.applied(model):
+        assert all(torch.equal(v, ema.weights[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, steps[1][k]) for k, v in model.state_dict().items())
+    assert all(p is q for p, q in zip(params, model.parameters()))  # the optimizer's references stay valid
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_data, runs):
+    """A straight 2-epoch teacher run with ``ema_decay=0.9``."""
+    run = runs / "ema"
+    return run, train_teacher(tiny_data, run, tiny_teacher_config(epochs=2, ema_decay=0.9), console=_quiet())
+
+
+def test_ema_run_validates_and_keeps_the_average(ema_run, run2, tiny_data):
+    from medkd.data.prepared import PreparedData
+    from medkd.train.validation import validate
+
+    run, summary = ema_run
+    last = load_checkpoint(run / "last.pt")
+    assert last["ema"]["decay"] == 0.9 and last["ema"]["weights"].keys() == last["model"].keys()
+    assert any(not torch.equal(last["ema"]["weights"][k], last["model"][k]) for k in last["model"])
+    assert_same_weights(last["model"], _weights(run2[0]))  # the average does not change what is trained
+    model, ck = load_model_from_run(run)  # best.pt: the average at its epoch, which scored the recorded Dice
+    data = PreparedData(tiny_data)
+    dice = validate(lambda x: model(x)[0], data, data.require_split("val"), torch.device("cpu"), 1, 8)
+    assert dice == _history(run)[ck["epoch"] - 1]["val_dice"] == summary["best_val_dice"]
+    if ck["epoch"] == 2:
+        assert_same_weights(ck["model"], last["ema"]["weights"])
+
+
+def test_ema_interrupted_then_resumed_equals_straight_run(tiny_data, ema_run, runs, monkeypatch):
+    straight, summary = ema_run
+    run = runs / "ema-interrupted"
+    cfg = tiny_teacher_config(epochs=2, ema_decay=0.9)
+    undo = interrupt_at_validation(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny_data, run, cfg, console=_quiet())
+    undo()
+    first = load_checkpoint(partial_dir(run) / "last.pt")
+    assert first["epoch"] == 1 and "ema" in first
+    assert_same_weights(load_checkpoint(partial_dir(run) / "best.pt")["model"], first["ema"]["weights"])
+    with pytest.raises(MedkdError, match="ema_decay=0.9 there, 0.5 now"):
+        train_teacher(tiny_data, run, tiny_teacher_config(epochs=2, ema_decay=0.5), resume=True, console=_quiet())
+    resumed = train_teacher(tiny_data, run, cfg, resume=True, console=_quiet())
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["ema"]["weights"], b["ema"]["weights"])
+    assert_same_weights(_weights(run, "best"), _weights(straight, "best"))
+    assert _metrics(resumed) == _metrics(summary)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in _history(run)] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in _history(straight)]
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 

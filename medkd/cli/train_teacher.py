@@ -17,7 +17,8 @@ from medkd.config import TeacherConfig, build_config
 
 @handle_errors
 @config_options(TeacherConfig, "arch", "width", "fraction", "subset_seed", "epochs", "batch_size", "steps_per_epoch",
-                "lr", "weight_decay", "optimizer", "schedule", "recon_weight", "in_channels", "augment", "device", "seed")
+                "lr", "weight_decay", "optimizer", "schedule", "recon_weight", "in_channels", "augment", "ema_decay",
+                "device", "seed")
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],

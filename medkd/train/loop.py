@@ -3,7 +3,8 @@
 What is trained is a :class:`~medkd.train.task.Task`; losses, hooks and metrics live elsewhere, and so do the
 loop's parts: batches (:mod:`.batches`), optimizer (:mod:`.optim`), seeding and RNG state (:mod:`.seeding`),
 validation (:mod:`.validation`), loss checks (:mod:`.checks`), provenance and resume checks (:mod:`.provenance`),
-the entry-point decorator (:mod:`.entry`) and ``curves.png`` (:mod:`.plots`).
+the weights' moving average (:mod:`.ema`), the entry-point decorator (:mod:`.entry`) and ``curves.png``
+(:mod:`.plots`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from medkd.rundir import atomic_save, finalize_run_dir, partial_dir, prepare_run
 from medkd.checkpoint import load_checkpoint
 from medkd.train.batches import augment_batch, epoch_loader
 from medkd.train.checks import all_finite, check_first_step
+from medkd.train.ema import ModelEMA
 from medkd.train.entry import claims_run
 from medkd.train.optim import extend_schedule, make_optimizer, make_scheduler
 from medkd.train.plots import plot_curves
@@ -83,6 +85,7 @@ class Trainer:
         self.use_amp = bool(cfg.amp and self.use_cuda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.params = [p for p in task.parameters() if p.requires_grad]
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # validated and in best.pt
         self.opt = make_optimizer(self.params, cfg)
         self.sched = make_scheduler(self.opt, cfg)
         self.val_ids = data.require_split("val")
@@ -117,6 +120,10 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.task.load_trainable_state(ck.get("extra", {}))
             self.opt.load_state_dict(ck["optimizer"])
+            if self.ema is not None and ck.get("ema"):
+                self.ema.load_state_dict(ck["ema"])
+            elif self.ema is not None:  # a checkpoint of a run made before the option existed: start it here
+                self.ema.reset(self.model)
         except (RuntimeError, KeyError, ValueError) as e:
             raise MedkdError(f"{path}: cannot resume, its weights do not fit this model "
                              f"({str(e).strip().splitlines()[0][:160]})") from None
@@ -178,6 +185,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * x.shape[0]
             n += x.shape[0]
@@ -197,8 +206,21 @@ class Trainer:
 
     def end_epoch(self, sums: Dict[str, float], n: int, t0: float) -> Dict[str, Any]:
         """Validate, step the schedule, record the epoch (begun at ``t0``) and write ``best.pt`` (when improved),
-        ``last.pt`` and ``history.jsonl``. Returns the history row (``improved`` added, not saved)."""
+        ``last.pt`` and ``history.jsonl``. Returns the history row (``improved`` added, not saved).
+
+        With ``ema_decay`` the model holds the averaged weights while it is validated and ``best.pt`` is written;
+        ``last.pt`` keeps the trained weights and the average."""
         self.task.eval()
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            row, improved = self._validate_and_keep_best(sums, n, t0)
+        if self.main:
+            atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
+            rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
+        return {**row, "improved": improved}
+
+    def _validate_and_keep_best(self, sums: Dict[str, float], n: int, t0: float) -> Tuple[Dict[str, Any], bool]:
+        """Validate the model as it is, step the schedule, append the history row and write ``best.pt`` when the
+        validation Dice improved. Returns ``(row, improved)``."""
         val_dice = validate(self.task.predict, self.data, self.val_ids, self.device, self.cfg.in_channels,
                             self.cfg.batch_size * 2)
         lr = self.opt.param_groups[0]["lr"]
@@ -215,15 +237,12 @@ class Trainer:
         improved = val_dice > self.best["val_dice"]
         if improved:
             self.best = {"epoch": self.epoch, "val_dice": val_dice}
-        if self.main:
-            if improved:
-                atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
-                heads = self.task.trainable_state()
-                if heads:  # modules trained beside the model (the teacher has none)
-                    atomic_save(heads, self.work / rundir.HEADS)
-            atomic_save(self.checkpoint(full=True), self.work / rundir.LAST)
-            rundir.write_text(self.work / rundir.HISTORY, "".join(json.dumps(r) + "\n" for r in self.history))
-        return {**row, "improved": improved}
+        if self.main and improved:
+            atomic_save(self.checkpoint(full=False), self.work / rundir.BEST)
+            heads = self.task.trainable_state()
+            if heads:  # modules trained beside the model (the teacher has none)
+                atomic_save(heads, self.work / rundir.HEADS)
+        return row, improved
 
     def checkpoint(self, full: bool) -> Dict[str, Any]:
         """``best.pt`` content (the model alone, loadable without the task), or with ``full`` ``last.pt``'s."""
@@ -239,6 +258,8 @@ class Trainer:
             extra = self.task.trainable_state()
             if extra:
                 d["extra"] = extra
+            if self.ema is not None:
+                d["ema"] = self.ema.state_dict()
         return d
 
     # ------------------------------------------------------------------------------------------------ finish
