@@ -320,3 +320,43 @@ def test_live_and_memory_runs_are_identical(tiny_data, wide_teacher, tmp_path):
         assert live[key] == memory[key], key
     for k, v in live["weights"].items():
         assert torch.equal(v, memory["weights"][k]), k
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+def test_augmented_run_reads_the_teacher_on_the_augmented_batch(tiny_data, teacher, tmp_path, monkeypatch):
+    """With --augment the targets are the teacher's outputs on the very images the student is trained on (the
+    flipped, intensity-jittered batch), never a memory or disk cache of the un-augmented slices, whatever mode was
+    asked for."""
+    import medkd.distill.targets as targets_mod
+    import medkd.train.loop as loop
+    from medkd.distill.run import distill
+    from medkd.infer import seg_logits
+
+    batches, served = [], []
+    real_augment, real_get = loop.augment_batch, targets_mod.LiveTargets.get
+
+    def augment(x, y, gen):
+        xa, ya = real_augment(x, y, gen)
+        batches.append((x.clone(), xa.clone()))
+        return xa, ya
+
+    def get(self, x, y, index):
+        out = real_get(self, x, y, index)
+        served.append((x.clone(), out["logits"].float()))
+        return out
+
+    monkeypatch.setattr(loop, "augment_batch", augment)
+    monkeypatch.setattr(targets_mod.LiveTargets, "get", get)
+    summary = distill(tiny_data, tmp_path / "aug", dcfg(teacher, augment=True, teacher_outputs="memory", epochs=1),
+                      console=_quiet())
+    assert summary["teacher_outputs"]["mode"] == "live" and "augmentation" in summary["teacher_outputs"]["reason"]
+    assert len(served) == len(batches) > 0
+    net = load_model_from_run(teacher)[0]
+    for (raw, augmented), (seen, logits) in zip(batches, served):
+        assert torch.equal(seen, augmented) and not torch.equal(seen, raw)
+        with torch.no_grad():
+            on_augmented, on_raw = seg_logits(net(augmented)), seg_logits(net(raw))
+        torch.testing.assert_close(logits, on_augmented, atol=2e-2, rtol=1e-2)  # fp16-stored targets
+        assert float((logits - on_raw).abs().max()) > 0.5  # not the un-augmented slices' targets
