@@ -833,6 +833,19 @@ CASES: List[Case] = [
          r"^error: --steps-per-epoch must be >= 1, got 0$"),
     Case("teacher-fraction-0", lambda e: ["train-teacher", e.data, "-o", e.tmp / "t", "--fraction", "0"], 2,
          r"^error: --fraction must be in \(0, 1\], got 0(\.0)?$"),
+    # distillation levers: bad values of their options (usage errors on the command line, exit 1 from a file)
+    Case("distill-pmd-loss-unknown", distill_with("--pmd-loss", "mse"), 2, r"^error: unknown --pmd-loss 'mse'; valid: kl, cwd$"),
+    Case("distill-ema-decay-one", distill_with("--scales", "none", "--no-pmd", "--ema-decay", "1"), 2,
+         r"^error: --ema-decay must be in \[0, 1\), got 1\.0$"),
+    Case("train-ema-decay-negative", teacher_with("--ema-decay", "-0.5"), 2,
+         r"^error: --ema-decay must be in \[0, 1\), got -0\.5$"),
+    Case("distill-kd-warmup-negative", distill_with("--kd-warmup-epochs", "-1"), 2,
+         r"^error: --kd-warmup-epochs must be >= 0, got -1$"),
+    Case("config-teacher-head-unknown", with_file("cfg.yaml", b"scales: [dec]\nloss_options: {teacher_head: shared}\n",
+                                                  lambda e, p: ["distill", e.data, "-o", e.tmp / "s", "--teacher",
+                                                                e.teacher, "--config", p]), 1,
+         r"^error: .*cfg\.yaml: loss_options: contrastive teacher_head must be one of trainable, frozen, identity, "
+         r"got 'shared'$"),
 ]
 
 

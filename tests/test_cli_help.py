@@ -65,3 +65,13 @@ def test_registry_names_in_help():
     rows = _rows("distill")
     assert all(name in rows["--loss"][1] for name in LOSSES.names())
     assert "s1, s2" in rows["--student"][1]
+
+
+def test_distillation_levers_in_help():
+    """The levers' options are on the command line with their defaults (the lead's experiments set them there)."""
+    rows = _rows("distill")
+    for flag, default in (("--pmd-loss", "kl"), ("--pseudo-label", "off"), ("--kd-warmup-epochs", "0"),
+                          ("--ema-decay", "0")):
+        assert f"[default: {default}]" in rows[flag][1], flag
+    assert "kl, cwd" in rows["--pmd-loss"][1]
+    assert "[default: 0]" in _rows("train-teacher")["--ema-decay"][1]

@@ -16,9 +16,10 @@ from medkd.config import DistillConfig, build_config
 
 
 @handle_errors
-@config_options(DistillConfig, "teacher", "student", "student_width", "scales", "loss", "pmd", "temperature", "fraction",
-                "subset_seed", "weights", "epochs", "batch_size", "steps_per_epoch", "lr", "weight_decay", "in_channels", "augment",
-                "teacher_outputs", "cache_budget", "kd_images", "grad_share_every", "device", "seed")
+@config_options(DistillConfig, "teacher", "student", "student_width", "scales", "loss", "pmd", "temperature",
+                "pmd_loss", "fraction", "subset_seed", "weights", "epochs", "batch_size", "steps_per_epoch", "lr",
+                "weight_decay", "in_channels", "augment", "ema_decay", "teacher_outputs", "cache_budget", "kd_images",
+                "pseudo_label", "kd_warmup_epochs", "grad_share_every", "device", "seed")
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
