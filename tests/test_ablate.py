@@ -113,6 +113,22 @@ def test_baseline_per_fraction_and_grid_baseline_merged():
     assert by["baseline [fraction=0.25]"].cfg.fraction == 0.25
 
 
+def test_pseudo_label_cells_are_named_and_their_baseline_is_the_student_alone(tiny_data):
+    """A cell whose only teacher term is the pseudo-label term is a distillation row (not "baseline"), and every
+    baseline is the student alone: no pseudo-labels, no teacher, KD-only options at their defaults."""
+    from medkd.data.prepared import PreparedData
+
+    plan = plan_of([{"scales": "none", "pmd": False, "pseudo_label": True, "kd_images": "all"},
+                    {"scales": "none", "pmd": True, "pseudo_label": True, "kd_images": "all", "pmd_loss": "cwd",
+                     "kd_warmup_epochs": 2}], data=PreparedData(tiny_data))
+    names = [c.name for c in plan.cells if not c.is_baseline]
+    assert names[0].startswith("pseudo-labels only +unlabelled") and names[1].startswith("PMD only +PL +unlabelled")
+    for c in plan.cells:
+        if c.is_baseline:
+            assert not c.cfg.uses_teacher and c.cfg.teacher is None and not c.cfg.pseudo_label
+            assert c.cfg.pmd_loss == "kl" and c.cfg.kd_warmup_epochs == 0
+
+
 def test_presets_load_and_validate(tiny_data):
     from medkd.data.prepared import PreparedData
 

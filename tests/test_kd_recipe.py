@@ -227,7 +227,7 @@ def test_pooled_adapter_path_matches_the_adapted_map(tiny_data, tiny_teacher, mo
 def test_pseudo_label_term_is_the_supervised_loss_on_the_teachers_mask(tiny_data, tiny_teacher):
     """``pl`` = w_pl * (batch Dice + BCE) of the student on the unlabelled slices, against the teacher's mask
     (sigmoid > 0.5), computed by hand here; labelled slices are left to ``seg``."""
-    from medkd.rundir import load_model_from_run
+    from medkd.checkpoint import load_model_from_run
 
     x, y, idx = _mixed_batch(tiny_data)  # slices 1 and 3 unlabelled
     cfg = dcfg(tiny_teacher, scales=[], pmd=False, kd_images="all", pseudo_label=True,

@@ -436,12 +436,16 @@ def setting_name(cfg: DistillConfig, base: DistillConfig, show: Sequence[str] = 
     (e.g. ``"D mse [fraction=0.25]"``, ``"baseline [steps/epoch=105]"``); options in ``show`` are named even when
     they do not differ, those in ``hide`` never."""
     scales = cfg.effective()["scales"]
-    if not scales and not cfg.pmd:
+    if not cfg.uses_teacher:
         core = "baseline"
+    elif not scales and not cfg.pmd:
+        core = "pseudo-labels only"
     elif not scales:
         core = "PMD only"
     else:
         core = "+".join(ABBR[s] for s in scales) + f" {cfg.loss}" + (" +PMD" if cfg.pmd else "")
+    if cfg.uses_pseudo_labels and (scales or cfg.pmd):
+        core += " +PL"
     if cfg.kd_on_unlabelled:  # named in every row, so a gain from the extra images is never misattributed
         core += " +unlabelled"
     return core + _extras_text(setting_extras(cfg, base, show, hide))
@@ -454,7 +458,7 @@ def setting_extras(cfg: DistillConfig, base: DistillConfig, show: Sequence[str] 
     mine, ref = identity(to_dict(cfg)), identity(to_dict(base))
     extras = []
     for k, v in sorted(mine.items(), key=lambda kv: kv[0] not in show):  # those always named first
-        if k in ("scales", "pmd", "loss", "kd_images") or k in hide:  # kd_images=all is in the core name
+        if k in ("scales", "pmd", "loss", "kd_images", "pseudo_label") or k in hide:  # in the core name
             continue
         r = ref.get(k)
         label = NAME_LABELS.get(k, k)
