@@ -45,7 +45,7 @@ class TrainConfig:
                                choices=lambda: opt.SCHEDULES)
     seed: int = opt.option(0, help="Random seed.", check=opt.check_seed)
     device: str = opt.option(DEFAULT_DEVICE, help="auto = CUDA when available.", check=opt.check_device,
-                             choices=lambda: opt.DEVICES, identity=False)
+                             choices=lambda: (*opt.DEVICES, "cuda:N"), identity=False)
     augment: bool = opt.option(False, help="Random flips + intensity jitter, seeded per epoch (distill: the teacher "
                                            "then runs live).", flag="--augment/--no-augment")
     amp: bool = opt.option(True, help="CUDA only: mixed precision (bf16 when supported, else fp16 with a grad "
@@ -71,6 +71,13 @@ class TrainConfig:
     def effective(self) -> Dict[str, Any]:
         """The options that decide what a run does, in canonical form."""
         return to_dict(self)
+
+    @classmethod
+    def from_record(cls: Type[C], doc: Mapping[str, Any]) -> C:
+        """A config from a run's recorded config document (``config.yaml``, a checkpoint's ``config``): run
+        metadata and unknown keys ignored, options it predates at their defaults; not validated."""
+        names = field_names(cls)
+        return cls(**{k: v for k, v in doc.items() if k in names})
 
     @property
     def subset_draw_seed(self) -> int:
@@ -114,7 +121,8 @@ class TeacherConfig(TrainConfig):
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """``medkd distill`` options. ``scales=[]`` and ``pmd=False`` is plain supervised student training.
+    """``medkd distill`` options. ``scales=[]``, ``pmd=False`` (and no ``pseudo_label``) is plain supervised student
+    training.
 
     The defaults are the recipe that did best on the sample data's val split (benchmarks/RESULTS.md,
     "distillation gain"): prediction-map distillation only (no feature scales), seg and PMD weight 1, and the
@@ -125,7 +133,7 @@ class DistillConfig(TrainConfig):
     student: str = opt.option("s1", help="Student architecture.", check=opt.check_student, choices=opt.students)
     student_width: Optional[int] = opt.option(None, help="Student base width.", check=opt.check_width,
                                               default_text="the student's own: s1 16, s2 32")
-    teacher: Optional[str] = opt.option(None, help="Teacher run folder (not needed with --scales none --no-pmd).",
+    teacher: Optional[str] = opt.option(None, help="Teacher run folder (not needed for the student alone: --scales none --no-pmd).",
                                         cli_type=Path, default_text="none")
     scales: List[str] = opt.option(default_factory=list, help="Feature scales to distil: a comma list of "
                                    "enc, bottleneck, dec, or none.", check=opt.parse_scales, parse=opt.parse_scales,
@@ -248,12 +256,6 @@ class DistillConfig(TrainConfig):
             out.pop("kd_images")  # without a teacher the student sees its labelled fraction only
         return out
 
-    @classmethod
-    def from_record(cls, doc: Dict[str, Any]) -> "DistillConfig":
-        """A config from a run's recorded ``config.yaml`` (run metadata and unknown keys ignored; not validated)."""
-        names = field_names(cls)
-        return cls(**{k: v for k, v in doc.items() if k in names})
-
 
 def identity_names(cls: Type[Any]) -> List[str]:
     """The options that decide what a run of ``cls`` learns (declared ``identity``): the one definition used by
@@ -268,10 +270,14 @@ def run_identity(cfg: "TrainConfig") -> Dict[str, Any]:
 
 
 def resume_differences(cls: Type[Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
-    """What a resumed run may not change, as ``"width=4 there, 8 now"`` items: the run's ``kind`` and every identity
-    option not declared ``resume`` (compared as recorded in the checkpoint's config document)."""
-    fixed = ["kind", *(n for n, s in opt.option_specs(cls).items() if s.identity and not s.resume)]
-    return [f"{k}={old[k]!r} there, {new[k]!r} now" for k in fixed if k in old and k in new and old[k] != new[k]]
+    """What a resumed run may not change, as ``"width=4 there, 8 now"`` items: the run's ``kind`` and its
+    :func:`run_identity` without the options declared ``resume``, both from the recorded config documents (an option
+    the old run predates counts at its default, as that run trained with it)."""
+    mine, theirs = run_identity(cls.from_record(old)), run_identity(cls.from_record(new))
+    keys = [n for n, s in opt.option_specs(cls).items() if s.identity and not s.resume]
+    diffs = [f"kind={old['kind']!r} there, {new['kind']!r} now"] if old.get("kind", new.get("kind")) != new.get("kind") \
+        else []
+    return diffs + [f"{k}={mine.get(k)!r} there, {theirs.get(k)!r} now" for k in keys if mine.get(k) != theirs.get(k)]
 
 
 #: Kinds of packaged presets ``medkd/presets/<kind>-<name>.yaml``: ``train`` files hold training options (the

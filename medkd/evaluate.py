@@ -160,7 +160,9 @@ def run_postprocessing(
     save: bool = True,
 ) -> Dict[str, Any]:
     """The run's postprocessing rule: ``RUN/postprocessing.json`` when it belongs to this checkpoint and was chosen on
-    ``data`` (same fingerprint), else chosen now on the **val** split of ``data`` at native resolution (:func:`medkd.postprocess.choose`) and saved.
+    ``data`` (same fingerprint), else chosen now on the **val** split of ``data`` at native resolution
+    (:func:`medkd.postprocess.choose`). It is saved only when ``data`` is the run's own training data: the saved
+    rule is the one ``medkd predict`` and ``export`` apply, so evaluating on another dataset must not replace it.
 
     Returns:
         The rule's document (``method``, ``min_volume_ml``, ``val_dice_without``, ``val_dice_with``, ...); with no
@@ -187,7 +189,7 @@ def run_postprocessing(
            **pp.checkpoint_stamp(loaded.checkpoint),
            "medkd_version": medkd.__version__}
     doc = to_jsonable(doc)
-    if save:
+    if save and data.fingerprint() == (loaded.ckpt.get("data") or {}).get("fingerprint"):
         pp.save(loaded.run, doc)
     return doc
 

@@ -6,7 +6,7 @@ the prepared size always is), except for graphs that only work at the prepared s
 embeddings): export checks a second size against PyTorch and then fixes H and W (``medkd.spatial = fixed``).
 Everything ``medkd predict`` needs travels with the model, as ONNX ``metadata_props`` (TorchScript: a
 ``<MODEL>.json`` sidecar and the same JSON inside the archive as ``medkd.json``); every value is a string (JSON for
-structured values), read back by :func:`read_metadata`:
+structured values), read back by :func:`medkd.exported.read_metadata`:
 
 ==========================  ====================================================================================
 key                         value

@@ -723,3 +723,21 @@ def test_cli_errors(tiny_data, teacher, tmp_path):
     assert runner.invoke(app, [*base, "--preset", "quick", "--correction", "sidak"]).exit_code == 2
     assert runner.invoke(app, [*base, "--preset", "quick", "--subset-seed", "-1"]).exit_code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_teacher_reference_is_reused_only_for_the_same_teacher(tiny_data, teacher, tmp_path):
+    """The teacher row's saved evaluation is reused only when it is of this teacher run (an ablation re-run with
+    another --teacher must not report the gap against the previous one)."""
+    from rich.console import Console
+
+    from medkd.ablate.runner import _teacher_reference
+    from medkd.data.prepared import PreparedData
+
+    prepared, quiet = PreparedData(tiny_data), Console(stderr=True, quiet=True)
+    doc, why = _teacher_reference(Path(teacher), prepared, tmp_path, "cpu", quiet)
+    assert why == "" and Path(doc["run"]).resolve() == Path(teacher).resolve()
+    path = tmp_path / "references" / "teacher" / "eval-test.json"
+    stale = {**doc, "run": str(tmp_path / "another-teacher"), "dice": -1.0}
+    path.write_text(json.dumps(stale))
+    again, _ = _teacher_reference(Path(teacher), prepared, tmp_path, "cpu", quiet)
+    assert again["dice"] == doc["dice"] and json.loads(path.read_text())["dice"] == doc["dice"]

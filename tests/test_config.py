@@ -226,3 +226,21 @@ def test_yaml_alias_bombs_are_refused_before_they_are_built(tmp_path):
     f.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
     with pytest.raises(MedkdError, match=r"c\.yaml: invalid YAML \(nested too deeply\)"):
         load_yaml(f)
+
+
+def test_resume_holds_the_run_identity_fixed():
+    """--resume compares the same identity an ablation uses: options a run predates count at their defaults, options
+    that do not act are not compared, and what may change on resume (epochs) or is no identity (device) is free."""
+    from medkd.config import resume_differences
+
+    old = {"kind": "student", **to_dict(DistillConfig(teacher="T", fraction=1.0))}
+    old.pop("ema_decay")  # a run recorded before the option existed trained without EMA
+    old["weights"] = {k: v for k, v in old["weights"].items() if k != "pl"}
+    same = {"kind": "student", **to_dict(DistillConfig(teacher="T", fraction=1.0, subset_seed=3, epochs=40,
+                                                       device="cpu", teacher_outputs="live"))}
+    assert resume_differences(DistillConfig, old, same) == []  # subset_seed draws nothing at fraction 1
+    other = {"kind": "student", **to_dict(DistillConfig(teacher="T", fraction=1.0, ema_decay=0.99))}
+    assert resume_differences(DistillConfig, old, other) == ["ema_decay=0.0 there, 0.99 now"]
+    teacher = {"kind": "teacher", **to_dict(TeacherConfig(width=8))}
+    assert resume_differences(TeacherConfig, {"kind": "teacher", **to_dict(TeacherConfig(width=4))}, teacher) == [
+        "width=4 there, 8 now"]

@@ -64,7 +64,8 @@ def test_choose_on_val_keeps_a_rule_only_if_it_improves_dice():
 
 
 def test_saved_rule_is_not_reused_on_other_data(tmp_path, tiny_raw, tiny_data, tiny_teacher):
-    """A rule chosen on one dataset's val is not applied to another prepared dataset: it is chosen again there."""
+    """A rule chosen on one dataset's val is not applied to another prepared dataset: it is chosen again there, and
+    the rule saved for the run's own training data is not replaced by it."""
     import shutil
 
     import torch
@@ -89,3 +90,4 @@ def test_saved_rule_is_not_reused_on_other_data(tmp_path, tiny_raw, tiny_data, t
     doc_b = run_postprocessing(load_run(run, b), b, cpu)
     assert doc_b["data_fingerprint"] == b.fingerprint()
     assert doc_b["val_dice_without"] != doc_a["val_dice_without"]  # scored on the other dataset's val cases
+    assert for_checkpoint(run, ckpt, a.fingerprint()) == doc_a  # the run's own rule (what predict applies) is kept

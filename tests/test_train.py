@@ -455,6 +455,19 @@ def test_teacher_fraction_cli_flags(tiny_data, tmp_path):
     from medkd.config import TeacherConfig, build_config
     from medkd.options import OptionError
 
-    with pytest.raises(OptionError, match="steps_per_epoch must be a whole number of steps, got 2.5"):
+    with pytest.raises(OptionError, match="steps_per_epoch must be an integer, got 2.5"):
         build_config(TeacherConfig, overrides={"steps_per_epoch": 2.5})
     assert not (tmp_path / "t").exists()
+
+
+def test_term_sums_are_added_over_ranks_in_the_tasks_order(monkeypatch):
+    """Under DDP every process adds its per-term sums in the task's fixed order, 0 for a term it never saw (a rank
+    whose batches had no labelled slice has no 'seg'): the vectors line up, whatever each rank's first batch was."""
+    import medkd.train.loop as loop
+    from medkd import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed, "all_reduce_", lambda t, *a: seen.append(t.tolist()) or t)
+    env = distributed.DistEnv(rank=1, world_size=2, local_rank=1)
+    sums, n = loop._sum_over_ranks({"pmd": 2.0, "pl": 1.0}, 3, env, torch.device("cpu"), ["seg", "pmd", "pl"])
+    assert seen == [[0.0, 2.0, 1.0, 3.0]] and sums == {"seg": 0.0, "pmd": 2.0, "pl": 1.0} and n == 3

@@ -116,14 +116,6 @@ def load_grid_doc(grid: Optional[Path] = None, preset: Optional[str] = None) -> 
             "references": references}
 
 
-def _number(v: Any) -> Any:
-    """A number written as text (``"0.25"`` of a comma list) as a float; anything else as it is."""
-    try:
-        return float(v) if isinstance(v, str) else v
-    except ValueError:
-        return v
-
-
 def parse_fractions(value: Any, source: str = "--fractions") -> List[float]:
     """``"0.1,0.25"`` / ``[0.1, 0.25]`` -> ``[0.1, 0.25]`` (each in (0, 1], unique, order kept).
 
@@ -137,7 +129,7 @@ def parse_fractions(value: Any, source: str = "--fractions") -> List[float]:
         if isinstance(v, str) and not v.strip():
             continue
         try:
-            f = float(check_fraction(_number(v), "fraction"))
+            f = float(check_fraction(_number(v) if isinstance(v, str) else v, "fraction"))
         except OptionError as e:
             raise MedkdError(f"{source}: {e}") from None
         if f not in out:

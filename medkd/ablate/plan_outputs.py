@@ -8,7 +8,7 @@ and ``disk`` (one shared cache, each slice computed once for all cells in one te
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +23,7 @@ from medkd.distill.targets import TeacherView, batch_slices, in_teacher_batches,
 from medkd.distill.teacher_outputs import choose_mode, console_notes, format_seconds, measure_costs, workload
 from medkd.infer import resolve_device
 from medkd.models import build_model
+from medkd.train.batches import pass_steps
 
 
 def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
@@ -51,8 +52,10 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
                                len(caches[0].rows))
         keys = sorted({k for ds in sets for k in ds.index})
         missing = {k for c in caches for k in c.missing(keys)}
+        # the cost model counts the most steps any run takes per epoch (a run's budget, else one pass)
+        steps = max(c.steps_per_epoch or pass_steps(len(ds), c.batch_size) for c, ds in zip(cfgs, sets))
         work, mem_dev, pinned = workload(
-            cfg0, max(len(ds) for ds in sets), max(item_bytes(sp, 1) for sp in specs_of), len(missing), new_bytes,
+            replace(cfg0, steps_per_epoch=steps), max(len(ds) for ds in sets), max(item_bytes(sp, 1) for sp in specs_of), len(missing), new_bytes,
             cache_root, device, runs=len(cfgs), epochs=max(c.epochs for c in cfgs),
             label_dependent=any(c.kd_on_unlabelled for c in cfgs) and any(v.label_aware for v in views))
         costs = measure_costs(views[0], sets[0], cfg0, device, union, cache_root if work.disk_fits else None,

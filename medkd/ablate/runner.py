@@ -371,7 +371,7 @@ def _evaluate(p: PendingRun, data: Path, prepared: PreparedData, progress: Bars)
 def _teacher_reference(teacher: Path, prepared: PreparedData, out: Path, device: str,
                        console: Console) -> Tuple[Optional[Dict[str, Any]], str]:
     """The teacher's evaluation on the test split, once per ablation: ``DIR/references/teacher/eval-test.json``,
-    reused while it is fresh (newer than the teacher's ``best.pt``, on the same data, well formed). Nothing is
+    reused while it is fresh (of this teacher run, newer than its ``best.pt``, on the same data, well formed). Nothing is
     written into the teacher's folder. Returns ``(evaluate dict or None, "" or why it failed)``."""
     path = rundir.eval_json(out / "references" / "teacher", SPLIT)
     best = teacher / rundir.BEST
@@ -380,7 +380,8 @@ def _teacher_reference(teacher: Path, prepared: PreparedData, out: Path, device:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             doc = None
-        if not eval_problem(doc) and doc.get("data") == str(prepared.root.resolve()) and doc.get("split") == SPLIT:
+        same_teacher = not eval_problem(doc) and Path(str(doc.get("run"))).resolve() == Path(teacher).resolve()
+        if same_teacher and doc.get("data") == str(prepared.root.resolve()) and doc.get("split") == SPLIT:
             return doc, ""
     console.print(f"evaluating the teacher {escape(str(teacher))} on the {SPLIT} split (reference row)",
                   highlight=False, soft_wrap=True)

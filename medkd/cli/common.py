@@ -21,7 +21,6 @@ from rich.console import Console
 from typing_extensions import Annotated
 
 from medkd.errors import MedkdError
-from medkd.options import DEFAULT_DEVICE
 
 if TYPE_CHECKING:
     from medkd.options import OptionSpec
@@ -45,8 +44,6 @@ def with_default(help_text: str, default: str) -> str:
     return f"{help_text} {escape(f'[default: {default}]')}"
 
 
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help=with_default("auto | cpu | cuda | cuda:N (auto = CUDA when available).", DEFAULT_DEVICE))]
 
 # Human output (tables) -> stdout; logs/progress -> stderr.
 stdout_console = Console()
@@ -132,13 +129,18 @@ def _field_default(f: "dataclasses.Field[Any]") -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
-def _flag_param(f: "dataclasses.Field[Any]", spec: "OptionSpec", default: Optional[str] = None) -> inspect.Parameter:
-    """The Typer parameter of one declared option: optional (``None`` = not given, so the merge order
-    defaults < preset < --config < flags can tell), typed, with its default and valid values in the help."""
+def declared_help(f: "dataclasses.Field[Any]", spec: "OptionSpec", default: Optional[str] = None) -> str:
+    """The ``--help`` text of a declared option: its sentence, its valid values, its default."""
     text = spec.help
     if spec.choices is not None:
         text += f" One of: {', '.join(map(str, spec.choices()))}."
-    text = with_default(text, default or spec.default_text or default_text(_field_default(f)))
+    return with_default(text, default or spec.default_text or default_text(_field_default(f)))
+
+
+def _flag_param(f: "dataclasses.Field[Any]", spec: "OptionSpec", default: Optional[str] = None) -> inspect.Parameter:
+    """The Typer parameter of one declared option: optional (``None`` = not given, so the merge order
+    defaults < preset < --config < flags can tell), typed, with its default and valid values in the help."""
+    text = declared_help(f, spec, default)
     base = spec.cli_type or _plain_type(f.type)
     flags = (spec.flag or "--" + f.name.replace("_", "-")).split(" ")
     info = typer.Option(*flags, help=text)
@@ -187,6 +189,18 @@ def config_options(cls: type, *names: str, defaults: Optional[Dict[str, str]] = 
 
     return deco
 
+
+def _device_opt() -> Any:
+    """``--device`` of the commands that run a model without training it (evaluate, predict, export): the same
+    declaration as the training commands' (``TrainConfig.device``)."""
+    from medkd.config import TrainConfig
+    from medkd.options import option_specs
+
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == "device")
+    return Annotated[Optional[str], typer.Option("--device", help=declared_help(f, option_specs(TrainConfig)["device"]))]
+
+
+DeviceOpt = _device_opt()
 
 #: Checks of the options that are not config fields (evaluate's --split and --tolerance).
 _OTHER_CHECKS = {"split": "check_split", "tolerance": "check_tolerance"}

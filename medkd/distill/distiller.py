@@ -28,7 +28,7 @@ or disk, the same numbers in every mode.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -86,7 +86,7 @@ class DistillTerms:
 
     Args:
         student: The student model.
-        teacher: The trained teacher, or ``None`` for plain supervised training (``scales=[]``, ``pmd=False``).
+        teacher: The trained teacher, or ``None`` for plain supervised training (no scale, no PMD, no pseudo-labels).
         cfg: The distill config (scales, loss, weights, taps).
         size: Slice size (to probe the taps' shapes).
     """
@@ -162,6 +162,10 @@ class Distiller(Task):
 
     def frozen_child(self) -> Optional[str]:
         return "teacher" if self.teacher is not None else None
+
+    def term_names(self) -> List[str]:
+        return [*(["seg"] if self.use_seg else []), *self.scales, *(["pmd"] if self.pmd is not None else []),
+                *(["pl"] if self.pl else [])]
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

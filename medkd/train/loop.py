@@ -42,12 +42,14 @@ from medkd.train.task import Task
 from medkd.train.validation import validate
 
 
-def _sum_over_ranks(sums: Dict[str, float], n: int, env: distributed.DistEnv, device: torch.device):
-    """Per-term sums (loss x samples) and the sample count, added over the processes."""
+def _sum_over_ranks(sums: Dict[str, float], n: int, env: distributed.DistEnv, device: torch.device,
+                    names: List[str]):
+    """Per-term sums (loss x samples) and the sample count, added over the processes in the fixed order ``names``
+    (a process that never saw a term, e.g. no labelled slice in its batches, adds 0 for it)."""
     if env.world_size == 1:
         return sums, n
-    keys = list(sums)
-    t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=device)  # NCCL: on the GPU
+    keys = list(names)
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(n)], dtype=torch.float64, device=device)  # NCCL: GPU
     t = distributed.all_reduce_(t).cpu()
     return {k: float(v) for k, v in zip(keys, t[:-1])}, int(t[-1])
 
@@ -192,7 +194,7 @@ class Trainer:
             n += x.shape[0]
             steps += 1
             bars.step({k: s / n for k, s in sums.items()})
-        sums, n = _sum_over_ranks(sums, n, self.env, device)
+        sums, n = _sum_over_ranks(sums, n, self.env, device, self.task.term_names())
         self._spend(steps, n)
         return sums, n
 

@@ -17,7 +17,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    skip = {"epoch", "val_dice", "lr", "seconds"}
+    skip = {"epoch", "val_dice", "lr", "seconds", "kd_ramp"}
     names = [k for k in history[0] if k not in skip and not k.startswith("gshare_")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for k in names:

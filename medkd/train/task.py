@@ -8,7 +8,7 @@ The teacher task (:class:`medkd.train.teacher.TeacherTask`) and the distiller
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ class Task(nn.Module):
         Args:
             images: ``(B, C, H, W)``; masks: ``(B, 1, H, W)``; index: ``(B,)`` dataset indices of the slices.
         """
+        raise NotImplementedError
+
+    def term_names(self) -> List[str]:
+        """Every name :meth:`forward` may return, in a fixed order (a batch may lack some, e.g. ``seg`` on a batch
+        without labelled slices): under DDP the per-term sums are added over the processes in this order."""
         raise NotImplementedError
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,9 @@ class TeacherTask(Task):
         if self.recon_weight > 0:
             terms["recon"] = self.recon_weight * F.mse_loss(recon.float(), x.float())
         return terms
+
+    def term_names(self) -> List[str]:
+        return ["dice", "bce", *(["recon"] if self.recon_weight > 0 else [])]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[0]
