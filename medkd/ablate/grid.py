@@ -122,21 +122,7 @@ def parse_fractions(value: Any, source: str = "--fractions") -> List[float]:
     Raises:
         MedkdError: not a number, out of range, none given.
     """
-    items = value.split(",") if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple))
-                                                             else [value])
-    out: List[float] = []
-    for v in items:
-        if isinstance(v, str) and not v.strip():
-            continue
-        try:
-            f = float(check_fraction(_number(v) if isinstance(v, str) else v, "fraction"))
-        except OptionError as e:
-            raise MedkdError(f"{source}: {e}") from None
-        if f not in out:
-            out.append(f)
-    if not out:
-        raise MedkdError(f"{source}: no fractions given")
-    return out
+    return [float(f) for f in _checked_list(value, check_fraction, "fraction", source, "fractions")]
 
 
 def parse_references(value: Any, source: str = "references") -> List[str]:
@@ -154,22 +140,29 @@ def parse_references(value: Any, source: str = "references") -> List[str]:
 
 def parse_seeds(value: Any, source: str = "--seeds") -> List[int]:
     """``"0,1,2"`` / ``[0, 1, 2]`` / ``3`` -> ``[0, 1, 2]`` (unique, order kept)."""
-    if isinstance(value, str):
-        items = value.split(",")
-    else:
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-    out: List[int] = []
+    return _checked_list(value, check_seed, "seeds", source, "seeds")
+
+
+def _checked_list(value: Any, check: Callable[[Any, str], Any], what: str, source: str, plural: str) -> List[Any]:
+    """A comma list (text) or a list of values -> each checked by ``check`` (named ``what``), unique, order kept.
+
+    Raises:
+        MedkdError: ``<source>: <the check's message>``, or none given.
+    """
+    items = value.split(",") if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple))
+                                                             else [value])
+    out: List[Any] = []
     for v in items:
         if isinstance(v, str) and not v.strip():
             continue
         try:
-            s = check_seed(_number(v) if isinstance(v, str) else v, "seeds")
+            x = check(_number(v) if isinstance(v, str) else v, what)
         except OptionError as e:
             raise MedkdError(f"{source}: {e}") from None
-        if s not in out:
-            out.append(s)
+        if x not in out:
+            out.append(x)
     if not out:
-        raise MedkdError(f"{source}: no seeds given")
+        raise MedkdError(f"{source}: no {plural} given")
     return out
 
 
