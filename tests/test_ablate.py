@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 import medkd.ablate as ab
-from medkd.ablate.grid import identity
+from medkd.ablate.names import identity
 from medkd.cli import app
 from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config, to_dict
 from medkd.errors import MedkdError

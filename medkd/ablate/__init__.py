@@ -97,16 +97,16 @@ from medkd.ablate.budget import (
     baseline_config, matched_baseline, natural_steps_per_epoch, optimizer_steps, steps_per_epoch
 )
 from medkd.ablate.grid import (
-    DEFAULT_SEEDS, GRID_PRESETS, REFERENCES, SPLIT, Cell, Plan, build_plan, identity, load_grid_doc, parse_fractions,
-    parse_seeds, preset_file, run_dir, setting_name, slugify
+    DEFAULT_SEEDS, GRID_PRESETS, REFERENCES, SPLIT, Cell, Plan, build_plan, load_grid_doc, parse_fractions,
+    parse_seeds, preset_file, run_dir
 )
+from medkd.ablate.names import identity, setting_name, slugify
 from medkd.ablate.report import (
     ALPHA, CORRECTIONS, LOWER_IS_BETTER, METRICS, compute_results, matched_gain, mean_std, per_case_matrix,
     test_description
 )
-from medkd.ablate.runner import (
-    PendingRun, ablate, config_diff, eval_is_fresh, inputs_newer, parse_shard, run_error, run_state, shard_runs
-)
+from medkd.ablate.runner import PendingRun, ablate, parse_shard, run_error, shard_runs
+from medkd.ablate.states import config_diff, eval_is_fresh, inputs_newer, run_state
 
 __all__ = [
     "ALPHA", "CORRECTIONS", "DEFAULT_SEEDS", "GRID_PRESETS", "LOWER_IS_BETTER", "METRICS", "REFERENCES", "SPLIT",

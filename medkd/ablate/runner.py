@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from medkd import evaluate, rundir
-from medkd.ablate.grid import SPLIT, Cell, Plan, build_plan, identity, load_grid_doc
+from medkd.ablate.grid import SPLIT, Cell, Plan, build_plan, load_grid_doc
 from medkd.ablate.plan_outputs import plan_runs
-from medkd.ablate.report import CORRECTIONS, METRICS, compute_results
+from medkd.ablate.report import CORRECTIONS, compute_results
+from medkd.ablate.states import eval_is_fresh, eval_problem, eval_state, run_state
 from medkd.claim import Claim, ClaimedError, describe
 from medkd.config import DistillConfig, to_dict
 from medkd.data.prepared import PreparedData
@@ -26,101 +27,9 @@ from medkd.distributed import under_torchrun
 from medkd.errors import MedkdError
 from medkd.locks import exclusive_lock
 from medkd.metrics import to_jsonable
-from medkd.options import short_repr
-from medkd.report.ablate_table import has_label_efficiency, write_reports
+from medkd.report.ablate_files import write_reports
+from medkd.report.ablate_plots import has_label_efficiency
 from medkd.report.progress import Bars
-from medkd.yamlfile import load_yaml
-
-
-def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
-    """``("done"|"resume"|"restart"|"new"|"mismatch"|"stray", detail)`` for one planned run folder."""
-    run = Path(run)
-    partial = rundir.partial_dir(run)
-    if (run / rundir.SUMMARY).is_file():
-        diff = config_diff(run / rundir.CONFIG, cfg, data) or inputs_newer(run / rundir.SUMMARY, cfg, data)
-        return ("mismatch", diff) if diff else ("done", "")
-    if run.exists():
-        return "stray", f"exists but is not a finished run (no {rundir.SUMMARY})"
-    if partial.is_dir():
-        diff = config_diff(partial / rundir.CONFIG, cfg, data)
-        if diff:
-            return "restart", f"unfinished run had another config ({diff})"
-        if (partial / rundir.LAST).is_file():
-            return "resume", ""
-        return "restart", "unfinished run has no completed epoch"
-    return "new", ""
-
-
-def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
-    """A finished run is stale when its data was re-prepared or its teacher retrained after it finished."""
-    t = Path(summary).stat().st_mtime
-    if (Path(data) / "manifest.json").is_file() and (Path(data) / "manifest.json").stat().st_mtime > t:
-        return f"data {data} was prepared again after this run"
-    ckpt = Path(cfg.teacher) / rundir.BEST if cfg.uses_teacher and cfg.teacher else None
-    if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime > t:
-        return f"teacher {cfg.teacher} was trained again after this run"
-    return ""
-
-
-def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
-    """What differs between a run's recorded ``config.yaml`` and ``cfg`` (``""`` when they match)."""
-    try:
-        doc = load_yaml(Path(path)) or {}
-    except MedkdError:
-        return f"{path} unreadable"
-    if not isinstance(doc, dict):
-        return f"{path} malformed"
-    try:
-        mine, theirs = identity(to_dict(cfg)), identity(doc)
-    except MedkdError as e:
-        return f"{path} malformed ({e})"
-    diffs = [f"{k}: {short_repr(theirs.get(k))} -> {short_repr(v)}" for k, v in mine.items() if theirs.get(k) != v]
-    if doc.get("data") and str(Path(doc["data"]).resolve()) != str(Path(data).resolve()):
-        diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
-    teacher = doc.get("teacher")
-    if cfg.uses_teacher and teacher and str(Path(teacher).resolve()) != str(Path(cfg.teacher).resolve()):
-        diffs.append(f"teacher: {doc['teacher']} -> {cfg.teacher}")
-    return "; ".join(diffs)
-
-
-def eval_problem(doc: Any) -> str:
-    """What keeps an ``eval-test.json`` document from being an evaluate result the report can use (``""``: nothing).
-
-    The report reads the top-level metrics, ``pooled`` and ``per_case``; a document without them would silently
-    drop its seed from the row.
-    """
-    if not isinstance(doc, dict):
-        return f"not an evaluate result (a JSON {type(doc).__name__}, expected an object)"
-    missing = [k for k in ("split", "data", *METRICS, "pooled", "per_case") if k not in doc]
-    if missing:
-        return f"not an evaluate result (no {', '.join(missing)})"
-    cases = doc["per_case"]
-    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) and "id" in c for c in cases):
-        return "not an evaluate result (per_case is not a list of cases with an id)"
-    return ""
-
-
-def eval_state(run: Path, data: Path) -> Tuple[bool, str]:
-    """Whether ``RUN/eval-test.json`` can be used as it is (exists, is newer than ``best.pt``, was computed on
-    ``data`` and is a well-formed result), and, when it exists but is damaged, one line saying why (else ``""``)."""
-    ev, best = rundir.eval_json(run, SPLIT), Path(run) / rundir.BEST
-    if not ev.is_file():
-        return False, ""
-    if best.is_file() and ev.stat().st_mtime < best.stat().st_mtime:
-        return False, ""
-    try:
-        doc = json.loads(ev.read_text())
-    except (OSError, ValueError) as e:
-        return False, f"{ev}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-    problem = eval_problem(doc)
-    if problem:
-        return False, f"{ev}: {problem}"
-    return str(doc.get("data")) == str(Path(data).resolve()) and doc.get("split") == SPLIT, ""
-
-
-def eval_is_fresh(run: Path, data: Path) -> bool:
-    """``RUN/eval-test.json`` exists, is newer than ``best.pt``, was computed on ``data`` and is well formed."""
-    return eval_state(run, data)[0]
 
 
 @dataclass
