@@ -7,6 +7,10 @@ number of optimizer steps) and prints, per budget, the mean best val Dice over s
 (two-sided paired t-test over seeds) and the share of the baseline-to-teacher gap it closes. Val split only (6
 cases); the test split is not read.
 
+The second table reads ``benchmarks/results/2026-12-02-val-levers/`` (runs at commit 7062dd1, see RESULTS.md):
+the levers at the budget where the student alone stops improving (24 epochs x 105 steps), against the student alone
+at the same steps (``base-e48`` of the first folder).
+
 Usage: python benchmarks/val_budget_table.py [FOLDER]
 """
 
@@ -53,5 +57,29 @@ def main(folder: Path = FOLDER) -> None:
                                            for e in (6, 12, 24, 48, 96)})
 
 
+LEVERS = {"kdnew": "default distill (PMD, T 4)", "ema": "+ EMA of the weights (--ema-decay 0.99)",
+          "cwd": "PMD as CWD on the logits, T 1 (--pmd-loss cwd --temperature 1)",
+          "pl": "+ teacher pseudo-labels on the unlabelled cases (--pseudo-label)"}
+
+
+def levers(folder: Path = FOLDER.with_name("2026-12-02-val-levers"), budget: Path = FOLDER) -> None:
+    teacher = json.loads((budget / "teacher-summary.json").read_text())["best_val_dice"]
+    base = best(budget, "base-e48")
+    print(f"\nlevers at 2 520 steps (24 epochs x 105), vs the student alone at 48 epochs x 53 steps: "
+          f"{np.mean(list(base.values())):.4f}")
+    print("| setting | seeds | val Dice | paired diff vs alone | p | gap closed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, label in LEVERS.items():
+        got = best(folder, name)
+        seeds = sorted(set(got) & set(base))
+        k, b = np.array([got[s] for s in seeds]), np.array([base[s] for s in seeds])
+        d = k - b
+        p = stats.ttest_rel(k, b).pvalue if len(seeds) > 2 else float("nan")
+        gap = (k.mean() - b.mean()) / (teacher - b.mean())
+        sd = f" ± {k.std(ddof=1):.4f}" if len(seeds) > 1 else ""
+        print(f"| {label} | {len(seeds)} | {k.mean():.4f}{sd} | {d.mean():+.4f} | {p:.2f} | {100 * gap:.0f} % |")
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else FOLDER)
+    levers()
