@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from medkd.errors import MedkdError
-from medkd.registry import LOSSES, MODELS, model_names
+from medkd.registry import LOSSES, MODELS, model_names, model_options
 
 #: The device default, written once: CUDA when available, else CPU.
 DEFAULT_DEVICE = "auto"
@@ -355,7 +355,7 @@ def check_model_kwargs(arch: str, kwargs: Any, what: str = "model_kwargs", width
     import torch
 
     factory = MODELS.get(arch)
-    valid = list(getattr(factory, "options", ()))
+    valid = model_options(arch)
     bad = [k for k in kwargs if k not in valid]
     if bad:
         raise OptionError(f"{what}: {arch} takes no option(s) {short_repr(bad)}; valid: "

@@ -80,6 +80,25 @@ MODELS = Registry("model", home="medkd.models")
 LOSSES = Registry("loss", home="medkd.distill.losses")
 
 
+def model_kind(name: str) -> str:
+    """``"teacher"`` or ``"student"``: the kind ``register_model`` gave the registered model ``name``.
+
+    Raises:
+        KeyError: unknown name (listing the valid ones).
+    """
+    return getattr(MODELS.get(name), "kind", "student")
+
+
+def model_options(name: str) -> List[str]:
+    """The model-specific options (``model_kwargs``) the registered model ``name`` takes (from its constructor's
+    signature, recorded by ``register_model``).
+
+    Raises:
+        KeyError: unknown name.
+    """
+    return list(getattr(MODELS.get(name), "options", ()))
+
+
 def model_names(kind: str) -> List[str]:
     """Registered model names of ``kind`` ("teacher" or "student")."""
-    return [n for n in MODELS.names() if getattr(MODELS.get(n), "kind", "student") == kind]
+    return [n for n in MODELS.names() if model_kind(n) == kind]

@@ -18,6 +18,11 @@ SPLITS = ("train", "val", "test")
 UNLABELLED = -1.0  # mask value of a slice whose label the student may not see (``SliceDataset(labelled_ids=...)``)
 
 
+def labelled_rows(masks: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: which slices of a ``(B, 1, H, W)`` mask batch carry a label (not filled with ``UNLABELLED``)."""
+    return masks.flatten(1).amin(dim=1) != UNLABELLED
+
+
 def _check_manifest(doc: object, path: Path) -> None:
     """The parts of ``manifest.json`` every reader relies on: a JSON object whose ``settings`` hold the prepared
     ``size`` and whose ``cases`` are objects, each with a ``split`` in :data:`SPLITS`.

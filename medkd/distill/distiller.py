@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from medkd.config import DistillConfig
-from medkd.data.prepared import UNLABELLED
+from medkd.data.prepared import labelled_rows
 from medkd.distill.adapters import AdapterSet
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import PMDLoss, build_loss
@@ -185,7 +185,7 @@ class Distiller(Task):
         w = {k: v if k == "seg" else v * self.kd_factor for k, v in self.weights.items()}  # the KD warm-up
         s_logits = self.model(x)
         s_feats = self.s_hooks.pop() if self.s_hooks else {}
-        labelled = y.flatten(1).amin(dim=1) != UNLABELLED  # (B,)
+        labelled = labelled_rows(y)  # (B,)
         all_labelled = bool(labelled.all())
         terms = {}
         if self.use_seg and bool(labelled.any()):

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from medkd.data.prepared import UNLABELLED
+from medkd.data.prepared import labelled_rows
 from medkd.distill.cache import TEACHER_BATCH, TORCH_STORE_DTYPE, ItemSpec, Key, TeacherCache
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import FeatureLoss
@@ -40,7 +40,7 @@ Targets = Dict[str, torch.Tensor]  # item name -> (B, ...)
 def kd_targets(y: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
     """Masks for label-aware losses ``(B, 1, H, W)``: the label of a labelled slice, the teacher's mask
     (``logits > 0``) on a slice whose label the student may not see (``UNLABELLED``)."""
-    labelled = y.flatten(1).amin(dim=1) != UNLABELLED  # (B,)
+    labelled = labelled_rows(y)  # (B,)
     if bool(labelled.all()) or logits is None:
         return y
     return torch.where(labelled[:, None, None, None], y, (logits[:, :1] > 0).to(y.dtype))

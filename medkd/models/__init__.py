@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 from torch import nn
 
-from medkd.registry import MODELS
+from medkd.registry import MODELS, model_kind, model_options  # noqa: F401 (model_options: part of the zoo's face)
 
 
 #: Arguments every factory takes; the others are its model-specific options (``model_kwargs``).
@@ -59,16 +59,6 @@ def _named_params(fn: Callable[..., Any]) -> tuple:
     params = inspect.signature(fn).parameters.values()
     return tuple(p.name for p in params if p.name not in COMMON_ARGS and p.name != "self"
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-
-def model_options(name: str) -> List[str]:
-    """The model-specific options (``model_kwargs``) the registered model ``name`` takes, from its constructor's
-    signature.
-
-    Raises:
-        KeyError: unknown name.
-    """
-    return list(getattr(MODELS.get(name), "options", ()))
 
 
 def build_model(
@@ -106,7 +96,7 @@ def is_teacher(name: str) -> bool:
     Raises:
         KeyError: unknown name.
     """
-    return getattr(MODELS.get(name), "kind", "student") == "teacher"
+    return model_kind(name) == "teacher"
 
 
 # Import the registering modules last (they import ``register_model`` from here).
