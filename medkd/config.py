@@ -133,8 +133,27 @@ class DistillConfig(TrainConfig):
     student: str = opt.option("s1", help="Student architecture.", check=opt.check_student, choices=opt.students)
     student_width: Optional[int] = opt.option(None, help="Student base width.", check=opt.check_width,
                                               default_text="the student's own: s1 16, s2 32")
-    teacher: Optional[str] = opt.option(None, help="Teacher run folder (not needed for the student alone: --scales none --no-pmd).",
+    teacher: Optional[str] = opt.option(None, help="The teacher: a medkd run folder, an nnU-Net v2 model folder, a "
+                                        "MONAI bundle folder, or a TorchScript/ONNX file with its input description "
+                                        "(a medkd export, or a MODEL.json/.yaml sidecar); the kind is detected. Not "
+                                        "needed for the student alone (--scales none --no-pmd).",
                                         cli_type=Path, default_text="none")
+    # teacher kinds (medkd.teachers): what to take of an external teacher
+    teacher_label: Optional[int] = opt.option(None, help="Class of a multi-class teacher that is the student's "
+                                              "foreground (listed when missing).", check=opt.check_teacher_label,
+                                              default_text="the only foreground class")
+    teacher_fold: Optional[str] = opt.option(None, help="nnU-Net teacher: fold folder to load (0, 1, ... or all).",
+                                             check=opt.check_teacher_fold, cli_type=str,
+                                             default_text="the only trained fold")
+    teacher_checkpoint: Optional[str] = opt.option(None, help="nnU-Net teacher: checkpoint file in the fold folder.",
+                                                   check=opt.check_teacher_checkpoint,
+                                                   default_text="checkpoint_final.pth")
+    teacher_taps: Dict[str, str] = opt.option(default_factory=dict, help="Module paths of the teacher's tap points "
+                                              "for feature scales, scale=module.path,... (e.g. nnU-Net: "
+                                              "enc=encoder.stages.2,dec=decoder.stages.3); needed for --scales "
+                                              "with an external torch teacher, overrides a medkd teacher's own.",
+                                              check=opt.parse_teacher_taps, parse=opt.parse_teacher_taps,
+                                              cli_type=str, default_text="a medkd teacher's own; external: none")
     scales: List[str] = opt.option(default_factory=list, help="Feature scales to distil: a comma list of "
                                    "enc, bottleneck, dec, or none.", check=opt.parse_scales, parse=opt.parse_scales,
                                    cli_type=str, default_text="none (PMD only)")
@@ -229,8 +248,8 @@ class DistillConfig(TrainConfig):
         """This config in its canonical form: scales in :data:`SCALES` order, weights over the study defaults
         (only the terms used), and the options that cannot act dropped (the feature loss, ``scale_losses`` and
         ``loss_options`` without scales, the temperature and ``pmd_loss`` without PMD, ``pseudo_label`` without
-        images to pseudo-label, ``subset_seed`` with ``fraction`` 1, teacher, taps and ``kd_warmup_epochs`` without a
-        teacher).
+        images to pseudo-label, ``subset_seed`` with ``fraction`` 1, ``teacher_taps`` without scales, teacher, its
+        options, taps and ``kd_warmup_epochs`` without a teacher).
 
         Two configs that train the same thing have equal ``effective()`` dicts.
         """
@@ -249,7 +268,11 @@ class DistillConfig(TrainConfig):
             out.pop("pseudo_label")
         if self.fraction >= 1:
             out.pop("subset_seed")  # every training case is used: no subset to draw
+        if not scales:
+            out.pop("teacher_taps")  # taps act only at feature scales
         if not self.uses_teacher:
+            for k in ("teacher_label", "teacher_fold", "teacher_checkpoint", "teacher_taps"):
+                out.pop(k, None)
             out.pop("teacher")
             out.pop("taps")
             out.pop("kd_warmup_epochs")

@@ -47,7 +47,6 @@ one-line error that names the extra.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import time
@@ -59,6 +58,7 @@ import numpy as np
 
 import medkd
 from medkd import rundir
+from medkd.rundir import file_sha256
 from medkd.errors import MedkdError
 from medkd.exported import (METADATA_FORMAT, OnnxModel, TorchScriptModel, encode_metadata, require, short_error,
                             sidecar_path)
@@ -77,14 +77,6 @@ SPACING_POLICY = ("axial slices of the RAS volume resized in-plane to SxS (antia
 
 
 # --------------------------------------------------------------------------------------------------- metadata
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_metadata(model, ckpt: Dict[str, Any], run: Path, postprocessing: Dict[str, Any]) -> Dict[str, Any]:

@@ -50,6 +50,8 @@ MAX_SEED = INT64_MAX
 MAX_WIDTH = 1024
 #: Prepared in-plane size (``preprocess --size``): CT/MR matrices are 512 or less; 2048^2 float32 is 16 MB a slice.
 MAX_SIZE = 2048
+#: Largest class number of a multi-class teacher (``--teacher-label``).
+MAX_CLASS = 1023
 
 
 class OptionError(MedkdError):
@@ -406,6 +408,60 @@ def check_scale_losses(value: Any, what: str = "scale_losses") -> Any:
     for name in value.values():
         check_loss(name, what)
     return value
+
+
+def check_teacher_label(value: Any, what: str = "teacher_label") -> int:
+    """The class of a multi-class teacher that is the student's foreground: an integer >= 0."""
+    return check_int(value, what, lo=0, hi=MAX_CLASS)
+
+
+def check_teacher_fold(value: Any, what: str = "teacher_fold") -> str:
+    """An nnU-Net fold: ``0``, ``1``, ... or ``all`` (as text)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (text == "all" or text.isdigit()):
+        raise OptionError(f"{what} must be a fold number (0, 1, ...) or 'all', got {short_repr(value)}", what)
+    return text
+
+
+def check_teacher_checkpoint(value: Any, what: str = "teacher_checkpoint") -> str:
+    """A checkpoint file name inside the teacher's fold folder (no path: files are never read outside it)."""
+    if not isinstance(value, str) or not value.strip() or "/" in value or "\\" in value or value in (".", ".."):
+        raise OptionError(f"{what} must be a file name such as checkpoint_final.pth (no folder), got "
+                          f"{short_repr(value)}", what)
+    return value
+
+
+def parse_teacher_taps(value: Any, what: str = "teacher_taps") -> Dict[str, str]:
+    """``"enc=encoder.stages.2,dec=decoder.stages.3"`` (or a mapping) -> ``{scale: module path}``.
+
+    The paths are checked against the teacher's modules when it is loaded (with suggestions on a typo); here only
+    the form: scale names, non-empty dotted paths.
+
+    Raises:
+        OptionError: not ``scale=path`` pairs, an unknown scale, an empty path, a scale given twice.
+    """
+    if isinstance(value, str):
+        pairs = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise OptionError(f"{what} expects scale=module.path pairs (e.g. enc=encoder.stages.2), got "
+                                  f"{short_repr(part)}", what)
+            k, v = (t.strip() for t in part.split("=", 1))
+            if k in pairs:
+                raise OptionError(f"{what}: scale {k!r} given twice", what)
+            pairs[k] = v
+        value = pairs
+    if not isinstance(value, dict):
+        raise OptionError(f"{what} must be a mapping of scales to module paths, got {short_repr(value)}", what)
+    check_scale_names(value, what)
+    bad = [k for k, v in value.items() if not isinstance(v, str) or not v.strip() or any(
+        not part for part in v.strip().split("."))]
+    if bad:
+        raise OptionError(f"{what}: module path of {', '.join(map(str, bad))} must be a dotted name such as "
+                          f"encoder.stages.2, got {short_repr([value[k] for k in bad])}", what)
+    return {k: value[k].strip() for k in SCALES if k in value}
 
 
 def check_kd_images(value: Any, what: str = "kd_images") -> str:

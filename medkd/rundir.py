@@ -22,6 +22,7 @@ a crash leaves the old file or the new one, never a torn one), and every output 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -63,6 +64,15 @@ def checkpoint_path(run: Path, which: str = "best") -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks: cache keys, export provenance, teacher records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _host_tag() -> str:

@@ -39,9 +39,10 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
     """
     cfg0 = cfgs[0]
     device = resolve_device(cfg0.device)
-    teacher, checkpoint = load_teacher(Path(teacher_run), cfg0, data)
+    loaded = load_teacher(cfg0, data, teacher=Path(teacher_run))
+    teacher, checkpoint = loaded.module, loaded.cache_key_file
     teacher.to(device)
-    cache_root = Path(cache_root) if cache_root else Path(teacher_run) / "cache"
+    cache_root = Path(cache_root) if cache_root else loaded.cache_root
     views, specs_of = distinct_views(cfgs, teacher, data.size)
     try:
         sets = [student_train_set(data, cfg) for cfg in cfgs]

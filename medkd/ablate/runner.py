@@ -175,7 +175,7 @@ def _check_teacher(plan: Plan, teacher: Optional[Path], prepared: PreparedData) 
         return
     if teacher is None:
         raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
-    load_teacher(Path(teacher), kd, prepared)
+    load_teacher(kd, prepared, teacher=Path(teacher))
 
 
 def _pending(cell: Cell, seed: int, run: Path, data: Path, overwrite: bool) -> PendingRun:

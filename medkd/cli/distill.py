@@ -16,7 +16,8 @@ from medkd.config import DistillConfig, build_config
 
 
 @handle_errors
-@config_options(DistillConfig, "teacher", "student", "student_width", "scales", "loss", "pmd", "temperature",
+@config_options(DistillConfig, "teacher", "teacher_label", "teacher_fold", "teacher_checkpoint", "teacher_taps",
+                "student", "student_width", "scales", "loss", "pmd", "temperature",
                 "pmd_loss", "fraction", "subset_seed", "weights", "epochs", "batch_size", "steps_per_epoch", "lr",
                 "weight_decay", "in_channels", "augment", "ema_decay", "teacher_outputs", "cache_budget", "kd_images",
                 "pseudo_label", "kd_warmup_epochs", "grad_share_every", "device", "seed")

@@ -35,7 +35,7 @@ import torch
 from medkd.data.arrays import ArrayError, load_array, open_array
 from medkd.data.prepared import PreparedData
 from medkd.locks import exclusive_lock
-from medkd.rundir import atomic_path, confined, write_json
+from medkd.rundir import atomic_path, confined, file_sha256, write_json
 
 FORMAT = "items-v3"  # v3: targets computed in batches of TEACHER_BATCH slices
 STORE_DTYPE = np.float16  # every mode (live included) rounds targets to this: same numbers whichever mode runs
@@ -49,17 +49,6 @@ TEACHER_BATCH = 8
 
 Key = Tuple[str, int]  # (case id, slice index)
 ItemSpec = Tuple[str, Tuple[int, ...]]  # (what the item stores, per-slice shape)
-
-
-def file_hash(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def item_bytes(specs: Dict[str, ItemSpec], n_rows: int) -> int:
@@ -83,7 +72,7 @@ class TeacherCache:
 
     def __init__(self, root: Path, checkpoint: Path, data: PreparedData, in_channels: int,
                  case_ids: Sequence[str], items: Dict[str, ItemSpec], log: Optional[Callable[[str], None]] = None):
-        key_src = json.dumps({"ckpt": file_hash(checkpoint), "data": data.fingerprint(), "in_channels": in_channels,
+        key_src = json.dumps({"ckpt": file_sha256(checkpoint), "data": data.fingerprint(), "in_channels": in_channels,
                               "format": FORMAT, "dtype": np.dtype(STORE_DTYPE).name,
                               "teacher_batch": TEACHER_BATCH}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

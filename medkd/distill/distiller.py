@@ -45,10 +45,28 @@ from medkd.train.task import Task
 
 
 def tap_paths(model: nn.Module, scales: Sequence[str], overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The module paths for ``scales``: the model's named taps, overridable by path."""
-    paths = {s: model.taps[s] for s in scales}
-    paths.update({s: p for s, p in (overrides or {}).items() if s in scales})
+    """The module paths for ``scales``: the model's named taps (``model.taps``; an external teacher has none),
+    overridable by path.
+
+    Raises:
+        MedkdError: a scale with neither.
+    """
+    own = getattr(model, "taps", None) or {}
+    paths = {s: (overrides or {}).get(s, own.get(s)) for s in scales}
+    missing = [s for s, p in paths.items() if p is None]
+    if missing:
+        raise MedkdError(f"{type(model).__name__} has no known tap for {', '.join(missing)}: give --teacher-taps "
+                         f"{','.join(f'{s}=module.path' for s in missing)}")
     return paths
+
+
+def teacher_tap_overrides(teacher: nn.Module, cfg: DistillConfig) -> Dict[str, str]:
+    """The teacher's tap paths the config sets: ``teacher_taps`` (paths in the teacher's own network, behind the
+    module's ``tap_prefix`` when it wraps one, :class:`~medkd.teachers.bridge.BridgedTeacher`), then
+    ``taps.teacher`` (paths on the module as loaded)."""
+    prefix = getattr(teacher, "tap_prefix", "")
+    return {**{s: prefix + p for s, p in (getattr(cfg, "teacher_taps", None) or {}).items()},
+            **((cfg.taps or {}).get("teacher") or {})}
 
 
 @torch.no_grad()
@@ -112,7 +130,7 @@ class DistillTerms:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.t_paths = tap_paths(teacher, self.scales, cfg.taps.get("teacher"))
+        self.t_paths = tap_paths(teacher, self.scales, teacher_tap_overrides(teacher, cfg))
         s_ch = probe_channels(student, self.s_paths, student.in_channels, size)
         self.t_shapes = probe_shapes(teacher, self.t_paths, teacher.in_channels, size)
         t_ch = {k: v[0] for k, v in self.t_shapes.items()}

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -41,7 +42,8 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         The submodule.
 
     Raises:
-        ValueError: ``path`` names no module; the message lists some valid module paths.
+        ValueError: ``path`` names no module; the message suggests the closest paths (a typo) and lists some
+            valid ones.
     """
     try:
         return model.get_submodule(path)
@@ -50,8 +52,10 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         prefix = path.rsplit(".", 1)[0] if "." in path else ""
         near = [n for n in names if prefix and n.startswith(prefix)] or names
         shown = ", ".join(near[:12]) + (", ..." if len(near) > 12 else "")
+        close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ValueError(
-            f"no module at path {path!r} in {type(model).__name__}; valid module paths include: {shown}"
+            f"no module at path {path!r} in {type(model).__name__}{hint}; valid module paths include: {shown}"
         ) from None
 
 

@@ -1,35 +1,63 @@
-"""What a distillation reads besides its config: the teacher run (loaded and checked against the data and the
-config) and the student's training slices. Shared by a single run (:mod:`medkd.distill.run`) and an ablation's
-teacher-output plan (:mod:`medkd.ablate.plan_outputs`)."""
+"""What a distillation reads besides its config: the teacher (any kind, :mod:`medkd.teachers`; checked against
+the data, the config and the feature scales) and the student's training slices. Shared by a single run
+(:mod:`medkd.distill.run`) and an ablation's teacher-output plan (:mod:`medkd.ablate.plan_outputs`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional
 
-from torch import nn
+from rich.console import Console
 
 from medkd.config import DistillConfig
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
+from medkd.distill.distiller import tap_paths, teacher_tap_overrides
+from medkd.distill.hooks import resolve_module
 from medkd.errors import MedkdError
-from medkd.rundir import require_run_dir, run_checkpoint
-from medkd.checkpoint import load_model_from_run, trained_size
+from medkd.teachers import LoadedTeacher, TeacherRequest, open_teacher
 
 
-def load_teacher(teacher_run: Path, cfg: DistillConfig, data: PreparedData) -> Tuple[nn.Module, Path]:
-    """Load a teacher run's best checkpoint and check it fits the data. Returns (model, checkpoint path)."""
-    teacher_run = require_run_dir(teacher_run, "teacher run folder")
-    model, ckpt = load_model_from_run(teacher_run, "best")
-    if ckpt.get("kind") != "teacher":
-        raise MedkdError(f"{teacher_run}: not a teacher run (kind={ckpt.get('kind')!r})")
-    size = trained_size(ckpt)
-    if size is not None and size != data.size:
-        raise MedkdError(f"{teacher_run}: teacher was trained on {size}px slices, {data.root} has {data.size}px")
-    if model.in_channels != cfg.in_channels:
-        raise MedkdError(
-            f"{teacher_run}: teacher takes {model.in_channels} input channel(s), distill config has "
-            f"in_channels={cfg.in_channels} (set --in-channels {model.in_channels})")
-    return model, run_checkpoint(teacher_run, "best")
+def load_teacher(cfg: DistillConfig, data: PreparedData, console: Optional[Console] = None,
+                 teacher: Optional[Path] = None) -> LoadedTeacher:
+    """Open the config's teacher (``teacher`` overrides ``cfg.teacher``) for ``data`` and check that the run's
+    feature scales can be tapped on it (:func:`teacher_tap_paths`).
+
+    Raises:
+        MedkdError: the teacher's kind cannot be read or does not fit (its one-line reason), or a feature scale has
+            no tap on it.
+    """
+    loaded = open_teacher(Path(teacher or cfg.teacher), TeacherRequest.from_config(cfg), data, console)
+    teacher_tap_paths(loaded, cfg)
+    return loaded
+
+
+def teacher_tap_paths(loaded: LoadedTeacher, cfg: DistillConfig) -> Dict[str, str]:
+    """Scale -> module path on ``loaded.module`` for each of the run's feature scales: ``--teacher-taps`` (paths in
+    the teacher's own network), else the kind's own taps (a medkd teacher's), overridden by the config's
+    ``taps.teacher`` (paths on the module as loaded).
+
+    Raises:
+        MedkdError: a feature scale on a teacher without tappable modules (ONNX, TorchScript, saved
+            probabilities), a scale without a path, or a path that names no module (with the nearest valid ones).
+    """
+    scales = cfg.effective()["scales"]
+    if not scales:
+        return {}
+    if loaded.module is None or not loaded.taps_ok:
+        raise MedkdError(f"{loaded.source}: feature scales ({','.join(scales)}) need a torch-module teacher whose "
+                         f"modules can be hooked; a {loaded.kind} teacher gives prediction maps only (use --scales "
+                         f"none; PMD, CWD and pseudo-labels work)")
+    prefix = getattr(loaded.module, "tap_prefix", "")
+    net = loaded.module.get_submodule(prefix.rstrip(".")) if prefix else loaded.module
+    for s, path in (cfg.teacher_taps or {}).items():
+        try:
+            resolve_module(net, path)
+        except ValueError as e:
+            raise MedkdError(f"{loaded.source}: --teacher-taps {s}={path}: {e}") from None
+    try:
+        return tap_paths(loaded.module, scales, teacher_tap_overrides(loaded.module, cfg))
+    except MedkdError as e:
+        raise MedkdError(f"{loaded.source}: a {loaded.kind} teacher: {e}") from None
 
 
 def student_train_set(data: PreparedData, cfg: DistillConfig) -> SliceDataset:

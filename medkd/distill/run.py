@@ -37,7 +37,9 @@ def distill(
     With ``cfg.scales == []`` and ``cfg.pmd == False`` no teacher is loaded (plain supervised baseline).
     Where the teacher's targets come from (live, disk cache, memory) is ``cfg.teacher_outputs``
     (:mod:`medkd.distill.teacher_outputs` sets it up, the Distiller reads it); the cache lives in ``cache_dir``
-    (default ``TEACHER_RUN/cache``).
+    (default: the teacher's, :attr:`~medkd.teachers.base.LoadedTeacher.cache_root`: ``TEACHER_RUN/cache`` for a
+    medkd run, ``DATA/teacher-cache/<kind>-<sha12>`` for an external teacher). The teacher may be of any kind
+    :mod:`medkd.teachers` reads; ``summary.json`` records it under ``teacher_source``.
     """
     console = console or Console(stderr=True, quiet=True)
     data = PreparedData(data_dir)
@@ -46,21 +48,23 @@ def distill(
     student = build_model(cfg.student, in_channels=cfg.in_channels, num_classes=1, width=cfg.student_width)
     if data.size < student.min_size:
         raise MedkdError(f"{data_dir}: slices of {data.size}px are smaller than {cfg.student}'s minimum {student.min_size}")
-    teacher, targets, outputs = None, None, None
+    loaded, teacher, targets, outputs = None, None, None, None
     if cfg.uses_teacher:
-        teacher, ckpt_path = load_teacher(Path(cfg.teacher), cfg, data)
+        loaded = load_teacher(cfg, data, console)
+        teacher = loaded.module
     device = resolve_device(cfg.device)
     terms = DistillTerms(student, teacher, cfg, data.size)
     if teacher is not None:
         targets, outputs = setup_teacher_outputs(terms.teacher_view(), cfg, data, train_set,
-                                                 Path(cache_dir) if cache_dir else Path(cfg.teacher) / "cache",
-                                                 ckpt_path, device, console, note=outputs_note)
+                                                 Path(cache_dir) if cache_dir else loaded.cache_root,
+                                                 loaded.cache_key_file, device, console, note=outputs_note)
     task = Distiller(student, cfg, terms, targets)
     eff = cfg.effective()
     summary_extra = {
         "student": cfg.student, "scales": eff["scales"], "loss": eff.get("loss"), "pmd": eff["pmd"],
         "fraction": cfg.fraction, "subset_seed": eff.get("subset_seed"),
         "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
+        "teacher_source": loaded.record() if loaded is not None else None,
         "weights": eff["weights"], "temperature": eff.get("temperature"), "pmd_loss": eff.get("pmd_loss"),
         "pseudo_label": cfg.uses_pseudo_labels,
         "teacher_outputs": outputs,

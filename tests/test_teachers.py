@@ -1,0 +1,174 @@
+"""Teacher kinds (medkd.teachers): the registry, the medkd-run kind, the bridge to external models, --teacher-taps,
+and the TorchScript/ONNX file kinds end to end (real exports of the tiny teacher, real distillations)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from medkd.cli import app
+from medkd.config import DistillConfig, build_config
+from medkd.data.prepared import PreparedData
+from medkd.errors import MedkdError
+from medkd.teachers import KINDS, TeacherRequest, detect_kind, open_teacher
+from medkd.teachers.bridge import (Intensity, choose_label, dataset_window, foreground_logit, intensity_bridge,
+                                   size_for_spacing)
+from medkd.rundir import file_sha256
+
+
+def _cli(args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error(r) -> str:
+    """The run's only ``error:`` line (log lines may come before it), after checking there is no traceback."""
+    assert "Traceback" not in r.stdout + r.stderr and (r.exception is None or isinstance(r.exception, SystemExit))
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ registry, medkd
+def test_kinds_are_registered_in_detection_order():
+    names = list(KINDS)
+    assert names[0] == "medkd"
+
+
+def test_medkd_run_opens_as_before(tiny_teacher, tiny_data):
+    lines = []
+    console = Console(file=None, record=True, width=400)
+    t = open_teacher(tiny_teacher, TeacherRequest(in_channels=1), PreparedData(tiny_data), console)
+    lines = console.export_text().strip().splitlines()
+    assert t.kind == "medkd" and t.module is not None and t.taps_ok and t.in_channels == 1
+    assert t.default_taps == t.module.taps
+    assert t.cache_key_file == tiny_teacher / "best.pt" and t.cache_root == tiny_teacher / "cache"  # caches reused
+    assert t.files == {"best.pt": file_sha256(tiny_teacher / "best.pt")}
+    rec = json.loads(json.dumps(t.record()))
+    assert rec["kind"] == "medkd" and rec["files"] == t.files and "features" in rec["terms"] and "pmd" in rec["terms"]
+    assert lines == [f"teacher: medkd {tiny_teacher} (in_channels 1, checkpoint best.pt, arch unet, epoch "
+                     f"{t.details['epoch']})"]
+
+
+def test_unknown_teacher_lists_what_each_kind_expects(tmp_path):
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(MedkdError) as e:
+        detect_kind(tmp_path / "junk")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'junk'}: not a teacher medkd can read")
+    assert "medkd: a run folder" in msg
+    with pytest.raises(MedkdError, match=r"m\.onnx: teacher file not found$"):
+        detect_kind(tmp_path / "m.onnx")
+
+
+def test_medkd_teacher_with_another_label_is_refused(tiny_teacher, tiny_data):
+    with pytest.raises(MedkdError, match=r"--teacher-label 2: a medkd teacher has one foreground class"):
+        open_teacher(tiny_teacher, TeacherRequest(in_channels=1, label=2), PreparedData(tiny_data))
+
+
+# ------------------------------------------------------------------------------------------------------ bridge
+def test_softmax_foreground_logit_is_log_odds():
+    z = torch.randn(2, 4, 5, 5) * 5
+    for n in (1, 2, 3):
+        p = torch.softmax(z.double(), 1)[:, n : n + 1]
+        want = torch.log(p) - torch.log1p(-p)
+        got = foreground_logit(z.double(), "softmax", n)
+        assert torch.allclose(got, want, atol=1e-9)
+    two = torch.randn(3, 2, 4, 4)
+    assert torch.allclose(foreground_logit(two, "softmax", 1), two[:, 1:] - two[:, :1], atol=1e-6)
+    assert torch.equal(foreground_logit(two[:, :1], "sigmoid", 0), two[:, :1])
+    huge = torch.tensor([[[[1e4]], [[-1e4]]]])
+    assert torch.isfinite(foreground_logit(huge, "softmax", 1)).all()
+
+
+def test_label_choice():
+    assert choose_label("sigmoid", 1, None, None, "t") == 0
+    assert choose_label("sigmoid", 1, 1, None, "t") == 0
+    assert choose_label("softmax", 2, None, None, "t") == 1
+    assert choose_label("softmax", 3, 2, None, "t") == 2
+    with pytest.raises(MedkdError, match=r"^t: a multi-class teacher \(3 softmax channels\): choose the student's "
+                                         r"foreground with --teacher-label N; classes: 1 liver, 2 tumour$"):
+        choose_label("softmax", 3, None, {0: "background", 1: "liver", 2: "tumour"}, "t")
+    with pytest.raises(MedkdError, match=r"--teacher-label 0 is not a foreground class of its 3 softmax"):
+        choose_label("softmax", 3, 0, None, "t")
+
+
+def test_intensity_bridge():
+    x = torch.rand(2, 1, 8, 8)
+    # medkd's own recipe on data prepared with the same window: the prepared values as they are
+    assert intensity_bridge(Intensity("medkd", -160, 240), (-160.0, 240.0), "t")(x) is x
+    # another window: back to HU, then the teacher's window (clipped)
+    f = intensity_bridge(Intensity("window", -100, 100), (-160.0, 240.0), "t")
+    hu = x * 400 - 160
+    assert torch.allclose(f(x), (hu.clamp(-100, 100) + 100) / 200, atol=1e-6)
+    g = intensity_bridge(Intensity("zscore", mean=50.0, std=20.0), (-160.0, 240.0), "t")
+    assert torch.allclose(g(x), (hu - 50) / 20, atol=1e-4)
+    # per-slice z-score does not need the source scale: works on per-case (MR) data too
+    z = intensity_bridge(Intensity("zscore"), None, "t")(x)
+    assert torch.allclose(z.mean(dim=(-2, -1)), torch.zeros(2, 1), atol=1e-5)
+    with pytest.raises(MedkdError, match=r"^t: its intensity normalisation \(window\) needs the source intensities"):
+        intensity_bridge(Intensity("window", -100, 100), None, "t")
+
+
+def test_intensity_fields_are_checked():
+    with pytest.raises(MedkdError, match=r"^s\.json: intensity normalise must be one of medkd, window, zscore, none, "
+                                         r"got 'ct'$"):
+        Intensity.from_doc({"normalise": "ct"}, "s.json")
+    with pytest.raises(MedkdError, match=r"^s\.json: intensity window needs low and high$"):
+        Intensity.from_doc({"normalise": "window", "low": 0}, "s.json")
+    with pytest.raises(MedkdError, match=r"^s\.json: intensity std must be a finite number, got 'x'$"):
+        Intensity.from_doc({"normalise": "zscore", "mean": 0, "std": "x"}, "s.json")
+    with pytest.raises(MedkdError, match=r"^s\.json: intensity has unknown field\(s\) lo; valid"):
+        Intensity.from_doc({"normalise": "window", "lo": 0}, "s.json")
+
+
+def test_dataset_window_and_spacing(tiny_data):
+    data = PreparedData(tiny_data)
+    rules = [c["intensity"] for c in data.cases]
+    if all(r["rule"] == "ct_window" for r in rules):
+        assert dataset_window(data) == (rules[0]["low"], rules[0]["high"])
+    else:
+        assert dataset_window(data) is None
+    assert size_for_spacing([1.0, 1.0], 32, [2.0, 2.0]) == 16
+    assert size_for_spacing([1.0, 1.5], 32, [1.0, 1.0], multiple=8) == 48
+
+
+# ----------------------------------------------------------------------------------------------- --teacher-taps
+DISTILL = ["--student-width", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+           "--teacher-outputs", "live", "--kd-images", "labelled"]
+
+
+def test_teacher_taps_form_is_a_usage_error(tiny_data, tiny_teacher, tmp_path):
+    for taps, msg in [("enc", r"--teacher-taps expects scale=module\.path pairs"),
+                      ("encx=a.b", r"--teacher-taps keys must be scales"),
+                      ("enc=a..b", r"--teacher-taps: module path of enc must be a dotted name")]:
+        r = _cli(["distill", tiny_data, "-o", tmp_path / "s", "--teacher", tiny_teacher, "--scales", "enc",
+                  "--teacher-taps", taps, *DISTILL])
+        assert r.exit_code == 2 and re.search(msg, _one_error(r)), r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_taps_typo_is_named_with_a_suggestion(tiny_data, tiny_teacher, tmp_path):
+    r = _cli(["distill", tiny_data, "-o", tmp_path / "s", "--teacher", tiny_teacher, "--scales", "enc",
+              "--teacher-taps", "enc=encodr.3", *DISTILL])
+    line = _one_error(r)
+    assert r.exit_code == 1 and "--teacher-taps enc=encodr.3: no module at path 'encodr.3'" in line
+    assert "did you mean encoder.3" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_taps_override_a_medkd_teachers_own(tiny_data, tiny_teacher, tmp_path):
+    r = _cli(["distill", tiny_data, "-o", tmp_path / "s", "--teacher", tiny_teacher, "--scales", "enc", "--loss",
+              "mse", "--teacher-taps", "enc=encoder.2", "--json", *DISTILL])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    cfg = (tmp_path / "s" / "config.yaml").read_text()
+    assert "teacher_taps:\n  enc: encoder.2" in cfg
+    src = doc["teacher_source"]
+    assert src["kind"] == "medkd" and src["files"]["best.pt"] == file_sha256(tiny_teacher / "best.pt")
+    assert "teacher: medkd" in r.stderr
