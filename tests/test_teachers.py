@@ -4,6 +4,7 @@ and the TorchScript/ONNX file kinds end to end (real exports of the tiny teacher
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _one_error(r) -> str:
 # ------------------------------------------------------------------------------------------------ registry, medkd
 def test_kinds_are_registered_in_detection_order():
     names = list(KINDS)
-    assert names[0] == "medkd"
+    assert names[0] == "medkd" and {"torchscript", "onnx"} <= set(names)
 
 
 def test_medkd_run_opens_as_before(tiny_teacher, tiny_data):
@@ -61,7 +62,7 @@ def test_unknown_teacher_lists_what_each_kind_expects(tmp_path):
         detect_kind(tmp_path / "junk")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{tmp_path / 'junk'}: not a teacher medkd can read")
-    assert "medkd: a run folder" in msg
+    assert "medkd: a run folder" in msg and "onnx: an .onnx file" in msg and "torchscript: a TorchScript" in msg
     with pytest.raises(MedkdError, match=r"m\.onnx: teacher file not found$"):
         detect_kind(tmp_path / "m.onnx")
 
@@ -172,3 +173,146 @@ def test_teacher_taps_override_a_medkd_teachers_own(tiny_data, tiny_teacher, tmp
     src = doc["teacher_source"]
     assert src["kind"] == "medkd" and src["files"]["best.pt"] == file_sha256(tiny_teacher / "best.pt")
     assert "teacher: medkd" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ TorchScript and ONNX
+@pytest.fixture(scope="module")
+def exports(tiny_teacher, tmp_path_factory):
+    """The tiny teacher exported by ``medkd export`` as ONNX and as TorchScript (+ its metadata sidecar)."""
+    out = tmp_path_factory.mktemp("exports")
+    for fmt, name in (("onnx", "t.onnx"), ("torchscript", "t.pt")):
+        r = _cli(["export", tiny_teacher, "-o", out / name, "--format", fmt, "--device", "cpu", "--quiet"])
+        assert r.exit_code == 0, r.stderr
+    return {"onnx": out / "t.onnx", "torchscript": out / "t.pt"}
+
+
+PMD_ONLY = ["--scales", "none", "--pmd", "--student-width", "4", "--epochs", "2", "--batch-size", "4", "--device",
+            "cpu", "--seed", "3", "--teacher-outputs", "live", "--json"]
+
+
+def _distill(data, out, teacher, *extra):
+    r = _cli(["distill", data, "-o", out, "--teacher", teacher, *PMD_ONLY, *extra])
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_exported_teacher_answers_like_its_run(exports, tiny_teacher, tiny_data):
+    """The bridged file's logits on prepared slices equal the run's (TorchScript: the same graph; ONNX Runtime:
+    within the export's own tolerance, 1e-3)."""
+    from medkd.data.prepared import SliceDataset
+    from medkd.infer import seg_logits
+
+    data = PreparedData(tiny_data)
+    x = torch.stack([SliceDataset(data, "train")[i][0] for i in range(6)])
+    run = open_teacher(tiny_teacher, TeacherRequest(), data)
+    assert not any(p.requires_grad for p in run.module.parameters())  # frozen as loaded
+    want = seg_logits(run.module(x))
+    for kind, tol in (("torchscript", 1e-5), ("onnx", 1e-3)):
+        t = open_teacher(exports[kind], TeacherRequest(), data)
+        assert t.kind == kind and not t.taps_ok and t.details["description"]["from"] == "medkd export metadata"
+        assert t.cache_root.parent == data.root / "teacher-cache" and t.cache_key_file == exports[kind]
+        got = t.module(x)
+        assert got.shape == want.shape == (6, 1, data.size, data.size)
+        assert float((got - want).abs().max()) <= tol, kind
+
+
+#: A PMD-only student distilled from the exported teacher vs from its run, same seed, 2 epochs: TorchScript runs
+#: the same graph (identical targets, identical student); ONNX Runtime's logits differ by ~1e-6, which can flip an
+#: fp16-rounded target, so the students may differ by that much: val Dice within 0.01, losses within 1 %.
+DICE_TOL = 0.01
+
+
+def test_pmd_student_from_exported_teacher_equals_student_from_run(exports, tiny_teacher, tiny_data, tmp_path):
+    ref, _ = _distill(tiny_data, tmp_path / "run", tiny_teacher)
+    for kind in ("torchscript", "onnx"):
+        doc, err = _distill(tiny_data, tmp_path / kind, exports[kind])
+        assert f"teacher: {kind} {exports[kind]}" in err
+        src = doc["teacher_source"]
+        assert src["kind"] == kind and src["terms"] == ["pmd", "cwd", "pseudo_label"]
+        assert src["files"][exports[kind].name] == file_sha256(exports[kind])
+        if kind == "torchscript":
+            assert src["files"]["t.pt.json"] == file_sha256(exports[kind].with_name("t.pt.json"))
+            assert doc["best_val_dice"] == ref["best_val_dice"]
+        assert abs(doc["best_val_dice"] - ref["best_val_dice"]) <= DICE_TOL, kind
+        h_ref = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+        h = [json.loads(l) for l in (tmp_path / kind / "history.jsonl").read_text().splitlines()]
+        for a, b in zip(h, h_ref):
+            assert math.isclose(a["pmd"], b["pmd"], rel_tol=1e-2 if kind == "onnx" else 1e-6), (kind, a, b)
+
+
+def test_file_teacher_disk_cache_lives_in_the_data_folder(exports, tiny_data, tmp_path):
+    """An external teacher's disk cache is DATA/teacher-cache/<kind>-<sha12>/, never beside the user's model, and a
+    second run reuses it."""
+    teacher = tmp_path / "m.pt"
+    teacher.write_bytes(exports["torchscript"].read_bytes())
+    teacher.with_name("m.pt.json").write_bytes(exports["torchscript"].with_name("t.pt.json").read_bytes())
+    common = ["--teacher-outputs", "disk", "--epochs", "1"]
+    first, _ = _distill(tiny_data, tmp_path / "a", teacher, *common)
+    assert first["teacher_outputs"]["mode"] == "disk"
+    caches = list((tiny_data / "teacher-cache").glob("torchscript-*/*"))
+    assert caches and sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.pt", "m.pt.json"]
+    second, err = _distill(tiny_data, tmp_path / "b", teacher, *common)
+    assert second["teacher_cache"] == first["teacher_cache"] and "computing" not in err
+
+
+def _foreign_onnx(path: Path, channels: int = 2, classes: int = 3) -> Path:
+    """An ONNX file not made by medkd: a 1x1 conv to ``classes`` softmax channels (no metadata)."""
+    import warnings
+
+    net = torch.nn.Conv2d(channels, classes, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: no onnxscript needed
+        torch.onnx.export(net, torch.zeros(1, channels, 16, 16), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}}, dynamo=False)
+    return path
+
+
+SIDECAR = "input_channels: 2\nintensity: {normalise: window, low: -100, high: 200}\nsize: 16\noutput: softmax\n"
+
+
+def test_foreign_onnx_with_sidecar_and_label(tmp_path, tiny_data):
+    m = _foreign_onnx(tmp_path / "seg.onnx")
+    (tmp_path / "seg.onnx.yaml").write_text(SIDECAR + "classes: {1: liver, 2: tumour}\n")
+    data = PreparedData(tiny_data)
+    t = open_teacher(m, TeacherRequest(label=2), data)
+    x = torch.rand(3, 1, data.size, data.size)
+    z = t.module(x)
+    assert z.shape == (3, 1, data.size, data.size) and torch.isfinite(z).all()
+    assert t.details["input_size"] == 16 and t.details["label"] == 2 and t.details["output_channels"] == 3
+    assert set(t.files) == {"seg.onnx", "seg.onnx.yaml"}
+    t1 = open_teacher(m, TeacherRequest(label=1), data)
+    assert t1.cache_root != t.cache_root  # another label: other targets, another cache
+
+
+BAD_FILES = [
+    # (sidecar text or None, --teacher-label, extra args, exit code, error pattern)
+    (None, None, [], 1, r"seg\.onnx: no input description: put a sidecar seg\.onnx\.json beside it"),
+    (SIDECAR.replace("softmax", "softplus"), 1, [], 1, r"seg\.onnx\.yaml: output must be one of sigmoid, softmax, "
+                                                       r"got 'softplus'$"),
+    (SIDECAR.replace("low: -100", "low: 300"), 1, [], 1, r"seg\.onnx\.yaml: intensity needs high > low"),
+    (SIDECAR + "colour: red\n", 1, [], 1, r"seg\.onnx\.yaml: unknown field\(s\) colour; valid: input_channels"),
+    (SIDECAR.replace("input_channels: 2", "input_channels: 3"), 1, [], 1,
+     r"seg\.onnx: graph input takes 2 channel\(s\) but its description \(seg\.onnx\.yaml\) says input_channels 3"),
+    (SIDECAR + "classes: {1: liver, 2: tumour}\n", None, [], 1,
+     r"seg\.onnx: a multi-class teacher \(3 softmax channels\): choose the student's foreground with "
+     r"--teacher-label N; classes: 1 liver, 2 tumour$"),
+    (SIDECAR, 7, [], 1, r"--teacher-label 7 is not a foreground class of its 3 softmax channel\(s\)"),
+    (SIDECAR, 1, ["--scales", "enc"], 1, r"seg\.onnx: feature scales \(enc\) need a torch-module teacher whose "
+                                         r"modules can be hooked; a onnx teacher gives prediction maps only"),
+    (SIDECAR, -1, [], 2, r"--teacher-label must be >= 0, got -1$"),
+]
+
+
+@pytest.mark.parametrize("sidecar,label,extra,code,pattern", BAD_FILES,
+                         ids=["no-sidecar", "bad-output", "bad-window", "unknown-field", "channels", "no-label",
+                              "label-range", "feature-scales", "label-negative"])
+def test_bad_file_teacher_is_one_line(tmp_path, tiny_data, sidecar, label, extra, code, pattern):
+    m = _foreign_onnx(tmp_path / "seg.onnx")
+    if sidecar is not None:
+        (tmp_path / "seg.onnx.yaml").write_text(sidecar)
+    args = ["distill", tiny_data, "-o", tmp_path / "s", "--teacher", m, "--student-width", "4", "--epochs", "1",
+            "--device", "cpu", *extra, *(["--teacher-label", label] if label is not None else [])]
+    r = _cli(args)
+    line = _one_error(r)
+    assert r.exit_code == code and re.search(pattern, line), (r.exit_code, line)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()

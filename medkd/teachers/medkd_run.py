@@ -49,6 +49,8 @@ def load(path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
         raise MedkdError(f"{run}: --teacher-label {request.label}: a medkd teacher has one foreground class "
                          f"(label 1)")
     checkpoint = run_checkpoint(run, "best")
+    for p in model.parameters():  # frozen from the start (the Distiller keeps it so)
+        p.requires_grad_(False)
     return LoadedTeacher(
         kind=KIND, source=run, module=model, in_channels=model.in_channels, files=hash_files(run, [checkpoint]),
         details={"checkpoint": checkpoint.name, "arch": ckpt["model_config"].get("name"), "epoch": ckpt.get("epoch")},
