@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from medkd.cli import app
 from medkd.data.phantom import DEFAULT_SPACING
 
+import test_teachers as teachers  # builders of teacher files (ONNX with/without a sidecar)
 import test_trust as trust  # the trust-boundary builders (tests/ is on sys.path, like conftest)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
@@ -846,6 +847,19 @@ CASES: List[Case] = [
                                                                 e.teacher, "--config", p]), 1,
          r"^error: .*cfg\.yaml: loss_options: contrastive teacher_head must be one of trainable, frozen, identity, "
          r"got 'shared'$"),
+    # teacher kinds (CORE): model files as teachers and --teacher-taps (builders in test_teachers.py)
+    Case("teacher-onnx-without-sidecar", teachers.onnx_argv(None), 1,
+         r"^error: .*seg\.onnx: no input description: put a sidecar seg\.onnx\.json beside it"),
+    Case("teacher-onnx-feature-scales", teachers.onnx_argv(teachers.SIDECAR, "--teacher-label", "1", "--scales", "dec"),
+         1, r"^error: .*seg\.onnx: feature scales \(dec\) need a torch-module teacher"),
+    Case("teacher-onnx-multiclass-without-label", teachers.onnx_argv(teachers.SIDECAR), 1,
+         r"^error: .*seg\.onnx: a multi-class teacher \(3 softmax channels\): choose the student's foreground with "
+         r"--teacher-label N; classes: 1, 2$"),
+    Case("teacher-taps-not-pairs", distill_with("--teacher-taps", "enc"), 2,
+         r"^error: --teacher-taps expects scale=module\.path pairs \(e\.g\. enc=encoder\.stages\.2\), got 'enc'$"),
+    Case("teacher-taps-typo", lambda e: ["distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--scales",
+                                         "enc", "--teacher-taps", "enc=encodr.3", "--epochs", "1"], 1,
+         r"^error: .*--teacher-taps enc=encodr\.3: no module at path 'encodr\.3' in UNet; did you mean encoder\.3"),
 ]
 
 

@@ -278,10 +278,24 @@ def test_foreign_onnx_with_sidecar_and_label(tmp_path, tiny_data):
     x = torch.rand(3, 1, data.size, data.size)
     z = t.module(x)
     assert z.shape == (3, 1, data.size, data.size) and torch.isfinite(z).all()
-    assert t.details["input_size"] == 16 and t.details["label"] == 2 and t.details["output_channels"] == 3
+    assert t.details["input_size"] == 16 and t.details["foreground_channel"] == 2 and t.details["output_channels"] == 3
     assert set(t.files) == {"seg.onnx", "seg.onnx.yaml"}
     t1 = open_teacher(m, TeacherRequest(label=1), data)
     assert t1.cache_root != t.cache_root  # another label: other targets, another cache
+
+
+def onnx_argv(sidecar, *extra):
+    """``env -> argv``: distill from a foreign ONNX teacher (with ``sidecar`` text beside it unless ``None``); also
+    used by test_bad_inputs' CASES."""
+
+    def build(env) -> list:
+        m = _foreign_onnx(env.tmp / "seg.onnx")
+        if sidecar is not None:
+            (env.tmp / "seg.onnx.yaml").write_text(sidecar)
+        return ["distill", env.data, "-o", env.tmp / "s", "--teacher", m, "--student-width", "4", "--epochs", "1",
+                "--device", "cpu", *extra]
+
+    return build
 
 
 BAD_FILES = [

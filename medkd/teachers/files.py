@@ -263,7 +263,7 @@ def _load(kind: str, path: Path, request: TeacherRequest, data: Any) -> LoadedTe
         p.requires_grad_(False)
     files = hash_files(path, [path, *desc.extra_files])
     details = {"format": kind, "description": desc.record(), "input_size": size, "output_channels": k,
-               "label": label}
+               "foreground_channel": label}
     return LoadedTeacher(kind=kind, source=path, module=module, in_channels=request.in_channels, files=files,
                          details=details, taps_ok=False, default_taps=None, cache_key_file=path,
                          cache_root=external_cache_root(data.root, kind, files, details))
