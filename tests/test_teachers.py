@@ -67,9 +67,12 @@ def test_unknown_teacher_lists_what_each_kind_expects(tmp_path):
         detect_kind(tmp_path / "m.onnx")
 
 
-def test_medkd_teacher_with_another_label_is_refused(tiny_teacher, tiny_data):
+def test_medkd_teacher_refuses_what_it_has_no_use_for(tiny_teacher, tiny_data):
     with pytest.raises(MedkdError, match=r"--teacher-label 2: a medkd teacher has one foreground class"):
         open_teacher(tiny_teacher, TeacherRequest(in_channels=1, label=2), PreparedData(tiny_data))
+    with pytest.raises(MedkdError, match=r"teacher: --teacher-fold, --teacher-checkpoint do not apply to medkd "
+                                         r"teachers$"):
+        open_teacher(tiny_teacher, TeacherRequest(fold="0", checkpoint="c.pth"), PreparedData(tiny_data))
 
 
 # ------------------------------------------------------------------------------------------------------ bridge
@@ -243,15 +246,19 @@ def test_pmd_student_from_exported_teacher_equals_student_from_run(exports, tiny
 def test_file_teacher_disk_cache_lives_in_the_data_folder(exports, tiny_data, tmp_path):
     """An external teacher's disk cache is DATA/teacher-cache/<kind>-<sha12>/, never beside the user's model, and a
     second run reuses it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # the session's dataset stays as it is
     teacher = tmp_path / "m.pt"
     teacher.write_bytes(exports["torchscript"].read_bytes())
     teacher.with_name("m.pt.json").write_bytes(exports["torchscript"].with_name("t.pt.json").read_bytes())
     common = ["--teacher-outputs", "disk", "--epochs", "1"]
-    first, _ = _distill(tiny_data, tmp_path / "a", teacher, *common)
+    first, _ = _distill(data, tmp_path / "a", teacher, *common)
     assert first["teacher_outputs"]["mode"] == "disk"
-    caches = list((tiny_data / "teacher-cache").glob("torchscript-*/*"))
-    assert caches and sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.pt", "m.pt.json"]
-    second, err = _distill(tiny_data, tmp_path / "b", teacher, *common)
+    caches = list((data / "teacher-cache").glob("torchscript-*/*"))
+    assert caches and sorted(p.name for p in tmp_path.iterdir()) == ["a", "data", "m.pt", "m.pt.json"]
+    second, err = _distill(data, tmp_path / "b", teacher, *common)
     assert second["teacher_cache"] == first["teacher_cache"] and "computing" not in err
 
 
@@ -312,14 +319,15 @@ BAD_FILES = [
      r"--teacher-label N; classes: 1 liver, 2 tumour$"),
     (SIDECAR, 7, [], 1, r"--teacher-label 7 is not a foreground class of its 3 softmax channel\(s\)"),
     (SIDECAR, 1, ["--scales", "enc"], 1, r"seg\.onnx: feature scales \(enc\) need a torch-module teacher whose "
-                                         r"modules can be hooked; a onnx teacher gives prediction maps only"),
+                                         r"modules can be hooked; onnx teachers give prediction maps only"),
     (SIDECAR, -1, [], 2, r"--teacher-label must be >= 0, got -1$"),
+    (SIDECAR, 1, ["--teacher-fold", "0"], 1, r"seg\.onnx: --teacher-fold does not apply to onnx teachers$"),
 ]
 
 
 @pytest.mark.parametrize("sidecar,label,extra,code,pattern", BAD_FILES,
                          ids=["no-sidecar", "bad-output", "bad-window", "unknown-field", "channels", "no-label",
-                              "label-range", "feature-scales", "label-negative"])
+                              "label-range", "feature-scales", "label-negative", "fold"])
 def test_bad_file_teacher_is_one_line(tmp_path, tiny_data, sidecar, label, extra, code, pattern):
     m = _foreign_onnx(tmp_path / "seg.onnx")
     if sidecar is not None:

@@ -45,7 +45,7 @@ def teacher_tap_paths(loaded: LoadedTeacher, cfg: DistillConfig) -> Dict[str, st
         return {}
     if loaded.module is None or not loaded.taps_ok:
         raise MedkdError(f"{loaded.source}: feature scales ({','.join(scales)}) need a torch-module teacher whose "
-                         f"modules can be hooked; a {loaded.kind} teacher gives prediction maps only (use --scales "
+                         f"modules can be hooked; {loaded.kind} teachers give prediction maps only (use --scales "
                          f"none; PMD, CWD and pseudo-labels work)")
     prefix = getattr(loaded.module, "tap_prefix", "")
     net = loaded.module.get_submodule(prefix.rstrip(".")) if prefix else loaded.module
@@ -57,7 +57,7 @@ def teacher_tap_paths(loaded: LoadedTeacher, cfg: DistillConfig) -> Dict[str, st
     try:
         return tap_paths(loaded.module, scales, teacher_tap_overrides(loaded.module, cfg))
     except MedkdError as e:
-        raise MedkdError(f"{loaded.source}: a {loaded.kind} teacher: {e}") from None
+        raise MedkdError(f"{loaded.source}: {loaded.kind} teacher: {e}") from None
 
 
 def student_train_set(data: PreparedData, cfg: DistillConfig) -> SliceDataset:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import numpy as np
 from torch import nn
 
+from medkd.errors import MedkdError
 from medkd.rundir import file_sha256
 
 #: Distillation terms that read only the teacher's prediction map: possible from every kind.
@@ -134,3 +135,20 @@ def external_cache_root(data_root: Path, kind: str, files: Dict[str, str], detai
     """
     doc = json.dumps({"files": files, "details": _jsonable(details)}, sort_keys=True)
     return Path(data_root) / CACHE_FOLDER / f"{kind}-{hashlib.sha256(doc.encode()).hexdigest()[:12]}"
+
+
+#: How each :class:`TeacherRequest` field is spelled on the command line (messages).
+REQUEST_FLAGS = {"label": "--teacher-label", "fold": "--teacher-fold", "checkpoint": "--teacher-checkpoint",
+                 "taps": "--teacher-taps"}
+
+
+def reject_options(source: Path, kind: str, request: TeacherRequest, names) -> None:
+    """A kind that has no use for some of the request's options refuses them instead of ignoring them.
+
+    Raises:
+        MedkdError: ``<source>: --teacher-fold does not apply to <kind> teachers``.
+    """
+    given = [REQUEST_FLAGS[n] for n in names if getattr(request, n) not in (None, {}, [])]
+    if given:
+        raise MedkdError(f"{source}: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {kind} "
+                         f"teachers")

@@ -14,7 +14,7 @@ it comes with that description, found in this order:
        label: 1                                             # optional default of --teacher-label
 
 2. the metadata of a medkd export (``medkd export``: ONNX ``metadata_props``, TorchScript ``MODEL.pt.json``),
-   which carries medkd's preprocessing (read by :func:`medkd.exported.read_metadata`).
+   which carries medkd's preprocessing (checked by the reader of :mod:`medkd.exported`).
 
 The model runs through :class:`~medkd.teachers.bridge.BridgedTeacher` (intensity, size and output bridged);
 only prediction-map terms can be distilled from a file (no module paths to hook: TorchScript runs its compiled
@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from medkd.errors import MedkdError
-from medkd.exported import PREFIX, _decode, read_metadata, require, short_error
+from medkd.exported import PREFIX, _decode, require, short_error
 from medkd.options import MAX_SIZE
 from medkd.teachers import register_kind
-from medkd.teachers.base import LoadedTeacher, TeacherRequest, external_cache_root, hash_files
+from medkd.teachers.base import LoadedTeacher, TeacherRequest, external_cache_root, hash_files, reject_options
 from medkd.teachers.bridge import (LAYOUTS, BridgedTeacher, Intensity, choose_label, dataset_window,
                                    intensity_bridge, median_prepared_spacing, size_for_spacing)
 from medkd.yamlfile import load_yaml
@@ -148,8 +148,9 @@ def from_medkd_metadata(meta: Dict[str, Any], origin: str, extra: List[Path]) ->
                        layout, {}, None, origin, extra)
 
 
-def describe(path: Path, kind: str) -> Description:
-    """The description of a model file: its sidecar, else a medkd export's metadata.
+def describe(path: Path, session: Any = None) -> Description:
+    """The description of a model file: its sidecar, else a medkd export's metadata (an ONNX ``session``'s
+    ``metadata_props``; a TorchScript export's sidecar holds ``medkd.*`` keys).
 
     Raises:
         MedkdError: neither (naming where a sidecar goes), or a bad sidecar / metadata.
@@ -158,18 +159,14 @@ def describe(path: Path, kind: str) -> Description:
         if side.is_file():
             doc = load_yaml(side)
             if isinstance(doc, dict) and any(str(k).startswith(PREFIX) for k in doc):  # a medkd TorchScript export
-                return from_medkd_metadata(read_metadata(path), "medkd export metadata", [side])
+                return from_medkd_metadata(_decode(doc, path), "medkd export metadata", [side])
             return read_sidecar(side)
-    if kind == "onnx":
-        props = _onnx_props(path)
+    if session is not None:
+        props = dict(session.get_modelmeta().custom_metadata_map)
         if any(k.startswith(PREFIX) for k in props):
             return from_medkd_metadata(_decode(props, path), "medkd export metadata", [])
     raise MedkdError(f"{path}: no input description: put a sidecar {sidecars(path)[0].name} beside it (input_channels, "
                      f"intensity, size or spacing, output; see medkd/teachers/files.py) or use a medkd export")
-
-
-def _onnx_props(path: Path) -> Dict[str, str]:
-    return dict(_session(path).get_modelmeta().custom_metadata_map)
 
 
 def _session(path: Path):
@@ -245,9 +242,11 @@ def _input_size(desc: Description, data: Any) -> int:
 
 
 def _load(kind: str, path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
-    desc = describe(path, kind)
+    reject_options(path, kind, request, ("fold", "checkpoint"))
+    net = OnnxNet(path) if kind == "onnx" else None
+    desc = describe(path, net.session if net is not None else None)
     what = str(path)
-    net = OnnxNet(path) if kind == "onnx" else load_torchscript(path)
+    net = net if net is not None else load_torchscript(path)
     if kind == "onnx" and isinstance(net.input_shape[1], int) and net.input_shape[1] != desc.channels:
         raise MedkdError(f"{path}: graph input takes {net.input_shape[1]} channel(s) but its description "
                          f"({desc.origin}) says input_channels {desc.channels}")

@@ -14,7 +14,7 @@ from medkd.checkpoint import load_model_from_run, trained_size
 from medkd.errors import MedkdError
 from medkd.rundir import BEST, CONFIG, LAST, SUMMARY, require_run_dir, run_checkpoint
 from medkd.teachers import register_kind
-from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files
+from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files, reject_options
 
 KIND = "medkd"
 EXPECTS = f"a run folder of medkd train-teacher ({BEST}, {SUMMARY}, ...)"
@@ -35,6 +35,7 @@ def load(path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
             does not load (weights-only, :func:`medkd.checkpoint.load_checkpoint`).
     """
     run = require_run_dir(Path(path), "teacher run folder")
+    reject_options(run, KIND, request, ("fold", "checkpoint"))
     model, ckpt = load_model_from_run(run, "best")
     if ckpt.get("kind") != "teacher":
         raise MedkdError(f"{run}: not a teacher run (kind={ckpt.get('kind')!r})")
