@@ -178,6 +178,38 @@ def test_teacher_taps_override_a_medkd_teachers_own(tiny_data, tiny_teacher, tmp
     assert "teacher: medkd" in r.stderr
 
 
+def test_taps_of_an_external_torch_teacher_are_its_own_paths(tiny_data, tmp_path):
+    """A torch network wrapped by the bridge (as nnU-Net's and a bundle's are) is tapped at paths of its own
+    network: --teacher-taps is required for feature scales, checked with suggestions, and prefixed for the hooks."""
+    from medkd.distill.distiller import DistillTerms
+    from medkd.distill.inputs import teacher_tap_paths
+    from medkd.models import build_model
+    from medkd.teachers.base import LoadedTeacher
+    from medkd.teachers.bridge import BridgedTeacher
+
+    net = build_model("unet", in_channels=1, num_classes=1, width=4).eval()  # any torch network
+    module = BridgedTeacher(net, 1, 32, lambda x: x, None, "sigmoid", 0)
+    loaded = LoadedTeacher("external", tmp_path, module, 1, {}, {}, True, None, None, None)
+
+    def cfg(**kw):
+        return build_config(DistillConfig, overrides=dict(teacher=str(tmp_path), scales=["enc"], loss="mse", **kw))
+
+    assert teacher_tap_paths(loaded, cfg(teacher_taps={"enc": "encoder.3"})) == {"enc": "net.encoder.3"}
+    with pytest.raises(MedkdError, match=r"external teacher: BridgedTeacher has no known tap for enc: give "
+                                         r"--teacher-taps enc=module\.path$"):
+        teacher_tap_paths(loaded, cfg())
+    with pytest.raises(MedkdError, match=r"--teacher-taps enc=encoder\.33: no module at path 'encoder\.33' in UNet; "
+                                         r"did you mean encoder\.3"):
+        teacher_tap_paths(loaded, cfg(teacher_taps={"enc": "encoder.33"}))
+    student = build_model("s1", in_channels=1, num_classes=1, width=4)
+    terms = DistillTerms(student, module, cfg(teacher_taps={"enc": "encoder.3"}), 32)
+    assert terms.t_paths == {"enc": "net.encoder.3"}
+    x = torch.rand(2, 1, 32, 32)
+    got = terms.teacher_view().run(x)
+    with torch.no_grad():
+        assert torch.equal(got["logits"], net(x)[0]) and got["enc"].shape[0] == 2
+
+
 # ------------------------------------------------------------------------------------------ TorchScript and ONNX
 @pytest.fixture(scope="module")
 def exports(tiny_teacher, tmp_path_factory):
