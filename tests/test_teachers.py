@@ -337,6 +337,30 @@ def onnx_argv(sidecar, *extra):
     return build
 
 
+def test_foreign_torchscript_with_spacing_sidecar(tmp_path, tiny_data):
+    """A TorchScript file not made by medkd, described by a sidecar that gives its spacing: the slices are resized
+    by the dataset's median prepared spacing to about that spacing (rounded up to size_multiple) and back."""
+    from medkd.teachers.bridge import median_prepared_spacing
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
+        net = torch.jit.script(torch.nn.Conv2d(1, 1, 3, padding=1))
+    m = tmp_path / "seg.ts"
+    net.save(str(m))
+    (tmp_path / "seg.json").write_text(json.dumps({"input_channels": 1, "intensity": {"normalise": "zscore"},
+                                                   "spacing": [2.0, 2.0], "size_multiple": 8, "output": "sigmoid"}))
+    data = PreparedData(tiny_data)
+    t = open_teacher(m, TeacherRequest(in_channels=3), data)
+    want = size_for_spacing(median_prepared_spacing(data), data.size, [2.0, 2.0], 8)
+    assert t.kind == "torchscript" and t.details["input_size"] == want and want % 8 == 0
+    assert set(t.files) == {"seg.ts", "seg.json"} and t.details["description"]["from"] == "seg.json"
+    x = torch.rand(2, 3, data.size, data.size)  # a 3-channel student: the prepared slice repeated
+    with torch.no_grad():
+        assert t.module(x).shape == (2, 1, data.size, data.size)
+
+
 BAD_FILES = [
     # (sidecar text or None, --teacher-label, extra args, exit code, error pattern)
     (None, None, [], 1, r"seg\.onnx: no input description: put a sidecar seg\.onnx\.json beside it"),
