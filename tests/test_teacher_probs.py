@@ -177,3 +177,66 @@ def test_prob_logits_are_clamped_and_fp16():
                          np.log(0.9 / 0.1)])
     assert z.dtype == torch.float16
     torch.testing.assert_close(z.float(), want.float(), atol=1e-2, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def distill_cli(data: Path, run: Path, *extra: str):
+    from typer.testing import CliRunner
+
+    from medkd.cli import app
+
+    argv = ["distill", str(data), "-o", str(run), "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+            "--seed", "0", "--student-width", "4", "--teacher-outputs", "auto", *extra]
+    return CliRunner().invoke(app, argv)
+
+
+def test_distill_cli_with_teacher_probs_pmd_and_pseudo_labels(tiny_data, tmp_path):
+    from medkd.rundir import file_sha256
+
+    probs = write_probs(tiny_data, tmp_path / "probs")
+    run = tmp_path / "run"
+    r = distill_cli(tiny_data, run, "--teacher-probs", str(probs), "--scales", "none", "--pmd", "--pseudo-label",
+                    "--fraction", "0.5", "--kd-images", "all")
+    assert r.exit_code == 0, r.output
+    assert "teacher: probs" in r.stderr
+    s = json.loads((run / "summary.json").read_text())
+    src = s["teacher_source"]
+    assert src["kind"] == "probs" and src["source"] == str(probs.resolve())
+    train = PreparedData(tiny_data).case_ids("train")
+    assert src["files"] == {f"{c}.nii.gz": file_sha256(probs / f"{c}.nii.gz") for c in train}
+    assert "features" not in src["terms"]
+    assert s["teacher_outputs"]["mode"] == "memory" and s["pmd"] and s["pseudo_label"]
+    assert s["teacher"] == str(probs.resolve())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert {"pmd", "pl"} <= set(history[0]) and np.isfinite(history[0]["pmd"]) and np.isfinite(history[0]["pl"])
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+# builders for tests/test_bad_inputs.py's corpus (block "trust boundaries: --teacher-probs")
+def probs_cli(*extra: str, spoil=None):
+    """A command line distilling the tiny dataset from its one-hot probabilities, after ``spoil(dir, first train
+    case, its label, affine)`` changed them."""
+
+    def build(env) -> list:
+        d = write_probs(env.data, env.tmp / "probs")
+        if spoil is not None:
+            data = PreparedData(env.data)
+            cid = data.case_ids("train")[0]
+            spoil(d, cid, *one_hot_label(data.case(cid)))
+        return ["distill", env.data, "-o", env.tmp / "run", "--teacher-probs", d, "--epochs", "1", "--device", "cpu",
+                *extra]
+
+    return build
+
+
+def drop_case(d: Path, cid: str, lab, affine) -> None:
+    (d / f"{cid}.nii.gz").unlink()
+
+
+def other_shape(d: Path, cid: str, lab, affine) -> None:
+    nib.save(nib.Nifti1Image((lab[:-2] > 0).astype(np.float32), affine), str(d / f"{cid}.nii.gz"))
+
+
+def three_classes(d: Path, cid: str, lab, affine) -> None:
+    fg = (lab > 0).astype(np.float32)
+    nib.save(nib.Nifti1Image(np.stack([1 - fg, fg, 0 * fg], axis=-1), affine), str(d / f"{cid}.nii.gz"))

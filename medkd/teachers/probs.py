@@ -35,6 +35,8 @@ from medkd.data.prepared import PreparedData
 from medkd.data.recipe import prepared_slices
 from medkd.errors import DataError, MedkdError
 from medkd.rundir import confined
+from medkd.teachers import register_kind
+from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files
 
 #: file suffixes read, in order of preference (nnU-Net writes its mask ``<case>.nii.gz`` beside ``<case>.npz``)
 SUFFIXES = (".npz", ".nii.gz", ".nii")
@@ -190,3 +192,57 @@ def prepared_probs(directory: Path, data: PreparedData, case_id: str, label: Opt
         raise DataError(f"{path}: case {case_id!r}: gives {tuple(out.shape)} slices, the prepared case has "
                         f"{tuple(want)} (was the dataset prepared from another image?)")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- the kind
+KIND = "probs"
+EXPECTS = "--teacher-probs DIR: a folder of <case>.npz (nnU-Net --save_probabilities) or <case>.nii.gz files"
+
+
+def detect(path: Path) -> bool:
+    """Never from ``--teacher``: saved probabilities are given with ``--teacher-probs DIR`` (a folder of
+    predictions beside their masks would be ambiguous). Registered so that an unrecognised ``--teacher`` path is
+    told where probabilities go."""
+    return False
+
+
+def load(path: Path, request: TeacherRequest, data: PreparedData) -> LoadedTeacher:
+    """``--teacher-probs DIR`` as a :class:`~medkd.teachers.base.LoadedTeacher` whose ``case_probs`` reads a
+    case's file on demand (:func:`prepared_probs`); no module (prediction-map terms only), no disk cache (the files
+    are the stored outputs).
+
+    ``files`` holds the SHA-256 of the file of every train case in ``DIR`` (a case without a file fails when a
+    run reads it, naming the case).
+
+    Raises:
+        MedkdError: ``DIR`` is not a folder, or holds no file for any train case.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MedkdError(f"{directory}: --teacher-probs must be a folder of per-case probability files "
+                         f"(<case>.npz or <case>.nii.gz)")
+    found = {}
+    for cid in data.case_ids("train"):
+        try:
+            found[cid] = probs_file(directory, cid)
+        except DataError:
+            continue
+    if not found:
+        raise MedkdError(f"{directory}: no probability file for any train case of {data.root} (expected "
+                         f"<case>.npz or <case>.nii.gz named by the manifest's case ids, e.g. "
+                         f"{data.case_ids('train')[0] if data.case_ids('train') else 'case_000'}.npz)")
+    formats = sorted({"npz" if p.name.endswith(".npz") else "nifti" for p in found.values()})
+    label = request.label
+
+    def case_probs(case_id: str) -> np.ndarray:
+        return prepared_probs(directory, data, case_id, label)
+
+    return LoadedTeacher(kind=KIND, source=directory, module=None, in_channels=int(request.in_channels),
+                         files=hash_files(directory, found.values()),
+                         details={"format": ",".join(formats), "train_cases": len(found),
+                                  **({"label": label} if label is not None else {})},
+                         taps_ok=False, default_taps=None, cache_key_file=None, cache_root=None,
+                         case_probs=case_probs)
+
+
+register_kind(KIND, detect, load, EXPECTS)
