@@ -240,3 +240,35 @@ def other_shape(d: Path, cid: str, lab, affine) -> None:
 def three_classes(d: Path, cid: str, lab, affine) -> None:
     fg = (lab > 0).astype(np.float32)
     nib.save(nib.Nifti1Image(np.stack([1 - fg, fg, 0 * fg], axis=-1), affine), str(d / f"{cid}.nii.gz"))
+
+
+def test_ablate_cli_with_teacher_probs(tiny_data, tmp_path):
+    """An ablation whose rows distil saved probabilities: no teacher-output plan (each run reads them into
+    memory), equal-budget baselines as usual, no teacher reference row (no model to evaluate)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from medkd.cli import app
+
+    probs = write_probs(tiny_data, tmp_path / "probs")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump([{"scales": "none", "pmd": True},
+                                    {"scales": "none", "pmd": True, "pseudo_label": True}]))
+    out = tmp_path / "abl"
+    r = CliRunner().invoke(app, ["ablate", str(tiny_data), "--teacher-probs", str(probs), "-o", str(out), "--grid",
+                                 str(grid), "--seeds", "0", "--student-width", "4", "--epochs", "1", "--batch-size",
+                                 "8", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["teacher"] is None and res["teacher_probs"] == str(probs.resolve()) and res["teacher_outputs"] is None
+    names = [row["name"] for row in res["rows"]]
+    assert names[0] == "baseline" and len(names) == 3 and not any(row.get("reference") for row in res["rows"])
+    assert all(np.isfinite(row["dice_mean"]) for row in res["rows"])
+    runs = sorted(out.glob("runs/*/seed0/summary.json"))
+    kd = [json.loads(p.read_text()) for p in runs]
+    kd = [s for s in kd if s["teacher"]]
+    assert len(kd) == 2 and all(s["teacher_source"]["kind"] == "probs" and s["teacher_outputs"]["mode"] == "memory"
+                                for s in kd)
+    both = CliRunner().invoke(app, ["ablate", str(tiny_data), "--teacher-probs", str(probs), "--teacher", str(probs),
+                                    "-o", str(tmp_path / "x"), "--grid", str(grid)])
+    assert both.exit_code == 2 and "give either --teacher or --teacher-probs, not both" in both.stderr
