@@ -144,11 +144,57 @@ def _bad_files(lab, affine):
     }
 
 
-@pytest.mark.parametrize("bad", ["shape", "grid", "logits", "nan", "npz-key", "npz-shape", "missing"])
+def _npz_bytes_cut(p: Path, fg) -> None:
+    np.savez(p, probabilities=np.stack([1 - fg, fg]).transpose(0, 3, 2, 1))
+    data = Path(p).read_bytes()
+    Path(p).write_bytes(data[: len(data) // 2])  # a download cut short
+
+
+def _npz_truncated_member(p: Path, fg) -> None:
+    """A well-formed zip whose ``probabilities.npy`` holds fewer bytes than its header declares."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.stack([1 - fg, fg]).transpose(0, 3, 2, 1))
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("probabilities.npy", buf.getvalue()[:-100])
+
+
+def _bad_npz(lab, affine):
+    fg = (lab > 0).astype(np.float32)
+    Z, Y, X = fg.shape[2], fg.shape[1], fg.shape[0]
+    return {
+        "npz-object": (lambda p: np.savez(p / "{}.npz", probabilities=np.empty((2, Z, Y, X), dtype=object)),
+                       r"unsupported value type object"),
+        "npz-cut": (lambda p: _npz_bytes_cut(p / "{}.npz", fg), r"cannot read probabilities \(BadZipFile"),
+        "npz-truncated": (lambda p: _npz_truncated_member(p / "{}.npz", fg),
+                          r"probabilities are truncated \(channel 1 has \d+ of \d+ bytes\)"),
+    }
+
+
+def test_npz_reads_one_channel_and_a_fortran_ordered_array_alike(tiny_data, tmp_path):
+    d = PreparedData(tiny_data)
+    cid = d.case_ids("train")[0]
+    lab, affine = one_hot_label(d.case(cid))
+    fg = (lab > 0).astype(np.float32)
+    stack = np.stack([1 - fg, 0.25 * fg, 0.75 * fg]).transpose(0, 3, 2, 1)  # (K, Z, Y, X)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "f").mkdir()
+    np.savez_compressed(tmp_path / "c" / f"{cid}.npz", probabilities=stack.astype(np.float16))
+    np.savez(tmp_path / "f" / f"{cid}.npz", probabilities=np.asfortranarray(stack))
+    for k, scale in ((1, 0.25), (2, 0.75)):
+        want = prepared_slices(scale * fg, affine, d.size, False)
+        np.testing.assert_allclose(prepared_probs(tmp_path / "c", d, cid, k), want, atol=1e-3)
+        np.testing.assert_array_equal(prepared_probs(tmp_path / "f", d, cid, k), want)
+
+
+@pytest.mark.parametrize("bad", ["shape", "grid", "logits", "nan", "npz-key", "npz-shape", "missing", "npz-object",
+                                 "npz-cut", "npz-truncated"])
 def test_a_bad_probability_file_is_one_line_naming_the_case(tiny_data, tmp_path, bad):
     d = PreparedData(tiny_data)
     cid = d.case_ids("train")[0]
-    write, pattern = _bad_files(*one_hot_label(d.case(cid)))[bad]
+    write, pattern = {**_bad_files(*one_hot_label(d.case(cid))), **_bad_npz(*one_hot_label(d.case(cid)))}[bad]
     out = tmp_path / "p"
     out.mkdir()
 

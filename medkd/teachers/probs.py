@@ -24,9 +24,12 @@ nearest for labels), so probabilities equal to the one-hot label serve the label
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 
+import nibabel as nib
 import numpy as np
 
 from medkd.data.io import read_nifti
@@ -99,30 +102,57 @@ def foreground_channel(k: int, label: Optional[int], path: Path) -> int:
 
 
 def _read_npz(path: Path, shape: Tuple[int, int, int], label: Optional[int], case_id: str) -> np.ndarray:
-    """``probabilities (K, Z, Y, X)`` of an nnU-Net ``.npz`` -> the foreground ``(X, Y, Z)``."""
+    """The foreground channel ``(X, Y, Z)`` of an nnU-Net ``.npz``'s ``probabilities (K, Z, Y, X)``.
+
+    The array's header is checked (shape of the source image, numeric type: an object array, which needs pickle,
+    is refused) before any data is read, and only the chosen channel is decoded (a teacher of 100 classes on a CT
+    volume holds gigabytes of probabilities; one channel is what the student needs).
+    """
+    want = (shape[2], shape[1], shape[0])  # SimpleITK order: (Z, Y, X)
+    member = f"{NPZ_KEY}.npy"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if NPZ_KEY not in z.files:
-                raise DataError(f"{path}: case {case_id!r}: no {NPZ_KEY!r} array (has {', '.join(z.files) or 'none'};"
-                                f" expected nnU-Net's --save_probabilities output)")
-            stack = z[NPZ_KEY]
-    except (DataError, MedkdError):
+        with zipfile.ZipFile(path) as zf:
+            if member not in zf.namelist():
+                keys = ", ".join(n[:-4] for n in zf.namelist() if n.endswith(".npy")) or "none"
+                raise DataError(f"{path}: case {case_id!r}: no {NPZ_KEY!r} array (has {keys}; expected nnU-Net's "
+                                f"--save_probabilities output)")
+            with zf.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                stored, fortran, dtype = header(f)
+                if len(stored) != 4 or tuple(stored[1:]) != want:
+                    raise DataError(f"{path}: case {case_id!r}: probabilities of shape {tuple(stored)} do not match "
+                                    f"the source image (expected (K, {', '.join(map(str, want))}): (K, Z, Y, X) of "
+                                    f"its {shape[0]}x{shape[1]}x{shape[2]} voxels)")
+                _check_dtype(dtype, path, case_id)
+                channel = foreground_channel(int(stored[0]), label, path)
+                if fortran:  # not what nnU-Net writes: decode the whole (size-checked) array
+                    return np.load(path, allow_pickle=False)[NPZ_KEY][channel].transpose(2, 1, 0)
+                n_bytes = int(np.prod(want)) * dtype.itemsize
+                f.seek(channel * n_bytes, io.SEEK_CUR)
+                data = f.read(n_bytes)
+    except MedkdError:
         raise
-    except Exception as e:  # a zip/npy fault, or an object array (needs pickle: refused)
+    except Exception as e:  # a zip/npy fault (bad zip, bad header, truncated member)
         raise DataError(f"{path}: case {case_id!r}: cannot read probabilities ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:120]})") from None
-    want = (shape[2], shape[1], shape[0])  # SimpleITK order: (Z, Y, X)
-    if stack.ndim != 4 or tuple(stack.shape[1:]) != want:
-        raise DataError(f"{path}: case {case_id!r}: probabilities of shape {tuple(stack.shape)} do not match the "
-                        f"source image (expected (K, {', '.join(map(str, want))}): (K, Z, Y, X) of its "
-                        f"{shape[0]}x{shape[1]}x{shape[2]} voxels)")
-    _check_dtype(stack, path, case_id)
-    return stack[foreground_channel(stack.shape[0], label, path)].transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
+    if len(data) != n_bytes:
+        raise DataError(f"{path}: case {case_id!r}: probabilities are truncated (channel {channel} has "
+                        f"{len(data)} of {n_bytes} bytes)")
+    return np.frombuffer(data, dtype).reshape(want).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
 
 
 def _read_nifti(path: Path, shape: Tuple[int, int, int], affine: np.ndarray, label: Optional[int],
                 case_id: str) -> np.ndarray:
     """A 3-D probability or a 4-D ``(X, Y, Z, K)`` stack in the source grid -> the foreground ``(X, Y, Z)``."""
+    try:  # the header's shape, before any voxel is read
+        stored = tuple(nib.load(str(path)).shape)
+    except Exception:
+        stored = None  # read_nifti names what is wrong with the file
+    if stored is not None and tuple(stored[:3]) != tuple(shape):
+        raise DataError(f"{path}: case {case_id!r}: probability volume of shape {stored} does not match the source "
+                        f"image's {tuple(shape)} (save it in the source image's voxel grid)")
     vol = read_nifti(path, channels=True)
     arr = vol.array
     if tuple(arr.shape[:3]) != tuple(shape):
@@ -132,16 +162,16 @@ def _read_nifti(path: Path, shape: Tuple[int, int, int], affine: np.ndarray, lab
         diff = float(np.max(np.abs(vol.affine - affine)))
         raise DataError(f"{path}: case {case_id!r}: affine differs from the source image's (max difference "
                         f"{diff:.3g}; save the probabilities in the source image's voxel grid)")
-    _check_dtype(arr, path, case_id)
+    _check_dtype(arr.dtype, path, case_id)
     if arr.ndim == 3:
         foreground_channel(1, label, path)  # the label must suit one foreground probability
         return arr
     return arr[..., foreground_channel(arr.shape[3], label, path)]
 
 
-def _check_dtype(arr: np.ndarray, path: Path, case_id: str) -> None:
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{path}: case {case_id!r}: unsupported value type {arr.dtype} (expected probabilities)")
+def _check_dtype(dtype: np.dtype, path: Path, case_id: str) -> None:
+    if np.dtype(dtype).kind not in "biuf":
+        raise DataError(f"{path}: case {case_id!r}: unsupported value type {dtype} (expected probabilities)")
 
 
 def check_probabilities(p: np.ndarray, path: Path, case_id: str) -> np.ndarray:
