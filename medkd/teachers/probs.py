@@ -29,7 +29,6 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 
-import nibabel as nib
 import numpy as np
 
 from medkd.data.io import read_nifti
@@ -146,6 +145,8 @@ def _read_npz(path: Path, shape: Tuple[int, int, int], label: Optional[int], cas
 def _read_nifti(path: Path, shape: Tuple[int, int, int], affine: np.ndarray, label: Optional[int],
                 case_id: str) -> np.ndarray:
     """A 3-D probability or a 4-D ``(X, Y, Z, K)`` stack in the source grid -> the foreground ``(X, Y, Z)``."""
+    import nibabel as nib
+
     try:  # the header's shape, before any voxel is read
         stored = tuple(nib.load(str(path)).shape)
     except Exception:
