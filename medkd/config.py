@@ -154,6 +154,12 @@ class DistillConfig(TrainConfig):
                                               "with an external torch teacher, overrides a medkd teacher's own.",
                                               check=opt.parse_teacher_taps, parse=opt.parse_teacher_taps,
                                               cli_type=str, default_text="a medkd teacher's own; external: none")
+    # a teacher given as data (medkd.teachers.probs): its saved per-case probabilities instead of a model
+    teacher_probs: Optional[str] = opt.option(None, help="Instead of --teacher: a folder of the teacher's saved "
+                                              "per-case foreground probabilities in each source image's geometry, "
+                                              "<case>.npz (nnU-Net --save_probabilities) or <case>.nii.gz (3-D, "
+                                              "or 4-D with --teacher-label). Prediction-map terms only (PMD, CWD, "
+                                              "pseudo-labels).", cli_type=Path, default_text="none")
     scales: List[str] = opt.option(default_factory=list, help="Feature scales to distil: a comma list of "
                                    "enc, bottleneck, dec, or none.", check=opt.parse_scales, parse=opt.parse_scales,
                                    cli_type=str, default_text="none (PMD only)")
@@ -213,9 +219,19 @@ class DistillConfig(TrainConfig):
         super().validate()
         if self.scales:  # the options reach the losses only when there are feature scales
             opt.check_loss_options([self.scale_losses.get(s, self.loss) for s in self.scales], self.loss_options)
-        if self.uses_teacher and not self.teacher:
+        if self.teacher and self.teacher_probs:
+            raise opt.OptionError("give either --teacher or --teacher-probs, not both", "--teacher-probs")
+        if self.uses_teacher and not self.teacher_path:
             off = "--scales none --no-pmd" + (" --no-pseudo-label" if self.uses_pseudo_labels else "")
-            raise opt.OptionError(f"distillation needs --teacher TEACHER_RUN (or use {off})")
+            raise opt.OptionError(f"distillation needs --teacher TEACHER_RUN or --teacher-probs DIR (or use {off})")
+        if self.uses_teacher and self.teacher_probs and self.augment:
+            raise opt.OptionError("--augment flips the images, which saved --teacher-probs cannot follow "
+                                  "(use --no-augment)", "--augment")
+
+    @property
+    def teacher_path(self) -> Optional[str]:
+        """What the teacher was given as: ``--teacher`` (a model) or ``--teacher-probs`` (saved outputs)."""
+        return self.teacher or self.teacher_probs
 
     @property
     def uses_teacher(self) -> bool:
@@ -271,7 +287,7 @@ class DistillConfig(TrainConfig):
         if not scales:
             out.pop("teacher_taps")  # taps act only at feature scales
         if not self.uses_teacher:
-            for k in ("teacher_label", "teacher_fold", "teacher_checkpoint", "teacher_taps"):
+            for k in ("teacher_label", "teacher_fold", "teacher_checkpoint", "teacher_taps", "teacher_probs"):
                 out.pop(k, None)
             out.pop("teacher")
             out.pop("taps")

@@ -27,6 +27,7 @@ from medkd.cli import app
 from medkd.data.phantom import DEFAULT_SPACING
 
 import test_teachers as teachers  # builders of teacher files (ONNX with/without a sidecar)
+import test_teacher_probs as tp  # the --teacher-probs builders
 import test_trust as trust  # the trust-boundary builders (tests/ is on sys.path, like conftest)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
@@ -860,6 +861,24 @@ CASES: List[Case] = [
     Case("teacher-taps-typo", lambda e: ["distill", e.data, "-o", e.tmp / "s", "--teacher", e.teacher, "--scales",
                                          "enc", "--teacher-taps", "enc=encodr.3", "--epochs", "1"], 1,
          r"^error: .*--teacher-taps enc=encodr\.3: no module at path 'encodr\.3' in UNet; did you mean encoder\.3"),
+    # trust boundaries: --teacher-probs (issue 20, saved teacher probabilities)
+    Case("probs-and-teacher", lambda e: tp.probs_cli("--teacher", e.teacher)(e), 1,
+         r"^error: give either --teacher or --teacher-probs, not both$"),
+    Case("probs-feature-scales", tp.probs_cli("--scales", "enc"), 1,
+         r"^error: .*probs: feature scales \(enc\) need a torch-module teacher .* a probs teacher gives prediction "
+         r"maps only"),
+    Case("probs-augment", tp.probs_cli("--augment"), 1,
+         r"^error: --augment flips the images, which saved --teacher-probs cannot follow \(use --no-augment\)$"),
+    Case("probs-not-a-folder", lambda e: ["distill", e.data, "-o", e.tmp / "run", "--teacher-probs", e.tmp / "none"],
+         1, r"^error: .*none: --teacher-probs must be a folder of per-case probability files"),
+    Case("probs-missing-case", tp.probs_cli(spoil=tp.drop_case), 1,
+         r"^error: .*probs: no probabilities for case '[\w-]+' \(expected [\w-]+\.npz or [\w-]+\.nii\.gz\)$"),
+    Case("probs-other-shape", tp.probs_cli(spoil=tp.other_shape), 1,
+         r"^error: .*probs/[\w-]+\.nii\.gz: case '[\w-]+': probability volume of shape \(46, 48, \d+\) does not "
+         r"match the source image's \(48, 48, \d+\)"),
+    Case("probs-three-classes", tp.probs_cli(spoil=tp.three_classes), 1,
+         r"^error: .*\.nii\.gz: 3 classes \(channels 0-2; .*\): choose the student's foreground class with "
+         r"--teacher-label N$"),
 ]
 
 

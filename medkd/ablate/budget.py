@@ -23,9 +23,9 @@ def baseline_config(cfg: DistillConfig) -> DistillConfig:
     """The student alone: ``cfg`` without any distillation (KD-only options back to their defaults); every
     training option (epochs, batch size, augmentation, fraction, ``steps_per_epoch``) is kept."""
     d = DistillConfig()
-    return replace(cfg, scales=[], pmd=False, pseudo_label=False, teacher=None, loss=d.loss, scale_losses={},
-                   loss_options={}, temperature=d.temperature, pmd_loss=d.pmd_loss, weights=dict(d.weights), taps={},
-                   kd_warmup_epochs=d.kd_warmup_epochs)
+    return replace(cfg, scales=[], pmd=False, pseudo_label=False, teacher=None, teacher_probs=None, loss=d.loss,
+                   scale_losses={}, loss_options={}, temperature=d.temperature, pmd_loss=d.pmd_loss,
+                   weights=dict(d.weights), taps={}, kd_warmup_epochs=d.kd_warmup_epochs)
 
 
 def natural_steps_per_epoch(cfg: DistillConfig, data: PreparedData) -> int:

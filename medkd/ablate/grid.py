@@ -176,7 +176,7 @@ def _normalize_cell(cell: Dict[str, Any], where: str) -> Dict[str, Any]:
     out = dict(cell)
     for k in out:
         if k in CELL_RESERVED:
-            hint = "--teacher" if k == "teacher" else "--seeds"
+            hint = {"teacher": "--teacher", "teacher_probs": "--teacher-probs"}.get(k, "--seeds")
             raise MedkdError(f"{where}: {k!r} cannot be set per cell (use {hint})")
         if k != "name" and k not in names:
             valid = ", ".join(n for n in names if n not in CELL_RESERVED)
@@ -196,6 +196,7 @@ def build_plan(
     data: Optional[PreparedData] = None,
     fractions: Optional[Sequence[float]] = None,
     references: Optional[Sequence[str]] = None,
+    teacher_probs: Optional[Path] = None,
 ) -> Plan:
     """Resolve every cell's config (defaults < grid options < ``config`` < ``base_overrides`` < cell), give each
     distillation row a baseline of its budget, add the references, name the rows. Every cell is validated before
@@ -204,6 +205,8 @@ def build_plan(
     Args:
         grid_doc: from :func:`load_grid_doc`.
         teacher: the teacher run (every distillation row's ``teacher``).
+        teacher_probs: instead of ``teacher``, a folder of the teacher's saved probabilities (every distillation
+            row's ``teacher_probs``; there is no teacher model to evaluate, so no ``teacher`` reference).
         seeds: the seeds (default: the grid's, else :data:`DEFAULT_SEEDS`).
         base_overrides: options for every cell unless the cell sets them.
         config: a distill options YAML under ``base_overrides``.
@@ -225,7 +228,7 @@ def build_plan(
     wanted = parse_references(DEFAULT_REFERENCES if wanted is None else wanted)
     if fractions and (base_overrides or {}).get("fraction") is not None:
         raise MedkdError("give --fraction or --fractions, not both")
-    resolve = _resolver(grid_doc, teacher, base_overrides, config)
+    resolve = _resolver(grid_doc, teacher, base_overrides, config, teacher_probs)
     base = resolve({}, f"{source}: common options")
     bases = [resolve({"fraction": f}, f"{source}: fractions") for f in fractions] if fractions else [base]
     cells = _grid_cells(grid_doc, resolve, fractions)
@@ -245,11 +248,13 @@ def build_plan(
 
 
 def _resolver(grid_doc: Dict[str, Any], teacher: Optional[Path], base_overrides: Optional[Dict[str, Any]],
-              config: Optional[Path]) -> Callable[[Dict[str, Any], str], DistillConfig]:
+              config: Optional[Path], teacher_probs: Optional[Path] = None
+              ) -> Callable[[Dict[str, Any], str], DistillConfig]:
     """``resolve(cell, where)``: the cell's config from the layers defaults < grid options < ``config`` <
     ``base_overrides`` < cell, validated (errors name ``where``)."""
     source = grid_doc["source"]
     teacher_s = str(Path(teacher).resolve()) if teacher else None
+    probs_s = str(Path(teacher_probs).resolve()) if teacher_probs else None
     options = _normalize_cell(grid_doc.get("options") or {}, f"{source}: options")
     options.pop("name", None)
     # a --config file may be a run's config.yaml: its teacher and seed are the ablation's to set
@@ -258,7 +263,8 @@ def _resolver(grid_doc: Dict[str, Any], teacher: Optional[Path], base_overrides:
     common = {k: v for k, v in (base_overrides or {}).items() if k not in CELL_RESERVED}
 
     def resolve(cell: Dict[str, Any], where: str) -> DistillConfig:
-        layers = [options, from_file, common, {k: v for k, v in cell.items() if k != "name"}, {"teacher": teacher_s}]
+        layers = [options, from_file, common, {k: v for k, v in cell.items() if k != "name"},
+                  {"teacher": teacher_s, "teacher_probs": probs_s}]
         try:
             return build_config(DistillConfig, layers=layers)
         except MedkdError as e:

@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Sequence
 
 from medkd.config import DEFAULT_WEIGHTS, DistillConfig, run_identity, to_dict
 
-CELL_RESERVED = ("teacher", "seed")  # fixed by the ablation (--teacher, --seeds): not part of a row's identity
+CELL_RESERVED = ("teacher", "teacher_probs", "seed")  # fixed by the ablation (--teacher or --teacher-probs,
+# --seeds): not part of a row's identity
 ABBR = {"enc": "E", "bottleneck": "B", "dec": "D"}
 #: How an option reads in a row's name when it differs (default: its own name).
 NAME_LABELS = {"steps_per_epoch": "steps/epoch"}

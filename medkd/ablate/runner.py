@@ -69,6 +69,7 @@ def ablate(
     report_only: bool = False,
     fractions: Optional[Sequence[float]] = None,
     references: Optional[Sequence[str]] = None,
+    teacher_probs: Optional[Path] = None,
 ) -> Optional[Dict[str, Any]]:
     """Run (or resume) an ablation, or one shard of it, and write ``DIR/results.{json,csv,md,png}`` (and
     ``label_efficiency.png`` with several fractions).
@@ -102,6 +103,9 @@ def ablate(
         references: reference rows, of ``all_labels`` and ``teacher`` (default: the grid's ``references``, else
             ``teacher``; ``[]``: none). The teacher is evaluated once on the test split
             (``DIR/references/teacher/eval-test.json``).
+        teacher_probs: instead of ``teacher``, a folder of the teacher's saved per-case probabilities
+            (``--teacher-probs``, :mod:`medkd.teachers.probs`): every run reads them into memory; there is no teacher
+            model, so no ``teacher`` reference row.
 
     Returns:
         The results document (also ``DIR/results.json``): ``{"baseline": row, "rows": [row, ...], "test": {...},
@@ -118,17 +122,19 @@ def ablate(
                          "--shard I/N` per GPU or node instead, see the README)")
     if correction not in CORRECTIONS:
         raise MedkdError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
+    if teacher is not None and teacher_probs is not None:
+        raise MedkdError("give either --teacher or --teacher-probs, not both")
     data, out = Path(data), Path(out)
     prepared = PreparedData(data)
     prepared.require_split(SPLIT)
     plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config, data=prepared,
-                      fractions=fractions, references=references)
+                      fractions=fractions, references=references, teacher_probs=teacher_probs)
     _check_teacher(plan, teacher, prepared)
     runs = plan.runs(out)
     mine = [] if report_only else shard_runs(runs, *shard)
     pending = [_pending(cell, seed, run, data, overwrite) for cell, seed, run in mine]
     out.mkdir(parents=True, exist_ok=True)
-    _write_plan(out, plan, data, teacher)
+    _write_plan(out, plan, data, teacher, teacher_probs)
     _announce(console, plan, out, runs, pending, shard, report_only)
     outputs_plan, outputs_note = _plan_teacher_outputs(pending, teacher, prepared, console)
     if report_only:  # evaluate finished runs that lack their evaluation; train nothing
@@ -155,7 +161,7 @@ def ablate(
         if error:
             failed.append({"run": str(teacher), "name": "teacher", "seed": None, "error": error})
     results = _report(plan, runs, data, teacher, out, correction, failed, missing, outputs_plan, time.time() - t0,
-                      teacher_eval)
+                      teacher_eval, teacher_probs)
     figure = ", label_efficiency.png" if has_label_efficiency(results) else ""
     console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png{figure}",
                   highlight=False, soft_wrap=True)
@@ -173,9 +179,9 @@ def _check_teacher(plan: Plan, teacher: Optional[Path], prepared: PreparedData) 
     kd = next((c.cfg for c in plan.cells if c.cfg.uses_teacher), None)
     if kd is None:
         return
-    if teacher is None:
-        raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN")
-    load_teacher(kd, prepared, teacher=Path(teacher))
+    if teacher is None and not kd.teacher_probs:
+        raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN (or --teacher-probs DIR)")
+    load_teacher(kd, prepared, teacher=Path(teacher) if teacher is not None else None)
 
 
 def _pending(cell: Cell, seed: int, run: Path, data: Path, overwrite: bool) -> PendingRun:
@@ -210,9 +216,10 @@ def _plan_teacher_outputs(pending: List[PendingRun], teacher: Optional[Path], pr
                           console: Console) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """One teacher-output mode for the pending runs that leave it to ``auto``: a shared disk cache only when
     cheaper (:func:`medkd.ablate.plan_outputs.plan_runs`). Sets it on those runs' configs; returns the plan's
-    record and the note each run prints."""
-    auto = [p for p in pending
-            if p.state != "done" and p.cfg.uses_teacher and p.cfg.teacher_outputs == "auto" and not p.cfg.augment]
+    record and the note each run prints. Runs on saved probabilities (``teacher_probs``) have nothing to plan: each
+    reads them into memory (:func:`medkd.distill.teacher_outputs.setup_case_targets`)."""
+    auto = [p for p in pending if p.state != "done" and p.cfg.uses_teacher and p.cfg.teacher_outputs == "auto"
+            and not p.cfg.augment and not p.cfg.teacher_probs]
     if not auto:
         return None, None
     mode, record = plan_runs([p.cfg for p in auto], Path(teacher), prepared, console)
@@ -315,7 +322,7 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 def _report(plan: Plan, runs: Sequence[Tuple[Cell, int, Path]], data: Path, teacher: Optional[Path], out: Path,
             correction: str, failed: List[Dict[str, Any]], missing: List[str],
             outputs_plan: Optional[Dict[str, Any]], seconds: float,
-            teacher_eval: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            teacher_eval: Optional[Dict[str, Any]] = None, teacher_probs: Optional[Path] = None) -> Dict[str, Any]:
     """Compute the results from the evaluated runs (failed ones left out) and write every report format."""
     failed_runs = {f["run"] for f in failed}
     evals, budgets = {}, {}
@@ -327,6 +334,7 @@ def _report(plan: Plan, runs: Sequence[Tuple[Cell, int, Path]], data: Path, teac
     results = compute_results(plan, evals, correction=correction, teacher_eval=teacher_eval,
                               teacher_summary=teacher_summary, budgets=budgets)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
+                   teacher_probs=str(Path(teacher_probs).resolve()) if teacher_probs else None,
                    out=str(out.resolve()), failed=failed, seconds=round(seconds, 1), teacher_outputs=outputs_plan)
     results["pending"] = sorted(set(missing) - failed_runs)
     results = to_jsonable(results)  # NaN/inf -> None, as written to results.json
@@ -367,10 +375,12 @@ def run_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 
-def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path]) -> None:
+def _write_plan(out: Path, plan: Plan, data: Path, teacher: Optional[Path],
+                teacher_probs: Optional[Path] = None) -> None:
     doc = {
         "source": plan.source, "data": str(Path(data).resolve()),
-        "teacher": str(Path(teacher).resolve()) if teacher else None, "seeds": plan.seeds,
+        "teacher": str(Path(teacher).resolve()) if teacher else None,
+        "teacher_probs": str(Path(teacher_probs).resolve()) if teacher_probs else None, "seeds": plan.seeds,
         "fractions": plan.fractions, "references": plan.references,
         "rows": [{"name": c.name, "folder": f"runs/{c.slug}", "baseline": c.baseline, "setting": c.setting,
                   "reference": c.reference, "grid": c.overrides,

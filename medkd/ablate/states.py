@@ -63,9 +63,9 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
     diffs = [f"{k}: {short_repr(theirs.get(k))} -> {short_repr(v)}" for k, v in mine.items() if theirs.get(k) != v]
     if doc.get("data") and str(Path(doc["data"]).resolve()) != str(Path(data).resolve()):
         diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
-    teacher = doc.get("teacher")
-    if cfg.uses_teacher and teacher and str(Path(teacher).resolve()) != str(Path(cfg.teacher).resolve()):
-        diffs.append(f"teacher: {doc['teacher']} -> {cfg.teacher}")
+    teacher = doc.get("teacher") or doc.get("teacher_probs")
+    if cfg.uses_teacher and teacher and str(Path(teacher).resolve()) != str(Path(cfg.teacher_path).resolve()):
+        diffs.append(f"teacher: {doc['teacher']} -> {cfg.teacher_path}")
     return "; ".join(diffs)
 
 

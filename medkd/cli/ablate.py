@@ -1,4 +1,4 @@
-"""``medkd ablate DATA --teacher TEACHER_RUN -o DIR [--grid GRID.yaml | --preset quick|study]``."""
+"""``medkd ablate DATA --teacher TEACHER_RUN|--teacher-probs DIR -o DIR [--grid GRID.yaml | --preset quick|study]``."""
 
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ from medkd.report.tables import print_table
                           "steps_per_epoch": "one pass over each row's training images; baselines get their row's"})
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
-    teacher: Annotated[Path, typer.Option(help="Teacher run folder (its teacher-output cache is shared by every run).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Ablation folder: runs/<setting>/seed<k>/ and results.*")],
+    teacher: Annotated[Optional[Path], typer.Option(help="Teacher run folder (its teacher-output cache is shared by "
+                                                         "every run). Give --teacher or --teacher-probs. \\[default: none]")] = None,
+    teacher_probs: Annotated[Optional[Path], typer.Option(help="Instead of --teacher: a folder of the teacher's saved "
+                                                               "per-case probabilities (see medkd distill "
+                                                               "--teacher-probs); no teacher reference row. \\[default: none]")] = None,
     grid: Annotated[Optional[Path], typer.Option(help="YAML list of cells, each a mapping of distill options, e.g. "
                                                    "- {scales: \\[enc, dec], loss: contrastive, pmd: true}. Give --grid or --preset. \\[default: none]",
                                               dir_okay=False)] = None,
@@ -71,6 +75,9 @@ def command(
         raise fail(f"unknown --preset {preset!r}; valid: {', '.join(GRID_PRESETS)}", 2)
     if correction not in CORRECTIONS:
         raise fail(f"unknown --correction {correction!r}; valid: {', '.join(CORRECTIONS)}", 2)
+    if (teacher is None) == (teacher_probs is None):
+        raise fail("give either --teacher TEACHER_RUN or --teacher-probs DIR" if teacher is None else
+                   "give either --teacher or --teacher-probs, not both", 2)
     if seeds is not None and seed is not None:
         raise fail("give --seeds or --seed, not both", 2)
     from medkd.ablate import parse_shard
@@ -96,7 +103,7 @@ def command(
     results = ablate(
         data, teacher, out, grid=grid, preset=preset, seeds=seed_list, config=config, correction=correction,
         overwrite=overwrite, shard=shard_ij, report_only=report_only, fractions=fraction_list,
-        references=[] if no_references else None, base_overrides=opts,
+        references=[] if no_references else None, base_overrides=opts, teacher_probs=teacher_probs,
         console=log_console(quiet),
     )
     if results is None:  # a shard whose part is done while other shards still run

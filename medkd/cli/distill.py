@@ -17,6 +17,7 @@ from medkd.config import DistillConfig, build_config
 
 @handle_errors
 @config_options(DistillConfig, "teacher", "teacher_label", "teacher_fold", "teacher_checkpoint", "teacher_taps",
+                "teacher_probs",
                 "student", "student_width", "scales", "loss", "pmd", "temperature",
                 "pmd_loss", "fraction", "subset_seed", "weights", "epochs", "batch_size", "steps_per_epoch", "lr",
                 "weight_decay", "in_channels", "augment", "ema_decay", "teacher_outputs", "cache_budget", "kd_images",

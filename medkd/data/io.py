@@ -57,11 +57,16 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def read_nifti(path: Path) -> Volume:
+def read_nifti(path: Path, channels: bool = False) -> Volume:
     """Read a NIfTI file. A 4D volume with a trailing singleton axis is squeezed; other shapes are rejected.
 
+    Args:
+        path: The ``.nii``/``.nii.gz`` file.
+        channels: Also accept a 4D ``(X, Y, Z, K)`` stack of K channels on one voxel grid (e.g. a teacher's
+            per-class probabilities); ``array`` then keeps the channel axis last.
+
     Raises:
-        DataError: unreadable/truncated file or not a 3D volume.
+        DataError: unreadable/truncated file or not a 3D volume (or, with ``channels``, a 4D stack).
     """
     import nibabel as nib
 
@@ -82,8 +87,9 @@ def read_nifti(path: Path) -> Volume:
         raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {_short(e)})") from None
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {tuple(arr.shape)} ({arr.ndim}D)")
+    if arr.ndim != 3 and not (channels and arr.ndim == 4):
+        what = "a 3D volume or a 4D (X, Y, Z, K) stack" if channels else "a 3D volume"
+        raise DataError(f"{path}: expected {what}, got shape {tuple(arr.shape)} ({arr.ndim}D)")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path}: unsupported voxel type {arr.dtype} (expected integers or floats)")
     affine = np.asarray(img.affine, dtype=np.float64)

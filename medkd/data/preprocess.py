@@ -32,7 +32,8 @@ import numpy as np
 
 import medkd
 from medkd.data.io import read_nifti, read_volume, to_canonical
-from medkd.data.recipe import WINDOW_PRESETS, check_window, detect_modality, normalise_intensity, resize_slices
+from medkd.data.recipe import (WINDOW_PRESETS, check_window, detect_modality, normalise_intensity, prepared_slices,
+                               resize_slices)
 from medkd.data.sources import CaseSource, discover
 from medkd import options as opt
 from medkd.errors import DataError, MedkdError, OutputError
@@ -154,14 +155,13 @@ def process_case(case: CaseSource, settings: PreprocessSettings, cases_dir: Path
     check_label(case, image, label)
 
     img_c, _ = to_canonical(image)
-    lbl_c, _ = to_canonical(label)
     modality = detect_modality(case.modality or image.modality, image.array)
     norm, rule = normalise_intensity(img_c.array, modality, settings.window)
     # (X, Y, Z) -> (Z, X, Y): one axial slice per row.
     img_s = np.moveaxis(norm, 2, 0)
-    lbl_s = np.moveaxis(lbl_c.array, 2, 0)
     img_r = resize_slices(img_s, settings.size, is_label=False).astype(np.float32)
-    lbl_r = resize_slices(lbl_s.astype(np.float32), settings.size, is_label=True).astype(np.uint8)
+    # the label reaches the slice grid by the one function a teacher's probabilities use too (--teacher-probs)
+    lbl_r = prepared_slices(label.array, label.affine, settings.size, is_label=True).astype(np.uint8)
 
     save_npy(confined(cases_dir, f"{case.id}_img.npy"), img_r)
     save_npy(confined(cases_dir, f"{case.id}_lbl.npy"), lbl_r)

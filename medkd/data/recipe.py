@@ -80,6 +80,28 @@ def normalise_intensity(arr: np.ndarray, modality: str, window: Tuple[float, flo
     return out.astype(np.float32), rule
 
 
+def prepared_slices(array: np.ndarray, affine: np.ndarray, size: int, is_label: bool) -> np.ndarray:
+    """A volume in its own voxel grid -> its prepared axial slices: reoriented to RAS (closest canonical, the
+    rule of :func:`~medkd.data.io.to_canonical`), one axial slice per row ``(X, Y, Z) -> (Z, X, Y)``, resized
+    in-plane by :func:`resize_slices`. The one way a label (``is_label=True``: nearest) or a teacher's
+    foreground probability (``is_label=False``: antialiased bilinear) reaches a prepared case's slice grid, so
+    both land on the same rows and pixels.
+
+    Args:
+        array: ``(I, J, K)`` voxel values in the grid of ``affine``.
+        affine: 4x4 voxel-to-world (RAS+, mm) of that grid.
+        size: In-plane size of the prepared slices.
+        is_label: Nearest-neighbour resize (labels) rather than bilinear (intensities, probabilities).
+
+    Returns:
+        float32 ``(Z, size, size)``.
+    """
+    from medkd.data.io import Volume, to_canonical
+
+    canonical, _ = to_canonical(Volume(array, np.asarray(affine, dtype=np.float64)))
+    return resize_slices(np.moveaxis(canonical.array, 2, 0), size, is_label).astype(np.float32, copy=False)
+
+
 def resize_slices(vol: np.ndarray, size: int, is_label: bool) -> np.ndarray:
     """Resize a ``(Z, X, Y)`` stack in-plane to ``(Z, size, size)``."""
     import torch

@@ -104,18 +104,22 @@ class DistillTerms:
 
     Args:
         student: The student model.
-        teacher: The trained teacher, or ``None`` for plain supervised training (no scale, no PMD, no pseudo-labels).
+        teacher: The trained teacher, or ``None`` for plain supervised training (no scale, no PMD, no pseudo-labels)
+            or for a per-case teacher (``per_case``).
         cfg: The distill config (scales, loss, weights, taps).
         size: Slice size (to probe the taps' shapes).
+        per_case: The teacher gives per-case probabilities only (``--teacher-probs``): its ``logits`` come from a
+            :class:`~medkd.distill.targets.ProbTargets`; prediction-map terms only (no scale).
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, size: int):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, size: int,
+                 per_case: bool = False):
         self.weights = cfg.effective_weights()
         self.scales = [s for s in cfg.effective()["scales"] if self.weights[s] > 0]
         self.pmd = cfg.pmd and self.weights["pmd"] > 0
         self.pl = cfg.uses_pseudo_labels and self.weights["pl"] > 0
-        if cfg.uses_teacher and teacher is None:
-            raise ValueError("scales, pmd or pseudo-labels need a teacher")
+        if cfg.uses_teacher and teacher is None and not (per_case and not self.scales):
+            raise ValueError("scales need a teacher module; pmd or pseudo-labels need a teacher or its probabilities")
         if not (self.weights["seg"] > 0 or self.scales or self.pmd or self.pl):
             raise MedkdError("every loss term has weight 0: nothing to train (check --weights)")
         self.teacher, self.size = teacher, size

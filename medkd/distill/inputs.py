@@ -19,14 +19,17 @@ from medkd.teachers import LoadedTeacher, TeacherRequest, open_teacher
 
 def load_teacher(cfg: DistillConfig, data: PreparedData, console: Optional[Console] = None,
                  teacher: Optional[Path] = None) -> LoadedTeacher:
-    """Open the config's teacher (``teacher`` overrides ``cfg.teacher``) for ``data`` and check that the run's
-    feature scales can be tapped on it (:func:`teacher_tap_paths`).
+    """Open the config's teacher (``teacher`` overrides ``cfg.teacher``; ``cfg.teacher_probs``: saved per-case
+    probabilities, :mod:`medkd.teachers.probs`) for ``data`` and check that the run's feature scales can be tapped
+    on it (:func:`teacher_tap_paths`).
 
     Raises:
         MedkdError: the teacher's kind cannot be read or does not fit (its one-line reason), or a feature scale has
             no tap on it.
     """
-    loaded = open_teacher(Path(teacher or cfg.teacher), TeacherRequest.from_config(cfg), data, console)
+    probs = teacher is None and not cfg.teacher and cfg.teacher_probs
+    loaded = open_teacher(Path(teacher or cfg.teacher_path), TeacherRequest.from_config(cfg), data, console,
+                          kind="probs" if probs else None)
     teacher_tap_paths(loaded, cfg)
     return loaded
 

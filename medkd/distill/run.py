@@ -11,7 +11,7 @@ from medkd.config import DistillConfig
 from medkd.data.prepared import PreparedData
 from medkd.distill.distiller import DistillTerms, Distiller
 from medkd.distill.inputs import load_teacher, student_train_set
-from medkd.distill.teacher_outputs import setup_teacher_outputs
+from medkd.distill.teacher_outputs import setup_case_targets, setup_teacher_outputs
 from medkd.errors import MedkdError
 from medkd.infer import resolve_device
 from medkd.models import build_model
@@ -53,8 +53,11 @@ def distill(
         loaded = load_teacher(cfg, data, console)
         teacher = loaded.module
     device = resolve_device(cfg.device)
-    terms = DistillTerms(student, teacher, cfg, data.size)
-    if teacher is not None:
+    per_case = loaded is not None and loaded.case_probs is not None  # saved probabilities: no module to run
+    terms = DistillTerms(student, teacher, cfg, data.size, per_case=per_case)
+    if per_case:
+        targets, outputs = setup_case_targets(loaded.case_probs, loaded.source, cfg, train_set, console)
+    elif teacher is not None:
         targets, outputs = setup_teacher_outputs(terms.teacher_view(), cfg, data, train_set,
                                                  Path(cache_dir) if cache_dir else loaded.cache_root,
                                                  loaded.cache_key_file, device, console, note=outputs_note)
@@ -63,7 +66,7 @@ def distill(
     summary_extra = {
         "student": cfg.student, "scales": eff["scales"], "loss": eff.get("loss"), "pmd": eff["pmd"],
         "fraction": cfg.fraction, "subset_seed": eff.get("subset_seed"),
-        "teacher": str(Path(cfg.teacher).resolve()) if cfg.uses_teacher else None,
+        "teacher": str(Path(cfg.teacher_path).resolve()) if cfg.uses_teacher else None,
         "teacher_source": loaded.record() if loaded is not None else None,
         "weights": eff["weights"], "temperature": eff.get("temperature"), "pmd_loss": eff.get("pmd_loss"),
         "pseudo_label": cfg.uses_pseudo_labels,

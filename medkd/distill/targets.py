@@ -25,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ from medkd.data.prepared import labelled_rows
 from medkd.distill.cache import TEACHER_BATCH, TORCH_STORE_DTYPE, ItemSpec, Key, TeacherCache
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import FeatureLoss
+from medkd.errors import DataError
 from medkd.infer import match_channels, seg_logits
 
 Targets = Dict[str, torch.Tensor]  # item name -> (B, ...)
@@ -222,6 +224,61 @@ class DiskTargets(TeacherTargets):
         if self.cache.missing(keys):
             return self.live.get(x, y, index)
         return self.cache.get(keys, x.device)
+
+
+#: probabilities are clamped to [PROB_EPS, 1 - PROB_EPS] before their logit (a 0/1 map gives finite logits)
+PROB_EPS = 1e-4
+
+
+def prob_logits(p: torch.Tensor) -> torch.Tensor:
+    """Foreground logits of probabilities: ``log p - log(1 - p)`` of ``p`` clamped to
+    ``[PROB_EPS, 1 - PROB_EPS]`` (|logit| <= 9.21), in the storage dtype (fp16) like every target."""
+    p = p.float().clamp(PROB_EPS, 1.0 - PROB_EPS)
+    return (torch.log(p) - torch.log1p(-p)).to(TORCH_STORE_DTYPE)
+
+
+class ProbTargets(TeacherTargets):
+    """A per-case teacher's targets (``--teacher-probs``): its foreground probabilities on the prepared grid, read
+    once per training case before the first epoch and held as fp16 ``logits`` ``(N, 1, H, W)``, row = dataset
+    index. Only prediction-map terms read them (PMD, CWD on logits, the pseudo-labels ``logits > 0``).
+
+    Args:
+        logits: ``(N, 1, H, W)`` fp16, row ``i`` = slice ``i`` of the training set (:meth:`from_cases`).
+    """
+
+    mode = "memory"
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    @classmethod
+    def from_cases(cls, case_probs: Callable[[str], np.ndarray], train_set) -> "ProbTargets":
+        """Read every case of ``train_set`` (a :class:`~medkd.data.prepared.SliceDataset`) through
+        ``case_probs(case id) -> (n_slices, H, W)`` float32 in [0, 1] and keep its logits by dataset index.
+
+        Raises:
+            DataError: a case's probabilities have another number of slices or size than the prepared case.
+        """
+        size = train_set.data.size
+        logits = torch.empty((len(train_set), 1, size, size), dtype=TORCH_STORE_DTYPE)
+        rows: Dict[str, List[int]] = {}
+        for i, (cid, _) in enumerate(train_set.index):
+            rows.setdefault(cid, []).append(i)
+        for cid, idx in rows.items():
+            p = torch.from_numpy(case_probs(cid))
+            zs = [train_set.index[i][1] for i in idx]
+            if tuple(p.shape) != (len(zs), size, size):
+                raise DataError(f"case {cid!r}: teacher probabilities of shape {tuple(p.shape)}, the prepared case "
+                                f"has {len(zs)} slice(s) of {size}x{size}")
+            logits[idx, 0] = prob_logits(p[zs])
+        return cls(logits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.logits.numel() * self.logits.element_size()
+
+    def get(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Targets:
+        return {"logits": self.logits[index.to(self.logits.device)].to(x.device, non_blocking=True)}  # (B, 1, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------- filling

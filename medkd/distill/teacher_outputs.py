@@ -36,8 +36,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from medkd.distill.cache import STORE_DTYPE, TORCH_STORE_DTYPE, ItemSpec, TeacherCache, item_bytes
-from medkd.distill.targets import (DiskTargets, LiveTargets, MemoryTargets, TeacherTargets, TeacherView, batch_slices,
-                                   fill_memory, slice_batch, targets_of)
+from medkd.distill.targets import (DiskTargets, LiveTargets, MemoryTargets, ProbTargets, TeacherTargets, TeacherView,
+                                   batch_slices, fill_memory, slice_batch, targets_of)
+from medkd.errors import MedkdError
 from medkd.train.batches import pass_steps
 
 DEFAULT_BUDGET_SHARE = 0.2  # of the free space on the cache's disk
@@ -351,6 +352,38 @@ def setup_teacher_outputs(view: TeacherView, cfg, data, train_set, cache_root: P
         rec.update(cache_bytes=work.memory_bytes, memory_device=str(mem_dev) + (" (pinned)" if pinned else ""))
         return MemoryTargets(held), _announce(rec, console)
     return live, _announce(rec, console)
+
+
+def setup_case_targets(case_probs: Callable[[str], np.ndarray], source: Path, cfg, train_set,
+                       console: Console) -> Tuple[ProbTargets, Dict[str, Any]]:
+    """A per-case teacher's targets (``--teacher-probs``): every training case's probabilities read once, before
+    the first epoch, and held in host memory as fp16 logits (:class:`~medkd.distill.targets.ProbTargets`). The
+    files are the teacher's stored outputs, so there is nothing to run live and no disk cache to fill: the mode is
+    ``memory`` whatever ``--teacher-outputs`` asks (the reason says so).
+
+    Returns:
+        ``(targets, record)``, the record in :func:`setup_teacher_outputs`'s form.
+
+    Raises:
+        MedkdError: the logits would not fit :data:`MEMORY_SHARE` of the available host memory; a case's file is
+            missing or bad (:mod:`medkd.teachers.probs`, one line naming the case).
+    """
+    size = train_set.data.size
+    n_bytes = len(train_set) * size * size * TORCH_STORE_DTYPE.itemsize
+    limit = int(MEMORY_SHARE * host_available_bytes())
+    if n_bytes > limit:
+        raise MedkdError(f"{source}: the teacher probabilities of {len(train_set)} training slices need "
+                         f"{format_bytes(n_bytes)} of memory > limit {format_bytes(limit)} (a smaller --fraction or "
+                         f"--kd-images labelled reads fewer cases)")
+    t0 = time.perf_counter()
+    targets = ProbTargets.from_cases(case_probs, train_set)
+    reason = (f"per-case teacher probabilities from {source}: {len(train_set)} slices read once "
+              f"({time.perf_counter() - t0:.1f} s), held in memory")
+    if cfg.teacher_outputs not in ("auto", "memory"):
+        reason += f" (--teacher-outputs {cfg.teacher_outputs} does not apply to saved probabilities)"
+    rec = {"mode": "memory", "requested": cfg.teacher_outputs, "reason": reason, "cache_bytes": targets.nbytes,
+           "cache_budget_bytes": None, "cache_key": None, "costs": None, "estimates": None, "memory_device": "cpu"}
+    return targets, _announce(rec, console)
 
 
 def _requested_mode(requested: str, work: Workload, memory_fits: bool, note: Optional[str]) -> Tuple[str, str]:

@@ -43,7 +43,7 @@ class TeacherKind:
 KINDS: Dict[str, TeacherKind] = {}
 
 #: Modules that register a kind, in detection order (a medkd run first: its folder is the most specific).
-KIND_MODULES = ("medkd_run", "nnunet", "bundle", "files")
+KIND_MODULES = ("medkd_run", "nnunet", "bundle", "files", "probs")
 
 
 def register_kind(name: str, detect: Detect, load: Load, expects: str = "") -> None:
@@ -74,14 +74,16 @@ def detect_kind(path: Path) -> str:
     raise MedkdError(f"{path}: not a teacher medkd can read (expected {wants})")
 
 
-def open_teacher(path: Path, request: TeacherRequest, data: Any, console: Optional[Console] = None) -> LoadedTeacher:
-    """Detect the kind of ``path``, load it for ``data`` (a :class:`~medkd.data.prepared.PreparedData`) and say in
-    one line what was found (``teacher: <kind> <path> (...)``).
+def open_teacher(path: Path, request: TeacherRequest, data: Any, console: Optional[Console] = None,
+                 kind: Optional[str] = None) -> LoadedTeacher:
+    """Detect the kind of ``path`` (or take ``kind``, e.g. ``probs`` for ``--teacher-probs``), load it for ``data``
+    (a :class:`~medkd.data.prepared.PreparedData`) and say in one line what was found
+    (``teacher: <kind> <path> (...)``).
 
     Raises:
         MedkdError: unknown kind, or the kind's own one-line reason the teacher does not fit the data or request.
     """
-    kind = detect_kind(Path(path))
+    kind = kind or detect_kind(Path(path))
     teacher = KINDS[kind].load(Path(path), request, data)
     if console is not None:
         console.print(f"teacher: {escape(teacher.describe())}", highlight=False, soft_wrap=True)
