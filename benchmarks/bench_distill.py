@@ -19,8 +19,15 @@ Sizes:
   ``--slices`` slices around the organ each) and the teacher is a randomly initialised T1 saved as a teacher run
   (only timing is measured, never Dice).
 
-Usage: python benchmarks/bench_distill.py [--size demo|study] [--epochs 6] [--repeats 3] [--device cpu|cuda]
-       [--scales enc,bottleneck,dec|none] [--threads N]
+Recipes (``--recipe``):
+
+* ``study``   -- the reference study's (``--scales``, default all three, contrastive + PMD, labelled images only);
+* ``default`` -- ``medkd distill``'s defaults (PMD + pseudo-labels, the teacher on every train image): the plain
+  student then takes the same optimizer steps per epoch over the same number of images (``--steps-per-epoch``), so
+  the ratio is the cost of the distillation terms, not of the unlabelled images.
+
+Usage: python benchmarks/bench_distill.py [--size demo|study] [--recipe study|default] [--epochs 6] [--repeats 3]
+       [--device cpu|cuda] [--scales enc,bottleneck,dec|none] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from pathlib import Path
 
 from _common import ROOT, WORK, machine, prepared_sample, quiet
 
+from medkd.ablate.budget import natural_steps_per_epoch
 from medkd.config import DistillConfig, TeacherConfig, build_config
+from medkd.data.prepared import PreparedData
 from medkd.distill.run import distill
 
 MODES = ("plain", "live", "disk", "memory", "auto")
@@ -110,6 +119,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=12, help="study size: slices kept per case")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--scales", default="enc,bottleneck,dec", help="distilled scales ('none' = PMD only)")
+    ap.add_argument("--recipe", choices=("study", "default"), default="study",
+                    help="study: --scales + contrastive + PMD on labelled images; default: medkd distill's defaults")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (a GPU machine: the issue's H100 comparison)")
     args = ap.parse_args()
@@ -122,14 +133,20 @@ def main() -> None:
     data, teacher, extra, what = (demo_setup if args.size == "demo" else study_setup)(args)
     modes = args.modes.split(",")
     shutil.rmtree(teacher / "cache", ignore_errors=True)
-    # the reference study's recipe (all scales, contrastive, PMD, labelled images only), not today's PMD-only default
-    common = dict(student=args.student, epochs=args.epochs, device=args.device, seed=0, loss=args.loss,
-                  batch_size=args.batch_size, kd_images="labelled", **extra)
+    common = dict(student=args.student, epochs=args.epochs, device=args.device, seed=0, batch_size=args.batch_size,
+                  **extra)
+    if args.recipe == "study":  # the reference study's recipe (--scales, contrastive, PMD, labelled images only)
+        kd = dict(scales=scales or "none", pmd=True, loss=args.loss, kd_images="labelled")
+        plain = dict(scales="none", pmd=False)
+    else:  # medkd distill's defaults; the plain student takes as many steps per epoch (same images seen)
+        kd = {}
+        steps = natural_steps_per_epoch(build_config(DistillConfig, overrides={**common, "teacher": str(teacher)}),
+                                        PreparedData(data))
+        plain = dict(scales="none", pmd=False, steps_per_epoch=steps)
     results = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
-            kw = dict(scales="none", pmd=False) if mode == "plain" else dict(
-                teacher=str(teacher), teacher_outputs=mode, scales=scales or "none", pmd=True)
+            kw = plain if mode == "plain" else dict(teacher=str(teacher), teacher_outputs=mode, **kd)
             cfg = build_config(DistillConfig, overrides={**common, **kw})
             run = WORK / f"distill-{args.size}-{mode}"
             t0 = time.time()
@@ -146,10 +163,12 @@ def main() -> None:
                   flush=True)
 
     print(f"\nmachine: {machine()}")
-    n = results[modes[0]][0]["train_slices"]
+    n = max(r[0]["train_slices"] for r in results.values())  # the distilled runs' (the plain one: its labelled part)
+    recipe = ("medkd distill's defaults (PMD + pseudo-labels, teacher on every train image; plain at the same "
+              "steps per epoch)" if args.recipe == "default" else
+              ('loss ' + args.loss + ' at ' + '+'.join(scales) + ' + PMD') if scales else 'PMD only')
     print(f"size {args.size}: {what}; student {args.student} on {n} training slices, batch {args.batch_size}, "
-          f"{('loss ' + args.loss + ' at ' + '+'.join(scales) + ' + PMD') if scales else 'PMD only'}; {args.epochs} epochs (median of epochs 2-{args.epochs}), "
-          f"{args.repeats} repeat(s)")
+          f"{recipe}; {args.epochs} epochs (median of epochs 2-{args.epochs}), {args.repeats} repeat(s)")
     print("| setting | s/epoch (median over repeats) | ratio to plain: median [min-max] | one-off set-up s | stores |")
     print("|---|---:|---:|---:|---:|")
     for m in modes:

@@ -25,6 +25,11 @@ STUDY_WEIGHTS = {"seg": 0.4, "enc": 0.1, "bottleneck": 0.2, "dec": 0.1, "pmd": 0
 #: merged over them. ``pl`` weighs the pseudo-label term (``pseudo_label``), which the study did not have.
 DEFAULT_WEIGHTS = {**STUDY_WEIGHTS, "seg": 1.0, "pmd": 1.0, "pl": 1.0}
 
+#: ``medkd distill``'s default epochs: with the default recipe at ``--fraction 0.5`` on the sample data (106
+#: optimizer steps per epoch) 2 544 steps, past the budget at which the student alone stopped improving on val
+#: (benchmarks/RESULTS.md, "equal optimizer steps"), so a gain is a better end point, not a faster start.
+DISTILL_EPOCHS = 24
+
 
 @dataclass
 class TrainConfig:
@@ -124,12 +129,15 @@ class DistillConfig(TrainConfig):
     """``medkd distill`` options. ``scales=[]``, ``pmd=False`` (and no ``pseudo_label``) is plain supervised student
     training.
 
-    The defaults are the recipe that did best on the sample data's val split (benchmarks/RESULTS.md,
-    "distillation gain"): prediction-map distillation only (no feature scales), seg and PMD weight 1, and the
-    teacher supervising every train image (``kd_images="all"``). ``--preset study`` (``medkd/presets/train-study.yaml``)
+    The defaults are the recipe chosen on the sample data's val split at equal optimizer steps
+    (benchmarks/RESULTS.md, "distillation levers at the baseline's plateau budget"): prediction-map distillation
+    (no feature scales), seg and PMD weight 1, the teacher supervising every train image (``kd_images="all"``) and
+    its hard mask as the pseudo-label of the images without a label (``pseudo_label``, weight 1), for
+    :data:`DISTILL_EPOCHS` epochs. ``--preset study`` (``medkd/presets/train-study.yaml``)
     restores the reference study's recipe: all scales, contrastive, PMD, its weights, labelled images only.
     """
 
+    epochs: int = opt.redefault(TrainConfig, "epochs", DISTILL_EPOCHS)
     student: str = opt.option("s1", help="Student architecture.", check=opt.check_student, choices=opt.students)
     student_width: Optional[int] = opt.option(None, help="Student base width.", check=opt.check_width,
                                               default_text="the student's own: s1 16, s2 32")
@@ -198,10 +206,12 @@ class DistillConfig(TrainConfig):
                                 "--fraction only, the reference study) or 'all' (also the other train cases, without "
                                 "their labels: KD terms only).", check=opt.check_kd_images,
                                 flag="--kd-images")
-    pseudo_label: bool = opt.option(False, help="Pseudo-label term 'pl' (weight weights.pl): the teacher's mask "
-                                    "(p > 0.5) as the target of the supervised loss (Dice + BCE) on the train images "
-                                    "without a label; acts with --kd-images all and --fraction < 1.",
-                                    flag="--pseudo-label/--no-pseudo-label")
+    pseudo_label: Optional[bool] = opt.option(None, help="Pseudo-label term 'pl' (weight weights.pl): the teacher's "
+                                              "mask (p > 0.5) as the target of the supervised loss (Dice + BCE) on "
+                                              "the train images without a label; acts with --kd-images all and "
+                                              "--fraction < 1.", flag="--pseudo-label/--no-pseudo-label",
+                                              default_text="on with PMD or a feature scale (the recipe chosen on "
+                                                           "val), off for the student alone")
     kd_warmup_epochs: int = opt.option(0, help="Ramp every KD term's weight (all but seg) up over the first N "
                                        "epochs: epoch k (from 1) uses min(k/N, 1) of it. 0 = off.",
                                        check=opt.check_count)
@@ -239,9 +249,11 @@ class DistillConfig(TrainConfig):
 
     @property
     def uses_pseudo_labels(self) -> bool:
-        """The pseudo-label term acts: asked for, and some train images have no label for the student
+        """The pseudo-label term acts: asked for (``pseudo_label`` unset: on when another teacher term is, so
+        ``--scales none --no-pmd`` stays the student alone), and some train images have no label for the student
         (``kd_images="all"``, ``fraction < 1``); the labelled ones are supervised by their label already."""
-        return bool(self.pseudo_label) and self.kd_images == "all" and self.fraction < 1.0
+        asked = (bool(self.scales) or self.pmd) if self.pseudo_label is None else bool(self.pseudo_label)
+        return asked and self.kd_images == "all" and self.fraction < 1.0
 
     @property
     def kd_on_unlabelled(self) -> bool:
@@ -280,7 +292,9 @@ class DistillConfig(TrainConfig):
         if not self.pmd:
             out.pop("temperature")
             out.pop("pmd_loss")
-        if not self.uses_pseudo_labels:
+        if self.uses_pseudo_labels:
+            out["pseudo_label"] = True  # asked for, or on by default: the same run
+        else:
             out.pop("pseudo_label")
         if self.fraction >= 1:
             out.pop("subset_seed")  # every training case is used: no subset to draw

@@ -122,6 +122,13 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"medkd": OptionSpec(**spec)})
 
 
+def redefault(cls: Any, name: str, default: Any) -> Any:
+    """The option ``name`` declared on ``cls``, for a subclass whose default differs (``medkd distill`` trains
+    more epochs than a teacher): the same :class:`OptionSpec` (help, checks, identity), another default."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata=f.metadata)
+
+
 def spec_of(f: "dataclasses.Field[Any]") -> Optional[OptionSpec]:
     """The :class:`OptionSpec` of a config field (``None`` for a field declared without one)."""
     return f.metadata.get("medkd")

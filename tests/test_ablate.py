@@ -140,12 +140,13 @@ def test_presets_load_and_validate(tiny_data):
     # the reference study's recipe, on its labelled images only like the student alone; then all labels
     names = [c.name for c in quick.cells]
     steps = ab.natural_steps_per_epoch(quick.cells[2].cfg, data)
-    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +unlabelled",
+    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +PL +unlabelled",
                      "E+B+D contrastive +PMD [w_seg=0.4, w_pmd=0.2]", "all labels"]
     assert [c.baseline for c in quick.cells[2:]] == [names[1], "baseline", names[1]]
     assert quick.cells[4].reference == "all_labels" and quick.cells[4].cfg.fraction == 1.0
-    default = build_config(DistillConfig, overrides={"teacher": "T", "device": "cpu"})
-    assert identity(to_dict(quick.cells[2].cfg)) == identity(to_dict(default))
+    # the default distill recipe at the quick preset's budget (12 epochs: half of distill's default, for minutes)
+    default = build_config(DistillConfig, overrides={"teacher": "T", "device": "cpu", "epochs": 12})
+    assert identity(to_dict(quick.cells[2].cfg)) == identity(to_dict(default)) and quick.cells[2].cfg.epochs == 12
     assert quick.cells[3].cfg.effective_weights() == STUDY_WEIGHTS and quick.cells[3].cfg.kd_images == "labelled"
     study = ab.build_plan(ab.load_grid_doc(preset="study"), Path("T"), None, {"student": "s2"}, data=data)
     assert len(study.cells) == 31 and study.seeds == [0, 1, 2]
@@ -204,13 +205,13 @@ def test_budget_matched_baselines_dedupe_and_name_their_budget(tiny_data):
     names = [c.name for c in plan.cells]
     steps = ab.natural_steps_per_epoch(plan.cells[2].cfg, data)
     # the two +unlabelled rows share one baseline of their budget; the labelled row keeps the plain one
-    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +unlabelled", "D mse +PMD +unlabelled",
-                     "D mse +PMD"]
+    assert names == ["baseline", f"baseline [steps/epoch={steps}]", "PMD only +PL +unlabelled",
+                     "D mse +PMD +PL +unlabelled", "D mse +PMD"]
     assert [c.baseline for c in plan.cells[2:]] == [names[1], names[1], "baseline"]
     assert plan.cells[1].cfg.steps_per_epoch == steps and plan.cells[0].cfg.steps_per_epoch is None
     # with only +unlabelled rows there is one baseline, and its name need not tell budgets apart
     plan = plan_of(cells[:1], data=data, references=[])
-    assert [c.name for c in plan.cells] == ["baseline", "PMD only +unlabelled"]
+    assert [c.name for c in plan.cells] == ["baseline", "PMD only +PL +unlabelled"]
     assert plan.cells[0].cfg.steps_per_epoch == steps
     with pytest.raises(MedkdError, match="needs the prepared dataset"):
         plan_of(cells[:1])
@@ -675,14 +676,14 @@ def test_fractions_label_efficiency(tiny_data, teacher, tmp_path):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     by = {row["name"]: row for row in res["rows"]}
-    assert res["fractions"] == [0.5, 1.0] and set(by) >= {"PMD only +unlabelled [fraction=0.5]",
+    assert res["fractions"] == [0.5, 1.0] and set(by) >= {"PMD only +PL +unlabelled [fraction=0.5]",
                                                           "PMD only [fraction=1]", "baseline [fraction=1]", "teacher"}
-    half = by["PMD only +unlabelled [fraction=0.5]"]
+    half = by["PMD only +PL +unlabelled [fraction=0.5]"]
     b = by[half["baseline"]]
     assert b["fraction"] == 0.5 and b["budget"]["steps_per_epoch"] is not None  # its budget, not one pass
     assert b["budget"]["optimizer_steps"] == half["budget"]["optimizer_steps"] and half["budget_matched"] is True
     assert by["PMD only [fraction=1]"]["baseline"] == "baseline [fraction=1]"
-    assert {row["setting"] for row in res["rows"] if not row["is_baseline"]} == {"PMD only +unlabelled", "teacher"}
+    assert {row["setting"] for row in res["rows"] if not row["is_baseline"]} == {"PMD only +PL +unlabelled", "teacher"}
     assert "all labels" not in by  # at fraction 1 the baseline is the all-labels student already
     assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "label_efficiency.png" in r.stderr

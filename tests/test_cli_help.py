@@ -70,7 +70,7 @@ def test_registry_names_in_help():
 def test_distillation_levers_in_help():
     """The levers' options are on the command line with their defaults (the lead's experiments set them there)."""
     rows = _rows("distill")
-    for flag, default in (("--pmd-loss", "kl"), ("--pseudo-label", "off"), ("--kd-warmup-epochs", "0"),
+    for flag, default in (("--pmd-loss", "kl"), ("--pseudo-label", "on with PMD or a feature scale (the recipe chosen on val), off for the student alone"), ("--kd-warmup-epochs", "0"),
                           ("--ema-decay", "0")):
         assert f"[default: {default}]" in rows[flag][1], flag
     assert "kl, cwd" in rows["--pmd-loss"][1]

@@ -37,7 +37,8 @@ def test_effective_form():
                                                   "weights": {"enc": 0.3}, "scale_losses": {"dec": "mse"}})
     eff = cfg.effective()
     assert cfg.scales == ["enc", "dec"] and eff["scales"] == ["enc", "dec"]  # canonical order
-    assert eff["weights"] == {"seg": 1.0, "enc": 0.3, "dec": 0.1}  # over the default weights, used terms only
+    assert eff["weights"] == {"seg": 1.0, "enc": 0.3, "dec": 0.1, "pl": 1.0}  # over the default weights, used terms only
+    assert eff["pseudo_label"] is True  # on by default with a teacher term and unlabelled images
     assert "temperature" not in eff and eff["loss"] == "contrastive" and eff["scale_losses"] == {"dec": "mse"}
     base = build_config(DistillConfig, overrides={"scales": "none", "pmd": False, "loss": "mse", "temperature": 9})
     eff = base.effective()

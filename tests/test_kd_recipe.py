@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import _quiet
 from medkd.cli import app
-from medkd.config import STUDY_WEIGHTS, DistillConfig, build_config
+from medkd.config import STUDY_WEIGHTS, DistillConfig, TeacherConfig, build_config
 from medkd.data.prepared import UNLABELLED, SliceDataset, select_fraction
 from medkd.distill.losses.contrastive import ContrastiveFeatureLoss, info_nce, supcon_cross
 from medkd.errors import MedkdError
@@ -105,7 +105,7 @@ def _mixed_batch(tiny_data):
 
 def test_distiller_supervises_labelled_slices_only(tiny_data, tiny_teacher):
     x, y, idx = _mixed_batch(tiny_data)
-    cfg = dcfg(tiny_teacher, scales=["dec"], loss="contrastive", kd_images="all",
+    cfg = dcfg(tiny_teacher, scales=["dec"], loss="contrastive", kd_images="all", pseudo_label=False,
                weights={"seg": 1.0, "dec": 0.5, "pmd": 1.0})
     task = make_distiller(tiny_teacher, cfg)
     task.eval()  # BatchNorm in eval: the student's logits do not depend on the batch composition
@@ -173,7 +173,8 @@ def test_kd_images_config_and_cli(tiny_data, tmp_path):
     assert study.loss == "contrastive" and study.effective_weights() == STUDY_WEIGHTS
     default = DistillConfig(teacher="t")  # medkd's default: the recipe chosen on val
     assert default.scales == [] and default.pmd and default.kd_images == "all"
-    assert default.effective_weights() == {"seg": 1.0, "pmd": 1.0}
+    assert default.effective_weights() == {"seg": 1.0, "pmd": 1.0, "pl": 1.0} and default.uses_pseudo_labels
+    assert default.epochs == 24 and TeacherConfig().epochs == 12  # distill's budget past the baseline's plateau
     with pytest.raises(MedkdError, match="kd_images"):
         build_config(DistillConfig, overrides={"kd_images": "some", "scales": "none", "pmd": False})
     r = CliRunner().invoke(app, ["distill", str(tiny_data), "-o", str(tmp_path / "r"), "--scales", "none",
@@ -193,7 +194,7 @@ def test_ablate_names_rows_that_use_unlabelled_images(tiny_data):
     names = [c.name for c in plan.cells]
     # the +unlabelled row takes more steps per epoch: its baseline gets as many (ablate's equal budgets)
     assert names[0] == "baseline" and names[1].startswith("baseline [steps/epoch=")
-    assert names[2:] == ["PMD only +unlabelled", "D mse +PMD"]
+    assert names[2:] == ["PMD only +PL +unlabelled", "D mse +PMD"]  # the default recipe: PMD + pseudo-labels
     assert plan.cells[0].cfg.uses_teacher is False  # the baseline has no teacher, so no unlabelled images
 
 
@@ -261,8 +262,13 @@ def test_pseudo_label_option_acts_only_on_unlabelled_images():
         c = build_config(DistillConfig, overrides={**on, **inert, "teacher": None})  # no teacher needed
         assert not c.uses_pseudo_labels and not c.uses_teacher and "pseudo_label" not in c.effective()
         assert c.effective_weights() == {"seg": 1.0}
-    off = build_config(DistillConfig, overrides={"teacher": "t"})
-    assert not off.pseudo_label and "pseudo_label" not in off.effective() and "pl" not in off.effective_weights()
+    default = build_config(DistillConfig, overrides={"teacher": "t"})  # unset: on with PMD (the default recipe)
+    assert default.pseudo_label is None and default.uses_pseudo_labels and default.effective()["pseudo_label"] is True
+    assert default.effective() == build_config(DistillConfig, overrides={"teacher": "t", "pseudo_label": True}).effective()
+    off = build_config(DistillConfig, overrides={"teacher": "t", "pseudo_label": False})
+    assert "pseudo_label" not in off.effective() and "pl" not in off.effective_weights()
+    alone = build_config(DistillConfig, overrides={"scales": "none", "pmd": False})  # the contract's student alone
+    assert not alone.uses_pseudo_labels and not alone.uses_teacher and alone.effective_weights() == {"seg": 1.0}
     with pytest.raises(MedkdError, match="--teacher"):
         build_config(DistillConfig, overrides={**on, "kd_images": "all"} | {"teacher": None})
 
