@@ -298,7 +298,7 @@ def test_ablate_cli_with_teacher_probs(tiny_data, tmp_path):
 
     probs = write_probs(tiny_data, tmp_path / "probs")
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump([{"scales": "none", "pmd": True},
+    grid.write_text(yaml.safe_dump([{"scales": "none", "pmd": True, "pseudo_label": False},
                                     {"scales": "none", "pmd": True, "pseudo_label": True}]))
     out = tmp_path / "abl"
     r = CliRunner().invoke(app, ["ablate", str(tiny_data), "--teacher-probs", str(probs), "-o", str(out), "--grid",
