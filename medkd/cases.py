@@ -78,7 +78,27 @@ def case_masks(
     if resolution == "prepared":
         gt = np.asarray(data.label(cid)) > 0
         return prepared_pred, gt, tuple(data.case(cid)["prepared_spacing"]), prepared_pred
+    return _native_masks(data, cid, foreground_prob(logits), prepared_pred)
+
+
+def prob_masks(prob: np.ndarray, data: PreparedData, cid: str, resolution: str = "native"):
+    """:func:`case_masks` of a foreground probability ``(Z, S, S)`` already on the prepared grid (a teacher that
+    gives per-case probabilities instead of a slice model)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    entry = data.case(cid)
+    if prob.shape != tuple(entry["prepared_shape"]):
+        raise MedkdError(f"case {cid!r}: teacher probabilities of shape {list(prob.shape)}, expected the prepared "
+                         f"{entry['prepared_shape']}")
+    prepared_pred = prob > THRESHOLD
+    if resolution == "prepared":
+        return prepared_pred, np.asarray(data.label(cid)) > 0, tuple(entry["prepared_spacing"]), prepared_pred
+    return _native_masks(data, cid, prob, prepared_pred)
+
+
+def _native_masks(data: PreparedData, cid: str, prob: np.ndarray, prepared_pred: np.ndarray):
+    """``(pred, gt, spacing, prepared_pred)`` on the case's original voxel grid from its prepared-grid
+    foreground probability ``(Z, S, S)``."""
     entry = data.case(cid)
     gt, spacing = native_label(data, cid)
-    prob = prob_to_native(foreground_prob(logits), entry["canonical_shape"][:2], entry["affine"], entry["shape"])
+    prob = prob_to_native(prob, entry["canonical_shape"][:2], entry["affine"], entry["shape"])
     return prob > THRESHOLD, gt, spacing, prepared_pred

@@ -37,7 +37,7 @@ from torch import nn
 import medkd
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
-from medkd.cases import case_masks
+from medkd.cases import case_masks, prob_masks
 from medkd.infer import resolve_device
 from medkd.options import DEFAULT_DEVICE, check_tolerance
 from medkd.metrics import (
@@ -79,6 +79,41 @@ class LoadedRun:
     summary: Dict[str, Any]
     warnings: List[str] = field(default_factory=list)
     train_overlap: Optional[List[str]] = None  # evaluated cases the run was trained on (None: not recorded)
+    teacher: Optional[Any] = None  # an external teacher (medkd.teachers.LoadedTeacher): not a medkd run
+
+
+def is_external_teacher(path: Path) -> bool:
+    """Whether ``path`` is a teacher of another kind than a medkd run (nnU-Net folder, MONAI bundle, model file,
+    ...): an existing path that a registered teacher kind other than ``medkd`` recognises. Anything else is
+    treated as a run folder (so a missing or broken run keeps its own error)."""
+    from medkd.teachers import detect_kind
+
+    if not Path(path).exists():
+        return False
+    try:
+        return detect_kind(Path(path)) != "medkd"
+    except MedkdError:
+        return False
+
+
+def load_external(path: Path, data: PreparedData, label: Optional[int] = None, fold: Optional[str] = None,
+                  checkpoint: Optional[str] = None, device: str = DEFAULT_DEVICE) -> LoadedRun:
+    """Open an external teacher (:func:`medkd.teachers.open_teacher`) as a row of the table, scored like a run.
+
+    Nothing is written into the teacher's folder: no ``eval-<split>.json``, no ``postprocessing.json`` (its rule
+    is chosen on val at each evaluation). Its training cases are unknown, which the row says in a warning.
+    """
+    from medkd.teachers import TeacherRequest, open_teacher
+
+    req = TeacherRequest(in_channels=_data_channels(data), label=label, fold=fold, checkpoint=checkpoint,
+                         device=device)
+    teacher = open_teacher(Path(path), req, data)
+    source = Path(path)
+    key = teacher.cache_key_file
+    warn = (f"{source}: external {teacher.kind} teacher; medkd does not know which cases it was trained on "
+            f"(its test metrics are optimistic if it saw these)")
+    return LoadedRun(source, teacher.module, {"kind": "teacher"}, Path(key) if key else source,
+                     {"kind": "teacher"}, [warn], teacher=teacher)
 
 
 def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
@@ -170,26 +205,26 @@ def run_postprocessing(
     """
     from medkd import postprocess as pp
 
-    doc = pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
+    doc = None if loaded.teacher else pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
     if doc is not None:
         return doc
     val_ids = data.case_ids("val")
     if not val_ids:
         return {**pp.Postprocessing().to_dict(), "chosen_on": None,
                 "note": f"{data.root}: no val split to choose postprocessing on"}
-    model = loaded.model.to(device).eval()
+    model = loaded.model.to(device).eval() if loaded.model is not None else None
     in_ch = int(getattr(model, "in_channels", 1))
     preds, gts, spacings = [], [], []
     for cid in val_ids:
-        pred, gt, spacing, _ = case_masks(model, data, cid, device, in_ch, batch_size, "native")
+        pred, gt, spacing, _ = _masks(loaded, model, data, cid, device, in_ch, batch_size, "native")
         preds.append(pred), gts.append(gt), spacings.append(spacing)
     rule, report = pp.choose(preds, gts, spacings)
     doc = {**rule.to_dict(), "chosen_on": "val", "resolution": "native", "n_cases": len(val_ids), **report,
            "data": str(data.root.resolve()), "data_fingerprint": data.fingerprint(),
-           **pp.checkpoint_stamp(loaded.checkpoint),
+           **(pp.checkpoint_stamp(loaded.checkpoint) if loaded.checkpoint.is_file() else {}),
            "medkd_version": medkd.__version__}
     doc = to_jsonable(doc)
-    if save and data.fingerprint() == (loaded.ckpt.get("data") or {}).get("fingerprint"):
+    if save and not loaded.teacher and data.fingerprint() == (loaded.ckpt.get("data") or {}).get("fingerprint"):
         pp.save(loaded.run, doc)
     return doc
 
@@ -221,7 +256,7 @@ def evaluate_loaded(
     t0 = time.time()
     ids = list(ids) if ids is not None else data.require_split(split)
     dev = resolve_device(device)
-    model = loaded.model.to(dev).eval()
+    model = loaded.model.to(dev).eval() if loaded.model is not None else None
     in_ch = int(getattr(model, "in_channels", 1))
     pp_doc = (run_postprocessing(loaded, data, dev, batch_size, save=save) if postprocessing
               else {**Postprocessing().to_dict(), "chosen_on": None, "note": "disabled (--no-postprocessing)"})
@@ -232,7 +267,7 @@ def evaluate_loaded(
     for i, cid in enumerate(ids):
         if progress:
             progress(loaded.run.name, i + 1, len(ids), cid)
-        pred, gt, spacing, prepared_pred = case_masks(model, data, cid, dev, in_ch, batch_size, resolution)
+        pred, gt, spacing, prepared_pred = _masks(loaded, model, data, cid, dev, in_ch, batch_size, resolution)
         tol = case_tolerance(spacing, tolerance_mm)
         m = case_metrics(pred, gt, spacing, tol)
         per_case.append({"id": cid, **{k: m[k] for k in CASE_KEYS}, "tolerance_mm": tol})
@@ -263,13 +298,8 @@ def evaluate_loaded(
         "n_empty": pp_stats["n_empty"], "pooled": pp_stats["pooled"], "per_case": pp_case,
     }
     result.update(
-        kind=loaded.ckpt.get("kind", loaded.summary.get("kind")),
-        arch=getattr(model, "arch", loaded.ckpt["model_config"].get("name")),
-        params=count_params(model),
-        flops=flops_per_slice(model, in_shape),
-        latency_ms=latency_ms(model, in_shape, dev, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS),
-        checkpoint_mb=checkpoint_size_mb(loaded.checkpoint),
-        checkpoint=loaded.checkpoint.name,
+        **(_run_facts(loaded, model, in_shape, dev) if loaded.teacher is None else
+           _teacher_facts(loaded, model, in_shape, dev)),
         device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         tolerance_mm=None if tolerance_mm is None else float(tolerance_mm),
@@ -292,12 +322,62 @@ def evaluate_loaded(
     for key in ("scales", "loss", "pmd", "fraction", "teacher"):
         if key in loaded.summary:
             result[key] = loaded.summary[key]
+    if loaded.teacher is not None:
+        result["teacher_source"] = loaded.teacher.record()
     result = to_jsonable(result)
-    if save:
+    if save and loaded.teacher is None:
         rundir.write_json(rundir.eval_json(loaded.run, split), result)
     if keep_predictions:
         result["_predictions"] = preds
     return result
+
+
+def _masks(loaded: LoadedRun, model: Optional[nn.Module], data: PreparedData, cid: str, device: torch.device,
+           in_ch: int, batch_size: int, resolution: str):
+    """:func:`medkd.cases.case_masks` of a run or a slice-model teacher; a per-case teacher's probabilities."""
+    if model is None:
+        return prob_masks(loaded.teacher.case_probs(cid), data, cid, resolution)
+    return case_masks(model, data, cid, device, in_ch, batch_size, resolution)
+
+
+def _run_facts(loaded: LoadedRun, model: nn.Module, in_shape, dev: torch.device) -> Dict[str, Any]:
+    """A medkd run's kind, architecture and efficiency (parameters, FLOPs and latency per slice, checkpoint)."""
+    return dict(
+        kind=loaded.ckpt.get("kind", loaded.summary.get("kind")),
+        arch=getattr(model, "arch", loaded.ckpt["model_config"].get("name")),
+        params=count_params(model),
+        flops=flops_per_slice(model, in_shape),
+        latency_ms=latency_ms(model, in_shape, dev, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS),
+        checkpoint_mb=checkpoint_size_mb(loaded.checkpoint),
+        checkpoint=loaded.checkpoint.name,
+    )
+
+
+def _teacher_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev: torch.device) -> Dict[str, Any]:
+    """The same facts for an external teacher, where its kind has them: parameters and FLOPs of a torch network
+    (the bridge to its input size and intensity included in the FLOPs), latency of its slice model (ONNX files:
+    also ONNX Runtime's, ``latency_ms_ort``); ``None`` for a teacher that gives only per-case probabilities."""
+    t = loaded.teacher
+    net = getattr(model, "net", model)
+    torch_net = isinstance(net, nn.Module)
+    facts: Dict[str, Any] = dict(
+        kind="teacher",
+        arch=f"{t.kind}:{t.details.get('network') or t.details.get('configuration') or Path(t.source).name}",
+        params=count_params(net) if torch_net else None,
+        flops=flops_per_slice(model, in_shape) if torch_net else None,
+        latency_ms=(latency_ms(model, in_shape, dev, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
+                    if model is not None else None),
+        checkpoint_mb=checkpoint_size_mb(loaded.checkpoint) if loaded.checkpoint.is_file() else None,
+        checkpoint=loaded.checkpoint.name,
+    )
+    if t.kind == "onnx" and Path(t.source).is_file():
+        from medkd.exported import ort_latency_ms
+
+        size = int(getattr(model, "input_size", in_shape[-1]))
+        facts["latency_ms_ort"] = ort_latency_ms(Path(t.source), (int(getattr(model, "net_channels", in_shape[0])),
+                                                                  size, size),
+                                                 warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
+    return facts
 
 
 def evaluate_run(
@@ -353,6 +433,9 @@ def evaluate_runs(
     postprocessing: bool = True,
     model_files: Optional[Sequence[Path]] = None,
     force: bool = False,
+    teacher_label: Optional[int] = None,
+    teacher_fold: Optional[str] = None,
+    teacher_checkpoint: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """Evaluate several runs on the same split, in order. Every run is checked before any is evaluated.
 
@@ -367,6 +450,10 @@ def evaluate_runs(
         model_files: exported models (``.onnx``), one per run in the same order: their ONNX Runtime latency is
             reported as ``latency_ms_ort`` beside PyTorch's ``latency_ms``.
         progress: ``fn(run_name, i, n, case_id)`` called before each case.
+        teacher_label, teacher_fold, teacher_checkpoint: for rows that are external teachers (an nnU-Net model
+            folder, a MONAI bundle, a TorchScript/ONNX file: :func:`is_external_teacher`), what ``--teacher-label``,
+            ``--teacher-fold`` and ``--teacher-checkpoint`` say for ``distill``; such a row is scored on the same
+            cases and grid as the runs (:func:`load_external`).
         Others: as in :func:`evaluate_run`.
 
     Returns:
@@ -390,7 +477,12 @@ def evaluate_runs(
     prepared = data if isinstance(data, PreparedData) else PreparedData(Path(data))
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
-    loaded = [load_run(Path(r), prepared) for r in runs]
+    loaded = [load_external(Path(r), prepared, teacher_label, teacher_fold, teacher_checkpoint, device)
+              if is_external_teacher(Path(r)) else load_run(Path(r), prepared) for r in runs]
+    outside = [lr.run for lr in loaded if lr.teacher is not None]
+    if model_files and outside:
+        raise MedkdError(f"--onnx pairs exported models with medkd runs, but {outside[0]} is an external teacher "
+                         f"(an ONNX teacher's own ONNX Runtime latency is reported without --onnx)")
     if model_files:  # before any evaluation: a model file of another run, or one that does not return the logits,
         from medkd.exported import check_model_file, load_exported, probe_exported  # fails at once, named
 

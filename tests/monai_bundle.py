@@ -4,7 +4,8 @@
 
 * ``configs/metadata.json`` and ``configs/inference.json`` through :func:`monai.bundle.init_bundle`, the
   inference config declaring ``network_def`` (a 2-D :class:`monai.networks.nets.UNet`), its ``preprocessing``
-  (``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``Orientationd`` RAS -> ``ScaleIntensityRanged`` -> ``EnsureTyped``) and
+  (``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``Orientationd`` RAS -> ``Spacingd`` -> ``ScaleIntensityRanged`` ->
+  ``EnsureTyped``) and
   a softmax ``postprocessing``;
 * ``models/model.pt``: the network's state dict, written by ``init_bundle`` from the trained network;
 * ``models/model.ts`` (optional): :func:`monai.bundle.ckpt_export` of that checkpoint, the bundle's TorchScript.
@@ -27,6 +28,9 @@ import torch
 #: The bundle's CT window (HU) and output range: inside medkd's default abdomen window, so no HU the bundle
 #: distinguishes was clipped away at preprocessing.
 A_MIN, A_MAX, B_MIN, B_MAX = -100.0, 200.0, -1.0, 1.0
+#: The bundle's voxel spacing (mm): the phantom's own, so training needs no resampling; medkd's prepared slices
+#: (32 px over the same 48 px field of view) are brought to it by the bundle's ``Spacingd``.
+PIXDIM = (5.8, 5.8, 5.0)
 
 
 def network_def(out_channels: int = 2, spatial_dims: int = 2, in_channels: int = 1) -> Dict:
@@ -49,6 +53,7 @@ def inference_config(net: Optional[Dict], transforms: Optional[Sequence[Dict]] =
             {"_target_": "LoadImaged", "keys": "image"},
             {"_target_": "EnsureChannelFirstd", "keys": "image"},
             {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": list(PIXDIM), "mode": "bilinear"},
             {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": "@a_min", "a_max": A_MAX,
              "b_min": B_MIN, "b_max": B_MAX, "clip": True},
             {"_target_": "EnsureTyped", "keys": "image"},

@@ -24,7 +24,9 @@ from medkd.options import DEFAULT_DEVICE
 
 @handle_errors
 def command(
-    runs: Annotated[List[Path], typer.Argument(help="Run folder(s); the first is the reference for relative change.")],
+    runs: Annotated[List[Path], typer.Argument(
+        help="Run folder(s), or external teachers (an nnU-Net v2 model folder, a MONAI bundle, a TorchScript/ONNX "
+             "file with its sidecar) scored as rows beside them; the first is the reference for relative change.")],
     data: Annotated[Path, typer.Option("--data", help="Prepared dataset folder (from medkd preprocess).")],
     split: Annotated[str, typer.Option(help="Split to evaluate: test | val | train.")] = "test",
     tolerance: Annotated[
@@ -49,6 +51,19 @@ def command(
         Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs. \\[default: none]", file_okay=False)
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
+    teacher_label: Annotated[
+        Optional[int], typer.Option("--teacher-label", min=0, help="External teacher rows: which output class is the "
+                                                                   "foreground (multi-class teachers). \\[default: the "
+                                                                   "only foreground class]")
+    ] = None,
+    teacher_fold: Annotated[
+        Optional[str], typer.Option("--teacher-fold", help="External nnU-Net teacher rows: the fold to load. "
+                                                           "\\[default: the kind's own]")
+    ] = None,
+    teacher_checkpoint: Annotated[
+        Optional[str], typer.Option("--teacher-checkpoint", help="External nnU-Net teacher rows: the checkpoint "
+                                                                 "file. \\[default: the kind's own]")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Evaluate even when the split holds cases a run was "
                                                         "trained on (marked as leakage in the table and JSON).")] = False,
     device: DeviceOpt = None,
@@ -59,7 +74,7 @@ def command(
     one row per run, in each case's native voxel grid by default.
 
     Metrics are shown without and with the run's postprocessing (chosen on val). Saves RUN/eval-<split>.json for
-    every run. With --json, one JSON document on stdout (the run's dict, or
+    every run (nothing is written into an external teacher's folder). With --json, one JSON document on stdout (the run's dict, or
     {"runs": [...]} for several runs) and the table on stderr.
     """
     from medkd.evaluate import evaluate_runs
@@ -75,7 +90,9 @@ def command(
 
     results = evaluate_runs(runs, data, split=split, device=device or DEFAULT_DEVICE, tolerance_mm=tolerance,
                             batch_size=max(1, batch_size), overlays=overlays, progress=progress,
-                            resolution=resolution, postprocessing=postprocessing, model_files=onnx, force=force)
+                            resolution=resolution, postprocessing=postprocessing, model_files=onnx, force=force,
+                            teacher_label=teacher_label, teacher_fold=teacher_fold,
+                            teacher_checkpoint=teacher_checkpoint)
     for r in results:
         for w in r.get("warnings") or []:
             style = "bold red" if w.startswith("LEAKAGE") else "yellow"

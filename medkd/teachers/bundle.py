@@ -563,3 +563,13 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
 def _short(e: Exception, n: int = 120) -> str:
     s = " ".join(str(e).split()) or type(e).__name__
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _register() -> None:
+    from medkd.teachers import register_kind
+
+    register_kind(KIND, detect, load, expects="a MONAI bundle folder (configs/inference.json with network_def and "
+                                              "models/model.pt, or models/model.ts)")
+
+
+_register()
