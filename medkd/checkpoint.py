@@ -57,12 +57,24 @@ def _refused(path: Path, error: Exception) -> str:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a medkd checkpoint, weights-only: tensors and plain Python values (plus the numpy RNG state of older
-    medkd, :func:`_legacy_globals`). A checkpoint holding anything else (a pickled object whose loading could run
-    code) is refused before any of it runs.
+    """Load a medkd checkpoint, weights-only (:func:`load_weights`).
 
     Raises:
         MedkdError: missing, truncated, not a medkd checkpoint, or refused (naming what it would need).
+    """
+    ckpt = load_weights(path, map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise MedkdError(f"{path}: not a medkd checkpoint")
+    return ckpt
+
+
+def load_weights(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` weights-only: tensors and plain Python values (plus the numpy RNG state of older medkd,
+    :func:`_legacy_globals`). A file holding anything else (a pickled object whose loading could run code) is
+    refused before any of it runs. Any torch file: a medkd checkpoint, a MONAI bundle's ``model.pt``.
+
+    Raises:
+        MedkdError: missing, truncated, or refused (naming what it would need).
     """
     import pickle
     import zipfile
@@ -83,8 +95,6 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
             raise MedkdError(f"{path}: refused, not a weights-only checkpoint ({_refused(path, e)}): medkd loads only "
                              f"tensors and plain values, since loading a pickled object can run code") from None
         raise MedkdError(f"{path}: cannot load checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise MedkdError(f"{path}: not a medkd checkpoint")
     return ckpt
 
 

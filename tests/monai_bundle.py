@@ -183,3 +183,66 @@ def build_bundle(
     if not with_network_def:
         (root / "configs" / "inference.json").write_text(json.dumps(inference_config(None, transforms), indent=4))
     return root
+
+
+# ------------------------------------------------------------------------------------ broken bundles (bad inputs)
+
+
+class RunsShell:
+    """Pickles as ``os.system(command)``: what a hostile ``model.pt`` would carry."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def _edit_config(root: Path, edit) -> Path:
+    path = root / "configs" / "inference.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc, indent=4))
+    return root
+
+
+def broken(how: str):
+    """``make(tmp) -> bundle folder``: a bundle made with MONAI's tooling (random weights), then broken ``how``.
+
+    ``no-network-def`` (and no ``model.ts``), ``weights-other-net`` (``model.pt`` of a wider UNet),
+    ``multi-class`` (three softmax classes), ``3d`` (a 3-D UNet), ``expression`` (a ``$`` expression in
+    ``network_def``), ``foreign-target`` (``network_def`` naming ``os.system``), ``crop-foreground`` (a
+    preprocessing transform medkd cannot reproduce), ``pickle-code`` (a ``model.pt`` that pickles a call).
+    """
+
+    def make(tmp: Path) -> Path:
+        root = Path(tmp) / f"bundle-{how}"
+        if how == "no-network-def":
+            return build_bundle(root, torchscript=False, with_network_def=False)
+        if how == "multi-class":
+            return build_bundle(root, classes=("background", "spleen", "liver"), torchscript=False)
+        if how == "3d":
+            return build_bundle(root, spatial_dims=3, torchscript=False)
+        build_bundle(root, torchscript=False)
+        if how == "weights-other-net":
+            from monai.networks.nets import UNet
+
+            wide = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2),
+                        num_res_units=1, norm="batch")
+            torch.save(wide.state_dict(), root / "models" / "model.pt")
+        elif how == "expression":
+            _edit_config(root, lambda d: d["network_def"].update(channels="$[8, 16, 32]"))
+        elif how == "foreign-target":
+            _edit_config(root, lambda d: d["network_def"].update({"_target_": "os.system"}))
+        elif how == "crop-foreground":
+            _edit_config(root, lambda d: d["preprocessing"]["transforms"].insert(
+                3, {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}))
+        elif how == "pickle-code":
+            torch.save({"model.0.conv.unit0.conv.weight": RunsShell("exit 3")}, root / "models" / "model.pt")
+        else:
+            raise ValueError(how)
+        return root
+
+    return make

@@ -29,6 +29,7 @@ from medkd.data.phantom import DEFAULT_SPACING
 import test_teachers as teachers  # builders of teacher files (ONNX with/without a sidecar)
 import test_teacher_probs as tp  # the --teacher-probs builders
 import test_trust as trust  # the trust-boundary builders (tests/ is on sys.path, like conftest)
+import monai_bundle  # real MONAI bundles, broken in one way each
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 PREP = ["--size", "16", "--test-fraction", "0", "--val-fraction", "0"]
@@ -879,7 +880,42 @@ CASES: List[Case] = [
     Case("probs-three-classes", tp.probs_cli(spoil=tp.three_classes), 1,
          r"^error: .*\.nii\.gz: 3 classes \(channels 0-2; .*\): choose the student's foreground class with "
          r"--teacher-label N$"),
+    # trust boundaries: MONAI bundle teachers (medkd/teachers/bundle.py; bundles made by monai.bundle, then broken)
+    Case("bundle-no-network-def", lambda e: bundle_distill(e, "no-network-def"), 1,
+         r"^error: .*configs/inference\.json: no network_def \(and no models/model\.ts\)"),
+    Case("bundle-weights-other-net", lambda e: bundle_distill(e, "weights-other-net"), 1,
+         r"^error: .*models/model\.pt: weights do not fit network_def UNet of inference\.json \(\d+ of another "
+         r"shape; e\.g\. model\.0\.conv\.unit0\.conv\.weight \[16, 1, 3, 3\] vs \[8, 1, 3, 3\]\)$"),
+    Case("bundle-multi-class", lambda e: bundle_distill(e, "multi-class"), 1,
+         r"^error: .*bundle-multi-class \(MONAI bundle\): a multi-class teacher \(3 softmax channels\): choose the "
+         r"student's foreground with --teacher-label N; classes: 1 spleen, 2 liver$"),
+    Case("bundle-label-out-of-range", lambda e: bundle_distill(e, "multi-class", "--teacher-label", "3"), 1,
+         r"^error: .*--teacher-label 3 is not a foreground class of its 3 softmax channel\(s\); classes: 1 spleen, "
+         r"2 liver$"),
+    Case("bundle-evaluate-multi-class", lambda e: ["evaluate", monai_bundle.broken("multi-class")(e.tmp), "--data",
+                                                   e.data], 1, r"^error: .*classes: 1 spleen, 2 liver$"),
+    Case("bundle-3d", lambda e: bundle_distill(e, "3d"), 1,
+         r"^error: .*bundle-3d: a 3-D bundle; medkd runs bundles on 2-D slices: run it on each case in MONAI and give "
+         r"its probability volumes with --teacher-probs$"),
+    Case("bundle-expression", lambda e: bundle_distill(e, "expression"), 1,
+         r"^error: .*inference\.json: network_def#channels: '\$\[8, 16, 32\]' is an expression \(Python code\); "
+         r"medkd reads bundle configs as data and runs none of it$"),
+    Case("bundle-foreign-target", lambda e: bundle_distill(e, "foreign-target"), 1,
+         r"^error: .*inference\.json: network_def#_target_ 'os\.system' is not a network of monai\.networks or "
+         r"torch\.nn"),
+    Case("bundle-crop-foreground", lambda e: bundle_distill(e, "crop-foreground"), 1,
+         r"^error: .*inference\.json: preprocessing#transforms#3 \(CropForegroundd\): a preprocessing transform "
+         r"medkd cannot reproduce"),
+    Case("bundle-pickle-code", lambda e: bundle_distill(e, "pickle-code"), 1,
+         r"^error: .*models/model\.pt: refused, not a weights-only checkpoint \(.*system.*\): medkd loads only "
+         r"tensors and plain values, since loading a pickled object can run code$"),
 ]
+
+
+def bundle_distill(env: Env, how: str, *extra: str) -> List[str]:
+    """``distill --teacher BUNDLE`` (PMD only) from a bundle broken ``how`` (:func:`monai_bundle.broken`)."""
+    return ["distill", env.data, "-o", env.tmp / "student", "--teacher", monai_bundle.broken(how)(env.tmp),
+            "--scales", "none", "--pmd", "--epochs", "1", *extra]
 
 
 @pytest.fixture

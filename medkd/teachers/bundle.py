@@ -443,6 +443,8 @@ def build_network(spec: BundleSpec):
     """
     import torch
 
+    from medkd.checkpoint import load_weights
+
     if spec.torchscript:
         try:
             return torch.jit.load(str(spec.weights), map_location="cpu").eval()
@@ -454,11 +456,7 @@ def build_network(spec: BundleSpec):
         net = ConfigParser({"network_def": spec.network_def}).get_parsed_content("network_def")
     except Exception as e:  # noqa: BLE001 -- bad arguments of a MONAI network: one line naming the config
         raise MedkdError(f"{spec.config_file}: network_def could not be built ({_short(e)})") from None
-    try:
-        state = torch.load(spec.weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a pickle with code, a truncated file
-        raise MedkdError(f"{spec.weights}: not a weights-only checkpoint ({_short(e)})") from None
-    state = _state_dict(state, spec.weights)
+    state = _state_dict(load_weights(spec.weights), spec.weights)  # torch.load(..., weights_only=True)
     _check_fit(net, state, spec)
     net.load_state_dict(state, strict=True)
     return net.eval()

@@ -1,0 +1,148 @@
+"""MONAI bundles as teachers (medkd/teachers/bundle.py) and external teachers as ``medkd evaluate`` rows.
+
+The bundle is real: written by ``monai.bundle.init_bundle`` and ``ckpt_export`` around a 2-D
+``monai.networks.nets.UNet`` trained for 150 steps on the tiny dataset's raw NIfTI cases through the bundle's own
+preprocessing, its test case held out (:mod:`monai_bundle`). So the bridge has real work (another CT window and
+output range, another spacing: 32 px prepared slices -> the bundle's 48 px), the equality tests compare medkd's
+teacher with MONAI's own transforms and network, and ``evaluate`` scores a teacher that segments something.
+The bad inputs (a bundle without ``network_def``, weights of another network, a multi-class output without
+``--teacher-label`` ...) are in tests/test_bad_inputs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import monai_bundle
+from medkd.cli import app
+from medkd.data.prepared import PreparedData
+from medkd.rundir import file_sha256
+from medkd.teachers import TeacherRequest, detect_kind, open_teacher
+from medkd.teachers.bundle import read_bundle
+
+
+def _cli(args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_raw, tiny_data, tmp_path_factory) -> Path:
+    """The trained bundle (with its TorchScript), not trained on the tiny dataset's test cases."""
+    test_ids = PreparedData(tiny_data).case_ids("test")
+    return monai_bundle.build_bundle(tmp_path_factory.mktemp("bundles") / "spleen", tiny_raw, exclude=test_ids)
+
+
+def _listing(folder: Path):
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bundle_is_read_as_data(bundle):
+    assert detect_kind(bundle) == "bundle"
+    spec = read_bundle(bundle)
+    assert spec.network_def["_target_"] == "UNet" and not spec.torchscript
+    assert spec.classes == ["background", "spleen"] and spec.activation == "softmax"
+    # "a_min": "@a_min" is resolved from the config; the arguments are MONAI's, as the config gives them
+    assert spec.intensity == [("ScaleIntensityRange", {"a_min": monai_bundle.A_MIN, "a_max": monai_bundle.A_MAX,
+                                                       "b_min": monai_bundle.B_MIN, "b_max": monai_bundle.B_MAX,
+                                                       "clip": True})]
+    assert spec.pixdim == list(monai_bundle.PIXDIM[:2]) and spec.multiple == 16 and spec.size is None
+    assert spec.files == ["configs/metadata.json", "configs/inference.json", "models/model.pt"]
+
+
+def _monai_reference(bundle: Path, x: torch.Tensor, window, size: int) -> torch.Tensor:
+    """The bundle run by MONAI itself on prepared slices ``x (B, 1, S, S)``: back to HU, its ``ScaleIntensityRanged``
+    instantiated from its own config, resized to ``size``, its network with its weights, the spleen's logit
+    ``z_1 - z_0`` (two softmax channels), resized back."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    scale = parser.get_parsed_content("preprocessing#transforms#4")
+    assert type(scale).__name__ == "ScaleIntensityRanged"
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    net.eval()
+    lo, hi = window
+    v = torch.as_tensor(scale({"image": x * (hi - lo) + lo})["image"])
+    v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        z = net(v)
+    logit = z[:, 1:2] - z[:, 0:1]
+    return F.interpolate(logit, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+
+
+def test_bundle_teacher_equals_monai_and_its_torchscript(bundle, tiny_data, tmp_path):
+    """Plumbing equality: medkd's bundle teacher on prepared slices equals MONAI's own pipeline, and the bundle's
+    TorchScript (``ckpt_export``, used when ``network_def`` is absent) equals its ``network_def`` + weights."""
+    data = PreparedData(tiny_data)
+    teacher = open_teacher(bundle, TeacherRequest(in_channels=1), data)
+    assert teacher.kind == "bundle" and teacher.taps_ok and teacher.details["label"] == 1
+    assert teacher.files == {f: file_sha256(bundle / f) for f in
+                             ("configs/inference.json", "configs/metadata.json", "models/model.pt")}
+    assert teacher.cache_key_file == bundle / "models" / "model.pt"
+    assert Path(tiny_data) in teacher.cache_root.parents  # the disk cache lives in DATA, never in the bundle
+    size = teacher.details["input_size"]
+    assert size % 16 == 0 and size >= 48  # 32 px at 8.7 mm brought to the bundle's 5.8 mm
+    x = torch.from_numpy(np.array(data.image(data.case_ids("test")[0]), dtype=np.float32))[:, None]
+    with torch.no_grad():
+        got = teacher.module(x)
+    window = data.settings["window"]
+    ref = _monai_reference(bundle, x, window, size)
+    assert got.shape == (x.shape[0], 1, 32, 32)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (got > 0).any()  # the trained teacher finds spleen on its held-out case
+
+    ts_only = tmp_path / "ts-only"
+    shutil.copytree(bundle, ts_only)
+    doc = json.loads((ts_only / "configs" / "inference.json").read_text())
+    del doc["network_def"]
+    (ts_only / "configs" / "inference.json").write_text(json.dumps(doc))
+    ts = open_teacher(ts_only, TeacherRequest(in_channels=1), data)
+    assert ts.details["format"] == "torchscript" and not ts.taps_ok and "models/model.ts" in ts.files
+    with torch.no_grad():
+        torch.testing.assert_close(ts.module(x), got, atol=1e-5, rtol=1e-5)
+
+
+def test_distill_from_bundle_and_evaluate_it_beside_the_student(bundle, tiny_data, tmp_path):
+    """End to end through the CLI: a PMD-only student from the bundle, then one table with the bundle as a row."""
+    before = _listing(bundle)
+    student = tmp_path / "s"
+    r = _cli(["distill", tiny_data, "-o", student, "--teacher", bundle, "--scales", "none", "--pmd", "--epochs", "1",
+              "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    assert f"teacher: bundle {bundle} (in_channels 1, network UNet" in r.stderr
+    rec = json.loads((student / "summary.json").read_text())["teacher_source"]
+    assert rec["kind"] == "bundle" and rec["files"]["models/model.pt"] == file_sha256(bundle / "models" / "model.pt")
+    assert rec["details"]["classes"] == ["background", "spleen"] and "features" in rec["terms"]
+
+    r = _cli(["evaluate", bundle, student, "--data", tiny_data, "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    t_row, s_row = json.loads(r.stdout)["runs"]
+    net = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert t_row["kind"] == "teacher" and t_row["arch"] == "bundle:UNet" and t_row["run"] == str(bundle)
+    assert t_row["params"] == sum(v.numel() for k, v in net.items() if "running" not in k and "num_batches" not in k)
+    assert t_row["flops"] > 0 and t_row["latency_ms"] > 0 and t_row["checkpoint"] == "model.pt"
+    assert t_row["n_cases"] == s_row["n_cases"] and [c["id"] for c in t_row["per_case"]] == [
+        c["id"] for c in s_row["per_case"]]
+    assert t_row["teacher_source"]["kind"] == "bundle" and t_row["resolution"] == "native"
+    assert any("does not know which cases it was trained on" in w for w in t_row["warnings"])
+    assert t_row["dice"] > 0.2  # a teacher worth distilling (held-out case; 0.37 when written)
+    assert s_row["kind"] == "student" and (student / "eval-test.json").is_file()
+    assert _listing(bundle) == before  # nothing written into the user's bundle (no eval or postprocessing file)
+
+
+def test_feature_terms_from_a_bundle_network(bundle, tiny_data, tmp_path):
+    """``--teacher-taps`` name module paths of the bundle's own network; its TorchScript has none to hook."""
+    r = _cli(["distill", tiny_data, "-o", tmp_path / "s", "--teacher", bundle, "--scales", "enc", "--teacher-taps",
+              "enc=model.0", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    history = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
+    assert "enc" in json.dumps(history[0])
