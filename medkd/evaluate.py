@@ -355,11 +355,13 @@ def _run_facts(loaded: LoadedRun, model: nn.Module, in_shape, dev: torch.device)
 
 def _teacher_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev: torch.device) -> Dict[str, Any]:
     """The same facts for an external teacher, where its kind has them: parameters and FLOPs of a torch network
-    (the bridge to its input size and intensity included in the FLOPs), latency of its slice model (ONNX files:
-    also ONNX Runtime's, ``latency_ms_ort``); ``None`` for a teacher that gives only per-case probabilities."""
+    (TorchScript included; FLOPs at the prepared input, the bridge to the network's own size included), latency of
+    the slice model; an ONNX file: no parameters or FLOPs (not a torch graph), and ``latency_ms_ort``, ONNX
+    Runtime's time for the graph alone at its own input size; ``None`` for a teacher that gives only per-case
+    probabilities."""
     t = loaded.teacher
     net = getattr(model, "net", model)
-    torch_net = isinstance(net, nn.Module)
+    torch_net = isinstance(net, nn.Module) and any(True for _ in net.parameters())
     facts: Dict[str, Any] = dict(
         kind="teacher",
         arch=f"{t.kind}:{t.details.get('network') or t.details.get('configuration') or Path(t.source).name}",
@@ -370,13 +372,10 @@ def _teacher_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev:
         checkpoint_mb=checkpoint_size_mb(loaded.checkpoint) if loaded.checkpoint.is_file() else None,
         checkpoint=loaded.checkpoint.name,
     )
-    if t.kind == "onnx" and Path(t.source).is_file():
-        from medkd.exported import ort_latency_ms
-
+    if t.kind == "onnx" and isinstance(net, nn.Module):
         size = int(getattr(model, "input_size", in_shape[-1]))
-        facts["latency_ms_ort"] = ort_latency_ms(Path(t.source), (int(getattr(model, "net_channels", in_shape[0])),
-                                                                  size, size),
-                                                 warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
+        net_shape = (int(getattr(model, "net_channels", in_shape[0])), size, size)
+        facts["latency_ms_ort"] = latency_ms(net, net_shape, "cpu", warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
     return facts
 
 

@@ -146,3 +146,29 @@ def test_feature_terms_from_a_bundle_network(bundle, tiny_data, tmp_path):
     assert r.exit_code == 0, r.stderr
     history = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
     assert "enc" in json.dumps(history[0])
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_teacher_row_scores_like_its_run(fmt, tiny_teacher, tiny_data, tmp_path):
+    """``evaluate RUN.ts|RUN.onnx RUN``: the tiny teacher exported (``medkd export``) and opened as a file teacher
+    (medkd's own metadata describes it) gets the run's own Dice on the same cases; ONNX adds ONNX Runtime's
+    latency and, not being a torch graph, reports no parameter count."""
+    from medkd.teachers import KINDS
+
+    if fmt not in KINDS:
+        pytest.skip(f"the {fmt} teacher kind is not in this checkout")
+    model = tmp_path / ("teacher.ts" if fmt == "torchscript" else "teacher.onnx")
+    r = _cli(["export", tiny_teacher, "-o", model, "--format", fmt])
+    assert r.exit_code == 0, r.stderr
+    run = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, run)  # evaluate writes eval-test.json into a run
+    r = _cli(["evaluate", model, run, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
+    assert r.exit_code == 0, r.stderr
+    f_row, r_row = json.loads(r.stdout)["runs"]
+    assert f_row["teacher_source"]["kind"] == fmt and f_row["kind"] == "teacher" and r_row["kind"] == "teacher"
+    assert f_row["dice"] == pytest.approx(r_row["dice"], abs=1e-6 if fmt == "torchscript" else 1e-3)
+    assert [c["id"] for c in f_row["per_case"]] == [c["id"] for c in r_row["per_case"]]
+    if fmt == "onnx":
+        assert f_row["params"] is None and f_row["flops"] is None and f_row["latency_ms_ort"] > 0
+    else:
+        assert f_row["params"] == r_row["params"] and "latency_ms_ort" not in f_row
