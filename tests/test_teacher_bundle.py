@@ -172,3 +172,23 @@ def test_exported_teacher_row_scores_like_its_run(fmt, tiny_teacher, tiny_data, 
         assert f_row["params"] is None and f_row["flops"] is None and f_row["latency_ms_ort"] > 0
     else:
         assert f_row["params"] == r_row["params"] and "latency_ms_ort" not in f_row
+
+
+def test_per_image_zscore_bundle(tiny_data, tmp_path):
+    """A bundle normalising each image by its own statistics (``NormalizeIntensityd``, ``nonzero``): MONAI's
+    transform runs slice by slice on the prepared values (a z-score needs no Hounsfield units back). Random weights:
+    this checks plumbing only."""
+    from monai.transforms import NormalizeIntensity
+
+    transforms = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                  {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}]
+    root = monai_bundle.build_bundle(tmp_path / "z", transforms=transforms, torchscript=False)
+    data = PreparedData(tiny_data)
+    teacher = open_teacher(root, TeacherRequest(in_channels=1), data)
+    assert teacher.details["intensity"] == [{"transform": "NormalizeIntensity", "nonzero": True}]
+    assert teacher.details["input_size"] == 32  # no Spacingd: the prepared size, a multiple of 16
+    x = torch.from_numpy(np.array(data.image(data.case_ids("test")[0]), dtype=np.float32))[:, None]
+    net = teacher.module.net
+    with torch.no_grad():
+        z = net(torch.stack([torch.as_tensor(NormalizeIntensity(nonzero=True)(s)) for s in x]))
+        torch.testing.assert_close(teacher.module(x), z[:, 1:2] - z[:, 0:1], atol=1e-5, rtol=1e-5)

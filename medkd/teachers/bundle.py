@@ -28,6 +28,7 @@ per case in MONAI and give its probabilities with ``--teacher-probs``.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -318,6 +319,7 @@ def _resolve_target(target: Any) -> Optional[str]:
     if not isinstance(target, str) or not target or "__" in target or target.startswith("."):
         return None
     if "." not in target:
+        import monai.networks.nets  # noqa: F401 -- the locator searches only imported MONAI modules
         from monai.bundle import ComponentLocator
 
         module = ComponentLocator().get_component_module_name(target)
@@ -447,7 +449,9 @@ def build_network(spec: BundleSpec):
 
     if spec.torchscript:
         try:
-            return torch.jit.load(str(spec.weights), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
+                return torch.jit.load(str(spec.weights), map_location="cpu").eval()
         except Exception as e:  # noqa: BLE001 -- any failure of a foreign file is one line
             raise MedkdError(f"{spec.weights}: not a loadable TorchScript model ({_short(e)})") from None
     from monai.bundle import ConfigParser
