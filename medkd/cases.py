@@ -81,13 +81,13 @@ def case_masks(
     return _native_masks(data, cid, foreground_prob(logits), prepared_pred)
 
 
-def prob_masks(prob: np.ndarray, data: PreparedData, cid: str, resolution: str = "native"):
+def prob_masks(prob: np.ndarray, data: PreparedData, cid: str, resolution: str = "native", what: str = "teacher"):
     """:func:`case_masks` of a foreground probability ``(Z, S, S)`` already on the prepared grid (a teacher that
-    gives per-case probabilities instead of a slice model)."""
+    gives per-case probabilities instead of a slice model; ``what`` names it in errors)."""
     prob = np.asarray(prob, dtype=np.float32)
     entry = data.case(cid)
     if prob.shape != tuple(entry["prepared_shape"]):
-        raise MedkdError(f"case {cid!r}: teacher probabilities of shape {list(prob.shape)}, expected the prepared "
+        raise MedkdError(f"{what}: case {cid!r}: probabilities of shape {list(prob.shape)}, expected the prepared "
                          f"{entry['prepared_shape']}")
     prepared_pred = prob > THRESHOLD
     if resolution == "prepared":

@@ -336,7 +336,7 @@ def _masks(loaded: LoadedRun, model: Optional[nn.Module], data: PreparedData, ci
            in_ch: int, batch_size: int, resolution: str):
     """:func:`medkd.cases.case_masks` of a run or a slice-model teacher; a per-case teacher's probabilities."""
     if model is None:
-        return prob_masks(loaded.teacher.case_probs(cid), data, cid, resolution)
+        return prob_masks(loaded.teacher.case_probs(cid), data, cid, resolution, str(loaded.run))
     return case_masks(model, data, cid, device, in_ch, batch_size, resolution)
 
 
@@ -506,7 +506,8 @@ def evaluate_runs(
                                        keep_predictions=overlays is not None, progress=progress, save=save,
                                        resolution=resolution, postprocessing=postprocessing,
                                        model_file=Path(model_files[i]) if model_files else None, ids=ids))
-        lr.model.to("cpu")
+        if lr.model is not None:
+            lr.model.to("cpu")
     if overlays is not None:
         from medkd.report.overlays import write_overlays
 

@@ -12,6 +12,7 @@ The bad inputs (a bundle without ``network_def``, weights of another network, a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,40 @@ def test_per_image_zscore_bundle(tiny_data, tmp_path):
     with torch.no_grad():
         z = net(torch.stack([torch.as_tensor(NormalizeIntensity(nonzero=True)(s)) for s in x]))
         torch.testing.assert_close(teacher.module(x), z[:, 1:2] - z[:, 0:1], atol=1e-5, rtol=1e-5)
+
+
+def test_per_case_teacher_row(tiny_data, tmp_path):
+    """A teacher that gives per-case probabilities (no slice model: saved probabilities, a 3-D nnU-Net) is scored
+    from them: the labels themselves as probabilities score Dice 1 on the prepared grid, and a volume of another
+    shape is one line naming the case."""
+    from medkd.teachers import KINDS, register_kind
+    from medkd.teachers.base import LoadedTeacher
+
+    data = PreparedData(tiny_data)
+    shape = {"ok": None}
+
+    def load(path, request, data):
+        def probs(cid):
+            p = np.asarray(data.label(cid), dtype=np.float32)
+            return p if shape["ok"] is None else p[:, :-1]
+        return LoadedTeacher(kind="labels", source=path, module=None, in_channels=1, files={}, details={},
+                             taps_ok=False, default_taps=None, cache_key_file=None, cache_root=None, case_probs=probs)
+
+    folder = tmp_path / "label-probs"
+    folder.mkdir()
+    (folder / "labels.marker").write_text("")
+    register_kind("labels", lambda p: (Path(p) / "labels.marker").is_file(), load, expects="a test folder")
+    try:
+        r = _cli(["evaluate", folder, "--data", tiny_data, "--json", "--resolution", "prepared"])
+        assert r.exit_code == 0, r.stderr
+        row = json.loads(r.stdout)
+        assert row["dice"] == 1.0 and row["params"] is None and row["latency_ms"] is None
+        assert row["arch"] == "labels:label-probs" and row["checkpoint"] == "label-probs"
+        shape["ok"] = False
+        r = _cli(["evaluate", folder, "--data", tiny_data, "--resolution", "prepared"])
+        assert r.exit_code == 1
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and re.match(r"^error: .*label-probs: case '[^']+': probabilities of shape \[\d+, 31, 32\], "
+                                          r"expected the prepared \[\d+, 32, 32\]$", err[0]), r.stderr
+    finally:
+        KINDS.pop("labels", None)
