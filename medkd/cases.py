@@ -102,3 +102,74 @@ def _native_masks(data: PreparedData, cid: str, prob: np.ndarray, prepared_pred:
     gt, spacing = native_label(data, cid)
     prob = prob_to_native(prob, entry["canonical_shape"][:2], entry["affine"], entry["shape"])
     return prob > THRESHOLD, gt, spacing, prepared_pred
+
+
+#: File names a folder of predicted masks may hold per case: ``<case>.nii.gz`` (``nnUNetv2_predict``), ``.nii``,
+#: ``<case>_seg.nii.gz`` (``medkd predict``).
+MASK_SUFFIXES = (".nii.gz", ".nii", "_seg.nii.gz")
+
+
+def mask_file(folder: Path, cid: str) -> Path:
+    """``FOLDER/<case>.nii.gz`` (or another of :data:`MASK_SUFFIXES`) of a folder of predicted masks.
+
+    Raises:
+        MedkdError: no file for the case.
+    """
+    from medkd.rundir import confined
+
+    for suffix in MASK_SUFFIXES:
+        path = confined(Path(folder), f"{cid}{suffix}")
+        if path.is_file():
+            return path
+    raise MedkdError(f"{folder}: no predicted mask for case {cid!r} (expected {cid}{MASK_SUFFIXES[0]})")
+
+
+def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
+    """A case's predicted mask from a folder of masks in the source images' geometry, as the case's
+    :class:`~medkd.data.io.Volume` with a bool array: voxels ``> 0``, or ``== label`` with ``--teacher-label``.
+
+    Raises:
+        MedkdError: missing file, another shape or voxel grid than the case's image, several foreground labels
+            without ``label`` (listing them).
+    """
+    from dataclasses import replace
+
+    from medkd.data.io import read_nifti
+    from medkd.data.preprocess import AFFINE_ATOL, AFFINE_RTOL
+
+    path = mask_file(folder, cid)
+    vol = read_nifti(path)
+    entry = data.case(cid)
+    if list(vol.array.shape) != list(entry["shape"]):
+        raise MedkdError(f"{path}: mask shape {list(vol.array.shape)} differs from the image of case {cid!r} "
+                         f"{entry['shape']}")
+    if not np.allclose(vol.affine, np.asarray(entry["affine"]), atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
+        raise MedkdError(f"{path}: mask voxel grid (affine) differs from the image of case {cid!r}")
+    arr = np.asarray(vol.array)
+    if label is None:
+        values = [int(v) for v in np.unique(arr) if v != 0][:10]
+        if len(values) > 1:
+            raise MedkdError(f"{path}: mask holds labels {', '.join(map(str, values))}: choose the foreground with "
+                             f"--teacher-label N")
+        mask = arr > 0
+    else:
+        mask = arr == label
+    return replace(vol, array=mask)
+
+
+def mask_masks(folder: Path, data: PreparedData, cid: str, resolution: str = "native", label=None):
+    """:func:`case_masks` of a saved predicted mask (``FOLDER/<case>.nii.gz``, the source image's geometry): on the
+    native grid as it is; on the prepared grid brought there as the labels were at preprocessing (RAS, axial
+    slices, nearest-neighbour resize)."""
+    from medkd.data.io import to_canonical
+    from medkd.data.recipe import resize_slices
+
+    vol = read_mask(folder, data, cid, label)
+    canonical, _ = to_canonical(vol)
+    slices = np.moveaxis(np.asarray(canonical.array, dtype=np.float32), 2, 0)  # (X, Y, Z) -> (Z, X, Y)
+    prepared_pred = resize_slices(slices, data.size, is_label=True) > 0
+    if resolution == "prepared":
+        entry = data.case(cid)
+        return prepared_pred, np.asarray(data.label(cid)) > 0, tuple(entry["prepared_spacing"]), prepared_pred
+    gt, spacing = native_label(data, cid)
+    return np.asarray(vol.array, dtype=bool), gt, spacing, prepared_pred

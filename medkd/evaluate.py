@@ -37,7 +37,7 @@ from torch import nn
 import medkd
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
-from medkd.cases import case_masks, prob_masks
+from medkd.cases import MASK_SUFFIXES, case_masks, mask_masks, prob_masks
 from medkd.infer import resolve_device
 from medkd.options import DEFAULT_DEVICE, check_tolerance
 from medkd.metrics import (
@@ -80,6 +80,8 @@ class LoadedRun:
     warnings: List[str] = field(default_factory=list)
     train_overlap: Optional[List[str]] = None  # evaluated cases the run was trained on (None: not recorded)
     teacher: Optional[Any] = None  # an external teacher (medkd.teachers.LoadedTeacher): not a medkd run
+    masks: bool = False  # a folder of predicted masks (``run``), not a model
+    masks_label: Optional[int] = None  # the foreground label in those masks (None: any non-zero voxel)
 
 
 def is_external_teacher(path: Path) -> bool:
@@ -94,6 +96,24 @@ def is_external_teacher(path: Path) -> bool:
         return detect_kind(Path(path)) != "medkd"
     except MedkdError:
         return False
+
+
+def is_mask_folder(path: Path) -> bool:
+    """A folder of predicted masks (``<case>.nii.gz``, e.g. ``nnUNetv2_predict``'s output): NIfTI files and no run
+    files (``summary.json``, ``config.yaml``, checkpoints)."""
+    path = Path(path)
+    if not path.is_dir() or any((path / n).exists() for n in ("summary.json", "config.yaml", "best.pt", "last.pt")):
+        return False
+    return any(p.name.endswith(MASK_SUFFIXES) for p in path.iterdir())
+
+
+def load_masks(path: Path, label: Optional[int] = None) -> LoadedRun:
+    """A folder of predicted masks as a row: each case's ``<case>.nii.gz`` in its source image's geometry, compared
+    as it is (native grid) or brought to the prepared grid like the labels. No model: no parameters, FLOPs,
+    latency or postprocessing; nothing is written into the folder."""
+    path = Path(path)
+    warn = f"{path}: predicted masks of a model medkd does not know (nor which cases it was trained on)"
+    return LoadedRun(path, None, {"kind": "masks"}, path, {"kind": "masks"}, [warn], masks=True, masks_label=label)
 
 
 def load_external(path: Path, data: PreparedData, label: Optional[int] = None, fold: Optional[str] = None,
@@ -205,6 +225,8 @@ def run_postprocessing(
     """
     from medkd import postprocess as pp
 
+    if loaded.masks:
+        return {**pp.Postprocessing().to_dict(), "chosen_on": None, "note": "predicted masks are scored as given"}
     doc = None if loaded.teacher else pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
     if doc is not None:
         return doc
@@ -298,7 +320,7 @@ def evaluate_loaded(
         "n_empty": pp_stats["n_empty"], "pooled": pp_stats["pooled"], "per_case": pp_case,
     }
     result.update(
-        **(_run_facts(loaded, model, in_shape, dev) if loaded.teacher is None else
+        **(_run_facts(loaded, model, in_shape, dev) if loaded.teacher is None and not loaded.masks else
            _teacher_facts(loaded, model, in_shape, dev)),
         device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -325,7 +347,7 @@ def evaluate_loaded(
     if loaded.teacher is not None:
         result["teacher_source"] = loaded.teacher.record()
     result = to_jsonable(result)
-    if save and loaded.teacher is None:
+    if save and loaded.teacher is None and not loaded.masks:
         rundir.write_json(rundir.eval_json(loaded.run, split), result)
     if keep_predictions:
         result["_predictions"] = preds
@@ -334,7 +356,10 @@ def evaluate_loaded(
 
 def _masks(loaded: LoadedRun, model: Optional[nn.Module], data: PreparedData, cid: str, device: torch.device,
            in_ch: int, batch_size: int, resolution: str):
-    """:func:`medkd.cases.case_masks` of a run or a slice-model teacher; a per-case teacher's probabilities."""
+    """:func:`medkd.cases.case_masks` of a run or a slice-model teacher; a per-case teacher's probabilities; a
+    folder's saved masks."""
+    if loaded.masks:
+        return mask_masks(loaded.run, data, cid, resolution, loaded.masks_label)
     if model is None:
         return prob_masks(loaded.teacher.case_probs(cid), data, cid, resolution, str(loaded.run))
     return case_masks(model, data, cid, device, in_ch, batch_size, resolution)
@@ -360,6 +385,9 @@ def _teacher_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev:
     Runtime's time for the graph alone at its own input size; ``None`` for a teacher that gives only per-case
     probabilities."""
     t = loaded.teacher
+    if t is None:  # a folder of masks
+        return dict(kind="masks", arch="masks", params=None, flops=None, latency_ms=None, checkpoint_mb=None,
+                    checkpoint=loaded.run.name)
     net = getattr(model, "net", model)
     torch_net = isinstance(net, nn.Module) and any(True for _ in net.parameters())
     facts: Dict[str, Any] = dict(
@@ -452,7 +480,8 @@ def evaluate_runs(
         teacher_label, teacher_fold, teacher_checkpoint: for rows that are external teachers (an nnU-Net model
             folder, a MONAI bundle, a TorchScript/ONNX file: :func:`is_external_teacher`), what ``--teacher-label``,
             ``--teacher-fold`` and ``--teacher-checkpoint`` say for ``distill``; such a row is scored on the same
-            cases and grid as the runs (:func:`load_external`).
+            cases and grid as the runs (:func:`load_external`). A folder of predicted masks (``<case>.nii.gz``:
+            :func:`is_mask_folder`) is a row too, ``teacher_label`` its foreground label (:func:`load_masks`).
         Others: as in :func:`evaluate_run`.
 
     Returns:
@@ -477,10 +506,11 @@ def evaluate_runs(
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
     loaded = [load_external(Path(r), prepared, teacher_label, teacher_fold, teacher_checkpoint, device)
-              if is_external_teacher(Path(r)) else load_run(Path(r), prepared) for r in runs]
-    outside = [lr.run for lr in loaded if lr.teacher is not None]
+              if is_external_teacher(Path(r)) else load_masks(Path(r), teacher_label) if is_mask_folder(Path(r))
+              else load_run(Path(r), prepared) for r in runs]
+    outside = [lr.run for lr in loaded if lr.teacher is not None or lr.masks]
     if model_files and outside:
-        raise MedkdError(f"--onnx pairs exported models with medkd runs, but {outside[0]} is an external teacher "
+        raise MedkdError(f"--onnx pairs exported models with medkd runs, but {outside[0]} is not a medkd run "
                          f"(an ONNX teacher's own ONNX Runtime latency is reported without --onnx)")
     if model_files:  # before any evaluation: a model file of another run, or one that does not return the logits,
         from medkd.exported import check_model_file, load_exported, probe_exported  # fails at once, named

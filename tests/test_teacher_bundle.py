@@ -226,7 +226,57 @@ def test_per_case_teacher_row(tiny_data, tmp_path):
         r = _cli(["evaluate", folder, "--data", tiny_data, "--resolution", "prepared"])
         assert r.exit_code == 1
         err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert len(err) == 1 and re.match(r"^error: .*label-probs: case '[^']+': probabilities of shape \[\d+, 31, 32\], "
-                                          r"expected the prepared \[\d+, 32, 32\]$", err[0]), r.stderr
+        assert len(err) == 1 and re.match(r"^error: .*label-probs: case '[^']+': probabilities of shape "
+                                          r"\[\d+, 31, 32\], expected the prepared \[\d+, 32, 32\]$", err[0]), r.stderr
     finally:
         KINDS.pop("labels", None)
+
+
+# ------------------------------------------------------------------------------------- folders of predicted masks
+
+
+def test_mask_folder_rows(tiny_raw, tiny_teacher, tiny_data, tmp_path):
+    """A folder of predicted masks (``<case>.nii.gz`` in the source geometry, as nnU-Net writes them) is a row:
+    the labels themselves score Dice 1 on both grids; ``medkd predict``'s own output for the teacher scores what
+    the run scores; several labels need ``--teacher-label``; a mask of another shape is one line naming the file."""
+    import nibabel as nib
+
+    data = PreparedData(tiny_data)
+    test_ids = data.case_ids("test")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for cid in test_ids:
+        img = nib.load(str(tiny_raw / "labelsTr" / f"{cid}.nii.gz"))
+        nib.save(nib.Nifti1Image((np.asarray(img.dataobj) * 2).astype(np.uint8), img.affine), labels / f"{cid}.nii.gz")
+    for resolution in ("native", "prepared"):
+        r = _cli(["evaluate", labels, "--data", tiny_data, "--json", "--resolution", resolution,
+                  "--teacher-label", "2"])
+        assert r.exit_code == 0, r.stderr
+        row = json.loads(r.stdout)
+        assert row["dice"] == 1.0 and row["kind"] == "masks" and row["params"] is None, resolution
+    assert sorted(p.name for p in labels.iterdir()) == [f"{c}.nii.gz" for c in sorted(test_ids)]  # nothing written
+
+    r = _cli(["evaluate", labels, "--data", tiny_data])  # labels {2}: one foreground label, found without a choice
+    assert r.exit_code == 0, r.stderr
+    img = nib.load(str(labels / f"{test_ids[0]}.nii.gz"))
+    arr = np.asarray(img.dataobj).copy()
+    arr[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(arr, img.affine), labels / f"{test_ids[0]}.nii.gz")
+    r = _cli(["evaluate", labels, "--data", tiny_data])
+    assert r.exit_code == 1 and re.search(r"^error: .*\.nii\.gz: mask holds labels 1, 2: choose the foreground with "
+                                          r"--teacher-label N$", r.stderr, re.M), r.stderr
+    nib.save(nib.Nifti1Image(arr[:-1], img.affine), labels / f"{test_ids[0]}.nii.gz")
+    r = _cli(["evaluate", labels, "--data", tiny_data, "--teacher-label", "2"])
+    assert r.exit_code == 1 and re.search(r"^error: .*\.nii\.gz: mask shape \[47, 48, \d+\] differs from the image "
+                                          r"of case '[^']+' \[48, 48, \d+\]$", r.stderr, re.M), r.stderr
+
+    preds = tmp_path / "predicted"
+    run = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, run)
+    images = [tiny_raw / "imagesTr" / f"{cid}.nii.gz" for cid in test_ids]
+    r = _cli(["predict", run, *images, "-o", preds, "--no-postprocessing"])
+    assert r.exit_code == 0, r.stderr
+    r = _cli(["evaluate", preds, run, "--data", tiny_data, "--json", "--no-postprocessing"])
+    assert r.exit_code == 0, r.stderr
+    m_row, r_row = json.loads(r.stdout)["runs"]
+    assert m_row["dice"] == pytest.approx(r_row["dice"], abs=1e-9) and m_row["n_cases"] == r_row["n_cases"]

@@ -25,8 +25,9 @@ from medkd.options import DEFAULT_DEVICE
 @handle_errors
 def command(
     runs: Annotated[List[Path], typer.Argument(
-        help="Run folder(s), or external teachers (an nnU-Net v2 model folder, a MONAI bundle, a TorchScript/ONNX "
-             "file with its sidecar) scored as rows beside them; the first is the reference for relative change.")],
+        help="Run folder(s), external teachers (an nnU-Net v2 model folder, a MONAI bundle, a TorchScript/ONNX file "
+             "with its sidecar) or folders of predicted masks (<case>.nii.gz), one row each; the first is the "
+             "reference for relative change.")],
     data: Annotated[Path, typer.Option("--data", help="Prepared dataset folder (from medkd preprocess).")],
     split: Annotated[str, typer.Option(help="Split to evaluate: test | val | train.")] = "test",
     tolerance: Annotated[
@@ -52,7 +53,7 @@ def command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
     teacher_label: Annotated[
-        Optional[int], typer.Option("--teacher-label", min=0, help="External teacher rows: which output class is the "
+        Optional[int], typer.Option("--teacher-label", min=0, help="External teacher / masks rows: which class is the "
                                                                    "foreground (multi-class teachers). \\[default: the "
                                                                    "only foreground class]")
     ] = None,
@@ -73,9 +74,11 @@ def command(
     """Test-split metrics (per case 3D Dice, IoU, recall, precision, HD95, surface Dice; pooled) and efficiency,
     one row per run, in each case's native voxel grid by default.
 
-    Metrics are shown without and with the run's postprocessing (chosen on val). Saves RUN/eval-<split>.json for
-    every run (nothing is written into an external teacher's folder). With --json, one JSON document on stdout (the run's dict, or
-    {"runs": [...]} for several runs) and the table on stderr.
+    A row may also be an external teacher (nnU-Net model folder, MONAI bundle, TorchScript/ONNX file) or a folder
+    of predicted masks (<case>.nii.gz in the source images' geometry, e.g. nnUNetv2_predict's output). Metrics are
+    shown without and with the run's postprocessing (chosen on val). Saves RUN/eval-<split>.json for every run
+    (nothing is written into a teacher's or a masks folder). With --json, one JSON document on stdout (the run's
+    dict, or {"runs": [...]} for several runs) and the table on stderr.
     """
     from medkd.evaluate import evaluate_runs
     from rich.markup import escape

@@ -50,6 +50,8 @@ NEUTRAL = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "ToTen
 #: Intensity transforms medkd reproduces (array form; ``...d`` names map here) -> arguments it reads.
 INTENSITY = {"ScaleIntensityRange": ("a_min", "a_max", "b_min", "b_max", "clip"),
              "NormalizeIntensity": ("subtrahend", "divisor", "nonzero", "channel_wise")}
+#: Geometric transforms medkd reproduces (``Orientation`` only with RAS axes).
+GEOMETRY = ("Orientation", "Resize", "Spacing")
 
 
 def detect(path: Path) -> bool:
@@ -334,8 +336,8 @@ def _resolve_target(target: Any) -> Optional[str]:
 def _name(item: Dict[str, Any]) -> str:
     """A transform's class name in array form: ``monai.transforms.ScaleIntensityRanged`` -> ``ScaleIntensityRange``."""
     name = str(item.get("_target_", "")).rsplit(".", 1)[-1]
-    return name[:-1] if name.endswith("d") and name[:-1] in (*NEUTRAL, *INTENSITY, "Orientation", "Spacing",
-                                                             "Resize", "Activations", "AsDiscrete") else name
+    return name[:-1] if name.endswith("d") and name[:-1] in (*NEUTRAL, *INTENSITY, *GEOMETRY, "Activations",
+                                                             "AsDiscrete") else name
 
 
 def _transforms(section: Any, key: str):
@@ -380,7 +382,7 @@ def _read_preprocessing(spec: BundleSpec, config: Dict[str, Any], path: Optional
             spec.size = [int(v) for v in size[:2]]
         else:
             raise MedkdError(f"{path}: {key} ({raw}): a preprocessing transform medkd cannot reproduce on prepared "
-                             f"slices (understood: {', '.join(sorted([*INTENSITY, 'Spacing', 'Resize', 'Orientation']))}"
+                             f"slices (understood: {', '.join(sorted([*INTENSITY, *GEOMETRY]))}"
                              f" and type/layout transforms)")
 
 
