@@ -19,6 +19,11 @@ with a postprocessing gain.
 Surface-Dice tolerance: ``tolerance_mm`` if given, else per case ``max(2 mm, largest voxel spacing)`` (never
 below the voxel size of the grid the metrics are computed on); each case records the value used.
 
+A row may also be a model medkd did not train (:func:`load_external`: an nnU-Net model folder, a MONAI bundle, a
+TorchScript/ONNX file, opened by :func:`medkd.teachers.open_teacher` as for ``distill --teacher``) or a folder of
+predicted masks in the source images' geometry (:func:`load_masks`), scored on the same cases and grid; nothing is
+written into their folders.
+
 The result dict (the "Evaluate JSON" of the design contract) is the single source of the Rich table
 (:func:`medkd.report.tables.eval_table`), the JSON document and ``RUN/eval-<split>.json``.
 """
@@ -227,7 +232,7 @@ def run_postprocessing(
 
     if loaded.masks:
         return {**pp.Postprocessing().to_dict(), "chosen_on": None, "note": "predicted masks are scored as given"}
-    doc = None if loaded.teacher else pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
+    doc = None if loaded.teacher is not None else pp.for_checkpoint(loaded.run, loaded.checkpoint, data.fingerprint())
     if doc is not None:
         return doc
     val_ids = data.case_ids("val")
@@ -246,7 +251,7 @@ def run_postprocessing(
            **(pp.checkpoint_stamp(loaded.checkpoint) if loaded.checkpoint.is_file() else {}),
            "medkd_version": medkd.__version__}
     doc = to_jsonable(doc)
-    if save and not loaded.teacher and data.fingerprint() == (loaded.ckpt.get("data") or {}).get("fingerprint"):
+    if save and loaded.teacher is None and data.fingerprint() == (loaded.ckpt.get("data") or {}).get("fingerprint"):
         pp.save(loaded.run, doc)
     return doc
 
@@ -321,7 +326,7 @@ def evaluate_loaded(
     }
     result.update(
         **(_run_facts(loaded, model, in_shape, dev) if loaded.teacher is None and not loaded.masks else
-           _teacher_facts(loaded, model, in_shape, dev)),
+           _external_facts(loaded, model, in_shape, dev)),
         device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         tolerance_mm=None if tolerance_mm is None else float(tolerance_mm),
@@ -378,8 +383,8 @@ def _run_facts(loaded: LoadedRun, model: nn.Module, in_shape, dev: torch.device)
     )
 
 
-def _teacher_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev: torch.device) -> Dict[str, Any]:
-    """The same facts for an external teacher, where its kind has them: parameters and FLOPs of a torch network
+def _external_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev: torch.device) -> Dict[str, Any]:
+    """The same facts for an external teacher or a folder of masks, where they have them: parameters and FLOPs of a torch network
     (TorchScript included; FLOPs at the prepared input, the bridge to the network's own size included), latency of
     the slice model; an ONNX file: no parameters or FLOPs (not a torch graph), and ``latency_ms_ort``, ONNX
     Runtime's time for the graph alone at its own input size; ``None`` for a teacher that gives only per-case
