@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 import monai_bundle
 from medkd.cli import app
 from medkd.data.prepared import PreparedData
+from medkd.errors import MedkdError
 from medkd.rundir import file_sha256
 from medkd.teachers import TeacherRequest, detect_kind, open_teacher
 from medkd.teachers.bundle import read_bundle
@@ -280,3 +281,33 @@ def test_mask_folder_rows(tiny_raw, tiny_teacher, tiny_data, tmp_path):
     assert r.exit_code == 0, r.stderr
     m_row, r_row = json.loads(r.stdout)["runs"]
     assert m_row["dice"] == pytest.approx(r_row["dice"], abs=1e-9) and m_row["n_cases"] == r_row["n_cases"]
+
+
+def test_sidecar_overrides_a_preprocessing_medkd_cannot_reproduce(tiny_data, tmp_path):
+    """A bundle whose preprocessing has a ``CropForegroundd`` is refused, naming the transform; with a sidecar
+    ``BUNDLE.json`` beside it (the documented override) the sidecar's intensity and spacing are used instead and
+    recorded (its hash among the teacher's files). Random weights: plumbing only."""
+    root = monai_bundle.broken("crop-foreground")(tmp_path)
+    data = PreparedData(tiny_data)
+    with pytest.raises(MedkdError, match=r"preprocessing#transforms#3 \(CropForegroundd\).*describe it in "
+                                        r"bundle-crop-foreground\.json beside the bundle$"):
+        open_teacher(root, TeacherRequest(in_channels=1), data)
+    sidecar = tmp_path / "bundle-crop-foreground.json"
+    sidecar.write_text(json.dumps({"intensity": {"normalise": "window", "low": -100, "high": 200}, "size": 48}))
+    teacher = open_teacher(root, TeacherRequest(in_channels=1), data)
+    assert teacher.details["intensity"] == {"sidecar": sidecar.name, "normalise": "window", "low": -100.0,
+                                            "high": 200.0}
+    assert teacher.details["input_size"] == 48
+    assert teacher.files["../bundle-crop-foreground.json"] == file_sha256(sidecar)
+    x = torch.from_numpy(np.array(data.image(data.case_ids("test")[0]), dtype=np.float32))[:, None]
+    lo, hi = data.settings["window"]
+    v = ((x * (hi - lo) + lo).clamp(-100, 200) + 100) / 300
+    v = F.interpolate(v, size=(48, 48), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        z = teacher.module.net(v)
+        ref = F.interpolate(z[:, 1:2] - z[:, 0:1], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(teacher.module(x), ref, atol=1e-5, rtol=1e-5)
+    sidecar.write_text(json.dumps({"intensity": {"normalise": "window", "low": -100, "high": 200}, "pixdim": 1}))
+    with pytest.raises(MedkdError, match=r"bundle-crop-foreground\.json: unknown field\(s\) pixdim; valid: intensity, "
+                                        r"spacing, size$"):
+        open_teacher(root, TeacherRequest(in_channels=1), data)

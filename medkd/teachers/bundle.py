@@ -15,6 +15,10 @@ What is read, and how far it is trusted:
   transforms that do not change values (loading, channel-first, type) are understood; any other is one line naming
   its key, e.g. ``preprocessing#transforms#3 (CropForegroundd)``. The postprocessing's ``Activationsd`` says
   whether the output is a softmax or sigmoid;
+* **the override**: a sidecar beside the bundle folder, ``BUNDLE.json`` (or ``.yaml``), says the preprocessing
+  instead, when the bundle's cannot be reproduced (:func:`read_override`): ``intensity`` as for a model file's
+  sidecar (``{"normalise": "window", "low": -100, "high": 200}``: :class:`~medkd.teachers.bridge.Intensity`) and
+  optionally ``spacing`` (in-plane mm) or ``size``. Its preprocessing section is then not read at all;
 * ``models/model.pt``: loaded **weights-only** (``torch.load(..., weights_only=True)``, no pickled code) into the
   network and checked to fit it exactly;
 * ``models/model.ts`` (used when ``network_def`` is absent): loaded with :func:`torch.jit.load`. **This is a trust
@@ -97,6 +101,8 @@ class BundleSpec:
     size: Optional[List[int]] = None
     multiple: int = 1
     files: List[str] = field(default_factory=list)
+    override: Optional[Path] = None
+    override_intensity: Any = None  # the sidecar's :class:`~medkd.teachers.bridge.Intensity`
 
     @property
     def torchscript(self) -> bool:
@@ -157,8 +163,48 @@ def read_bundle(root: Path) -> BundleSpec:
         raise MedkdError(f"{root}: a {spec.spatial_dims}-D bundle; medkd runs bundles on 2-D slices: run it on each "
                          f"case in MONAI and give its probability volumes with --teacher-probs")
     spec.size, spec.multiple = _shape_rule(inp.get("spatial_shape"), root)
-    _read_preprocessing(spec, config, config_file)
+    override = sidecar_of(root)
+    if override is not None:
+        read_override(spec, override)
+    else:
+        _read_preprocessing(spec, config, config_file)
     return spec
+
+
+#: Fields of a bundle's sidecar (:func:`read_override`).
+OVERRIDE_FIELDS = ("intensity", "spacing", "size")
+
+
+def sidecar_of(root: Path) -> Optional[Path]:
+    """``BUNDLE.json`` / ``.yaml`` / ``.yml`` beside the bundle folder, if there is one."""
+    root = Path(root).resolve()
+    return next((root.parent / f"{root.name}{ext}" for ext in (".json", ".yaml", ".yml")
+                 if (root.parent / f"{root.name}{ext}").is_file()), None)
+
+
+def read_override(spec: BundleSpec, path: Path) -> None:
+    """Set the bundle's preprocessing from its sidecar ``path``: ``intensity`` (required), ``spacing`` (in-plane
+    mm: the slices are resized to it) or ``size`` (pixels).
+
+    Raises:
+        MedkdError: one line naming the sidecar and the field.
+    """
+    from medkd.teachers.bridge import Intensity
+
+    doc = _read_config(path)
+    unknown = sorted(set(doc) - set(OVERRIDE_FIELDS))
+    if unknown:
+        raise MedkdError(f"{path}: unknown field(s) {', '.join(map(str, unknown))}; "
+                         f"valid: {', '.join(OVERRIDE_FIELDS)}")
+    if "intensity" not in doc:
+        raise MedkdError(f"{path}: no intensity (e.g. {{\"normalise\": \"window\", \"low\": -100, \"high\": 200}})")
+    if "spacing" in doc and "size" in doc:
+        raise MedkdError(f"{path}: give spacing or size, not both")
+    spec.override, spec.override_intensity = path, Intensity.from_doc(doc["intensity"], str(path))
+    if "spacing" in doc:
+        spec.pixdim, spec.size = _numbers(doc["spacing"], f"{path}: spacing", 2), None
+    if "size" in doc:
+        spec.size, spec.pixdim = [_int(doc["size"], path, "size")] * 2, None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -383,7 +429,8 @@ def _read_preprocessing(spec: BundleSpec, config: Dict[str, Any], path: Optional
         else:
             raise MedkdError(f"{path}: {key} ({raw}): a preprocessing transform medkd cannot reproduce on prepared "
                              f"slices (understood: {', '.join(sorted([*INTENSITY, *GEOMETRY]))}"
-                             f" and type/layout transforms)")
+                             f" and type/layout transforms); or describe it in {spec.root.name}.json beside the "
+                             f"bundle")
 
 
 def _numbers(value: Any, what: str, n: int) -> List[float]:
@@ -413,6 +460,7 @@ def load(path: Path, request: Any, data: Any) -> Any:
     """
     import torch
 
+    from medkd.rundir import file_sha256
     from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files
     from medkd.teachers.bridge import BridgedTeacher, choose_label
 
@@ -428,10 +476,14 @@ def load(path: Path, request: Any, data: Any) -> Any:
     for p in module.parameters():
         p.requires_grad_(False)
     files = hash_files(spec.root, [spec.root / f for f in spec.files])
+    if spec.override is not None:  # beside the bundle: named as the sidecar's path from inside it
+        files[f"../{spec.override.name}"] = file_sha256(spec.override)
     details = {"network": spec.network_name, "weights": str(spec.weights.relative_to(spec.root)),
                "format": "torchscript" if spec.torchscript else "state_dict", "classes": spec.classes,
                "label": label, "layout": spec.activation, "input_size": size,
-               "intensity": [{"transform": n, **a} for n, a in spec.intensity], "pixdim": spec.pixdim}
+               "intensity": ([{"transform": n, **a} for n, a in spec.intensity] if spec.override is None else
+                             {"sidecar": spec.override.name, **spec.override_intensity.record()}),
+               "pixdim": spec.pixdim}
     return LoadedTeacher(kind=KIND, source=Path(path), module=module, in_channels=request.in_channels, files=files,
                          details=details, taps_ok=not spec.torchscript, default_taps=None,
                          cache_key_file=spec.weights, cache_root=external_cache_root(data.root, KIND, files, details))
@@ -544,6 +596,8 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
 
     from medkd.teachers.bridge import Intensity, dataset_window, intensity_bridge
 
+    if spec.override is not None:
+        return intensity_bridge(spec.override_intensity, dataset_window(data), what)
     per_image = [n for n, a in spec.intensity
                  if n == "NormalizeIntensity" and a.get("subtrahend") is None and a.get("divisor") is None]
     to_source = (None if spec.intensity and len(per_image) == len(spec.intensity)
