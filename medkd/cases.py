@@ -159,15 +159,12 @@ def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
 
 def mask_masks(folder: Path, data: PreparedData, cid: str, resolution: str = "native", label=None):
     """:func:`case_masks` of a saved predicted mask (``FOLDER/<case>.nii.gz``, the source image's geometry): on the
-    native grid as it is; on the prepared grid brought there as the labels were at preprocessing (RAS, axial
-    slices, nearest-neighbour resize)."""
-    from medkd.data.io import to_canonical
-    from medkd.data.recipe import resize_slices
+    native grid as it is; on the prepared grid brought there as the labels were at preprocessing
+    (:func:`medkd.data.recipe.prepared_slices`)."""
+    from medkd.data.recipe import prepared_slices
 
     vol = read_mask(folder, data, cid, label)
-    canonical, _ = to_canonical(vol)
-    slices = np.moveaxis(np.asarray(canonical.array, dtype=np.float32), 2, 0)  # (X, Y, Z) -> (Z, X, Y)
-    prepared_pred = resize_slices(slices, data.size, is_label=True) > 0
+    prepared_pred = prepared_slices(np.asarray(vol.array, dtype=np.uint8), vol.affine, data.size, is_label=True) > 0
     if resolution == "prepared":
         entry = data.case(cid)
         return prepared_pred, np.asarray(data.label(cid)) > 0, tuple(entry["prepared_spacing"]), prepared_pred
