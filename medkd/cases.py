@@ -129,8 +129,8 @@ def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
     :class:`~medkd.data.io.Volume` with a bool array: voxels ``> 0``, or ``== label`` with ``--teacher-label``.
 
     Raises:
-        MedkdError: missing file, another shape or voxel grid than the case's image, several foreground labels
-            without ``label`` (listing them).
+        MedkdError: missing file, another shape or voxel grid than the case's image, non-integer values (a
+            probability volume), several foreground labels without ``label`` (listing them).
     """
     from dataclasses import replace
 
@@ -146,6 +146,9 @@ def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
     if not np.allclose(vol.affine, np.asarray(entry["affine"]), atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
         raise MedkdError(f"{path}: mask voxel grid (affine) differs from the image of case {cid!r}")
     arr = np.asarray(vol.array)
+    if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
+        raise MedkdError(f"{path}: holds non-integer values, not a mask of labels (probabilities are a teacher's "
+                         f"outputs: distill reads them with --teacher-probs)")
     if label is None:
         values = [int(v) for v in np.unique(arr) if v != 0][:10]
         if len(values) > 1:

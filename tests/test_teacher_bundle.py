@@ -266,6 +266,10 @@ def test_mask_folder_rows(tiny_raw, tiny_teacher, tiny_data, tmp_path):
     r = _cli(["evaluate", labels, "--data", tiny_data])
     assert r.exit_code == 1 and re.search(r"^error: .*\.nii\.gz: mask holds labels 1, 2: choose the foreground with "
                                           r"--teacher-label N$", r.stderr, re.M), r.stderr
+    nib.save(nib.Nifti1Image(arr.astype(np.float32) * 0.4, img.affine), labels / f"{test_ids[0]}.nii.gz")
+    r = _cli(["evaluate", labels, "--data", tiny_data])
+    assert r.exit_code == 1 and re.search(r"^error: .*\.nii\.gz: holds non-integer values, not a mask of labels",
+                                          r.stderr, re.M), r.stderr
     nib.save(nib.Nifti1Image(arr[:-1], img.affine), labels / f"{test_ids[0]}.nii.gz")
     r = _cli(["evaluate", labels, "--data", tiny_data, "--teacher-label", "2"])
     assert r.exit_code == 1 and re.search(r"^error: .*\.nii\.gz: mask shape \[47, 48, \d+\] differs from the image "
