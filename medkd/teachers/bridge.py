@@ -174,9 +174,12 @@ def _zscore_per_slice(x: torch.Tensor) -> torch.Tensor:
 def size_for_spacing(prepared_spacing: Sequence[float], size: int, target_spacing: Sequence[float],
                      multiple: int = 1) -> int:
     """The in-plane size that brings ``size x size`` slices of ``prepared_spacing`` (mm, in-plane) to about
-    ``target_spacing`` (the larger of the two axes' sizes), rounded up to a multiple of ``multiple``."""
+    ``target_spacing`` (the larger of the two axes' sizes), rounded up to a multiple of ``multiple``.
+
+    Sizes within a millionth of a multiple count as that multiple: manifest spacings are float32 values
+    (8.7 mm is stored as 8.7000002861), which must not push an exact 48 px to the next multiple."""
     n = max(size * float(p) / float(t) for p, t in zip(prepared_spacing, target_spacing))
-    return max(multiple, int(math.ceil(round(n, 6) / multiple)) * multiple)
+    return max(multiple, int(math.ceil(n / multiple * (1 - 1e-6))) * multiple)
 
 
 def median_prepared_spacing(data: Any, split: str = "train") -> Tuple[float, float]:
