@@ -136,7 +136,7 @@ def test_distill_from_bundle_and_evaluate_it_beside_the_student(bundle, tiny_dat
         c["id"] for c in s_row["per_case"]]
     assert t_row["teacher_source"]["kind"] == "bundle" and t_row["resolution"] == "native"
     assert any("does not know which cases it was trained on" in w for w in t_row["warnings"])
-    assert t_row["dice"] > 0.2  # a teacher worth distilling (held-out case; 0.37 when written)
+    assert t_row["dice"] > 0.3  # a teacher worth distilling (held-out case; 0.58 when written)
     assert s_row["kind"] == "student" and (student / "eval-test.json").is_file()
     assert _listing(bundle) == before  # nothing written into the user's bundle (no eval or postprocessing file)
 
