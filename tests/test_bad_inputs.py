@@ -866,7 +866,7 @@ CASES: List[Case] = [
     Case("probs-and-teacher", lambda e: tp.probs_cli("--teacher", e.teacher)(e), 1,
          r"^error: give either --teacher or --teacher-probs, not both$"),
     Case("probs-feature-scales", tp.probs_cli("--scales", "enc"), 1,
-         r"^error: .*probs: feature scales \(enc\) need a torch-module teacher .* a probs teacher gives prediction "
+         r"^error: .*probs: feature scales \(enc\) need a torch-module teacher .* probs teachers give prediction "
          r"maps only"),
     Case("probs-augment", tp.probs_cli("--augment"), 1,
          r"^error: --augment flips the images, which saved --teacher-probs cannot follow \(use --no-augment\)$"),
