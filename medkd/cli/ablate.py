@@ -19,7 +19,7 @@ from medkd.report.tables import print_table
 @handle_errors
 @config_options(DistillConfig, "student", "student_width", "fraction", "subset_seed", "epochs", "batch_size",
                 "steps_per_epoch", "lr", "in_channels", "device",
-                defaults={"student": "the grid's, else s1", "epochs": "the grid's, else 12",
+                defaults={"student": "the grid's, else s1", "epochs": f"the grid's, else distill's {DistillConfig().epochs}",
                           "steps_per_epoch": "one pass over each row's training images; baselines get their row's"})
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
