@@ -727,18 +727,24 @@ def test_cli_errors(tiny_data, teacher, tmp_path):
 
 
 def test_teacher_reference_is_reused_only_for_the_same_teacher(tiny_data, teacher, tmp_path):
-    """The teacher row's saved evaluation is reused only when it is of this teacher run (an ablation re-run with
-    another --teacher must not report the gap against the previous one)."""
+    """The teacher row's saved evaluation is reused only when it is of this teacher (the same kind, source, file
+    contents and details): an ablation re-run with another --teacher, or a teacher trained again, must not report the
+    gap against the previous one."""
     from rich.console import Console
 
     from medkd.ablate.runner import _teacher_reference
     from medkd.data.prepared import PreparedData
 
     prepared, quiet = PreparedData(tiny_data), Console(stderr=True, quiet=True)
-    doc, why = _teacher_reference(Path(teacher), prepared, tmp_path, "cpu", quiet)
+    cfg = build_config(DistillConfig, overrides={"device": "cpu", "teacher": str(teacher)})
+    doc, why = _teacher_reference(Path(teacher), prepared, tmp_path, cfg, quiet)
     assert why == "" and Path(doc["run"]).resolve() == Path(teacher).resolve()
+    assert doc["teacher_identity"]["kind"] == "medkd" and list(doc["teacher_identity"]["files"]) == ["best.pt"]
     path = tmp_path / "references" / "teacher" / "eval-test.json"
-    stale = {**doc, "run": str(tmp_path / "another-teacher"), "dice": -1.0}
-    path.write_text(json.dumps(stale))
-    again, _ = _teacher_reference(Path(teacher), prepared, tmp_path, "cpu", quiet)
-    assert again["dice"] == doc["dice"] and json.loads(path.read_text())["dice"] == doc["dice"]
+    ident = doc["teacher_identity"]
+    for other in ({**ident, "source": str(tmp_path / "another-teacher")}, {**ident, "files": {"best.pt": "0" * 64}}):
+        path.write_text(json.dumps({**doc, "teacher_identity": other, "dice": -1.0}))
+        again, _ = _teacher_reference(Path(teacher), prepared, tmp_path, cfg, quiet)
+        assert again["dice"] == doc["dice"] and json.loads(path.read_text())["dice"] == doc["dice"]
+    path.write_text(json.dumps({**doc, "dice": -1.0}))  # this teacher's: reused as it is
+    assert _teacher_reference(Path(teacher), prepared, tmp_path, cfg, quiet)[0]["dice"] == -1.0

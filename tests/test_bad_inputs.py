@@ -909,6 +909,13 @@ CASES: List[Case] = [
     Case("bundle-pickle-code", lambda e: bundle_distill(e, "pickle-code"), 1,
          r"^error: .*models/model\.pt: refused, not a weights-only checkpoint \(.*system.*\): medkd loads only "
          r"tensors and plain values, since loading a pickled object can run code$"),
+    # trust boundaries: ablate with external teachers (ABLATE-EXT): the teacher's options, once per ablation
+    Case("ablate-teacher-fold-per-cell", ablate_with(b"- {scales: none, pmd: true, teacher_fold: '1'}\n"), 1,
+         r"^error: .*grid\.yaml: cell 1: 'teacher_fold' cannot be set per cell: it chooses the one teacher of the "
+         r"ablation \(use --teacher-fold, or the grid's options\)$"),
+    Case("ablate-teacher-fold-of-a-medkd-run", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o",
+                                                          e.tmp / "abl", "--preset", "quick", "--teacher-fold", "0"], 1,
+         r"^error: .*: --teacher-fold does not apply to medkd teachers"),
 ]
 
 

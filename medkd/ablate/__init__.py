@@ -8,7 +8,8 @@ Grid (``--grid GRID.yaml``)
     ``pmd``, ``weights``, ``fraction``, ``student``, ``epochs``, ...) plus an optional ``name``; e.g.
     ``- {scales: [enc, dec], loss: contrastive, pmd: true}``. ``scales`` takes a list, ``"enc,dec"`` or ``none``;
     a cell's ``weights`` are merged over the common weights. ``teacher`` and ``seed`` are not cell keys (the
-    teacher is ``--teacher``; seeds are ``--seeds``). The file may also be a mapping
+    teacher is ``--teacher``; seeds are ``--seeds``), nor are ``teacher_label``, ``teacher_fold`` and
+    ``teacher_checkpoint`` (they choose the one teacher: ``--teacher-fold`` ... or the grid's ``options``). The file may also be a mapping
     ``{seeds: [...], options: {...}, cells: [...]}`` (the presets use this form): ``options`` apply to every cell
     and are overridden by ``--config``, then by command-line options, then by the cell itself. Unknown keys are
     an error naming the key and the cell. The mapping may also set ``fractions`` (as ``--fractions``) and
@@ -29,7 +30,9 @@ Baseline (equal budgets)
 References
     ``all_labels``: the student alone given every train label (fraction 1), with the budget of the distillation
     row that takes the most steps, trained like any row (``reference: "all_labels"``; described, not tested).
-    ``teacher``: the teacher run evaluated once on the test split (``DIR/references/teacher/eval-test.json``;
+    ``teacher``: the teacher, of any kind (a medkd run, an nnU-Net folder, a MONAI bundle, a TorchScript/ONNX
+    file), evaluated once on the test split as ``medkd evaluate`` scores it (``DIR/references/teacher/eval-test.json``,
+    reused while the teacher's identity -- kind, files' SHA-256, fold/checkpoint/label -- is the same;
     ``reference: "teacher"``). With the teacher, every compared row reports ``gap_closed`` = (row - baseline) /
     (teacher - baseline) in mean Dice with two intervals (below). ``--no-references`` leaves both out.
 
@@ -43,13 +46,16 @@ Setting
     By default the teacher was trained on all train cases (as in the reference study), so on the students'
     "unlabelled" cases it has seen their labels; the captions say so (``results["teacher_training"]``).
     ``medkd train-teacher --fraction F --subset-seed N`` trains it on the labelled subset only (semi-supervised).
+    An external teacher's training cases are unknown: ``teacher_training`` has its ``kind`` and no fraction, and
+    the captions say medkd does not know them (``results["teacher_source"]``: kind, files, details).
 
 Runs
     ``DIR/runs/<slug>/seed<k>/`` is an ordinary ``medkd distill`` run folder; ``DIR/ablation.yaml`` records the
     resolved plan. Runs go seed-major (one seed of every row first). Before the first run, one
     teacher-output mode is planned for all pending runs (:func:`medkd.ablate.plan_outputs.plan_runs`, printed with
-    its estimated teacher cost): a disk cache in ``TEACHER_RUN/cache/`` shared by every run, filled in one teacher pass
-    for all cells, only when that is cheaper than each run holding its targets in memory or running the teacher live.
+    its estimated teacher cost): a disk cache (``TEACHER_RUN/cache/``; an external teacher's in
+    ``DATA/teacher-cache/``) shared by every run, filled in one teacher pass for all cells, only when that is cheaper
+    than each run holding its targets in memory or running the teacher live.
     Each finished run is evaluated once on the test split (``RUN/eval-test.json``, reused while it is newer than
     ``best.pt`` and was computed on the same data).
 

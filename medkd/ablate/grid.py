@@ -29,6 +29,10 @@ REFERENCES = ("all_labels", "teacher")
 #: References of a grid file that does not list its own (the packaged presets list both).
 DEFAULT_REFERENCES = ("teacher",)
 GRID_KEYS = ("cells", "seeds", "options", "fractions", "references", "description")
+#: Options that say what to take of the teacher (which fold, checkpoint, class): one teacher for the whole ablation
+#: (every row distils from it and the ``teacher`` row scores it), so they are set on the command line or in the
+#: grid's ``options``, never per cell. ``teacher_taps`` may differ per cell (where a feature term taps).
+TEACHER_WIDE = ("teacher_label", "teacher_fold", "teacher_checkpoint")
 
 
 @dataclass
@@ -171,13 +175,19 @@ def _number(text: str) -> Any:
     return text
 
 
-def _normalize_cell(cell: Dict[str, Any], where: str) -> Dict[str, Any]:
+def _normalize_cell(cell: Dict[str, Any], where: str, per_cell: bool = True) -> Dict[str, Any]:
+    """A cell (or, ``per_cell=False``, the grid's common ``options``) checked: known distill options and ``name``,
+    nothing the ablation fixes (:data:`~medkd.ablate.names.CELL_RESERVED`; per cell, :data:`TEACHER_WIDE` too)."""
     names = field_names(DistillConfig)
     out = dict(cell)
     for k in out:
         if k in CELL_RESERVED:
             hint = {"teacher": "--teacher", "teacher_probs": "--teacher-probs"}.get(k, "--seeds")
             raise MedkdError(f"{where}: {k!r} cannot be set per cell (use {hint})")
+        if k in TEACHER_WIDE and per_cell:
+            flag = "--" + k.replace("_", "-")
+            raise MedkdError(f"{where}: {k!r} cannot be set per cell: it chooses the one teacher of the ablation "
+                             f"(use {flag}, or the grid's options)")
         if k != "name" and k not in names:
             valid = ", ".join(n for n in names if n not in CELL_RESERVED)
             raise MedkdError(f"{where}: unknown key {k!r}; valid: name, {valid}")
@@ -255,7 +265,7 @@ def _resolver(grid_doc: Dict[str, Any], teacher: Optional[Path], base_overrides:
     source = grid_doc["source"]
     teacher_s = str(Path(teacher).resolve()) if teacher else None
     probs_s = str(Path(teacher_probs).resolve()) if teacher_probs else None
-    options = _normalize_cell(grid_doc.get("options") or {}, f"{source}: options")
+    options = _normalize_cell(grid_doc.get("options") or {}, f"{source}: options", per_cell=False)
     options.pop("name", None)
     # a --config file may be a run's config.yaml: its teacher and seed are the ablation's to set
     from_file = {k: v for k, v in config_file(DistillConfig, config).items() if k not in CELL_RESERVED} \

@@ -117,9 +117,18 @@ def code_version() -> Dict[str, Any]:
             "git_dirty": None if status is None else bool(status)}
 
 
-def teacher_training(summary: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def teacher_training(summary: Optional[Dict[str, Any]], source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What the teacher was trained on, from its ``summary.json``: the fraction of the train cases (1 = all of them,
-    the default and the reference study's setting) and a sentence for the captions."""
+    the default and the reference study's setting) and a sentence for the captions. An external teacher
+    (``source``: its record, of a kind other than ``medkd``) was trained on cases medkd does not know: the fraction
+    and cases are ``None`` and the sentence says so."""
+    kind = (source or {}).get("kind", "medkd")
+    if kind != "medkd":
+        name = Path(str(source.get("source"))).name
+        text = (f"the teacher is an external {kind} model ({name}): medkd does not know which cases it was trained on "
+                f"(if it saw these test cases, its row and the gap closed are optimistic; if it saw the students' "
+                f"'unlabelled' cases, it has seen their labels)")
+        return {"kind": kind, "fraction": None, "subset_seed": None, "train_cases": None, "description": text}
     s = summary or {}
     fraction = s.get("fraction", 1.0)  # teachers trained before --fraction existed used every train case
     n = s.get("train_cases")
@@ -130,7 +139,8 @@ def teacher_training(summary: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     else:
         text = (f"the teacher was trained on a {fraction:g} fraction ({cases}cases, subset seed "
                 f"{s.get('subset_seed')}) of the train cases (the semi-supervised setting)")
-    return {"fraction": fraction, "subset_seed": s.get("subset_seed"), "train_cases": n, "description": text}
+    return {"kind": kind, "fraction": fraction, "subset_seed": s.get("subset_seed"), "train_cases": n,
+            "description": text}
 
 
 def row_budget(cell_cfg: Any, budgets: Dict[int, Optional[Dict[str, Any]]]) -> Dict[str, Any]:
@@ -176,7 +186,8 @@ BUDGET_RULE = ("every distillation row is compared with a baseline (the student 
 
 def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], correction: str = "holm", *,
                     teacher_eval: Optional[Dict[str, Any]] = None, teacher_summary: Optional[Dict[str, Any]] = None,
-                    budgets: Optional[Dict[Tuple[str, int], Optional[Dict[str, Any]]]] = None) -> Dict[str, Any]:
+                    budgets: Optional[Dict[Tuple[str, int], Optional[Dict[str, Any]]]] = None,
+                    teacher_source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Statistics from evaluate dicts.
 
     Args:
@@ -188,11 +199,14 @@ def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], co
         teacher_eval: the teacher's evaluate dict on the same split (the ``teacher`` reference row and the gap
             closed); ``None``: neither.
         teacher_summary: the teacher run's ``summary.json`` (what it was trained on).
+        teacher_source: the teacher's record (:meth:`medkd.teachers.LoadedTeacher.record`: kind, source, files,
+            details), as ``results["teacher_source"]``; an external kind's training cases are unknown.
         budgets: ``{(row name, seed): summary.json's "budget"}`` of the finished runs.
 
     Returns:
         ``{"schema", "kind": "ablation", "split", "seeds", "grid", "metrics", "test", "subset", "baseline",
-        "rows", "references", "fractions", "teacher_training", "gap", "budget_rule", "medkd_version",
+        "rows", "references", "fractions", "teacher_training", "teacher_source", "gap", "budget_rule",
+        "medkd_version",
         "git_commit", "git_dirty", ...}``. Each row: ``name``, ``slug``, ``setting`` (the name without fraction
         and budget), ``reference`` (``None``, ``"all_labels"`` or ``"teacher"``), ``is_baseline``, ``baseline``
         (its reference row), ``scales``, ``loss``, ``pmd``, ``student``, ``fraction``, ``subset_seed``,
@@ -241,7 +255,7 @@ def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], co
         r["p_adjusted"] = q
         r["significant"] = bool(q is not None and q < ALPHA)
     if teacher_eval is not None:
-        rows.append(_teacher_row(teacher_eval, teacher_summary))
+        rows.append(_teacher_row(teacher_eval, teacher_summary, teacher_source))
     primary = next((r for r in rows if r["is_baseline"]), None)
     base = plan.base
     return {
@@ -257,8 +271,9 @@ def compute_results(plan: Plan, evals: Dict[Tuple[str, int], Dict[str, Any]], co
         "rows": rows,
         "references": list(plan.references),
         "fractions": plan.fractions,
-        "teacher_training": teacher_training(teacher_summary) if teacher_eval is not None or teacher_summary
-        else None,
+        "teacher_training": teacher_training(teacher_summary, teacher_source)
+        if teacher_eval is not None or teacher_summary else None,
+        "teacher_source": teacher_source,
         "gap": {"definition": GAP_DEFINITION,
                 "ci": "the 95% t interval over seeds of the Dice difference, divided by (teacher - baseline)",
                 "boot_ci": f"95% two-level bootstrap ({N_BOOT} replicates, seeds and cases resampled)"}
@@ -344,10 +359,11 @@ def _teacher_budget(summary: Dict[str, Any]) -> Dict[str, Any]:
             "optimizer_steps": [b.get("optimizer_steps")], "images_seen": [b.get("images_seen")]}
 
 
-def _teacher_row(ev: Dict[str, Any], summary: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _teacher_row(ev: Dict[str, Any], summary: Optional[Dict[str, Any]],
+                 source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The ``teacher`` reference row: its test metrics from one evaluation (no seeds, no comparison)."""
     s = summary or {}
-    trained = teacher_training(summary)
+    trained = teacher_training(summary, source)
     row: Dict[str, Any] = {
         "name": "teacher", "slug": None, "setting": "teacher", "reference": "teacher", "is_baseline": False,
         "baseline": None, "scales": None, "loss": None, "pmd": None, "student": None, "arch": ev.get("arch"),

@@ -43,6 +43,7 @@ class PendingRun:
     cfg: DistillConfig
     state: str = "new"
     detail: str = ""
+    teacher_files: Optional[Dict[str, str]] = None  # the teacher's files (SHA-256) now: a run of others is stale
 
     @property
     def label(self) -> str:
@@ -84,7 +85,11 @@ def ablate(
 
     Args:
         data: prepared dataset folder.
-        teacher: teacher run folder (its ``cache/`` holds the shared teacher-output cache when the plan uses one).
+        teacher: the teacher, of any kind :func:`medkd.teachers.open_teacher` reads (a medkd run, whose ``cache/``
+            holds the shared teacher-output cache when the plan uses one; an nnU-Net folder, a MONAI bundle, a
+            TorchScript/ONNX file, whose cache lives in ``DATA/teacher-cache/``). ``--teacher-label``,
+            ``--teacher-fold`` and ``--teacher-checkpoint`` (``base_overrides`` or the grid's ``options``) say what
+            to take of it, for every run and for the ``teacher`` reference row.
         out: the ablation folder ``DIR``.
         grid: grid YAML file (see the module docstring); exclusive with ``preset``.
         preset: ``"quick"`` or ``"study"``.
@@ -102,7 +107,7 @@ def ablate(
             each against its own baseline (default: the grid's ``fractions``, else none).
         references: reference rows, of ``all_labels`` and ``teacher`` (default: the grid's ``references``, else
             ``teacher``; ``[]``: none). The teacher is evaluated once on the test split
-            (``DIR/references/teacher/eval-test.json``).
+            (``DIR/references/teacher/eval-test.json``), an external teacher as ``medkd evaluate`` scores it.
         teacher_probs: instead of ``teacher``, a folder of the teacher's saved per-case probabilities
             (``--teacher-probs``, :mod:`medkd.teachers.probs`): every run reads them into memory; there is no teacher
             model, so no ``teacher`` reference row.
@@ -129,16 +134,17 @@ def ablate(
     prepared.require_split(SPLIT)
     plan = build_plan(load_grid_doc(grid, preset), teacher, seeds, base_overrides, config, data=prepared,
                       fractions=fractions, references=references, teacher_probs=teacher_probs)
-    _check_teacher(plan, teacher, prepared)
+    source = _check_teacher(plan, teacher, prepared)
+    files = (source or {}).get("files")
     runs = plan.runs(out)
     mine = [] if report_only else shard_runs(runs, *shard)
-    pending = [_pending(cell, seed, run, data, overwrite) for cell, seed, run in mine]
+    pending = [_pending(cell, seed, run, data, overwrite, files) for cell, seed, run in mine]
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, plan, data, teacher, teacher_probs)
     _announce(console, plan, out, runs, pending, shard, report_only)
     outputs_plan, outputs_note = _plan_teacher_outputs(pending, teacher, prepared, console)
     if report_only:  # evaluate finished runs that lack their evaluation; train nothing
-        pending = [PendingRun(c, s, r, replace(c.cfg, seed=s), "done") for c, s, r in runs
+        pending = [PendingRun(c, s, r, replace(c.cfg, seed=s), "done", teacher_files=files) for c, s, r in runs
                    if (r / rundir.SUMMARY).is_file() and not eval_is_fresh(r, data)]
     t0 = time.time()
     failed: List[Dict[str, Any]] = []
@@ -157,11 +163,11 @@ def ablate(
         return None
     teacher_eval = None
     if "teacher" in plan.references:
-        teacher_eval, error = _teacher_reference(Path(teacher), prepared, out, plan.base.device, console)
+        teacher_eval, error = _teacher_reference(Path(teacher), prepared, out, plan.base, console, source)
         if error:
             failed.append({"run": str(teacher), "name": "teacher", "seed": None, "error": error})
     results = _report(plan, runs, data, teacher, out, correction, failed, missing, outputs_plan, time.time() - t0,
-                      teacher_eval, teacher_probs)
+                      teacher_eval, teacher_probs, source)
     figure = ", label_efficiency.png" if has_label_efficiency(results) else ""
     console.print(f"wrote {escape(str(out / 'results.json'))}, results.csv, results.md, results.png{figure}",
                   highlight=False, soft_wrap=True)
@@ -174,24 +180,28 @@ def ablate(
     return results
 
 
-def _check_teacher(plan: Plan, teacher: Optional[Path], prepared: PreparedData) -> None:
-    """A grid that distils needs a teacher that fits the data (checked before anything runs)."""
+def _check_teacher(plan: Plan, teacher: Optional[Path], prepared: PreparedData) -> Optional[Dict[str, Any]]:
+    """A grid that distils needs a teacher that fits the data (checked before anything runs). Returns its record
+    (:meth:`medkd.teachers.LoadedTeacher.record`: kind, source, SHA-256 of its files, details), ``None`` without
+    a distillation row; the model itself is not kept (each run loads its own)."""
     kd = next((c.cfg for c in plan.cells if c.cfg.uses_teacher), None)
     if kd is None:
-        return
+        return None
     if teacher is None and not kd.teacher_probs:
         raise MedkdError("the grid distills from a teacher: give --teacher TEACHER_RUN (or --teacher-probs DIR)")
-    load_teacher(kd, prepared, teacher=Path(teacher) if teacher is not None else None)
+    return load_teacher(kd, prepared, teacher=Path(teacher) if teacher is not None else None).record()
 
 
-def _pending(cell: Cell, seed: int, run: Path, data: Path, overwrite: bool) -> PendingRun:
-    """A planned run of this process with the state of its folder.
+def _pending(cell: Cell, seed: int, run: Path, data: Path, overwrite: bool,
+             teacher_files: Optional[Dict[str, str]] = None) -> PendingRun:
+    """A planned run of this process with the state of its folder (``teacher_files``: the teacher's files now,
+    :func:`~medkd.ablate.states.inputs_newer`).
 
     Raises:
         MedkdError: the run finished with another config, or its folder is not a run (unless ``overwrite``).
     """
-    p = PendingRun(cell, seed, run, replace(cell.cfg, seed=seed))
-    p.state, p.detail = run_state(run, p.cfg, data)
+    p = PendingRun(cell, seed, run, replace(cell.cfg, seed=seed), teacher_files=teacher_files)
+    p.state, p.detail = run_state(run, p.cfg, data, teacher_files)
     if p.state == "mismatch" and not overwrite:
         raise MedkdError(f"{run}: finished with a different config ({p.detail}); use another -o DIR, or "
                          f"--overwrite to retrain such runs")
@@ -240,7 +250,7 @@ def _claim_train_evaluate(p: PendingRun, data: Path, prepared: PreparedData, ove
         return []
     try:
         if p.state != "done":  # look again now that it is ours: another process may have finished it
-            p.state, p.detail = run_state(p.run, p.cfg, data)
+            p.state, p.detail = run_state(p.run, p.cfg, data, p.teacher_files)
             if p.state == "mismatch" and not overwrite:  # finished meanwhile by a run with another config
                 return [p.failure(f"finished by another process with a different config ({p.detail})")]
         if p.state != "done":
@@ -284,31 +294,48 @@ def _evaluate(p: PendingRun, data: Path, prepared: PreparedData, progress: Bars)
     return []
 
 
-def _teacher_reference(teacher: Path, prepared: PreparedData, out: Path, device: str,
-                       console: Console) -> Tuple[Optional[Dict[str, Any]], str]:
-    """The teacher's evaluation on the test split, once per ablation: ``DIR/references/teacher/eval-test.json``,
-    reused while it is fresh (of this teacher run, newer than its ``best.pt``, on the same data, well formed). Nothing is
-    written into the teacher's folder. Returns ``(evaluate dict or None, "" or why it failed)``."""
+def _teacher_reference(teacher: Path, prepared: PreparedData, out: Path, cfg: DistillConfig, console: Console,
+                       source: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The teacher's evaluation on the test split, once per ablation: ``DIR/references/teacher/eval-test.json``.
+
+    Any teacher kind is scored by :func:`medkd.evaluate.evaluate_runs`, as ``medkd evaluate`` scores it (an external
+    teacher with ``cfg``'s ``teacher_label``, ``teacher_fold`` and ``teacher_checkpoint``). The file records the
+    teacher's identity (``teacher_identity``: kind, source, SHA-256 of its files, details such as its fold or
+    label) and is reused while it is fresh: the same identity, the same data and split, well formed. Nothing is
+    written into the teacher's folder.
+
+    Args:
+        source: the teacher's record (:meth:`medkd.teachers.LoadedTeacher.record`), as the ablation opened it;
+            ``None``: opened here.
+
+    Returns:
+        ``(evaluate dict or None, "" or why it failed)``.
+    """
     path = rundir.eval_json(out / "references" / "teacher", SPLIT)
-    best = teacher / rundir.BEST
-    if path.is_file() and not (best.is_file() and path.stat().st_mtime < best.stat().st_mtime):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            doc = None
-        same_teacher = not eval_problem(doc) and Path(str(doc.get("run"))).resolve() == Path(teacher).resolve()
-        if same_teacher and doc.get("data") == str(prepared.root.resolve()) and doc.get("split") == SPLIT:
-            return doc, ""
-    console.print(f"evaluating the teacher {escape(str(teacher))} on the {SPLIT} split (reference row)",
-                  highlight=False, soft_wrap=True)
     try:
-        doc = evaluate.evaluate_runs([teacher], prepared, SPLIT, device=device, save=False)[0]
+        if source is None:
+            source = load_teacher(cfg, prepared, teacher=Path(teacher)).record()
+        doc = _read_json(path) if path.is_file() else None
+        if doc is not None and not eval_problem(doc) and doc.get("teacher_identity") == _identity(source) \
+                and doc.get("data") == str(prepared.root.resolve()) and doc.get("split") == SPLIT:
+            return doc, ""
+        console.print(f"evaluating the {escape(source['kind'])} teacher {escape(str(teacher))} on the {SPLIT} split "
+                      f"(reference row)", highlight=False, soft_wrap=True)
+        doc = evaluate.evaluate_runs([teacher], prepared, SPLIT, device=cfg.device, save=False,
+                                     teacher_label=cfg.teacher_label, teacher_fold=cfg.teacher_fold,
+                                     teacher_checkpoint=cfg.teacher_checkpoint)[0]
     except Exception as e:  # the students' results are still written
         console.print(f"[red]teacher evaluation failed[/]: {escape(run_error(e))}", highlight=False, soft_wrap=True)
         return None, f"evaluate: {run_error(e)}"
+    doc = {**doc, "teacher_identity": _identity(source)}
     path.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_json(path, doc)
     return doc, ""
+
+
+def _identity(source: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes a teacher the same teacher: its kind, source, files (SHA-256) and details (as JSON reads them)."""
+    return json.loads(json.dumps({k: source.get(k) for k in ("kind", "source", "files", "details")}, default=str))
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -322,17 +349,20 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 def _report(plan: Plan, runs: Sequence[Tuple[Cell, int, Path]], data: Path, teacher: Optional[Path], out: Path,
             correction: str, failed: List[Dict[str, Any]], missing: List[str],
             outputs_plan: Optional[Dict[str, Any]], seconds: float,
-            teacher_eval: Optional[Dict[str, Any]] = None, teacher_probs: Optional[Path] = None) -> Dict[str, Any]:
-    """Compute the results from the evaluated runs (failed ones left out) and write every report format."""
+            teacher_eval: Optional[Dict[str, Any]] = None, teacher_probs: Optional[Path] = None,
+            source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Compute the results from the evaluated runs (failed ones left out) and write every report format
+    (``source``: the teacher's record, :func:`_check_teacher`)."""
     failed_runs = {f["run"] for f in failed}
     evals, budgets = {}, {}
     for cell, seed, run in runs:
         if eval_is_fresh(run, data) and str(run) not in failed_runs:  # the others are pending
             evals[(cell.name, seed)] = json.loads(rundir.eval_json(run, SPLIT).read_text())
             budgets[(cell.name, seed)] = (_read_json(run / rundir.SUMMARY) or {}).get("budget")
-    teacher_summary = _read_json(Path(teacher) / rundir.SUMMARY) if teacher else None
+    medkd_run = teacher and (source or {}).get("kind", "medkd") == "medkd"
+    teacher_summary = _read_json(Path(teacher) / rundir.SUMMARY) if medkd_run else None
     results = compute_results(plan, evals, correction=correction, teacher_eval=teacher_eval,
-                              teacher_summary=teacher_summary, budgets=budgets)
+                              teacher_summary=teacher_summary, budgets=budgets, teacher_source=source)
     results.update(data=str(data.resolve()), teacher=str(Path(teacher).resolve()) if teacher else None,
                    teacher_probs=str(Path(teacher_probs).resolve()) if teacher_probs else None,
                    out=str(out.resolve()), failed=failed, seconds=round(seconds, 1), teacher_outputs=outputs_plan)

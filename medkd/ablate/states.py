@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 from medkd import rundir
@@ -18,12 +18,15 @@ from medkd.options import short_repr
 from medkd.yamlfile import load_yaml
 
 
-def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
-    """``("done"|"resume"|"restart"|"new"|"mismatch"|"stray", detail)`` for one planned run folder."""
+def run_state(run: Path, cfg: DistillConfig, data: Path,
+              teacher_files: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
+    """``("done"|"resume"|"restart"|"new"|"mismatch"|"stray", detail)`` for one planned run folder
+    (``teacher_files``: see :func:`inputs_newer`)."""
     run = Path(run)
     partial = rundir.partial_dir(run)
     if (run / rundir.SUMMARY).is_file():
-        diff = config_diff(run / rundir.CONFIG, cfg, data) or inputs_newer(run / rundir.SUMMARY, cfg, data)
+        diff = config_diff(run / rundir.CONFIG, cfg, data) or inputs_newer(run / rundir.SUMMARY, cfg, data,
+                                                                            teacher_files)
         return ("mismatch", diff) if diff else ("done", "")
     if run.exists():
         return "stray", f"exists but is not a finished run (no {rundir.SUMMARY})"
@@ -37,15 +40,37 @@ def run_state(run: Path, cfg: DistillConfig, data: Path) -> Tuple[str, str]:
     return "new", ""
 
 
-def inputs_newer(summary: Path, cfg: DistillConfig, data: Path) -> str:
-    """A finished run is stale when its data was re-prepared or its teacher retrained after it finished."""
+def inputs_newer(summary: Path, cfg: DistillConfig, data: Path,
+                 teacher_files: Optional[Dict[str, str]] = None) -> str:
+    """A finished run is stale when its data was re-prepared or its teacher changed after it finished.
+
+    The teacher changed when ``teacher_files`` (its files now, ``{name: SHA-256}``, of any kind: a medkd run's
+    checkpoint, an ONNX file and its sidecar, an nnU-Net fold's checkpoint ...) differ from those the run's
+    ``summary.json`` recorded (``teacher_source.files``); for a run that recorded none, when a medkd teacher's
+    ``best.pt`` is newer than the run.
+    """
     t = Path(summary).stat().st_mtime
     if (Path(data) / "manifest.json").is_file() and (Path(data) / "manifest.json").stat().st_mtime > t:
         return f"data {data} was prepared again after this run"
-    ckpt = Path(cfg.teacher) / rundir.BEST if cfg.uses_teacher and cfg.teacher else None
+    if not cfg.uses_teacher:
+        return ""
+    recorded = _recorded_teacher_files(summary)
+    if teacher_files is not None and recorded is not None:
+        changed = sorted(k for k in {*recorded, *teacher_files} if recorded.get(k) != teacher_files.get(k))
+        return f"teacher {cfg.teacher_path} changed after this run ({', '.join(changed)})" if changed else ""
+    ckpt = Path(cfg.teacher) / rundir.BEST if cfg.teacher else None
     if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime > t:
         return f"teacher {cfg.teacher} was trained again after this run"
     return ""
+
+
+def _recorded_teacher_files(summary: Path) -> Optional[Dict[str, str]]:
+    """``teacher_source.files`` of a run's ``summary.json`` (``None``: not recorded, or unreadable)."""
+    try:
+        files = (json.loads(Path(summary).read_text()).get("teacher_source") or {}).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) else None
 
 
 def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:

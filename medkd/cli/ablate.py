@@ -1,4 +1,4 @@
-"""``medkd ablate DATA --teacher TEACHER_RUN|--teacher-probs DIR -o DIR [--grid GRID.yaml | --preset quick|study]``."""
+"""``medkd ablate DATA --teacher TEACHER|--teacher-probs DIR -o DIR [--grid GRID.yaml | --preset quick|study]``."""
 
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from medkd.report.tables import print_table
 
 @handle_errors
 @config_options(DistillConfig, "student", "student_width", "fraction", "subset_seed", "epochs", "batch_size",
-                "steps_per_epoch", "lr", "in_channels", "device",
+                "steps_per_epoch", "lr", "in_channels", "device", "teacher_label", "teacher_fold",
+                "teacher_checkpoint", "teacher_taps",
                 defaults={"student": "the grid's, else s1", "epochs": f"the grid's, else distill's {DistillConfig().epochs}",
                           "steps_per_epoch": "one pass over each row's training images; baselines get their row's"})
 def command(
     data: Annotated[Path, typer.Argument(help="Prepared dataset folder (from medkd preprocess).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Ablation folder: runs/<setting>/seed<k>/ and results.*")],
-    teacher: Annotated[Optional[Path], typer.Option(help="Teacher run folder (its teacher-output cache is shared by "
-                                                         "every run). Give --teacher or --teacher-probs. \\[default: none]")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="The teacher of every row and of the teacher reference "
+                                                         "row: a medkd run folder, an nnU-Net v2 model folder, a MONAI "
+                                                         "bundle folder or a TorchScript/ONNX file (as for medkd "
+                                                         "distill). Give --teacher or --teacher-probs. \\[default: none]")] = None,
     teacher_probs: Annotated[Optional[Path], typer.Option(help="Instead of --teacher: a folder of the teacher's saved "
                                                                "per-case probabilities (see medkd distill "
                                                                "--teacher-probs); no teacher reference row. \\[default: none]")] = None,
