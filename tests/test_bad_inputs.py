@@ -909,6 +909,17 @@ CASES: List[Case] = [
     Case("bundle-pickle-code", lambda e: bundle_distill(e, "pickle-code"), 1,
          r"^error: .*models/model\.pt: refused, not a weights-only checkpoint \(.*system.*\): medkd loads only "
          r"tensors and plain values, since loading a pickled object can run code$"),
+    # trust boundaries: bundle targets resolved, not matched by name (issue 20 review; nothing is called:
+    # tests/test_teacher_bundle.py::test_hostile_targets_are_never_called)
+    Case("bundle-target-attribute-walk", lambda e: bundle_distill(e, "attribute-walk"), 1,
+         r"^error: .*inference\.json: network_def#_target_ 'monai\.networks\.nets\.hovernet\.os\.mkdir' is not a "
+         r"network of monai\.networks or torch\.nn \(it names the function \w+\.mkdir;"),
+    Case("bundle-target-plain-function", lambda e: bundle_distill(e, "plain-function"), 1,
+         r"^error: .*inference\.json: network_def#_target_ 'monai\.networks\.utils\.save_state' is not a network "
+         r"of monai\.networks or torch\.nn \(it names the function monai\.networks\.utils\.save_state;"),
+    Case("bundle-target-nested", lambda e: bundle_distill(e, "nested-target"), 1,
+         r"^error: .*inference\.json: network_def#act#_target_ 'monai\.networks\.utils\.save_state' is not a "
+         r"network of monai\.networks or torch\.nn"),
 ]
 
 

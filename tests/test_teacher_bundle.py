@@ -49,7 +49,7 @@ def _listing(folder: Path):
 def test_bundle_is_read_as_data(bundle):
     assert detect_kind(bundle) == "bundle"
     spec = read_bundle(bundle)
-    assert spec.network_def["_target_"] == "UNet" and not spec.torchscript
+    assert spec.network_def["_target_"] == "monai.networks.nets.unet.UNet" and not spec.torchscript
     assert spec.classes == ["background", "spleen"] and spec.activation == "softmax"
     # "a_min": "@a_min" is resolved from the config; the arguments are MONAI's, as the config gives them
     assert spec.intensity == [("ScaleIntensityRange", {"a_min": monai_bundle.A_MIN, "a_max": monai_bundle.A_MAX,
@@ -57,6 +57,29 @@ def test_bundle_is_read_as_data(bundle):
                                                        "clip": True})]
     assert spec.pixdim == list(monai_bundle.PIXDIM[:2]) and spec.multiple == 16 and spec.size is None
     assert spec.files == ["configs/metadata.json", "configs/inference.json", "models/model.pt"]
+
+
+@pytest.mark.parametrize("how", sorted(monai_bundle.HOSTILE_TARGETS))
+def test_hostile_targets_are_never_called(how, tiny_data, tmp_path):
+    """A ``_target_`` named inside ``monai.networks`` that resolves to a function (directly or by walking a module's
+    attributes to ``os``), top-level or nested in a network's arguments, is refused before MONAI builds anything:
+    the file it would create never appears. (The one-line messages: tests/test_bad_inputs.py.)"""
+    root = monai_bundle.broken(how)(tmp_path)
+    with pytest.raises(MedkdError, match=r"is not a network of monai\.networks or torch\.nn"):
+        open_teacher(root, TeacherRequest(), PreparedData(tiny_data))
+    assert not monai_bundle.called_marker(tmp_path, how).exists()
+
+
+def test_targets_are_rewritten_to_the_class_they_resolve_to(tmp_path):
+    """What is checked is what MONAI builds: every ``_target_`` (a short name, a re-export) becomes the full name of
+    the class it resolves to, nested components included."""
+    root = monai_bundle.build_bundle(tmp_path / "b", torchscript=False)
+    monai_bundle._edit_config(root, lambda d: d["network_def"].update(
+        _target_="monai.networks.nets.UNet", act={"_target_": "torch.nn.ReLU"}))
+    spec = read_bundle(root)
+    assert spec.network_def["_target_"] == "monai.networks.nets.unet.UNet"
+    assert spec.network_def["act"]["_target_"] == "torch.nn.modules.activation.ReLU"
+    assert spec.network_name == "UNet"
 
 
 def _monai_reference(bundle: Path, x: torch.Tensor, window, size: int) -> torch.Tensor:

@@ -7,9 +7,11 @@ What is read, and how far it is trusted:
   names (``network_data_format``);
 * ``configs/inference.json``: read as **data**. ``network_def`` is instantiated through :mod:`monai.bundle`
   (:class:`~monai.bundle.ConfigParser`) only after it is checked to hold literal values, ``@id`` references to
-  literal values and ``_target_`` names inside ``monai.networks`` or ``torch.nn``: a ``$`` expression (Python run
-  by ``eval``), a ``%`` macro, ``_mode_``/``_requires_`` keys or any other target are refused with one line naming
-  the key. The ``preprocessing`` transforms are read the same way, never instantiated from the file: the intensity
+  literal values and ``_target_`` names that resolve to :class:`torch.nn.Module` classes of ``monai.networks`` or
+  ``torch.nn`` (looked up without being called, every nested one too, and rewritten to the class's full name, so
+  ``monai.networks.nets.hovernet.os.system`` or ``monai.networks.utils.save_state`` never pass by their prefix): a
+  ``$`` expression (Python run by ``eval``), a ``%`` macro, ``_mode_``/``_requires_`` keys or any other target are
+  refused with one line naming the key. The ``preprocessing`` transforms are read the same way, never instantiated from the file: the intensity
   transforms medkd can reproduce (``ScaleIntensityRanged``, ``NormalizeIntensityd``), the in-plane geometry
   (``Spacingd`` ``pixdim``, ``Resized`` ``spatial_size``), ``Orientationd`` with RAS axes (medkd's slices are RAS) and
   transforms that do not change values (loading, channel-first, type) are understood; any other is one line naming
@@ -44,7 +46,7 @@ CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 METADATA = "configs/metadata.json"
 WEIGHTS = "models/model.pt"
 TORCHSCRIPT = "models/model.ts"
-#: Modules a ``network_def`` (and its nested components) may name.
+#: Packages a ``network_def`` (and its nested components) may name a ``torch.nn.Module`` class of.
 ALLOWED_TARGETS = ("monai.networks.", "torch.nn.")
 #: Config keys of a component that MONAI interprets besides its arguments; only these two are data.
 COMPONENT_KEYS = ("_target_", "_desc_")
@@ -342,8 +344,9 @@ def _lookup(config: Dict[str, Any], ref: str, where: str) -> Any:
 
 
 def _check_network(net: Any, path: Optional[Path], key: str = "network_def") -> None:
-    """Every ``_target_`` in ``net`` names a class of ``monai.networks`` or ``torch.nn`` (resolved like MONAI's
-    :class:`~monai.bundle.ComponentLocator`, which imports nothing beyond MONAI itself)."""
+    """Every ``_target_`` in ``net``, nested ones included, names a :class:`torch.nn.Module` class defined in
+    ``monai.networks`` or ``torch.nn`` (:func:`_resolve_target`); each is rewritten in place to that class's full
+    name, so what is checked is what :class:`~monai.bundle.ConfigParser` builds."""
     if isinstance(net, list):
         for i, v in enumerate(net):
             _check_network(v, path, f"{key}#{i}")
@@ -353,19 +356,32 @@ def _check_network(net: Any, path: Optional[Path], key: str = "network_def") -> 
     if key == "network_def" and "_target_" not in net:
         raise MedkdError(f"{path}: network_def has no _target_ (the network class)")
     if "_target_" in net:
-        full = _resolve_target(net["_target_"])
+        full, why = _resolve_target(net["_target_"])
         if full is None:
             raise MedkdError(f"{path}: {key}#_target_ {net['_target_']!r:.60} is not a network of monai.networks "
-                             f"or torch.nn (medkd builds only those from a bundle config)")
+                             f"or torch.nn ({why}; medkd builds only those from a bundle config)")
+        net["_target_"] = full
     for k, v in net.items():
         if k not in COMPONENT_KEYS:
             _check_network(v, path, f"{key}#{k}")
 
 
-def _resolve_target(target: Any) -> Optional[str]:
-    """The full dotted name of a ``_target_`` when it lies in :data:`ALLOWED_TARGETS`, else ``None``."""
+def _resolve_target(target: Any) -> Tuple[Optional[str], str]:
+    """``(full name, "")`` of the :class:`torch.nn.Module` class a ``_target_`` names, or ``(None, why not)``.
+
+    The name is looked up, never called, the way MONAI looks it up (a short name through
+    :class:`~monai.bundle.ComponentLocator`, then :func:`pydoc.locate`), but only after it is seen to lie under
+    :data:`ALLOWED_TARGETS`, so nothing outside MONAI's networks and ``torch.nn`` is imported. ``pydoc.locate``
+    walks attributes (``monai.networks.nets.hovernet.os.system`` is ``os.system``), so a name's prefix proves
+    nothing: the object must be a ``torch.nn.Module`` subclass defined in ``monai.networks`` or ``torch.nn``.
+    """
+    import inspect
+    from pydoc import locate
+
+    import torch
+
     if not isinstance(target, str) or not target or "__" in target or target.startswith("."):
-        return None
+        return None, "not a dotted class name"
     if "." not in target:
         import monai.networks.nets  # noqa: F401 -- the locator searches only imported MONAI modules
         from monai.bundle import ComponentLocator
@@ -374,9 +390,26 @@ def _resolve_target(target: Any) -> Optional[str]:
         if isinstance(module, list):
             module = module[0] if module else None
         if module is None:
-            return None
+            return None, "no MONAI component of that name"
         target = f"{module}.{target}"
-    return target if target.startswith(ALLOWED_TARGETS) else None
+    if not target.startswith(ALLOWED_TARGETS):
+        return None, "a name outside them"
+    try:
+        obj = locate(target)
+    except Exception:  # noqa: BLE001 -- pydoc.ErrorDuringImport: a module that fails to import
+        obj = None
+    if obj is None:
+        return None, "nothing of that name"
+    if inspect.ismodule(obj):
+        return None, f"it names the module {obj.__name__}"
+    full = f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    if not inspect.isclass(obj):
+        return None, f"it names the {'function' if callable(obj) else 'value'} {full}"
+    if not issubclass(obj, torch.nn.Module):
+        return None, f"it names the class {full}, not a torch.nn.Module"
+    if not full.startswith(ALLOWED_TARGETS):
+        return None, f"it names the class {full}, defined elsewhere"
+    return full, ""
 
 
 def _name(item: Dict[str, Any]) -> str:
