@@ -920,6 +920,10 @@ CASES: List[Case] = [
     Case("bundle-target-nested", lambda e: bundle_distill(e, "nested-target"), 1,
          r"^error: .*inference\.json: network_def#act#_target_ 'monai\.networks\.utils\.save_state' is not a "
          r"network of monai\.networks or torch\.nn"),
+    Case("bundle-teacher-fold", lambda e: bundle_distill(e, "multi-class", "--teacher-fold", "0"), 1,
+         r"^error: .*bundle-multi-class: --teacher-fold does not apply to bundle teachers$"),
+    Case("probs-teacher-checkpoint", tp.probs_cli("--teacher-checkpoint", "best.pt", "--teacher-taps", "enc=a.b"), 1,
+         r"^error: .*probs: --teacher-checkpoint, --teacher-taps do not apply to probs teachers$"),
 ]
 
 

@@ -487,16 +487,18 @@ def load(path: Path, request: Any, data: Any) -> Any:
     the foreground logit of ``--teacher-label`` (default: the one foreground class).
 
     Raises:
-        MedkdError: as :func:`read_bundle`; weights that do not fit ``network_def``; an unreadable TorchScript; an
+        MedkdError: ``--teacher-fold`` or ``--teacher-checkpoint`` given (a bundle has one network and one weights
+            file); as :func:`read_bundle`; weights that do not fit ``network_def``; an unreadable TorchScript; an
             output with another channel count than the metadata's; a multi-class output without
             ``--teacher-label`` (listing the classes); intensities the prepared data cannot give back.
     """
     import torch
 
     from medkd.rundir import file_sha256
-    from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files
+    from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files, reject_options
     from medkd.teachers.bridge import BridgedTeacher, choose_label
 
+    reject_options(Path(path), KIND, request, ("fold", "checkpoint"))
     spec = read_bundle(Path(path))
     what = f"{spec.root} (MONAI bundle)"
     label = choose_label(spec.activation, len(spec.classes), request.label, dict(enumerate(spec.classes)), what)

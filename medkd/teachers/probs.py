@@ -38,7 +38,7 @@ from medkd.data.recipe import prepared_slices
 from medkd.errors import DataError, MedkdError
 from medkd.rundir import confined
 from medkd.teachers import register_kind
-from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files
+from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files, reject_options
 
 #: file suffixes read, in order of preference (nnU-Net writes its mask ``<case>.nii.gz`` beside ``<case>.npz``)
 SUFFIXES = (".npz", ".nii.gz", ".nii")
@@ -246,9 +246,11 @@ def load(path: Path, request: TeacherRequest, data: PreparedData) -> LoadedTeach
     run reads it, naming the case).
 
     Raises:
-        MedkdError: ``DIR`` is not a folder, or holds no file for any train case.
+        MedkdError: ``--teacher-fold``/``--teacher-checkpoint``/``--teacher-taps`` given (nothing here for them),
+            ``DIR`` is not a folder, or holds no file for any train case.
     """
     directory = Path(path)
+    reject_options(directory, KIND, request, ("fold", "checkpoint", "taps"))
     if not directory.is_dir():
         raise MedkdError(f"{directory}: --teacher-probs must be a folder of per-case probability files "
                          f"(<case>.npz or <case>.nii.gz)")
