@@ -924,6 +924,15 @@ CASES: List[Case] = [
          r"^error: .*bundle-multi-class: --teacher-fold does not apply to bundle teachers$"),
     Case("probs-teacher-checkpoint", tp.probs_cli("--teacher-checkpoint", "best.pt", "--teacher-taps", "enc=a.b"), 1,
          r"^error: .*probs: --teacher-checkpoint, --teacher-taps do not apply to probs teachers$"),
+    # evaluate's teacher-row flags are DistillConfig's declarations, with their checks (usage errors)
+    Case("evaluate-teacher-checkpoint-path", lambda e: ["evaluate", e.teacher, "--data", e.data,
+                                                        "--teacher-checkpoint", "../checkpoint_final.pth"], 2,
+         r"^error: --teacher-checkpoint must be a file name such as checkpoint_final\.pth \(no folder\), got "
+         r"'\.\./checkpoint_final\.pth'$"),
+    Case("evaluate-teacher-fold-word", lambda e: ["evaluate", e.teacher, "--data", e.data, "--teacher-fold", "best"],
+         2, r"^error: --teacher-fold must be a fold number \(0, 1, \.\.\.\) or 'all', got 'best'$"),
+    Case("evaluate-teacher-label-huge", lambda e: ["evaluate", e.teacher, "--data", e.data, "--teacher-label",
+                                                   "100000"], 2, r"^error: --teacher-label must be <= \d+, got 100000$"),
 ]
 
 
