@@ -122,6 +122,7 @@ def test_bundle_teacher_equals_monai_and_its_torchscript(bundle, tiny_data, tmp_
     window = data.settings["window"]
     ref = _monai_reference(bundle, x, window, size)
     assert got.shape == (x.shape[0], 1, 32, 32)
+    assert type(got) is torch.Tensor  # MONAI's transforms return MetaTensors: none flows on into targets and losses
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (got > 0).any()  # the trained teacher finds spleen on its held-out case
 

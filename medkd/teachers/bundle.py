@@ -628,6 +628,7 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
     """
     import torch
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
+    from monai.utils import convert_to_tensor
 
     from medkd.teachers.bridge import Intensity, dataset_window, intensity_bridge
 
@@ -647,7 +648,8 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
     def intensity(x: torch.Tensor) -> torch.Tensor:
         v = to_source(x) if to_source is not None else x
         for step in steps:  # per slice: NormalizeIntensity's statistics are one image's
-            v = torch.stack([torch.as_tensor(step(s)) for s in v]).to(x.dtype)
+            # MONAI returns MetaTensors: plain tensors on, so none reaches the network, the targets or the losses
+            v = torch.stack([convert_to_tensor(step(s), track_meta=False) for s in v]).to(x.dtype)
         return v
 
     return intensity

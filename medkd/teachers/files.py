@@ -183,7 +183,11 @@ def _session(path: Path):
 # ---------------------------------------------------------------------------------------------- networks
 class OnnxNet(nn.Module):
     """An ONNX Runtime session (CPU) as a module: ``(B, C, H, W)`` tensor -> its first output as a tensor on the
-    input's device. Not differentiable (a teacher is not)."""
+    input's device. Not differentiable (a teacher is not).
+
+    A graph exported with a fixed batch ``n`` (often 1) runs in chunks of ``n`` slices, the last one padded with
+    zeros and its padding dropped from the output, so it answers any batch.
+    """
 
     def __init__(self, path: Path):
         super().__init__()
@@ -195,9 +199,28 @@ class OnnxNet(nn.Module):
             raise MedkdError(f"{self.path}: graph input {inp.name!r} has shape {self.input_shape}, expected (batch, "
                              f"channels, height, width)")
 
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size the graph is fixed at (``None``: free)."""
+        n = self.input_shape[0]
+        return n if isinstance(n, int) and n > 0 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+        a = np.ascontiguousarray(x.detach().float().cpu().numpy())  # (B, C, H, W)
+        n = self.fixed_batch
+        if n is None or n == a.shape[0]:
+            out = self._run(a)
+        else:
+            parts = []
+            for i in range(0, a.shape[0], n):
+                chunk = a[i:i + n]
+                pad = np.zeros((n - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)
+                parts.append(self._run(np.concatenate([chunk, pad]) if len(pad) else chunk)[:chunk.shape[0]])
+            out = np.concatenate(parts)
+        return torch.from_numpy(out).to(x.device)
+
+    def _run(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: a})[0], dtype=np.float32)
 
 
 def load_torchscript(path: Path) -> nn.Module:

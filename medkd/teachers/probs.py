@@ -127,7 +127,8 @@ def _read_npz(path: Path, shape: Tuple[int, int, int], label: Optional[int], cas
                 _check_dtype(dtype, path, case_id)
                 channel = foreground_channel(int(stored[0]), label, path)
                 if fortran:  # not what nnU-Net writes: decode the whole (size-checked) array
-                    return np.load(path, allow_pickle=False)[NPZ_KEY][channel].transpose(2, 1, 0)
+                    with np.load(path, allow_pickle=False) as npz:
+                        return npz[NPZ_KEY][channel].transpose(2, 1, 0)
                 n_bytes = int(np.prod(want)) * dtype.itemsize
                 f.seek(channel * n_bytes, io.SEEK_CUR)
                 data = f.read(n_bytes)
