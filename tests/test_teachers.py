@@ -343,6 +343,27 @@ def test_foreign_onnx_with_a_fixed_batch_runs_in_chunks_of_it(tmp_path, tiny_dat
     assert torch.allclose(out["fixed"], out["free"], atol=1e-5)
 
 
+def test_one_torchscript_loader_for_every_reader(tmp_path, tiny_data):
+    """A file that is not TorchScript reads the same one line wherever it is loaded: a ``--teacher`` file, a
+    bundle's ``models/model.ts``, an exported model given to predict/evaluate."""
+    from medkd.exported import TorchScriptModel, short_error
+    from medkd.teachers.bundle import BundleSpec, build_network
+
+    bad = tmp_path / "m.pt"
+    bad.write_bytes(b"not a zip")
+    (tmp_path / "m.pt.yaml").write_text(SIDECAR)
+    pattern = r"m\.pt: cannot load TorchScript model \(\w+: .+\)$"
+    with pytest.raises(MedkdError, match=pattern):
+        open_teacher(bad, TeacherRequest(), PreparedData(tiny_data))
+    spec = BundleSpec(root=tmp_path, config_file=None, network_def=None, weights=bad, in_channels=1, spatial_dims=2,
+                      classes=["background", "spleen"], activation="softmax")
+    with pytest.raises(MedkdError, match=pattern):
+        build_network(spec)
+    with pytest.raises(MedkdError, match=r"m\.pt"):
+        TorchScriptModel(bad)
+    assert short_error(KeyError()) == "KeyError"  # never an empty reason
+
+
 def onnx_argv(sidecar, *extra):
     """``env -> argv``: distill from a foreign ONNX teacher (with ``sidecar`` text beside it unless ``None``); also
     used by test_bad_inputs' CASES."""

@@ -34,12 +34,13 @@ per case in MONAI and give its probabilities with ``--teacher-probs``.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from medkd.errors import MedkdError
+from medkd.exported import load_torchscript, short_error
+from medkd.options import check_int, check_size
 
 KIND = "bundle"
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -154,8 +155,8 @@ def read_bundle(root: Path) -> BundleSpec:
     out = _first(fmt.get("outputs"), f"{root / METADATA}: network_data_format#outputs")
     spec = BundleSpec(
         root=root, config_file=config_file, network_def=net, weights=weights,
-        in_channels=_int(inp.get("num_channels", (net or {}).get("in_channels", 1)), root / METADATA,
-                         "network_data_format#inputs#num_channels"),
+        in_channels=check_int(inp.get("num_channels", (net or {}).get("in_channels", 1)),
+                              f"{root / METADATA}: network_data_format#inputs#num_channels", lo=1),
         spatial_dims=_spatial_dims(inp, net, root),
         classes=_classes(out, root),
         activation=_activation(config, config_file, out),
@@ -206,7 +207,7 @@ def read_override(spec: BundleSpec, path: Path) -> None:
     if "spacing" in doc:
         spec.pixdim, spec.size = _numbers(doc["spacing"], f"{path}: spacing", 2), None
     if "size" in doc:
-        spec.size, spec.pixdim = [_int(doc["size"], path, "size")] * 2, None
+        spec.size, spec.pixdim = [check_size(doc["size"], f"{path}: size")] * 2, None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -239,23 +240,17 @@ def _first(section: Any, what: str) -> Dict[str, Any]:
     return next(iter(section.values()))
 
 
-def _int(value: Any, path: Path, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MedkdError(f"{path}: {key} must be a positive integer, got {value!r:.60}")
-    return value
-
-
 def _spatial_dims(inp: Dict[str, Any], net: Optional[Dict[str, Any]], root: Path) -> int:
     shape = inp.get("spatial_shape")
     if isinstance(shape, list) and shape:
         return len(shape)
     if net is not None and "spatial_dims" in net:
-        return _int(net["spatial_dims"], root / "configs", "network_def#spatial_dims")
+        return check_int(net["spatial_dims"], f"{root / 'configs'}: network_def#spatial_dims", lo=1)
     return 2
 
 
 def _classes(out: Dict[str, Any], root: Path) -> List[str]:
-    n = _int(out.get("num_channels", 1), root / METADATA, "network_data_format#outputs#num_channels")
+    n = check_int(out.get("num_channels", 1), f"{root / METADATA}: network_data_format#outputs#num_channels", lo=1)
     names = out.get("channel_def") if isinstance(out.get("channel_def"), dict) else {}
     return [str(names.get(str(k), names.get(k, f"class {k}"))) for k in range(n)]
 
@@ -492,8 +487,6 @@ def load(path: Path, request: Any, data: Any) -> Any:
             output with another channel count than the metadata's; a multi-class output without
             ``--teacher-label`` (listing the classes); intensities the prepared data cannot give back.
     """
-    import torch
-
     from medkd.rundir import file_sha256
     from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files, reject_options
     from medkd.teachers.bridge import BridgedTeacher, choose_label
@@ -532,23 +525,16 @@ def build_network(spec: BundleSpec):
     Raises:
         MedkdError: the network cannot be built from its arguments, the weights are unreadable or do not fit.
     """
-    import torch
-
     from medkd.checkpoint import load_weights
 
     if spec.torchscript:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
-                return torch.jit.load(str(spec.weights), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 -- any failure of a foreign file is one line
-            raise MedkdError(f"{spec.weights}: not a loadable TorchScript model ({_short(e)})") from None
+        return load_torchscript(spec.weights)
     from monai.bundle import ConfigParser
 
     try:
         net = ConfigParser({"network_def": spec.network_def}).get_parsed_content("network_def")
     except Exception as e:  # noqa: BLE001 -- bad arguments of a MONAI network: one line naming the config
-        raise MedkdError(f"{spec.config_file}: network_def could not be built ({_short(e)})") from None
+        raise MedkdError(f"{spec.config_file}: network_def could not be built ({short_error(e)})") from None
     state = _state_dict(load_weights(spec.weights), spec.weights)  # torch.load(..., weights_only=True)
     _check_fit(net, state, spec)
     net.load_state_dict(state, strict=True)
@@ -610,7 +596,7 @@ def check_output(net, spec: BundleSpec, size: int) -> None:
             out = net(torch.zeros(1, spec.in_channels, size, size))
     except Exception as e:  # noqa: BLE001 -- a network that cannot run on a 2-D slice of this size
         raise MedkdError(f"{spec.weights}: the network fails on a {spec.in_channels}x{size}x{size} input "
-                         f"({_short(e)})") from None
+                         f"({short_error(e)})") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     if out.ndim != 4 or out.shape[1] != len(spec.classes) or tuple(out.shape[-2:]) != (size, size):
         raise MedkdError(f"{spec.weights}: output shape {list(out.shape)}, expected [1, {len(spec.classes)}, "
@@ -643,7 +629,7 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
         try:
             steps.append((ScaleIntensityRange if name == "ScaleIntensityRange" else NormalizeIntensity)(**args))
         except Exception as e:  # noqa: BLE001 -- arguments of the wrong type
-            raise MedkdError(f"{spec.config_file}: {name}d arguments {args} ({_short(e)})") from None
+            raise MedkdError(f"{spec.config_file}: {name}d arguments {args} ({short_error(e)})") from None
 
     def intensity(x: torch.Tensor) -> torch.Tensor:
         v = to_source(x) if to_source is not None else x
@@ -653,11 +639,6 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
         return v
 
     return intensity
-
-
-def _short(e: Exception, n: int = 120) -> str:
-    s = " ".join(str(e).split()) or type(e).__name__
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _register() -> None:

@@ -23,7 +23,6 @@ graph, not its submodules' forwards).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,8 +31,8 @@ import torch
 from torch import nn
 
 from medkd.errors import MedkdError
-from medkd.exported import PREFIX, _decode, require, short_error
-from medkd.options import MAX_SIZE
+from medkd.exported import PREFIX, _decode, load_torchscript, require, short_error
+from medkd.options import MAX_CLASS, MAX_SIZE, check_int
 from medkd.teachers import register_kind
 from medkd.teachers.base import LoadedTeacher, TeacherRequest, external_cache_root, hash_files, reject_options
 from medkd.teachers.bridge import (LAYOUTS, BridgedTeacher, Intensity, choose_label, dataset_window,
@@ -107,12 +106,12 @@ def read_sidecar(path: Path) -> Description:
     if missing:
         raise MedkdError(f"{what}: missing field(s) {', '.join(missing)} (the model's input channels, intensity "
                          f"normalisation and output layout)")
-    channels = _int(doc["input_channels"], f"{what}: input_channels", 1, 64)
+    channels = check_int(doc["input_channels"], f"{what}: input_channels", lo=1, hi=64)
     if doc.get("output") not in LAYOUTS:
         raise MedkdError(f"{what}: output must be one of {', '.join(LAYOUTS)}, got {doc.get('output')!r}")
     if "size" in doc and "spacing" in doc:
         raise MedkdError(f"{what}: give size or spacing, not both")
-    size = _int(doc["size"], f"{what}: size", 8, MAX_SIZE) if "size" in doc else None
+    size = check_int(doc["size"], f"{what}: size", lo=8, hi=MAX_SIZE) if "size" in doc else None
     spacing = None
     if "spacing" in doc:
         sp = doc["spacing"]
@@ -120,23 +119,17 @@ def read_sidecar(path: Path) -> Description:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e3 for v in sp)):
             raise MedkdError(f"{what}: spacing must be two in-plane spacings in mm, e.g. [0.8, 0.8], got {sp!r}")
         spacing = (float(sp[0]), float(sp[1]))
-    multiple = _int(doc.get("size_multiple", 1), f"{what}: size_multiple", 1, MAX_SIZE)
+    multiple = check_int(doc.get("size_multiple", 1), f"{what}: size_multiple", lo=1, hi=MAX_SIZE)
     classes = doc.get("classes") or {}
     if not isinstance(classes, dict) or not all(_is_int(k) and isinstance(v, str) for k, v in classes.items()):
         raise MedkdError(f"{what}: classes must map class numbers to names, e.g. {{1: liver}}, got {classes!r}")
-    label = _int(doc["label"], f"{what}: label", 0, 1023) if doc.get("label") is not None else None
+    label = check_int(doc["label"], f"{what}: label", lo=0, hi=MAX_CLASS) if doc.get("label") is not None else None
     return Description(channels, Intensity.from_doc(doc["intensity"], what), size, spacing, multiple, doc["output"],
                        {int(k): v for k, v in classes.items()}, label, path.name, [path])
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if not _is_int(value) or not lo <= value <= hi:
-        raise MedkdError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
 
 
 def from_medkd_metadata(meta: Dict[str, Any], origin: str, extra: List[Path]) -> Description:
@@ -221,15 +214,6 @@ class OnnxNet(nn.Module):
 
     def _run(self, a: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: a})[0], dtype=np.float32)
-
-
-def load_torchscript(path: Path) -> nn.Module:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as e:
-        raise MedkdError(f"{path}: cannot load TorchScript model ({type(e).__name__}: {short_error(e)})") from None
 
 
 @torch.no_grad()
