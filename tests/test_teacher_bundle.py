@@ -190,14 +190,37 @@ def test_exported_teacher_row_scores_like_its_run(fmt, tiny_teacher, tiny_data, 
     shutil.copytree(tiny_teacher, run)  # evaluate writes eval-test.json into a run
     r = _cli(["evaluate", model, run, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
     assert r.exit_code == 0, r.stderr
-    f_row, r_row = json.loads(r.stdout)["runs"]
+    f_row, r_row = json.loads(r.stdout)["runs"]  # stdout is the one JSON document
     assert f_row["teacher_source"]["kind"] == fmt and f_row["kind"] == "teacher" and r_row["kind"] == "teacher"
+    # the external row says what it opened, in the one line distill prints, on stderr; the run row prints none
+    said = [line for line in r.stderr.splitlines() if line.startswith("teacher: ")]
+    assert len(said) == 1 and said[0].startswith(f"teacher: {fmt} {model} (") and "model_kind teacher" in said[0]
     assert f_row["dice"] == pytest.approx(r_row["dice"], abs=1e-6 if fmt == "torchscript" else 1e-3)
     assert [c["id"] for c in f_row["per_case"]] == [c["id"] for c in r_row["per_case"]]
     if fmt == "onnx":
         assert f_row["params"] is None and f_row["flops"] is None and f_row["latency_ms_ort"] > 0
     else:
         assert f_row["params"] == r_row["params"] and "latency_ms_ort" not in f_row
+
+
+def test_exported_student_row_is_a_student(tiny_data, tmp_path):
+    """An exported student given to evaluate is a ``student`` row (its metadata's kind), not a teacher."""
+    from rich.console import Console
+
+    from medkd.config import DistillConfig, build_config
+    from medkd.distill.run import distill
+
+    cfg = build_config(DistillConfig, overrides=dict(student="s1", student_width=4, epochs=1, batch_size=4,
+                                                     device="cpu", seed=0, scales=[], pmd=False))
+    distill(tiny_data, tmp_path / "student", cfg, console=Console(stderr=True, quiet=True))
+    model = tmp_path / "student.onnx"
+    r = _cli(["export", tmp_path / "student", "-o", model])
+    assert r.exit_code == 0, r.stderr
+    r = _cli(["evaluate", model, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
+    assert r.exit_code == 0, r.stderr
+    row = json.loads(r.stdout)
+    assert row["kind"] == "student" and row["teacher_source"]["details"]["model_kind"] == "student"
+    assert f"{model}: external onnx student;" in r.stderr
 
 
 def test_per_image_zscore_bundle(tiny_data, tmp_path):

@@ -86,7 +86,7 @@ def command(
                             batch_size=max(1, batch_size), overlays=overlays, progress=progress,
                             resolution=resolution, postprocessing=postprocessing, model_files=onnx, force=force,
                             teacher_label=opts["teacher_label"], teacher_fold=opts["teacher_fold"],
-                            teacher_checkpoint=opts["teacher_checkpoint"])
+                            teacher_checkpoint=opts["teacher_checkpoint"], console=log)
     for r in results:
         for w in r.get("warnings") or []:
             style = "bold red" if w.startswith("LEAKAGE") else "yellow"

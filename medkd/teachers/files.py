@@ -16,6 +16,10 @@ it comes with that description, found in this order:
 2. the metadata of a medkd export (``medkd export``: ONNX ``metadata_props``, TorchScript ``MODEL.pt.json``),
    which carries medkd's preprocessing (checked by the reader of :mod:`medkd.exported`).
 
+A TorchScript file is loaded with :func:`~medkd.exported.load_torchscript` (``torch.jit.load``): **a trust
+decision**, since a TorchScript file is a program (its graph runs the operators it names, file I/O included), not
+weights. An ONNX file runs in ONNX Runtime.
+
 The model runs through :class:`~medkd.teachers.bridge.BridgedTeacher` (intensity, size and output bridged);
 only prediction-map terms can be distilled from a file (no module paths to hook: TorchScript runs its compiled
 graph, not its submodules' forwards).
@@ -67,14 +71,15 @@ class Description:
         label: The default foreground class (``--teacher-label`` overrides it).
         origin: The sidecar's file name, or ``medkd export metadata``.
         extra_files: Files the description was read from (hashed into the record).
+        model_kind: What a medkd export says it is (``teacher`` | ``student``); ``None`` for a sidecar.
     """
 
     def __init__(self, channels: int, intensity: Intensity, size: Optional[int], spacing: Optional[Tuple[float, float]],
                  multiple: int, layout: str, classes: Dict[int, str], label: Optional[int], origin: str,
-                 extra_files: List[Path]):
+                 extra_files: List[Path], model_kind: Optional[str] = None):
         self.channels, self.intensity, self.size, self.spacing = channels, intensity, size, spacing
         self.multiple, self.layout, self.classes, self.label = multiple, layout, classes, label
-        self.origin, self.extra_files = origin, extra_files
+        self.origin, self.extra_files, self.model_kind = origin, extra_files, model_kind
 
     def record(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"from": self.origin, "input_channels": self.channels,
@@ -137,8 +142,9 @@ def from_medkd_metadata(meta: Dict[str, Any], origin: str, extra: List[Path]) ->
     ct = (meta.get("intensity") or {}).get("CT") or {}
     low, high = (float(ct["low"]), float(ct["high"])) if ct else (0.0, 1.0)
     layout = meta.get("output") if meta.get("output") in LAYOUTS else "sigmoid"
+    kind = meta.get("kind") if meta.get("kind") in ("teacher", "student") else None
     return Description(int(meta["input_channels"]), Intensity("medkd", low, high), int(meta["prepared_size"]), None, 1,
-                       layout, {}, None, origin, extra)
+                       layout, {}, None, origin, extra, model_kind=kind)
 
 
 def describe(path: Path, session: Any = None) -> Description:
@@ -269,7 +275,7 @@ def _load(kind: str, path: Path, request: TeacherRequest, data: Any) -> LoadedTe
         p.requires_grad_(False)
     files = hash_files(path, [path, *desc.extra_files])
     details = {"format": kind, "description": desc.record(), "input_size": size, "output_channels": k,
-               "foreground_channel": label}
+               "foreground_channel": label, **({"model_kind": desc.model_kind} if desc.model_kind else {})}
     return LoadedTeacher(kind=kind, source=path, module=module, in_channels=request.in_channels, files=files,
                          details=details, taps_ok=False, default_taps=None, cache_key_file=path,
                          cache_root=external_cache_root(data.root, kind, files, details))
