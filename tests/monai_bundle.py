@@ -222,6 +222,15 @@ HOSTILE_TARGETS = {
 }
 
 
+#: ``network_def`` of real MONAI network classes whose arguments (given, or by default) would download weights.
+FETCHING = {
+    "pretrained": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                   "pretrained": True},
+    "pretrained-by-default": {"_target_": "EfficientNetBN", "model_name": "efficientnet-b0", "spatial_dims": 2,
+                              "in_channels": 1, "num_classes": 2},
+}
+
+
 def broken(how: str):
     """``make(tmp) -> bundle folder``: a bundle made with MONAI's tooling (random weights), then broken ``how``.
 
@@ -233,7 +242,9 @@ def broken(how: str):
     ``tmp/called-<how>`` if MONAI built it (:func:`called_marker`): ``attribute-walk``
     (``monai.networks.nets.hovernet.os.mkdir``: ``pydoc.locate`` walks from a module to ``os``),
     ``plain-function`` (``monai.networks.utils.save_state``), ``nested-target`` (a UNet whose ``act`` argument is
-    a ``save_state`` component).
+    a ``save_state`` component). Networks that would fetch weights of their own (:data:`FETCHING`): ``pretrained``
+    (``DenseNet121`` with ``pretrained: true``), ``pretrained-by-default`` (``EfficientNetBN``, pretrained unless
+    told otherwise).
     """
 
     def make(tmp: Path) -> Path:
@@ -258,6 +269,8 @@ def broken(how: str):
         elif how == "crop-foreground":
             _edit_config(root, lambda d: d["preprocessing"]["transforms"].insert(
                 3, {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}))
+        elif how in FETCHING:
+            _edit_config(root, lambda d: d.update(network_def=FETCHING[how]))
         elif how in HOSTILE_TARGETS:
             _edit_config(root, lambda d: d.update(network_def=HOSTILE_TARGETS[how](called_marker(tmp, how))))
         elif how == "pickle-code":

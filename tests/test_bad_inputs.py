@@ -920,6 +920,12 @@ CASES: List[Case] = [
     Case("bundle-target-nested", lambda e: bundle_distill(e, "nested-target"), 1,
          r"^error: .*inference\.json: network_def#act#_target_ 'monai\.networks\.utils\.save_state' is not a "
          r"network of monai\.networks or torch\.nn"),
+    Case("bundle-pretrained", lambda e: bundle_distill(e, "pretrained"), 1,
+         r"^error: .*inference\.json: network_def#pretrained: True would make DenseNet121 fetch or read weights "
+         r"outside the bundle; medkd loads models/model\.pt only: set pretrained to null or false$"),
+    Case("bundle-pretrained-by-default", lambda e: bundle_distill(e, "pretrained-by-default"), 1,
+         r"^error: .*inference\.json: network_def#pretrained: True would make EfficientNetBN fetch or read weights "
+         r"outside the bundle \(its default\); medkd loads models/model\.pt only"),
     Case("bundle-teacher-fold", lambda e: bundle_distill(e, "multi-class", "--teacher-fold", "0"), 1,
          r"^error: .*bundle-multi-class: --teacher-fold does not apply to bundle teachers$"),
     Case("probs-teacher-checkpoint", tp.probs_cli("--teacher-checkpoint", "best.pt", "--teacher-taps", "enc=a.b"), 1,

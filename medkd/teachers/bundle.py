@@ -9,14 +9,16 @@ What is read, and how far it is trusted:
   (:class:`~monai.bundle.ConfigParser`) only after it is checked to hold literal values, ``@id`` references to
   literal values and ``_target_`` names that resolve to :class:`torch.nn.Module` classes of ``monai.networks`` or
   ``torch.nn`` (looked up without being called, every nested one too, and rewritten to the class's full name, so
-  ``monai.networks.nets.hovernet.os.system`` or ``monai.networks.utils.save_state`` never pass by their prefix): a
-  ``$`` expression (Python run by ``eval``), a ``%`` macro, ``_mode_``/``_requires_`` keys or any other target are
-  refused with one line naming the key. The ``preprocessing`` transforms are read the same way, never instantiated from the file: the intensity
-  transforms medkd can reproduce (``ScaleIntensityRanged``, ``NormalizeIntensityd``), the in-plane geometry
-  (``Spacingd`` ``pixdim``, ``Resized`` ``spatial_size``), ``Orientationd`` with RAS axes (medkd's slices are RAS) and
-  transforms that do not change values (loading, channel-first, type) are understood; any other is one line naming
-  its key, e.g. ``preprocessing#transforms#3 (CropForegroundd)``. The postprocessing's ``Activationsd`` says
-  whether the output is a softmax or sigmoid;
+  ``monai.networks.nets.hovernet.os.system`` or ``monai.networks.utils.save_state`` never pass by their prefix),
+  with no argument that makes the network download or read weights of its own (``pretrained``, a URL, a checkpoint
+  path: :data:`FETCH_ARGS`): a ``$`` expression (Python run by ``eval``), a ``%`` macro, ``_mode_``/``_requires_``
+  keys or any other target are refused with one line naming the key. The ``preprocessing`` transforms are read the
+  same way, never instantiated from the file: the intensity transforms medkd can reproduce
+  (``ScaleIntensityRanged``, ``NormalizeIntensityd``), the in-plane geometry (``Spacingd`` ``pixdim``, ``Resized``
+  ``spatial_size``), ``Orientationd`` with RAS axes (medkd's slices are RAS) and transforms that do not change values
+  (loading, channel-first, type) are understood; any other is one line naming its key, e.g.
+  ``preprocessing#transforms#3 (CropForegroundd)``. The postprocessing's ``Activationsd`` says whether the output
+  is a softmax or sigmoid;
 * **the override**: a sidecar beside the bundle folder, ``BUNDLE.json`` (or ``.yaml``), says the preprocessing
   instead, when the bundle's cannot be reproduced (:func:`read_override`): ``intensity`` as for a model file's
   sidecar (``{"normalise": "window", "low": -100, "high": 200}``: :class:`~medkd.teachers.bridge.Intensity`) and
@@ -49,6 +51,9 @@ WEIGHTS = "models/model.pt"
 TORCHSCRIPT = "models/model.ts"
 #: Packages a ``network_def`` (and its nested components) may name a ``torch.nn.Module`` class of.
 ALLOWED_TARGETS = ("monai.networks.", "torch.nn.")
+#: Constructor arguments by which a MONAI network downloads or reads weights of its own (``pretrained=True``, a URL,
+#: a hub id, a checkpoint path): a bundle's weights come from ``models/model.pt`` only, so each must be unset.
+FETCH_ARGS = ("pretrained", "pretrained_url", "weights", "checkpoint", "path_or_repo_id", "filename")
 #: Config keys of a component that MONAI interprets besides its arguments; only these two are data.
 COMPONENT_KEYS = ("_target_", "_desc_")
 #: Preprocessing transforms that do not change the values the network sees (beyond loading and layout).
@@ -356,9 +361,35 @@ def _check_network(net: Any, path: Optional[Path], key: str = "network_def") -> 
             raise MedkdError(f"{path}: {key}#_target_ {net['_target_']!r:.60} is not a network of monai.networks "
                              f"or torch.nn ({why}; medkd builds only those from a bundle config)")
         net["_target_"] = full
+        _check_fetching(full, net, path, key)
     for k, v in net.items():
         if k not in COMPONENT_KEYS:
             _check_network(v, path, f"{key}#{k}")
+
+
+def _check_fetching(full: str, args: Dict[str, Any], path: Optional[Path], key: str) -> None:
+    """The network class ``full`` built with ``args`` reads no weights from elsewhere: each of its
+    :data:`FETCH_ARGS` parameters, as given or by default, is unset (``None``/``false``/empty).
+
+    Raises:
+        MedkdError: ``<config>: <key>#pretrained: True would make DenseNet121 fetch or read weights ...``.
+    """
+    import inspect
+    from pydoc import locate
+
+    try:
+        params = inspect.signature(locate(full)).parameters
+    except (TypeError, ValueError):  # no signature to read: nothing to check
+        return
+    for name in FETCH_ARGS:
+        if name not in params:
+            continue
+        value = args.get(name, params[name].default)
+        if value is inspect.Parameter.empty or value in (None, False, "", 0):
+            continue
+        raise MedkdError(f"{path}: {key}#{name}: {value!r:.60} would make {full.rsplit('.', 1)[-1]} fetch or read "
+                         f"weights outside the bundle{'' if name in args else ' (its default)'}; medkd loads "
+                         f"{WEIGHTS} only: set {name} to null or false")
 
 
 def _resolve_target(target: Any) -> Tuple[Optional[str], str]:
