@@ -115,12 +115,11 @@ def mask_file(folder: Path, cid: str) -> Path:
     Raises:
         MedkdError: no file for the case.
     """
-    from medkd.rundir import confined
+    from medkd.rundir import case_file
 
-    for suffix in MASK_SUFFIXES:
-        path = confined(Path(folder), f"{cid}{suffix}")
-        if path.is_file():
-            return path
+    path = case_file(folder, cid, MASK_SUFFIXES)
+    if path is not None:
+        return path
     raise MedkdError(f"{folder}: no predicted mask for case {cid!r} (expected {cid}{MASK_SUFFIXES[0]})")
 
 
@@ -135,7 +134,7 @@ def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
     from dataclasses import replace
 
     from medkd.data.io import read_nifti
-    from medkd.data.preprocess import AFFINE_ATOL, AFFINE_RTOL
+    from medkd.data.preprocess import check_affine
 
     path = mask_file(folder, cid)
     vol = read_nifti(path)
@@ -143,8 +142,8 @@ def read_mask(folder: Path, data: PreparedData, cid: str, label=None):
     if list(vol.array.shape) != list(entry["shape"]):
         raise MedkdError(f"{path}: mask shape {list(vol.array.shape)} differs from the image of case {cid!r} "
                          f"{entry['shape']}")
-    if not np.allclose(vol.affine, np.asarray(entry["affine"]), atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
-        raise MedkdError(f"{path}: mask voxel grid (affine) differs from the image of case {cid!r}")
+    check_affine(vol.affine, entry["affine"], f"{path}: mask voxel grid (affine) differs from the image of case "
+                                              f"{cid!r}", "save masks in the source image's voxel grid")
     arr = np.asarray(vol.array)
     if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
         raise MedkdError(f"{path}: holds non-integer values, not a mask of labels (probabilities are a teacher's "

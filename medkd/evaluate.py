@@ -122,23 +122,32 @@ def load_masks(path: Path, label: Optional[int] = None) -> LoadedRun:
 
 
 def load_external(path: Path, data: PreparedData, label: Optional[int] = None, fold: Optional[str] = None,
-                  checkpoint: Optional[str] = None, device: str = DEFAULT_DEVICE) -> LoadedRun:
-    """Open an external teacher (:func:`medkd.teachers.open_teacher`) as a row of the table, scored like a run.
+                  checkpoint: Optional[str] = None, device: str = DEFAULT_DEVICE, console: Any = None) -> LoadedRun:
+    """Open an external teacher (:func:`medkd.teachers.open_teacher`, which prints its one ``teacher: <kind> <path>
+    (...)`` line on ``console``) as a row of the table, scored like a run.
 
-    Nothing is written into the teacher's folder: no ``eval-<split>.json``, no ``postprocessing.json`` (its rule
-    is chosen on val at each evaluation). Its training cases are unknown, which the row says in a warning.
+    The row's ``kind`` is ``teacher``, or what a medkd export's metadata says it is (an exported student is a
+    ``student`` row). Nothing is written into the teacher's folder: no ``eval-<split>.json``, no
+    ``postprocessing.json`` (its rule is chosen on val at each evaluation). Its training cases are unknown, which
+    the row says in a warning.
     """
     from medkd.teachers import TeacherRequest, open_teacher
 
     req = TeacherRequest(in_channels=_data_channels(data), label=label, fold=fold, checkpoint=checkpoint,
                          device=device)
-    teacher = open_teacher(Path(path), req, data)
+    teacher = open_teacher(Path(path), req, data, console)
     source = Path(path)
     key = teacher.cache_key_file
-    warn = (f"{source}: external {teacher.kind} teacher; medkd does not know which cases it was trained on "
+    kind = external_kind(teacher)
+    warn = (f"{source}: external {teacher.kind} {kind}; medkd does not know which cases it was trained on "
             f"(its test metrics are optimistic if it saw these)")
-    return LoadedRun(source, teacher.module, {"kind": "teacher"}, Path(key) if key else source,
-                     {"kind": "teacher"}, [warn], teacher=teacher)
+    return LoadedRun(source, teacher.module, {"kind": kind}, Path(key) if key else source,
+                     {"kind": kind}, [warn], teacher=teacher)
+
+
+def external_kind(teacher: Any) -> str:
+    """``teacher``, or ``student`` for a student exported by medkd (its metadata says so)."""
+    return "student" if teacher.details.get("model_kind") == "student" else "teacher"
 
 
 def load_run(run: Path, data: PreparedData, which: str = "best") -> LoadedRun:
@@ -396,7 +405,7 @@ def _external_facts(loaded: LoadedRun, model: Optional[nn.Module], in_shape, dev
     net = getattr(model, "net", model)
     torch_net = isinstance(net, nn.Module) and any(True for _ in net.parameters())
     facts: Dict[str, Any] = dict(
-        kind="teacher",
+        kind=external_kind(t),
         arch=f"{t.kind}:{t.details.get('network') or t.details.get('configuration') or Path(t.source).name}",
         params=count_params(net) if torch_net else None,
         flops=flops_per_slice(model, in_shape) if torch_net else None,
@@ -468,6 +477,7 @@ def evaluate_runs(
     teacher_label: Optional[int] = None,
     teacher_fold: Optional[str] = None,
     teacher_checkpoint: Optional[str] = None,
+    console: Any = None,
 ) -> List[Dict[str, Any]]:
     """Evaluate several runs on the same split, in order. Every run is checked before any is evaluated.
 
@@ -487,6 +497,8 @@ def evaluate_runs(
             ``--teacher-fold`` and ``--teacher-checkpoint`` say for ``distill``; such a row is scored on the same
             cases and grid as the runs (:func:`load_external`). A folder of predicted masks (``<case>.nii.gz``:
             :func:`is_mask_folder`) is a row too, ``teacher_label`` its foreground label (:func:`load_masks`).
+        console: where an external teacher's ``teacher: <kind> <path> (...)`` line goes (a log console, on
+            stderr; ``None``: nowhere).
         Others: as in :func:`evaluate_run`.
 
     Returns:
@@ -510,7 +522,7 @@ def evaluate_runs(
     prepared = data if isinstance(data, PreparedData) else PreparedData(Path(data))
     ids = prepared.require_split(split)
     dev = resolve_device(device)  # once, before any run is loaded: fail early on --device cuda without CUDA
-    loaded = [load_external(Path(r), prepared, teacher_label, teacher_fold, teacher_checkpoint, device)
+    loaded = [load_external(Path(r), prepared, teacher_label, teacher_fold, teacher_checkpoint, device, console)
               if is_external_teacher(Path(r)) else load_masks(Path(r), teacher_label) if is_mask_folder(Path(r))
               else load_run(Path(r), prepared) for r in runs]
     outside = [lr.run for lr in loaded if lr.teacher is not None or lr.masks]

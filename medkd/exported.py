@@ -191,8 +191,29 @@ def read_metadata(model_file: Path) -> Dict[str, Any]:
 
 
 def short_error(e: Exception, n: int = 140) -> str:
-    s = " ".join(str(e).split())
+    """An exception's message on one line, at most ``n`` characters (its type's name when it has no message)."""
+    s = " ".join(str(e).split()) or type(e).__name__
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def load_torchscript(path: Path):
+    """A TorchScript file on the CPU, in eval mode: :func:`torch.jit.load` (its deprecation warning silenced: it is
+    still supported). **A trust decision**: a TorchScript file is a program, whose graph runs whatever operators it
+    names (file I/O included), not weights; load only files you trust.
+
+    Raises:
+        MedkdError: ``<path>: cannot load TorchScript model (<type>: <reason>)``.
+    """
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 -- any failure of a foreign file is one line
+        raise MedkdError(f"{path}: cannot load TorchScript model ({type(e).__name__}: {short_error(e)})") from None
 
 
 # --------------------------------------------------------------------------------------------------- runtime
@@ -285,18 +306,9 @@ class TorchScriptModel:
     engine = "torchscript"
 
     def __init__(self, path: Path, threads: Optional[int] = None):
-        import torch
-
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
-        import warnings
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
-                self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
-        except Exception as e:
-            raise MedkdError(f"{self.path}: cannot load TorchScript model ({type(e).__name__}: {short_error(e)})") from None
+        self.module = load_torchscript(self.path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch

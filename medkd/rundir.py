@@ -278,6 +278,20 @@ def confined(folder: Path, name: str) -> Path:
     return path
 
 
+def case_file(folder: Path, case_id: str, suffixes) -> Optional[Path]:
+    """The first of ``folder/<case_id><suffix>`` (``suffixes`` in order) that is a file, each joined through
+    :func:`confined`; ``None`` when there is none (the caller names what it expected).
+
+    Raises:
+        MedkdError: ``case_id`` would lead outside ``folder``.
+    """
+    for suffix in suffixes:
+        path = confined(Path(folder), f"{case_id}{suffix}")
+        if path.is_file():
+            return path
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- run folders
 
 

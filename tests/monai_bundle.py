@@ -208,6 +208,29 @@ def _edit_config(root: Path, edit) -> Path:
     return root
 
 
+def called_marker(tmp: Path, how: str) -> Path:
+    """The file a hostile ``network_def`` of :func:`broken` creates when it is called."""
+    return Path(tmp) / f"called-{how}"
+
+
+#: ``network_def`` of the bundles whose targets lie under ``monai.networks`` by name only -> marker -> config.
+HOSTILE_TARGETS = {
+    "attribute-walk": lambda m: {"_target_": "monai.networks.nets.hovernet.os.mkdir", "path": str(m)},
+    "plain-function": lambda m: {"_target_": "monai.networks.utils.save_state", "src": {}, "path": str(m)},
+    "nested-target": lambda m: {**network_def(), "act": {"_target_": "monai.networks.utils.save_state",
+                                                         "src": {}, "path": str(m)}},
+}
+
+
+#: ``network_def`` of real MONAI network classes whose arguments (given, or by default) would download weights.
+FETCHING = {
+    "pretrained": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                   "pretrained": True},
+    "pretrained-by-default": {"_target_": "EfficientNetBN", "model_name": "efficientnet-b0", "spatial_dims": 2,
+                              "in_channels": 1, "num_classes": 2},
+}
+
+
 def broken(how: str):
     """``make(tmp) -> bundle folder``: a bundle made with MONAI's tooling (random weights), then broken ``how``.
 
@@ -215,6 +238,13 @@ def broken(how: str):
     ``multi-class`` (three softmax classes), ``3d`` (a 3-D UNet), ``expression`` (a ``$`` expression in
     ``network_def``), ``foreign-target`` (``network_def`` naming ``os.system``), ``crop-foreground`` (a
     preprocessing transform medkd cannot reproduce), ``pickle-code`` (a ``model.pt`` that pickles a call).
+    Targets with a name inside ``monai.networks`` that are no network, each of which would create
+    ``tmp/called-<how>`` if MONAI built it (:func:`called_marker`): ``attribute-walk``
+    (``monai.networks.nets.hovernet.os.mkdir``: ``pydoc.locate`` walks from a module to ``os``),
+    ``plain-function`` (``monai.networks.utils.save_state``), ``nested-target`` (a UNet whose ``act`` argument is
+    a ``save_state`` component). Networks that would fetch weights of their own (:data:`FETCHING`): ``pretrained``
+    (``DenseNet121`` with ``pretrained: true``), ``pretrained-by-default`` (``EfficientNetBN``, pretrained unless
+    told otherwise).
     """
 
     def make(tmp: Path) -> Path:
@@ -239,6 +269,10 @@ def broken(how: str):
         elif how == "crop-foreground":
             _edit_config(root, lambda d: d["preprocessing"]["transforms"].insert(
                 3, {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}))
+        elif how in FETCHING:
+            _edit_config(root, lambda d: d.update(network_def=FETCHING[how]))
+        elif how in HOSTILE_TARGETS:
+            _edit_config(root, lambda d: d.update(network_def=HOSTILE_TARGETS[how](called_marker(tmp, how))))
         elif how == "pickle-code":
             torch.save({"model.0.conv.unit0.conv.weight": RunsShell("exit 3")}, root / "models" / "model.pt")
         else:

@@ -259,6 +259,16 @@ BASE_RUNS = {0: ({"a": 0.5, "b": 0.6, "c": None}, 10.0), 1: ({"a": 0.7, "b": 0.6
              2: ({"a": 0.6, "b": 0.6, "c": 0.6}, 30.0)}
 
 
+def test_resume_mismatch_names_the_saved_probabilities_a_run_read(tmp_path):
+    """A run distilled from --teacher-probs records no ``teacher``: the mismatch names the folder it did read."""
+    (tmp_path / "data").mkdir()
+    old = DistillConfig(teacher=None, teacher_probs=str(tmp_path / "probs-a"), scales=[], pmd=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**to_dict(old), "data": str(tmp_path / "data")}))
+    new = DistillConfig(teacher=None, teacher_probs=str(tmp_path / "probs-b"), scales=[], pmd=True)
+    diff = ab.config_diff(tmp_path / "config.yaml", new, tmp_path / "data")
+    assert f"teacher: {tmp_path / 'probs-a'} -> {tmp_path / 'probs-b'}" in diff and "None" not in diff
+
+
 def test_compute_results_hand_computed():
     from scipy import stats as st
 

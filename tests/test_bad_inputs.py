@@ -916,6 +916,36 @@ CASES: List[Case] = [
     Case("ablate-teacher-fold-of-a-medkd-run", lambda e: ["ablate", e.data, "--teacher", e.teacher, "-o",
                                                           e.tmp / "abl", "--preset", "quick", "--teacher-fold", "0"], 1,
          r"^error: .*: --teacher-fold does not apply to medkd teachers"),
+    # trust boundaries: bundle targets resolved, not matched by name (issue 20 review; nothing is called:
+    # tests/test_teacher_bundle.py::test_hostile_targets_are_never_called)
+    Case("bundle-target-attribute-walk", lambda e: bundle_distill(e, "attribute-walk"), 1,
+         r"^error: .*inference\.json: network_def#_target_ 'monai\.networks\.nets\.hovernet\.os\.mkdir' is not a "
+         r"network of monai\.networks or torch\.nn \(it names the function \w+\.mkdir;"),
+    Case("bundle-target-plain-function", lambda e: bundle_distill(e, "plain-function"), 1,
+         r"^error: .*inference\.json: network_def#_target_ 'monai\.networks\.utils\.save_state' is not a network "
+         r"of monai\.networks or torch\.nn \(it names the function monai\.networks\.utils\.save_state;"),
+    Case("bundle-target-nested", lambda e: bundle_distill(e, "nested-target"), 1,
+         r"^error: .*inference\.json: network_def#act#_target_ 'monai\.networks\.utils\.save_state' is not a "
+         r"network of monai\.networks or torch\.nn"),
+    Case("bundle-pretrained", lambda e: bundle_distill(e, "pretrained"), 1,
+         r"^error: .*inference\.json: network_def#pretrained: True would make DenseNet121 fetch or read weights "
+         r"outside the bundle; medkd loads models/model\.pt only: set pretrained to null or false$"),
+    Case("bundle-pretrained-by-default", lambda e: bundle_distill(e, "pretrained-by-default"), 1,
+         r"^error: .*inference\.json: network_def#pretrained: True would make EfficientNetBN fetch or read weights "
+         r"outside the bundle \(its default\); medkd loads models/model\.pt only"),
+    Case("bundle-teacher-fold", lambda e: bundle_distill(e, "multi-class", "--teacher-fold", "0"), 1,
+         r"^error: .*bundle-multi-class: --teacher-fold does not apply to bundle teachers$"),
+    Case("probs-teacher-checkpoint", tp.probs_cli("--teacher-checkpoint", "best.pt", "--teacher-taps", "enc=a.b"), 1,
+         r"^error: .*probs: --teacher-checkpoint, --teacher-taps do not apply to probs teachers$"),
+    # evaluate's teacher-row flags are DistillConfig's declarations, with their checks (usage errors)
+    Case("evaluate-teacher-checkpoint-path", lambda e: ["evaluate", e.teacher, "--data", e.data,
+                                                        "--teacher-checkpoint", "../checkpoint_final.pth"], 2,
+         r"^error: --teacher-checkpoint must be a file name such as checkpoint_final\.pth \(no folder\), got "
+         r"'\.\./checkpoint_final\.pth'$"),
+    Case("evaluate-teacher-fold-word", lambda e: ["evaluate", e.teacher, "--data", e.data, "--teacher-fold", "best"],
+         2, r"^error: --teacher-fold must be a fold number \(0, 1, \.\.\.\) or 'all', got 'best'$"),
+    Case("evaluate-teacher-label-huge", lambda e: ["evaluate", e.teacher, "--data", e.data, "--teacher-label",
+                                                   "100000"], 2, r"^error: --teacher-label must be <= \d+, got 100000$"),
 ]
 
 

@@ -65,3 +65,14 @@ def test_replace_dir_restores_the_old_folder_when_the_move_fails(tmp_path, monke
     rundir.replace_dir(new, dest)
     assert [p.name for p in dest.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old/.tmp folder left
+
+
+def test_case_file_takes_the_first_suffix_and_stays_in_the_folder(tmp_path):
+    """One lookup of ``<case><suffix>`` for --teacher-probs and mask folders: suffixes in order, confined."""
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "a.npz").write_bytes(b"")
+    assert rundir.case_file(tmp_path, "a", (".npz", ".nii.gz")) == tmp_path / "a.npz"
+    assert rundir.case_file(tmp_path, "a", (".nii", ".nii.gz")) == tmp_path / "a.nii.gz"
+    assert rundir.case_file(tmp_path, "b", (".npz",)) is None
+    with pytest.raises(MedkdError, match="would lead outside the folder"):
+        rundir.case_file(tmp_path, "../a", (".npz",))

@@ -49,7 +49,7 @@ def _listing(folder: Path):
 def test_bundle_is_read_as_data(bundle):
     assert detect_kind(bundle) == "bundle"
     spec = read_bundle(bundle)
-    assert spec.network_def["_target_"] == "UNet" and not spec.torchscript
+    assert spec.network_def["_target_"] == "monai.networks.nets.unet.UNet" and not spec.torchscript
     assert spec.classes == ["background", "spleen"] and spec.activation == "softmax"
     # "a_min": "@a_min" is resolved from the config; the arguments are MONAI's, as the config gives them
     assert spec.intensity == [("ScaleIntensityRange", {"a_min": monai_bundle.A_MIN, "a_max": monai_bundle.A_MAX,
@@ -57,6 +57,29 @@ def test_bundle_is_read_as_data(bundle):
                                                        "clip": True})]
     assert spec.pixdim == list(monai_bundle.PIXDIM[:2]) and spec.multiple == 16 and spec.size is None
     assert spec.files == ["configs/metadata.json", "configs/inference.json", "models/model.pt"]
+
+
+@pytest.mark.parametrize("how", sorted(monai_bundle.HOSTILE_TARGETS))
+def test_hostile_targets_are_never_called(how, tiny_data, tmp_path):
+    """A ``_target_`` named inside ``monai.networks`` that resolves to a function (directly or by walking a module's
+    attributes to ``os``), top-level or nested in a network's arguments, is refused before MONAI builds anything:
+    the file it would create never appears. (The one-line messages: tests/test_bad_inputs.py.)"""
+    root = monai_bundle.broken(how)(tmp_path)
+    with pytest.raises(MedkdError, match=r"is not a network of monai\.networks or torch\.nn"):
+        open_teacher(root, TeacherRequest(), PreparedData(tiny_data))
+    assert not monai_bundle.called_marker(tmp_path, how).exists()
+
+
+def test_targets_are_rewritten_to_the_class_they_resolve_to(tmp_path):
+    """What is checked is what MONAI builds: every ``_target_`` (a short name, a re-export) becomes the full name of
+    the class it resolves to, nested components included."""
+    root = monai_bundle.build_bundle(tmp_path / "b", torchscript=False)
+    monai_bundle._edit_config(root, lambda d: d["network_def"].update(
+        _target_="monai.networks.nets.UNet", act={"_target_": "torch.nn.ReLU"}))
+    spec = read_bundle(root)
+    assert spec.network_def["_target_"] == "monai.networks.nets.unet.UNet"
+    assert spec.network_def["act"]["_target_"] == "torch.nn.modules.activation.ReLU"
+    assert spec.network_name == "UNet"
 
 
 def _monai_reference(bundle: Path, x: torch.Tensor, window, size: int) -> torch.Tensor:
@@ -99,6 +122,7 @@ def test_bundle_teacher_equals_monai_and_its_torchscript(bundle, tiny_data, tmp_
     window = data.settings["window"]
     ref = _monai_reference(bundle, x, window, size)
     assert got.shape == (x.shape[0], 1, 32, 32)
+    assert type(got) is torch.Tensor  # MONAI's transforms return MetaTensors: none flows on into targets and losses
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (got > 0).any()  # the trained teacher finds spleen on its held-out case
 
@@ -166,14 +190,37 @@ def test_exported_teacher_row_scores_like_its_run(fmt, tiny_teacher, tiny_data, 
     shutil.copytree(tiny_teacher, run)  # evaluate writes eval-test.json into a run
     r = _cli(["evaluate", model, run, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
     assert r.exit_code == 0, r.stderr
-    f_row, r_row = json.loads(r.stdout)["runs"]
+    f_row, r_row = json.loads(r.stdout)["runs"]  # stdout is the one JSON document
     assert f_row["teacher_source"]["kind"] == fmt and f_row["kind"] == "teacher" and r_row["kind"] == "teacher"
+    # the external row says what it opened, in the one line distill prints, on stderr; the run row prints none
+    said = [line for line in r.stderr.splitlines() if line.startswith("teacher: ")]
+    assert len(said) == 1 and said[0].startswith(f"teacher: {fmt} {model} (") and "model_kind teacher" in said[0]
     assert f_row["dice"] == pytest.approx(r_row["dice"], abs=1e-6 if fmt == "torchscript" else 1e-3)
     assert [c["id"] for c in f_row["per_case"]] == [c["id"] for c in r_row["per_case"]]
     if fmt == "onnx":
         assert f_row["params"] is None and f_row["flops"] is None and f_row["latency_ms_ort"] > 0
     else:
         assert f_row["params"] == r_row["params"] and "latency_ms_ort" not in f_row
+
+
+def test_exported_student_row_is_a_student(tiny_data, tmp_path):
+    """An exported student given to evaluate is a ``student`` row (its metadata's kind), not a teacher."""
+    from rich.console import Console
+
+    from medkd.config import DistillConfig, build_config
+    from medkd.distill.run import distill
+
+    cfg = build_config(DistillConfig, overrides=dict(student="s1", student_width=4, epochs=1, batch_size=4,
+                                                     device="cpu", seed=0, scales=[], pmd=False))
+    distill(tiny_data, tmp_path / "student", cfg, console=Console(stderr=True, quiet=True))
+    model = tmp_path / "student.onnx"
+    r = _cli(["export", tmp_path / "student", "-o", model])
+    assert r.exit_code == 0, r.stderr
+    r = _cli(["evaluate", model, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
+    assert r.exit_code == 0, r.stderr
+    row = json.loads(r.stdout)
+    assert row["kind"] == "student" and row["teacher_source"]["details"]["model_kind"] == "student"
+    assert f"{model}: external onnx student;" in r.stderr
 
 
 def test_per_image_zscore_bundle(tiny_data, tmp_path):

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -294,15 +295,17 @@ def test_file_teacher_disk_cache_lives_in_the_data_folder(exports, tiny_data, tm
     assert second["teacher_cache"] == first["teacher_cache"] and "computing" not in err
 
 
-def _foreign_onnx(path: Path, channels: int = 2, classes: int = 3) -> Path:
-    """An ONNX file not made by medkd: a 1x1 conv to ``classes`` softmax channels (no metadata)."""
+def _foreign_onnx(path: Path, channels: int = 2, classes: int = 3, batch: Optional[int] = None) -> Path:
+    """An ONNX file not made by medkd: a 1x1 conv to ``classes`` softmax channels (no metadata); its batch
+    dimension is free, or fixed at ``batch``."""
     import warnings
 
     net = torch.nn.Conv2d(channels, classes, 1)
+    axes = {2: "h", 3: "w"} if batch is not None else {0: "b", 2: "h", 3: "w"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: no onnxscript needed
-        torch.onnx.export(net, torch.zeros(1, channels, 16, 16), str(path), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "h", 3: "w"}}, dynamo=False)
+        torch.onnx.export(net, torch.zeros(batch or 1, channels, 16, 16), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": axes, "y": axes}, dynamo=False)
     return path
 
 
@@ -321,6 +324,44 @@ def test_foreign_onnx_with_sidecar_and_label(tmp_path, tiny_data):
     assert set(t.files) == {"seg.onnx", "seg.onnx.yaml"}
     t1 = open_teacher(m, TeacherRequest(label=1), data)
     assert t1.cache_root != t.cache_root  # another label: other targets, another cache
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_foreign_onnx_with_a_fixed_batch_runs_in_chunks_of_it(tmp_path, tiny_data, batch):
+    """A graph exported with a fixed batch (often 1) answers any batch: run in chunks of its size (the last one
+    padded), equal to the same network exported with a free batch."""
+    data = PreparedData(tiny_data)
+    x = torch.rand(3, 1, data.size, data.size)
+    out = {}
+    for name, b in (("free", None), ("fixed", batch)):
+        torch.manual_seed(0)
+        (tmp_path / name).mkdir()
+        m = _foreign_onnx(tmp_path / name / "seg.onnx", batch=b)
+        (tmp_path / name / "seg.onnx.yaml").write_text(SIDECAR)
+        out[name] = open_teacher(m, TeacherRequest(label=1), data).module(x)
+    assert out["fixed"].shape == (3, 1, data.size, data.size)
+    assert torch.allclose(out["fixed"], out["free"], atol=1e-5)
+
+
+def test_one_torchscript_loader_for_every_reader(tmp_path, tiny_data):
+    """A file that is not TorchScript reads the same one line wherever it is loaded: a ``--teacher`` file, a
+    bundle's ``models/model.ts``, an exported model given to predict/evaluate."""
+    from medkd.exported import TorchScriptModel, short_error
+    from medkd.teachers.bundle import BundleSpec, build_network
+
+    bad = tmp_path / "m.pt"
+    bad.write_bytes(b"not a zip")
+    (tmp_path / "m.pt.yaml").write_text(SIDECAR)
+    pattern = r"m\.pt: cannot load TorchScript model \(\w+: .+\)$"
+    with pytest.raises(MedkdError, match=pattern):
+        open_teacher(bad, TeacherRequest(), PreparedData(tiny_data))
+    spec = BundleSpec(root=tmp_path, config_file=None, network_def=None, weights=bad, in_channels=1, spatial_dims=2,
+                      classes=["background", "spleen"], activation="softmax")
+    with pytest.raises(MedkdError, match=pattern):
+        build_network(spec)
+    with pytest.raises(MedkdError, match=r"m\.pt"):
+        TorchScriptModel(bad)
+    assert short_error(KeyError()) == "KeyError"  # never an empty reason
 
 
 def onnx_argv(sidecar, *extra):

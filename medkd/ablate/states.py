@@ -90,7 +90,7 @@ def config_diff(path: Path, cfg: DistillConfig, data: Path) -> str:
         diffs.append(f"data: {doc['data']} -> {Path(data).resolve()}")
     teacher = doc.get("teacher") or doc.get("teacher_probs")
     if cfg.uses_teacher and teacher and str(Path(teacher).resolve()) != str(Path(cfg.teacher_path).resolve()):
-        diffs.append(f"teacher: {doc['teacher']} -> {cfg.teacher_path}")
+        diffs.append(f"teacher: {teacher} -> {cfg.teacher_path}")
     return "; ".join(diffs)
 
 

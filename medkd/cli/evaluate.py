@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -12,17 +12,20 @@ from medkd.cli.common import (
     DeviceOpt,
     JsonOpt,
     QuietOpt,
+    config_options,
     handle_errors,
     log_console,
     print_json,
     stdout_console,
     usage_checks,
 )
+from medkd.config import DistillConfig
 from medkd.metrics import DEFAULT_TOLERANCE_MM
 from medkd.options import DEFAULT_DEVICE
 
 
 @handle_errors
+@config_options(DistillConfig, "teacher_label", "teacher_fold", "teacher_checkpoint")  # for external teacher rows
 def command(
     runs: Annotated[List[Path], typer.Argument(
         help="Run folder(s), external teachers (an nnU-Net v2 model folder, a MONAI bundle, a TorchScript/ONNX file "
@@ -52,24 +55,12 @@ def command(
         Optional[Path], typer.Option("--overlays", help="Folder for per-case overlay PNGs. \\[default: none]", file_okay=False)
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 16,
-    teacher_label: Annotated[
-        Optional[int], typer.Option("--teacher-label", min=0, help="External teacher / masks rows: which class is the "
-                                                                   "foreground (multi-class teachers). \\[default: the "
-                                                                   "only foreground class]")
-    ] = None,
-    teacher_fold: Annotated[
-        Optional[str], typer.Option("--teacher-fold", help="External nnU-Net teacher rows: the fold to load. "
-                                                           "\\[default: the kind's own]")
-    ] = None,
-    teacher_checkpoint: Annotated[
-        Optional[str], typer.Option("--teacher-checkpoint", help="External nnU-Net teacher rows: the checkpoint "
-                                                                 "file. \\[default: the kind's own]")
-    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Evaluate even when the split holds cases a run was "
                                                         "trained on (marked as leakage in the table and JSON).")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    opts: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Test-split metrics (per case 3D Dice, IoU, recall, precision, HD95, surface Dice; pooled) and efficiency,
     one row per run, in each case's native voxel grid by default.
@@ -94,8 +85,8 @@ def command(
     results = evaluate_runs(runs, data, split=split, device=device or DEFAULT_DEVICE, tolerance_mm=tolerance,
                             batch_size=max(1, batch_size), overlays=overlays, progress=progress,
                             resolution=resolution, postprocessing=postprocessing, model_files=onnx, force=force,
-                            teacher_label=teacher_label, teacher_fold=teacher_fold,
-                            teacher_checkpoint=teacher_checkpoint)
+                            teacher_label=opts["teacher_label"], teacher_fold=opts["teacher_fold"],
+                            teacher_checkpoint=opts["teacher_checkpoint"], console=log)
     for r in results:
         for w in r.get("warnings") or []:
             style = "bold red" if w.startswith("LEAKAGE") else "yellow"

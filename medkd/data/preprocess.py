@@ -88,17 +88,27 @@ class PreprocessResult:
     seconds: float = 0.0
 
 
+def check_affine(affine: np.ndarray, expected: np.ndarray, what: str, fix: str) -> None:
+    """``affine`` and ``expected`` (4x4) describe the same voxel grid: equal within :data:`AFFINE_ATOL` mm (+
+    :data:`AFFINE_RTOL` relative). One check for a label against its image, and for a saved probability volume
+    or predicted mask against the manifest's source image.
+
+    Raises:
+        DataError: ``<what> (max difference <d>; <fix>)``.
+    """
+    affine, expected = np.asarray(affine, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if not np.allclose(affine, expected, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
+        diff = float(np.max(np.abs(affine - expected)))
+        raise DataError(f"{what} (max difference {diff:.3g}; {fix})")
+
+
 def check_label(case: CaseSource, image_vol, label_vol) -> None:
     if tuple(label_vol.array.shape) != tuple(image_vol.array.shape):
         raise DataError(
             f"{case.label}: label shape {tuple(label_vol.array.shape)} != image shape {tuple(image_vol.array.shape)}"
         )
-    if not np.allclose(label_vol.affine, image_vol.affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
-        diff = float(np.max(np.abs(label_vol.affine - image_vol.affine)))
-        raise DataError(
-            f"{case.label}: label affine differs from the image's (max difference {diff:.3g}; "
-            f"label and image must share the same voxel grid)"
-        )
+    check_affine(label_vol.affine, image_vol.affine, f"{case.label}: label affine differs from the image's",
+                 "label and image must share the same voxel grid")
     lab = label_vol.array
     if not np.all(np.isfinite(lab)):
         raise DataError(f"{case.label}: label contains NaN/inf")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -49,10 +49,6 @@ KIND_MODULES = ("medkd_run", "nnunet", "bundle", "files", "probs")
 def register_kind(name: str, detect: Detect, load: Load, expects: str = "") -> None:
     """Register a teacher kind (a second registration of ``name`` replaces the first, in place)."""
     KINDS[name] = TeacherKind(name, detect, load, expects or name)
-
-
-def kind_names() -> List[str]:
-    return list(KINDS)
 
 
 def detect_kind(path: Path) -> str:
@@ -101,5 +97,5 @@ def _import_kinds() -> None:
 
 _import_kinds()
 
-__all__ = ["KINDS", "KIND_MODULES", "LoadedTeacher", "TeacherKind", "TeacherRequest", "detect_kind", "kind_names",
+__all__ = ["KINDS", "KIND_MODULES", "LoadedTeacher", "TeacherKind", "TeacherRequest", "detect_kind",
            "open_teacher", "register_kind"]

@@ -95,11 +95,6 @@ class Intensity:
         if self.std is not None and not self.std > 0:
             raise MedkdError(f"{what}: intensity std must be > 0, got {self.std:g}")
 
-    @property
-    def needs_source_scale(self) -> bool:
-        """Whether the model's input depends on absolute source intensities (HU), not only on their shape."""
-        return self.rule in ("window", "none") or (self.rule == "zscore" and self.mean is not None)
-
     def record(self) -> Dict[str, Any]:
         return {"normalise": self.rule, **{k: v for k, v in asdict(self).items() if k != "rule" and v is not None}}
 

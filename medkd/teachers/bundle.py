@@ -7,14 +7,18 @@ What is read, and how far it is trusted:
   names (``network_data_format``);
 * ``configs/inference.json``: read as **data**. ``network_def`` is instantiated through :mod:`monai.bundle`
   (:class:`~monai.bundle.ConfigParser`) only after it is checked to hold literal values, ``@id`` references to
-  literal values and ``_target_`` names inside ``monai.networks`` or ``torch.nn``: a ``$`` expression (Python run
-  by ``eval``), a ``%`` macro, ``_mode_``/``_requires_`` keys or any other target are refused with one line naming
-  the key. The ``preprocessing`` transforms are read the same way, never instantiated from the file: the intensity
-  transforms medkd can reproduce (``ScaleIntensityRanged``, ``NormalizeIntensityd``), the in-plane geometry
-  (``Spacingd`` ``pixdim``, ``Resized`` ``spatial_size``), ``Orientationd`` with RAS axes (medkd's slices are RAS) and
-  transforms that do not change values (loading, channel-first, type) are understood; any other is one line naming
-  its key, e.g. ``preprocessing#transforms#3 (CropForegroundd)``. The postprocessing's ``Activationsd`` says
-  whether the output is a softmax or sigmoid;
+  literal values and ``_target_`` names that resolve to :class:`torch.nn.Module` classes of ``monai.networks`` or
+  ``torch.nn`` (looked up without being called, every nested one too, and rewritten to the class's full name, so
+  ``monai.networks.nets.hovernet.os.system`` or ``monai.networks.utils.save_state`` never pass by their prefix),
+  with no argument that makes the network download or read weights of its own (``pretrained``, a URL, a checkpoint
+  path: :data:`FETCH_ARGS`): a ``$`` expression (Python run by ``eval``), a ``%`` macro, ``_mode_``/``_requires_``
+  keys or any other target are refused with one line naming the key. The ``preprocessing`` transforms are read the
+  same way, never instantiated from the file: the intensity transforms medkd can reproduce
+  (``ScaleIntensityRanged``, ``NormalizeIntensityd``), the in-plane geometry (``Spacingd`` ``pixdim``, ``Resized``
+  ``spatial_size``), ``Orientationd`` with RAS axes (medkd's slices are RAS) and transforms that do not change values
+  (loading, channel-first, type) are understood; any other is one line naming its key, e.g.
+  ``preprocessing#transforms#3 (CropForegroundd)``. The postprocessing's ``Activationsd`` says whether the output
+  is a softmax or sigmoid;
 * **the override**: a sidecar beside the bundle folder, ``BUNDLE.json`` (or ``.yaml``), says the preprocessing
   instead, when the bundle's cannot be reproduced (:func:`read_override`): ``intensity`` as for a model file's
   sidecar (``{"normalise": "window", "low": -100, "high": 200}``: :class:`~medkd.teachers.bridge.Intensity`) and
@@ -32,20 +36,24 @@ per case in MONAI and give its probabilities with ``--teacher-probs``.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from medkd.errors import MedkdError
+from medkd.exported import load_torchscript, short_error
+from medkd.options import check_int, check_size
 
 KIND = "bundle"
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 METADATA = "configs/metadata.json"
 WEIGHTS = "models/model.pt"
 TORCHSCRIPT = "models/model.ts"
-#: Modules a ``network_def`` (and its nested components) may name.
+#: Packages a ``network_def`` (and its nested components) may name a ``torch.nn.Module`` class of.
 ALLOWED_TARGETS = ("monai.networks.", "torch.nn.")
+#: Constructor arguments by which a MONAI network downloads or reads weights of its own (``pretrained=True``, a URL,
+#: a hub id, a checkpoint path): a bundle's weights come from ``models/model.pt`` only, so each must be unset.
+FETCH_ARGS = ("pretrained", "pretrained_url", "weights", "checkpoint", "path_or_repo_id", "filename")
 #: Config keys of a component that MONAI interprets besides its arguments; only these two are data.
 COMPONENT_KEYS = ("_target_", "_desc_")
 #: Preprocessing transforms that do not change the values the network sees (beyond loading and layout).
@@ -152,8 +160,8 @@ def read_bundle(root: Path) -> BundleSpec:
     out = _first(fmt.get("outputs"), f"{root / METADATA}: network_data_format#outputs")
     spec = BundleSpec(
         root=root, config_file=config_file, network_def=net, weights=weights,
-        in_channels=_int(inp.get("num_channels", (net or {}).get("in_channels", 1)), root / METADATA,
-                         "network_data_format#inputs#num_channels"),
+        in_channels=check_int(inp.get("num_channels", (net or {}).get("in_channels", 1)),
+                              f"{root / METADATA}: network_data_format#inputs#num_channels", lo=1),
         spatial_dims=_spatial_dims(inp, net, root),
         classes=_classes(out, root),
         activation=_activation(config, config_file, out),
@@ -204,7 +212,7 @@ def read_override(spec: BundleSpec, path: Path) -> None:
     if "spacing" in doc:
         spec.pixdim, spec.size = _numbers(doc["spacing"], f"{path}: spacing", 2), None
     if "size" in doc:
-        spec.size, spec.pixdim = [_int(doc["size"], path, "size")] * 2, None
+        spec.size, spec.pixdim = [check_size(doc["size"], f"{path}: size")] * 2, None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -237,23 +245,17 @@ def _first(section: Any, what: str) -> Dict[str, Any]:
     return next(iter(section.values()))
 
 
-def _int(value: Any, path: Path, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MedkdError(f"{path}: {key} must be a positive integer, got {value!r:.60}")
-    return value
-
-
 def _spatial_dims(inp: Dict[str, Any], net: Optional[Dict[str, Any]], root: Path) -> int:
     shape = inp.get("spatial_shape")
     if isinstance(shape, list) and shape:
         return len(shape)
     if net is not None and "spatial_dims" in net:
-        return _int(net["spatial_dims"], root / "configs", "network_def#spatial_dims")
+        return check_int(net["spatial_dims"], f"{root / 'configs'}: network_def#spatial_dims", lo=1)
     return 2
 
 
 def _classes(out: Dict[str, Any], root: Path) -> List[str]:
-    n = _int(out.get("num_channels", 1), root / METADATA, "network_data_format#outputs#num_channels")
+    n = check_int(out.get("num_channels", 1), f"{root / METADATA}: network_data_format#outputs#num_channels", lo=1)
     names = out.get("channel_def") if isinstance(out.get("channel_def"), dict) else {}
     return [str(names.get(str(k), names.get(k, f"class {k}"))) for k in range(n)]
 
@@ -342,8 +344,9 @@ def _lookup(config: Dict[str, Any], ref: str, where: str) -> Any:
 
 
 def _check_network(net: Any, path: Optional[Path], key: str = "network_def") -> None:
-    """Every ``_target_`` in ``net`` names a class of ``monai.networks`` or ``torch.nn`` (resolved like MONAI's
-    :class:`~monai.bundle.ComponentLocator`, which imports nothing beyond MONAI itself)."""
+    """Every ``_target_`` in ``net``, nested ones included, names a :class:`torch.nn.Module` class defined in
+    ``monai.networks`` or ``torch.nn`` (:func:`_resolve_target`); each is rewritten in place to that class's full
+    name, so what is checked is what :class:`~monai.bundle.ConfigParser` builds."""
     if isinstance(net, list):
         for i, v in enumerate(net):
             _check_network(v, path, f"{key}#{i}")
@@ -353,19 +356,58 @@ def _check_network(net: Any, path: Optional[Path], key: str = "network_def") -> 
     if key == "network_def" and "_target_" not in net:
         raise MedkdError(f"{path}: network_def has no _target_ (the network class)")
     if "_target_" in net:
-        full = _resolve_target(net["_target_"])
+        full, why = _resolve_target(net["_target_"])
         if full is None:
             raise MedkdError(f"{path}: {key}#_target_ {net['_target_']!r:.60} is not a network of monai.networks "
-                             f"or torch.nn (medkd builds only those from a bundle config)")
+                             f"or torch.nn ({why}; medkd builds only those from a bundle config)")
+        net["_target_"] = full
+        _check_fetching(full, net, path, key)
     for k, v in net.items():
         if k not in COMPONENT_KEYS:
             _check_network(v, path, f"{key}#{k}")
 
 
-def _resolve_target(target: Any) -> Optional[str]:
-    """The full dotted name of a ``_target_`` when it lies in :data:`ALLOWED_TARGETS`, else ``None``."""
+def _check_fetching(full: str, args: Dict[str, Any], path: Optional[Path], key: str) -> None:
+    """The network class ``full`` built with ``args`` reads no weights from elsewhere: each of its
+    :data:`FETCH_ARGS` parameters, as given or by default, is unset (``None``/``false``/empty).
+
+    Raises:
+        MedkdError: ``<config>: <key>#pretrained: True would make DenseNet121 fetch or read weights ...``.
+    """
+    import inspect
+    from pydoc import locate
+
+    try:
+        params = inspect.signature(locate(full)).parameters
+    except (TypeError, ValueError):  # no signature to read: nothing to check
+        return
+    for name in FETCH_ARGS:
+        if name not in params:
+            continue
+        value = args.get(name, params[name].default)
+        if value is inspect.Parameter.empty or value in (None, False, "", 0):
+            continue
+        raise MedkdError(f"{path}: {key}#{name}: {value!r:.60} would make {full.rsplit('.', 1)[-1]} fetch or read "
+                         f"weights outside the bundle{'' if name in args else ' (its default)'}; medkd loads "
+                         f"{WEIGHTS} only: set {name} to null or false")
+
+
+def _resolve_target(target: Any) -> Tuple[Optional[str], str]:
+    """``(full name, "")`` of the :class:`torch.nn.Module` class a ``_target_`` names, or ``(None, why not)``.
+
+    The name is looked up, never called, the way MONAI looks it up (a short name through
+    :class:`~monai.bundle.ComponentLocator`, then :func:`pydoc.locate`), but only after it is seen to lie under
+    :data:`ALLOWED_TARGETS`, so nothing outside MONAI's networks and ``torch.nn`` is imported. ``pydoc.locate``
+    walks attributes (``monai.networks.nets.hovernet.os.system`` is ``os.system``), so a name's prefix proves
+    nothing: the object must be a ``torch.nn.Module`` subclass defined in ``monai.networks`` or ``torch.nn``.
+    """
+    import inspect
+    from pydoc import locate
+
+    import torch
+
     if not isinstance(target, str) or not target or "__" in target or target.startswith("."):
-        return None
+        return None, "not a dotted class name"
     if "." not in target:
         import monai.networks.nets  # noqa: F401 -- the locator searches only imported MONAI modules
         from monai.bundle import ComponentLocator
@@ -374,9 +416,26 @@ def _resolve_target(target: Any) -> Optional[str]:
         if isinstance(module, list):
             module = module[0] if module else None
         if module is None:
-            return None
+            return None, "no MONAI component of that name"
         target = f"{module}.{target}"
-    return target if target.startswith(ALLOWED_TARGETS) else None
+    if not target.startswith(ALLOWED_TARGETS):
+        return None, "a name outside them"
+    try:
+        obj = locate(target)
+    except Exception:  # noqa: BLE001 -- pydoc.ErrorDuringImport: a module that fails to import
+        obj = None
+    if obj is None:
+        return None, "nothing of that name"
+    if inspect.ismodule(obj):
+        return None, f"it names the module {obj.__name__}"
+    full = f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    if not inspect.isclass(obj):
+        return None, f"it names the {'function' if callable(obj) else 'value'} {full}"
+    if not issubclass(obj, torch.nn.Module):
+        return None, f"it names the class {full}, not a torch.nn.Module"
+    if not full.startswith(ALLOWED_TARGETS):
+        return None, f"it names the class {full}, defined elsewhere"
+    return full, ""
 
 
 def _name(item: Dict[str, Any]) -> str:
@@ -454,16 +513,16 @@ def load(path: Path, request: Any, data: Any) -> Any:
     the foreground logit of ``--teacher-label`` (default: the one foreground class).
 
     Raises:
-        MedkdError: as :func:`read_bundle`; weights that do not fit ``network_def``; an unreadable TorchScript; an
+        MedkdError: ``--teacher-fold`` or ``--teacher-checkpoint`` given (a bundle has one network and one weights
+            file); as :func:`read_bundle`; weights that do not fit ``network_def``; an unreadable TorchScript; an
             output with another channel count than the metadata's; a multi-class output without
             ``--teacher-label`` (listing the classes); intensities the prepared data cannot give back.
     """
-    import torch
-
     from medkd.rundir import file_sha256
-    from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files
+    from medkd.teachers.base import LoadedTeacher, external_cache_root, hash_files, reject_options
     from medkd.teachers.bridge import BridgedTeacher, choose_label
 
+    reject_options(Path(path), KIND, request, ("fold", "checkpoint"))
     spec = read_bundle(Path(path))
     what = f"{spec.root} (MONAI bundle)"
     label = choose_label(spec.activation, len(spec.classes), request.label, dict(enumerate(spec.classes)), what)
@@ -497,23 +556,16 @@ def build_network(spec: BundleSpec):
     Raises:
         MedkdError: the network cannot be built from its arguments, the weights are unreadable or do not fit.
     """
-    import torch
-
     from medkd.checkpoint import load_weights
 
     if spec.torchscript:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
-                return torch.jit.load(str(spec.weights), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 -- any failure of a foreign file is one line
-            raise MedkdError(f"{spec.weights}: not a loadable TorchScript model ({_short(e)})") from None
+        return load_torchscript(spec.weights)
     from monai.bundle import ConfigParser
 
     try:
         net = ConfigParser({"network_def": spec.network_def}).get_parsed_content("network_def")
     except Exception as e:  # noqa: BLE001 -- bad arguments of a MONAI network: one line naming the config
-        raise MedkdError(f"{spec.config_file}: network_def could not be built ({_short(e)})") from None
+        raise MedkdError(f"{spec.config_file}: network_def could not be built ({short_error(e)})") from None
     state = _state_dict(load_weights(spec.weights), spec.weights)  # torch.load(..., weights_only=True)
     _check_fit(net, state, spec)
     net.load_state_dict(state, strict=True)
@@ -575,7 +627,7 @@ def check_output(net, spec: BundleSpec, size: int) -> None:
             out = net(torch.zeros(1, spec.in_channels, size, size))
     except Exception as e:  # noqa: BLE001 -- a network that cannot run on a 2-D slice of this size
         raise MedkdError(f"{spec.weights}: the network fails on a {spec.in_channels}x{size}x{size} input "
-                         f"({_short(e)})") from None
+                         f"({short_error(e)})") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     if out.ndim != 4 or out.shape[1] != len(spec.classes) or tuple(out.shape[-2:]) != (size, size):
         raise MedkdError(f"{spec.weights}: output shape {list(out.shape)}, expected [1, {len(spec.classes)}, "
@@ -593,6 +645,7 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
     """
     import torch
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
+    from monai.utils import convert_to_tensor
 
     from medkd.teachers.bridge import Intensity, dataset_window, intensity_bridge
 
@@ -607,20 +660,16 @@ def intensity_steps(spec: BundleSpec, data: Any, what: str):
         try:
             steps.append((ScaleIntensityRange if name == "ScaleIntensityRange" else NormalizeIntensity)(**args))
         except Exception as e:  # noqa: BLE001 -- arguments of the wrong type
-            raise MedkdError(f"{spec.config_file}: {name}d arguments {args} ({_short(e)})") from None
+            raise MedkdError(f"{spec.config_file}: {name}d arguments {args} ({short_error(e)})") from None
 
     def intensity(x: torch.Tensor) -> torch.Tensor:
         v = to_source(x) if to_source is not None else x
         for step in steps:  # per slice: NormalizeIntensity's statistics are one image's
-            v = torch.stack([torch.as_tensor(step(s)) for s in v]).to(x.dtype)
+            # MONAI returns MetaTensors: plain tensors on, so none reaches the network, the targets or the losses
+            v = torch.stack([convert_to_tensor(step(s), track_meta=False) for s in v]).to(x.dtype)
         return v
 
     return intensity
-
-
-def _short(e: Exception, n: int = 120) -> str:
-    s = " ".join(str(e).split()) or type(e).__name__
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _register() -> None:

@@ -16,6 +16,10 @@ it comes with that description, found in this order:
 2. the metadata of a medkd export (``medkd export``: ONNX ``metadata_props``, TorchScript ``MODEL.pt.json``),
    which carries medkd's preprocessing (checked by the reader of :mod:`medkd.exported`).
 
+A TorchScript file is loaded with :func:`~medkd.exported.load_torchscript` (``torch.jit.load``): **a trust
+decision**, since a TorchScript file is a program (its graph runs the operators it names, file I/O included), not
+weights. An ONNX file runs in ONNX Runtime.
+
 The model runs through :class:`~medkd.teachers.bridge.BridgedTeacher` (intensity, size and output bridged);
 only prediction-map terms can be distilled from a file (no module paths to hook: TorchScript runs its compiled
 graph, not its submodules' forwards).
@@ -23,7 +27,6 @@ graph, not its submodules' forwards).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,8 +35,8 @@ import torch
 from torch import nn
 
 from medkd.errors import MedkdError
-from medkd.exported import PREFIX, _decode, require, short_error
-from medkd.options import MAX_SIZE
+from medkd.exported import PREFIX, _decode, load_torchscript, require, short_error
+from medkd.options import MAX_CLASS, MAX_SIZE, check_int
 from medkd.teachers import register_kind
 from medkd.teachers.base import LoadedTeacher, TeacherRequest, external_cache_root, hash_files, reject_options
 from medkd.teachers.bridge import (LAYOUTS, BridgedTeacher, Intensity, choose_label, dataset_window,
@@ -68,14 +71,15 @@ class Description:
         label: The default foreground class (``--teacher-label`` overrides it).
         origin: The sidecar's file name, or ``medkd export metadata``.
         extra_files: Files the description was read from (hashed into the record).
+        model_kind: What a medkd export says it is (``teacher`` | ``student``); ``None`` for a sidecar.
     """
 
     def __init__(self, channels: int, intensity: Intensity, size: Optional[int], spacing: Optional[Tuple[float, float]],
                  multiple: int, layout: str, classes: Dict[int, str], label: Optional[int], origin: str,
-                 extra_files: List[Path]):
+                 extra_files: List[Path], model_kind: Optional[str] = None):
         self.channels, self.intensity, self.size, self.spacing = channels, intensity, size, spacing
         self.multiple, self.layout, self.classes, self.label = multiple, layout, classes, label
-        self.origin, self.extra_files = origin, extra_files
+        self.origin, self.extra_files, self.model_kind = origin, extra_files, model_kind
 
     def record(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"from": self.origin, "input_channels": self.channels,
@@ -107,12 +111,12 @@ def read_sidecar(path: Path) -> Description:
     if missing:
         raise MedkdError(f"{what}: missing field(s) {', '.join(missing)} (the model's input channels, intensity "
                          f"normalisation and output layout)")
-    channels = _int(doc["input_channels"], f"{what}: input_channels", 1, 64)
+    channels = check_int(doc["input_channels"], f"{what}: input_channels", lo=1, hi=64)
     if doc.get("output") not in LAYOUTS:
         raise MedkdError(f"{what}: output must be one of {', '.join(LAYOUTS)}, got {doc.get('output')!r}")
     if "size" in doc and "spacing" in doc:
         raise MedkdError(f"{what}: give size or spacing, not both")
-    size = _int(doc["size"], f"{what}: size", 8, MAX_SIZE) if "size" in doc else None
+    size = check_int(doc["size"], f"{what}: size", lo=8, hi=MAX_SIZE) if "size" in doc else None
     spacing = None
     if "spacing" in doc:
         sp = doc["spacing"]
@@ -120,11 +124,11 @@ def read_sidecar(path: Path) -> Description:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e3 for v in sp)):
             raise MedkdError(f"{what}: spacing must be two in-plane spacings in mm, e.g. [0.8, 0.8], got {sp!r}")
         spacing = (float(sp[0]), float(sp[1]))
-    multiple = _int(doc.get("size_multiple", 1), f"{what}: size_multiple", 1, MAX_SIZE)
+    multiple = check_int(doc.get("size_multiple", 1), f"{what}: size_multiple", lo=1, hi=MAX_SIZE)
     classes = doc.get("classes") or {}
     if not isinstance(classes, dict) or not all(_is_int(k) and isinstance(v, str) for k, v in classes.items()):
         raise MedkdError(f"{what}: classes must map class numbers to names, e.g. {{1: liver}}, got {classes!r}")
-    label = _int(doc["label"], f"{what}: label", 0, 1023) if doc.get("label") is not None else None
+    label = check_int(doc["label"], f"{what}: label", lo=0, hi=MAX_CLASS) if doc.get("label") is not None else None
     return Description(channels, Intensity.from_doc(doc["intensity"], what), size, spacing, multiple, doc["output"],
                        {int(k): v for k, v in classes.items()}, label, path.name, [path])
 
@@ -133,19 +137,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if not _is_int(value) or not lo <= value <= hi:
-        raise MedkdError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
 def from_medkd_metadata(meta: Dict[str, Any], origin: str, extra: List[Path]) -> Description:
     """A medkd export's metadata as a description: its CT window (medkd's recipe), its prepared size, its output."""
     ct = (meta.get("intensity") or {}).get("CT") or {}
     low, high = (float(ct["low"]), float(ct["high"])) if ct else (0.0, 1.0)
     layout = meta.get("output") if meta.get("output") in LAYOUTS else "sigmoid"
+    kind = meta.get("kind") if meta.get("kind") in ("teacher", "student") else None
     return Description(int(meta["input_channels"]), Intensity("medkd", low, high), int(meta["prepared_size"]), None, 1,
-                       layout, {}, None, origin, extra)
+                       layout, {}, None, origin, extra, model_kind=kind)
 
 
 def describe(path: Path, session: Any = None) -> Description:
@@ -183,7 +182,11 @@ def _session(path: Path):
 # ---------------------------------------------------------------------------------------------- networks
 class OnnxNet(nn.Module):
     """An ONNX Runtime session (CPU) as a module: ``(B, C, H, W)`` tensor -> its first output as a tensor on the
-    input's device. Not differentiable (a teacher is not)."""
+    input's device. Not differentiable (a teacher is not).
+
+    A graph exported with a fixed batch ``n`` (often 1) runs in chunks of ``n`` slices, the last one padded with
+    zeros and its padding dropped from the output, so it answers any batch.
+    """
 
     def __init__(self, path: Path):
         super().__init__()
@@ -195,18 +198,28 @@ class OnnxNet(nn.Module):
             raise MedkdError(f"{self.path}: graph input {inp.name!r} has shape {self.input_shape}, expected (batch, "
                              f"channels, height, width)")
 
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size the graph is fixed at (``None``: free)."""
+        n = self.input_shape[0]
+        return n if isinstance(n, int) and n > 0 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+        a = np.ascontiguousarray(x.detach().float().cpu().numpy())  # (B, C, H, W)
+        n = self.fixed_batch
+        if n is None or n == a.shape[0]:
+            out = self._run(a)
+        else:
+            parts = []
+            for i in range(0, a.shape[0], n):
+                chunk = a[i:i + n]
+                pad = np.zeros((n - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)
+                parts.append(self._run(np.concatenate([chunk, pad]) if len(pad) else chunk)[:chunk.shape[0]])
+            out = np.concatenate(parts)
+        return torch.from_numpy(out).to(x.device)
 
-
-def load_torchscript(path: Path) -> nn.Module:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still supported
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as e:
-        raise MedkdError(f"{path}: cannot load TorchScript model ({type(e).__name__}: {short_error(e)})") from None
+    def _run(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: a})[0], dtype=np.float32)
 
 
 @torch.no_grad()
@@ -262,7 +275,7 @@ def _load(kind: str, path: Path, request: TeacherRequest, data: Any) -> LoadedTe
         p.requires_grad_(False)
     files = hash_files(path, [path, *desc.extra_files])
     details = {"format": kind, "description": desc.record(), "input_size": size, "output_channels": k,
-               "foreground_channel": label}
+               "foreground_channel": label, **({"model_kind": desc.model_kind} if desc.model_kind else {})}
     return LoadedTeacher(kind=kind, source=path, module=module, in_channels=request.in_channels, files=files,
                          details=details, taps_ok=False, default_taps=None, cache_key_file=path,
                          cache_root=external_cache_root(data.root, kind, files, details))

@@ -32,13 +32,13 @@ from typing import Optional, Tuple
 import numpy as np
 
 from medkd.data.io import read_nifti
-from medkd.data.preprocess import AFFINE_ATOL, AFFINE_RTOL
+from medkd.data.preprocess import check_affine
 from medkd.data.prepared import PreparedData
 from medkd.data.recipe import prepared_slices
 from medkd.errors import DataError, MedkdError
-from medkd.rundir import confined
+from medkd.rundir import case_file
 from medkd.teachers import register_kind
-from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files
+from medkd.teachers.base import LoadedTeacher, TeacherRequest, hash_files, reject_options
 
 #: file suffixes read, in order of preference (nnU-Net writes its mask ``<case>.nii.gz`` beside ``<case>.npz``)
 SUFFIXES = (".npz", ".nii.gz", ".nii")
@@ -53,10 +53,9 @@ def probs_file(directory: Path, case_id: str) -> Path:
     Raises:
         DataError: none of ``<case>.npz``, ``<case>.nii.gz``, ``<case>.nii`` is there.
     """
-    for suffix in SUFFIXES:
-        path = confined(Path(directory), f"{case_id}{suffix}")
-        if path.is_file():
-            return path
+    path = case_file(directory, case_id, SUFFIXES)
+    if path is not None:
+        return path
     raise DataError(f"{directory}: no probabilities for case {case_id!r} (expected {case_id}.npz or "
                     f"{case_id}.nii.gz)")
 
@@ -127,7 +126,8 @@ def _read_npz(path: Path, shape: Tuple[int, int, int], label: Optional[int], cas
                 _check_dtype(dtype, path, case_id)
                 channel = foreground_channel(int(stored[0]), label, path)
                 if fortran:  # not what nnU-Net writes: decode the whole (size-checked) array
-                    return np.load(path, allow_pickle=False)[NPZ_KEY][channel].transpose(2, 1, 0)
+                    with np.load(path, allow_pickle=False) as npz:
+                        return npz[NPZ_KEY][channel].transpose(2, 1, 0)
                 n_bytes = int(np.prod(want)) * dtype.itemsize
                 f.seek(channel * n_bytes, io.SEEK_CUR)
                 data = f.read(n_bytes)
@@ -159,10 +159,8 @@ def _read_nifti(path: Path, shape: Tuple[int, int, int], affine: np.ndarray, lab
     if tuple(arr.shape[:3]) != tuple(shape):
         raise DataError(f"{path}: case {case_id!r}: probability volume of shape {tuple(arr.shape)} does not match "
                         f"the source image's {tuple(shape)} (save it in the source image's voxel grid)")
-    if not np.allclose(vol.affine, affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
-        diff = float(np.max(np.abs(vol.affine - affine)))
-        raise DataError(f"{path}: case {case_id!r}: affine differs from the source image's (max difference "
-                        f"{diff:.3g}; save the probabilities in the source image's voxel grid)")
+    check_affine(vol.affine, affine, f"{path}: case {case_id!r}: affine differs from the source image's",
+                 "save the probabilities in the source image's voxel grid")
     _check_dtype(arr.dtype, path, case_id)
     if arr.ndim == 3:
         foreground_channel(1, label, path)  # the label must suit one foreground probability
@@ -246,9 +244,11 @@ def load(path: Path, request: TeacherRequest, data: PreparedData) -> LoadedTeach
     run reads it, naming the case).
 
     Raises:
-        MedkdError: ``DIR`` is not a folder, or holds no file for any train case.
+        MedkdError: ``--teacher-fold``/``--teacher-checkpoint``/``--teacher-taps`` given (nothing here for them),
+            ``DIR`` is not a folder, or holds no file for any train case.
     """
     directory = Path(path)
+    reject_options(directory, KIND, request, ("fold", "checkpoint", "taps"))
     if not directory.is_dir():
         raise MedkdError(f"{directory}: --teacher-probs must be a folder of per-case probability files "
                          f"(<case>.npz or <case>.nii.gz)")
