@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml requirements/torch.txt
 demo: install
 	$(MEDKD) preprocess sample_data -o $(OUT)/data --size 64 --overwrite
 	$(MEDKD) train-teacher $(OUT)/data -o $(OUT)/teacher --overwrite
-	# The student alone and the distilled student train side by side, one core each, at equal budget: the alone
-	# student gets the distilled one's 106 optimizer steps per epoch (the sample data's 842 train slices in batches of
-	# 8: the default recipe's teacher supervises every train image).
+# The student alone and the distilled student train side by side, one core each, at equal budget: the alone
+# student gets the distilled one's 106 optimizer steps per epoch (the sample data's 842 train slices in batches of
+# 8: the default recipe's teacher supervises every train image).
 	OMP_NUM_THREADS=1 $(MEDKD) distill $(OUT)/data -o $(OUT)/student --scales none --no-pmd --steps-per-epoch 106 --overwrite -q & pid=$$!; \
 	OMP_NUM_THREADS=1 $(MEDKD) distill $(OUT)/data -o $(OUT)/distilled --teacher $(OUT)/teacher --overwrite; rc=$$?; \
 	wait $$pid && exit $$rc
@@ -30,7 +30,7 @@ demo: install
 	$(MEDKD) predict $(OUT)/distilled sample_data/imagesTr/spleen_001.nii.gz sample_data/dicom/spleen_000 -o $(OUT)/predictions --overwrite
 	$(MEDKD) export $(OUT)/distilled -o $(OUT)/distilled.onnx --overwrite
 	$(MEDKD) predict $(OUT)/distilled.onnx sample_data/imagesTr/spleen_001.nii.gz -o $(OUT)/predictions-onnx --overwrite
-	# the quick ablation in two shards side by side (one core each); --report-only then prints its table
+# the quick ablation in two shards side by side (one core each); --report-only then prints its table
 	rm -rf $(OUT)/ablate
 	OMP_NUM_THREADS=1 $(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick --shard 1/2 -q & pid=$$!; \
 	OMP_NUM_THREADS=1 $(MEDKD) ablate $(OUT)/data --teacher $(OUT)/teacher -o $(OUT)/ablate --preset quick --shard 2/2 -q; rc=$$?; \
