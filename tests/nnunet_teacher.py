@@ -105,6 +105,13 @@ def train(out: Path, configuration: str = "2d", fold: int = 0, iterations: int =
     from nnunetv2.run import run_training
 
     importlib.reload(run_training)  # it copied nnUNet_preprocessed at import
+    import random
+
+    import numpy as np
+
+    random.seed(0)  # nnU-Net does not seed its training; the suite wants the same teacher every run
+    np.random.seed(0)
+    torch.manual_seed(0)
     trainer = run_training.get_trainer_from_args(str(DATASET_ID), configuration, fold, TRAINER,
                                                  device=torch.device("cpu"))
     trainer.num_epochs = 1
