@@ -9,11 +9,12 @@ MEDKD  := $(BIN)/medkd
 
 install: $(VENV)/.installed
 
-# torch's exact CPU build is pinned in requirements/torch.txt (one place); pyproject only constrains the range.
+# torch's exact CPU build is pinned in requirements/torch.txt (one place); pyproject only constrains the range. The
+# extras install under the same pins (-c): nnunetv2 pulls torchvision, which must not bring another torch.
 $(VENV)/.installed: pyproject.toml requirements/torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/torch.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,deploy]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements/torch.txt -e '.[dev,deploy,nnunet]'
 	touch $@
 
 demo: install

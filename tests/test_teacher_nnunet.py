@@ -156,38 +156,63 @@ def test_slices_resized_to_nnunets_spacing_and_back(nnunet_folder, nn_data):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def _multiclass(folder: Path, dest: Path) -> Path:
-    """A 3-class model folder written by nnU-Net's own trainer (its network for 3 classes, its save_checkpoint):
-    the trained folder's plans, a dataset.json with a second foreground class."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
+def _written_by_trainer(trainer_class, folder: Path, dest: Path, labels=None) -> Path:
+    """A model folder written by nnU-Net's own trainer class (its network, its ``save_checkpoint``) on the trained
+    folder's plans, with ``labels`` in its dataset.json (None: the same). Needs nnU-Net's environment set."""
     dest.mkdir()
     shutil.copy(folder / "plans.json", dest / "plans.json")
     ds = json.loads((folder / "dataset.json").read_text())
-    ds["labels"] = {"background": 0, "spleen": 1, "liver": 2}
+    ds["labels"] = labels or ds["labels"]
     (dest / "dataset.json").write_text(json.dumps(ds))
     plans = dict(json.loads((folder / "plans.json").read_text()), continue_training=False)  # as run_training does
     with contextlib.redirect_stdout(io.StringIO()):
-        trainer = nnUNetTrainer(plans, "2d", 0, ds, device=torch.device("cpu"))
+        trainer = trainer_class(plans, "2d", 0, ds, device=torch.device("cpu"))
         trainer.initialize()
         (dest / "fold_0").mkdir()
         trainer.save_checkpoint(str(dest / "fold_0" / "checkpoint_final.pth"))
     return dest
 
 
-@pytest.fixture(scope="module")
-def multiclass(nnunet_folder, nnunet_build, tmp_path_factory):
-    env = nnunet_teacher.nnunet_env(nnunet_build[1])
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+@contextlib.contextmanager
+def _nnunet_env(out: Path):
+    env = nnunet_teacher.nnunet_env(out)
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: env[k] for k in keys})
     try:
-        return _multiclass(nnunet_folder, tmp_path_factory.mktemp("multi") / "nnUNetTrainer__nnUNetPlans__2d")
+        yield
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def multiclass(nnunet_folder, nnunet_build, tmp_path_factory):
+    """A 3-class model folder (a second foreground class, liver), untrained."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    with _nnunet_env(nnunet_build[1]):
+        return _written_by_trainer(nnUNetTrainer, nnunet_folder, tmp_path_factory.mktemp("multi") / "m",
+                                   {"background": 0, "spleen": 1, "liver": 2})
+
+
+def test_a_trainer_variants_folder_loads_or_says_why(nnunet_folder, nnunet_build, nn_data, tmp_path):
+    """nnunetv2 finds a trainer class other than nnUNetTrainer by importing all its trainer modules (timm and so
+    torchvision too): where that works the folder loads, else (PyPI's torchvision beside a CPU torch) one line."""
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_1epoch
+
+    with _nnunet_env(nnunet_build[1]):
+        folder = _written_by_trainer(nnUNetTrainer_1epoch, nnunet_folder, tmp_path / "v")
+    try:
+        t = open_teacher(folder, TeacherRequest(in_channels=1, device="cpu"), PreparedData(nn_data))
+    except MedkdError as e:
+        assert "\n" not in str(e) and "could not build trainer nnUNetTrainer_1epoch's network" in str(e), e
+        assert "torchvision" in str(e)
+    else:
+        assert t.details["trainer"] == "nnUNetTrainer_1epoch"
 
 
 def test_multiclass_needs_a_label_then_gives_its_logit(multiclass, nn_data, tmp_path):

@@ -185,8 +185,10 @@ def init_predictor(path: Path, fold: str, checkpoint: str) -> Tuple[Any, str]:
             raise MedkdError(f"{file}: its weights do not fit the network its plans describe (trainer "
                              f"{ckpt['trainer_name']}, configuration {configuration}:{why or ' ' + text.splitlines()[0]})"
                              ) from e
+        hint = ("; nnunetv2 imports its trainer modules to find the class, and torchvision does not load beside this "
+                "torch: install the torchvision build made for it") if "torchvision" in text else ""
         raise MedkdError(f"{path}: nnU-Net could not build trainer {ckpt['trainer_name']}'s network "
-                         f"({_first_line(text)})") from e
+                         f"({_first_line(text)}{hint})") from e
     except Exception as e:  # noqa: BLE001  (nnU-Net's other failures: one line, never a traceback)
         raise MedkdError(f"{path}: nnU-Net could not load fold {fold} ({type(e).__name__}: "
                          f"{_first_line(str(e))})") from e
