@@ -1,30 +1,34 @@
-"""Build a REAL nnU-Net v2 trained model folder from an MSD-style dataset, with nnU-Net's own commands.
+"""Build a REAL nnU-Net v2 trained model folder from an MSD-style dataset, with nnU-Net's own tools.
 
-The steps are the ones an nnU-Net user runs, with the nnU-Net environment variables (``nnUNet_raw``,
-``nnUNet_preprocessed``, ``nnUNet_results``) pointing into ``OUT``:
+The steps an nnU-Net user runs, with the nnU-Net environment variables (``nnUNet_raw``, ``nnUNet_preprocessed``,
+``nnUNet_results``) pointing into ``OUT``:
 
 1. ``nnUNetv2_convert_MSD_dataset`` on a staged copy of the source (links to its files; MSD's naming
-   ``TaskNN_Name`` and an empty ``imagesTs/`` as nnU-Net's converter expects);
+   ``TaskNN_Name`` and an empty ``imagesTs/``, as nnU-Net's converter expects);
 2. ``nnUNetv2_plan_and_preprocess -c CONFIGURATION``;
-3. ``nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainer_1epoch -device cpu`` (the shortest trainer
-   nnunetv2 ships: 1 epoch of 250 iterations, then its validation of the fold's held-out cases), or, with
-   ``iterations``, the same trainer class run through nnunetv2's Python API with fewer iterations per epoch
-   (what the test suite's fast fixture uses: still nnU-Net's own trainer writing its own files).
+3. one epoch of nnU-Net's ``nnUNetTrainer`` through its Python API (``run_training.get_trainer_from_args``,
+   ``run_training()``, ``perform_actual_validation``): what ``nnUNetv2_train DATASET 2d 0 -tr nnUNetTrainer_1epoch
+   -device cpu`` does (250 iterations), or fewer iterations for the test suite's fixture. Not the command itself:
+   it finds the ``nnUNetTrainer_1epoch`` class by importing every trainer module, timm and torchvision with them,
+   and PyPI's torchvision does not load beside a CPU build of torch.
 
-The result is ``OUT/nnUNet_results/Dataset0NN_Name/<Trainer>__nnUNetPlans__<configuration>/`` with ``plans.json``,
-``dataset.json`` and ``fold_K/checkpoint_final.pth``.
+The default source is a thick-slice phantom (:func:`thick_slice_phantom`), so that nnU-Net's 2d configuration
+slices axially as medkd does. The result is ``OUT/nnUNet_results/Dataset009_Spleen/nnUNetTrainer__nnUNetPlans__2d/``
+with ``plans.json``, ``dataset.json`` and ``fold_0/checkpoint_final.pth``.
 
 The test suite imports :func:`build` (``tests/`` is on ``sys.path``, like ``conftest``); by hand::
 
-    nice -n 15 python tests/nnunet_teacher.py OUT [--configuration 2d] [--cases 60] [--iterations N]
+    nice -n 15 python tests/nnunet_teacher.py OUT [--source MSD_DIR] [--cases 20] [--iterations 250]
 
-Measured cost (sample_data, 60 cases of 64x64x16-24, 2 shared cores, ``nice -n 15``, ``OMP_NUM_THREADS=1``):
-see README "Distil your nnU-Net".
+Measured on 2 shared cores (``nice -n 15``, ``OMP_NUM_THREADS=1``, load 5-8 from other work): 20 phantom cases of
+48x48x~12, 250 iterations (batch 13) and nnU-Net's validation: 170 s wall, 121 s CPU (the epoch alone ~70 s);
+the suite's fixture (6 cases, 30 iterations, no validation): 22-49 s wall, ~36 s CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 DATASET_ID = 9  # MSD Task09 (spleen), as nnU-Net's MSD converter names it: Dataset009_Spleen
 TRAINER = "nnUNetTrainer"
@@ -61,8 +65,23 @@ def _command(name: str) -> str:
 
 
 def _run(out: Path, *args: str) -> None:
-    subprocess.run([_command(args[0]), *args[1:]], env=nnunet_env(out, 1), check=True,
-                   stdout=subprocess.DEVNULL if os.environ.get("MEDKD_QUIET_NNUNET") else None)
+    subprocess.run([_command(args[0]), *args[1:]], env=nnunet_env(out, 1), check=True)
+
+
+@contextlib.contextmanager
+def nnunet_environment(out: Path) -> Iterator[None]:
+    """This process's environment as :func:`nnunet_env` says, restored afterwards (nnunetv2's Python API reads it)."""
+    env = nnunet_env(out)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def stage_msd(source: Path, stage: Path, cases: Optional[int] = None) -> Path:
@@ -94,32 +113,29 @@ def train(out: Path, configuration: str = "2d", fold: int = 0, iterations: int =
     with the base trainer class: nnunetv2 finds any other trainer class by importing every trainer module, which
     imports torchvision (through timm), and PyPI's torchvision does not load beside a CPU build of torch.
     """
-    for key, value in nnunet_env(out).items():
-        os.environ[key] = value
     import importlib
-
-    import nnunetv2.paths
-    import torch
-
-    importlib.reload(nnunetv2.paths)  # it reads the environment on import
-    from nnunetv2.run import run_training
-
-    importlib.reload(run_training)  # it copied nnUNet_preprocessed at import
     import random
 
     import numpy as np
+    import torch
 
-    random.seed(0)  # nnU-Net does not seed its training; the suite wants the same teacher every run
-    np.random.seed(0)
-    torch.manual_seed(0)
-    trainer = run_training.get_trainer_from_args(str(DATASET_ID), configuration, fold, TRAINER,
-                                                 device=torch.device("cpu"))
-    trainer.num_epochs = 1
-    trainer.num_iterations_per_epoch = iterations
-    trainer.num_val_iterations_per_epoch = max(1, iterations // 5)
-    trainer.run_training()
-    if validate:  # nnUNetv2_train's last step: predict the fold's held-out cases into fold_K/validation/
-        trainer.perform_actual_validation(False)
+    with nnunet_environment(out):
+        import nnunetv2.paths
+        from nnunetv2.run import run_training
+
+        importlib.reload(nnunetv2.paths)  # older nnunetv2 releases read the environment once, on import
+        importlib.reload(run_training)  # ... and this module copied nnUNet_preprocessed then
+        random.seed(0)  # nnU-Net does not seed its training; the suite wants the same teacher every run
+        np.random.seed(0)
+        torch.manual_seed(0)
+        trainer = run_training.get_trainer_from_args(str(DATASET_ID), configuration, fold, TRAINER,
+                                                     device=torch.device("cpu"))
+        trainer.num_epochs = 1
+        trainer.num_iterations_per_epoch = iterations
+        trainer.num_val_iterations_per_epoch = max(1, iterations // 5)
+        trainer.run_training()
+        if validate:  # nnUNetv2_train's last step: predict the fold's held-out cases into fold_K/validation/
+            trainer.perform_actual_validation(False)
 
 
 def thick_slice_phantom(out: Path, cases: int = 8, size: int = 48, slices: int = 12, seed: int = 5) -> Path:

@@ -1,6 +1,6 @@
 """nnU-Net v2 model folders as teachers (medkd/teachers/nnunet.py), on a REAL model folder made by nnU-Net's own
 commands and trainer (tests/nnunet_teacher.py): its MSD converter, ``nnUNetv2_plan_and_preprocess -c 2d`` and its
-``nnUNetTrainer`` for one short epoch, on 6 thick-slice phantom cases (~40-75 s on 2 shared cores, once per run).
+``nnUNetTrainer`` for one short epoch, on 6 thick-slice phantom cases (22-49 s on 2 shared cores, once per run).
 
 ``MEDKD_SLOW_TESTS=1`` also runs the full-length build (one epoch of 250 iterations and nnU-Net's validation, as
 ``nnUNetv2_train -tr nnUNetTrainer_1epoch``) and checks the teacher a student is distilled from segments.
@@ -173,28 +173,12 @@ def _written_by_trainer(trainer_class, folder: Path, dest: Path, labels=None) ->
     return dest
 
 
-@contextlib.contextmanager
-def _nnunet_env(out: Path):
-    env = nnunet_teacher.nnunet_env(out)
-    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: env[k] for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def multiclass(nnunet_folder, nnunet_build, tmp_path_factory):
     """A 3-class model folder (a second foreground class, liver), untrained."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    with _nnunet_env(nnunet_build[1]):
+    with nnunet_teacher.nnunet_environment(nnunet_build[1]):
         return _written_by_trainer(nnUNetTrainer, nnunet_folder, tmp_path_factory.mktemp("multi") / "m",
                                    {"background": 0, "spleen": 1, "liver": 2})
 
@@ -204,7 +188,7 @@ def test_a_trainer_variants_folder_loads_or_says_why(nnunet_folder, nnunet_build
     torchvision too): where that works the folder loads, else (PyPI's torchvision beside a CPU torch) one line."""
     from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_1epoch
 
-    with _nnunet_env(nnunet_build[1]):
+    with nnunet_teacher.nnunet_environment(nnunet_build[1]):
         folder = _written_by_trainer(nnUNetTrainer_1epoch, nnunet_folder, tmp_path / "v")
     try:
         t = open_teacher(folder, TeacherRequest(in_channels=1, device="cpu"), PreparedData(nn_data))
