@@ -156,7 +156,7 @@ def test_slices_resized_to_nnunets_spacing_and_back(nnunet_folder, nn_data):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def _written_by_trainer(trainer_class, folder: Path, dest: Path, labels=None) -> Path:
+def _written_by_trainer(trainer_class, folder: Path, dest: Path, labels=None, configuration: str = "2d") -> Path:
     """A model folder written by nnU-Net's own trainer class (its network, its ``save_checkpoint``) on the trained
     folder's plans, with ``labels`` in its dataset.json (None: the same). Needs nnU-Net's environment set."""
     dest.mkdir()
@@ -166,7 +166,7 @@ def _written_by_trainer(trainer_class, folder: Path, dest: Path, labels=None) ->
     (dest / "dataset.json").write_text(json.dumps(ds))
     plans = dict(json.loads((folder / "plans.json").read_text()), continue_training=False)  # as run_training does
     with contextlib.redirect_stdout(io.StringIO()):
-        trainer = trainer_class(plans, "2d", 0, ds, device=torch.device("cpu"))
+        trainer = trainer_class(plans, configuration, 0, ds, device=torch.device("cpu"))
         trainer.initialize()
         (dest / "fold_0").mkdir()
         trainer.save_checkpoint(str(dest / "fold_0" / "checkpoint_final.pth"))
@@ -212,6 +212,21 @@ def test_multiclass_needs_a_label_then_gives_its_logit(multiclass, nn_data, tmp_
         out = t.module.net(t.module.intensity(torch.nn.functional.interpolate(x, size=48, mode="bilinear")))
     p = torch.softmax(out, 1)[:, 2:3]
     assert z.shape == (2, 1, 32, 32) and torch.isfinite(z).all() and p.shape == (2, 1, 48, 48)
+
+
+def test_a_3d_model_points_to_its_probabilities(nnunet_folder, nnunet_build, nn_data, tmp_path):
+    """A 3d_fullres folder (nnU-Net's preprocessing of that configuration, its trainer's network and checkpoint)
+    runs per case, not on slices: one line pointing to --teacher-probs."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    nnunet_teacher._run(nnunet_build[1], "nnUNetv2_preprocess", "-d", str(nnunet_teacher.DATASET_ID), "-c",
+                        "3d_fullres", "-np", "1")
+    with nnunet_teacher.nnunet_environment(nnunet_build[1]):
+        folder = _written_by_trainer(nnUNetTrainer, nnunet_folder, tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                                     configuration="3d_fullres")
+    r = _cli(["distill", nn_data, "-o", tmp_path / "s", "--teacher", folder, *PMD_ONLY])
+    assert r.exit_code == 1
+    assert "a 3d_fullres (3-D) nnU-Net runs per case" in _one_error(r) and "--teacher-probs" in _one_error(r)
 
 
 def _drop_configuration(folder: Path, dest: Path) -> Path:
@@ -303,7 +318,7 @@ def test_full_length_nnunet_teacher_segments(tmp_path):
     t = open_teacher(folder, TeacherRequest(in_channels=1, device="cpu"), pd)
     inter = total = 0.0
     for cid in pd.case_ids("val") + pd.case_ids("test"):
-        x = torch.from_numpy(np.asarray(pd.image(cid), dtype=np.float32))[:, None]
+        x = torch.tensor(np.asarray(pd.image(cid), dtype=np.float32))[:, None]
         with torch.no_grad():
             m = (t.module(x)[:, 0] > 0).numpy()
         y = np.asarray(pd.label(cid)) > 0
