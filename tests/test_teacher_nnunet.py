@@ -99,14 +99,14 @@ def test_detected_and_recorded(nnunet_folder, nn_data):
     assert not t.module.training and not any(p.requires_grad for p in t.module.parameters())
 
 
-def _nnunet_probabilities(folder: Path, case: dict, size: int) -> np.ndarray:
-    """nnU-Net's own prediction of a source case (its reader, preprocessing, sliding window; no mirroring), the
-    foreground probability brought to the prepared grid as medkd brings a label there."""
+def _nnunet_probabilities(folder: Path, case: dict, size: int, mirroring: bool = False) -> np.ndarray:
+    """nnU-Net's own prediction of a source case (its reader, preprocessing, sliding window; mirroring as asked),
+    the foreground probability brought to the prepared grid as medkd brings a label there."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     with nn_kind.weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
+        predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=mirroring, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(folder), ("0",), "checkpoint_final.pth")
         image, props = SimpleITKIO().read_images([case["source"]])
         _, probs = predictor.predict_single_npy_array(image, props, None, None, True)
@@ -214,19 +214,41 @@ def test_multiclass_needs_a_label_then_gives_its_logit(multiclass, nn_data, tmp_
     assert z.shape == (2, 1, 32, 32) and torch.isfinite(z).all() and p.shape == (2, 1, 48, 48)
 
 
-def test_a_3d_model_points_to_its_probabilities(nnunet_folder, nnunet_build, nn_data, tmp_path):
-    """A 3d_fullres folder (nnU-Net's preprocessing of that configuration, its trainer's network and checkpoint)
-    runs per case, not on slices: one line pointing to --teacher-probs."""
+@pytest.fixture(scope="module")
+def folder_3d(nnunet_folder, nnunet_build, tmp_path_factory) -> Path:
+    """A 3d_fullres model folder: nnU-Net's preprocessing of that configuration, its trainer's network and
+    checkpoint (untrained)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     nnunet_teacher._run(nnunet_build[1], "nnUNetv2_preprocess", "-d", str(nnunet_teacher.DATASET_ID), "-c",
                         "3d_fullres", "-np", "1")
     with nnunet_teacher.nnunet_environment(nnunet_build[1]):
-        folder = _written_by_trainer(nnUNetTrainer, nnunet_folder, tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres",
-                                     configuration="3d_fullres")
-    r = _cli(["distill", nn_data, "-o", tmp_path / "s", "--teacher", folder, *PMD_ONLY])
-    assert r.exit_code == 1
-    assert "a 3d_fullres (3-D) nnU-Net runs per case" in _one_error(r) and "--teacher-probs" in _one_error(r)
+        return _written_by_trainer(nnUNetTrainer, nnunet_folder, tmp_path_factory.mktemp("m3d") / "m",
+                                   configuration="3d_fullres")
+
+
+def test_a_3d_model_gives_per_case_probabilities_like_nnunets_own(folder_3d, nn_data):
+    """Per case: nnU-Net's preprocessing and sliding window on the source image, the class probability brought to
+    the prepared slices as a label is; equal to nnU-Net's own prediction of the file (its reader) brought there."""
+    data = PreparedData(nn_data)
+    t = open_teacher(folder_3d, TeacherRequest(in_channels=1, device="cpu"), data)
+    assert t.module is None and t.case_probs is not None and t.terms() == ["pmd", "cwd", "pseudo_label"]
+    assert t.details["configuration"] == "3d_fullres" and t.details["label"] == 1
+    case = data.cases[0]
+    p = t.case_probs(case["id"])
+    assert p.shape == tuple(data.expected_shape(case["id"], "lbl")) and p.dtype == np.float32
+    ref = _nnunet_probabilities(folder_3d, case, data.size, mirroring=True)  # nnUNetv2_predict's default
+    assert p.std() > 0.05 and np.abs(p - ref).max() < 1e-4, (p.std(), np.abs(p - ref).max())  # 0.16, 0.0
+
+
+def test_distill_and_evaluate_with_a_3d_model(folder_3d, nn_data, tmp_path):
+    doc = json.loads(_run_ok(["distill", nn_data, "-o", tmp_path / "s", "--teacher", folder_3d, *PMD_ONLY]))
+    assert doc["teacher_source"]["kind"] == "nnunet" and doc["teacher_outputs"]["mode"] == "memory"
+    r = _cli(["distill", nn_data, "-o", tmp_path / "f", "--teacher", folder_3d, *PMD_ONLY[2:], "--scales", "enc",
+              "--teacher-taps", "enc=encoder.stages.2"])
+    assert r.exit_code == 1 and "no modules to tap" in _one_error(r)
+    ev = json.loads(_run_ok(["evaluate", tmp_path / "s", folder_3d, "--data", nn_data, "--split", "test", "--json"]))
+    assert len(ev["runs"]) == 2
 
 
 def _drop_configuration(folder: Path, dest: Path) -> Path:

@@ -14,6 +14,12 @@ medkd's canonical (RAS) orientation to nnU-Net's array axes (SimpleITK's voxel o
 plans' ``transpose_forward``), resized to the plans' spacing, and the softmax output of ``--teacher-label`` comes
 back as a foreground logit at the prepared size (:mod:`medkd.teachers.bridge`).
 
+A ``3d_fullres`` (or other 3-D) configuration runs per case, as nnU-Net predicts: its own preprocessing and
+sliding-window predictor on each source image (``predict_single_npy_array``), once per case, and the probability
+of ``--teacher-label`` reaches the prepared slices by the function that brings the case's label there
+(:func:`medkd.data.recipe.prepared_slices`, as ``--teacher-probs`` does): ``case_probs``, no module, so
+prediction-map terms only.
+
 Feature taps (``--teacher-taps``) are module paths in nnU-Net's network (``PlainConvUNet`` for the default plans):
 
 - ``encoder.stages.K``: the encoder's stage ``K`` (``K = 0`` full resolution, each next one 2x coarser in-plane);
@@ -31,7 +37,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -333,16 +339,11 @@ def network_stride(predictor: Any) -> int:
 
 def build_2d_module(predictor: Any, request: TeacherRequest, data: Any, what: str) -> Tuple[NnunetSlices, Dict]:
     """The prepared-slice module of a ``2d`` nnU-Net and the facts it was built from."""
-    lm = predictor.label_manager
     channels = len(predictor.dataset_json.get("channel_names") or predictor.dataset_json.get("modality") or {})
     if channels != request.in_channels:
         raise MedkdError(f"{what}: nnU-Net takes {channels} input channel(s), distill config has "
                          f"in_channels={request.in_channels}")
-    layout = "sigmoid" if lm.has_regions else "softmax"
-    outputs = lm.num_segmentation_heads
-    classes = {int(v): str(k) for k, v in (predictor.dataset_json.get("labels") or {}).items()
-               if isinstance(v, int) and v > 0}
-    label = choose_label(layout, outputs, request.label, classes, what)
+    label, classes, layout = _label_and_classes(predictor, request, what)
     window = dataset_window(data)
     intensity = NnunetIntensity(normalizers(predictor, window, what), window)
     try:
@@ -362,13 +363,76 @@ def build_2d_module(predictor: Any, request: TeacherRequest, data: Any, what: st
     return module, facts
 
 
+# ------------------------------------------------------------------------------------------ cases of a 3-D model
+def _label_and_classes(predictor: Any, request: TeacherRequest, what: str) -> Tuple[int, Dict[int, str], str]:
+    lm = predictor.label_manager
+    layout = "sigmoid" if lm.has_regions else "softmax"
+    classes = {int(v): str(k) for k, v in (predictor.dataset_json.get("labels") or {}).items()
+               if isinstance(v, int) and v > 0}
+    return choose_label(layout, lm.num_segmentation_heads, request.label, classes, what), classes, layout
+
+
+def per_case_probs(predictor: Any, request: TeacherRequest, data: Any,
+                   what: str) -> Tuple[Callable[[str], np.ndarray], Dict[str, Any]]:
+    """``case_probs(case id) -> (n_slices, S, S)`` float32 in [0, 1] of a 3-D nnU-Net, and the facts recorded.
+
+    Each call reads the case's source image (medkd's reader: the voxel grid of the manifest's ``shape`` and
+    ``affine``), runs nnU-Net's preprocessing and sliding-window prediction on it (``predict_single_npy_array``:
+    the array in nnU-Net's ``(C, z, y, x)`` order with its spacing) and brings the probability of the chosen class
+    to the prepared slices by :func:`medkd.data.recipe.prepared_slices` (as labels and ``--teacher-probs``).
+
+    Raises:
+        MedkdError: a multi-channel model (medkd's cases have one image), a multi-class model without
+            ``--teacher-label``.
+    """
+    from medkd.data.io import read_volume
+    from medkd.data.recipe import prepared_slices
+    from medkd.errors import DataError
+    from medkd.infer import resolve_device
+    from medkd.teachers.probs import check_probabilities, source_grid
+
+    channels = len(predictor.dataset_json.get("channel_names") or {})
+    if channels != 1:
+        raise MedkdError(f"{what}: a 3-D nnU-Net of {channels} input channels; medkd's cases have one image each")
+    label, classes, layout = _label_and_classes(predictor, request, what)
+    device = resolve_device(request.device)
+    predictor.device = device
+    predictor.perform_everything_on_device = device.type == "cuda"
+    predictor.network.to(device)
+
+    def case_probs(case_id: str) -> np.ndarray:
+        case = data.case(case_id)
+        vol = read_volume(Path(case["source"]))
+        shape, affine = source_grid(data, case_id)
+        if tuple(vol.array.shape) != tuple(shape):
+            raise DataError(f"{case['source']}: case {case_id!r}: image of shape {tuple(vol.array.shape)}, the "
+                            f"manifest says {tuple(shape)} (was the dataset prepared from another image?)")
+        image = np.ascontiguousarray(vol.array.transpose(2, 1, 0)[None], dtype=np.float32)  # (1, z, y, x)
+        spacing = [float(v) for v in vol.spacing[::-1]]
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            _, probs = predictor.predict_single_npy_array(image, {"spacing": spacing}, None, None, True)
+        p = np.asarray(probs[label], dtype=np.float32).transpose(2, 1, 0)  # back to the source's (x, y, z)
+        p = check_probabilities(p, Path(case["source"]), case_id)
+        out = np.clip(prepared_slices(p, affine, data.size, is_label=False), 0.0, 1.0)
+        want = data.expected_shape(case_id, "lbl")
+        if tuple(out.shape) != tuple(want):
+            raise DataError(f"{case['source']}: case {case_id!r}: gives {tuple(out.shape)} slices, the prepared "
+                            f"case has {tuple(want)}")
+        return out
+
+    facts = {"label": label, "classes": classes, "layout": layout, "per_case": "nnU-Net sliding window",
+             "spacing": [float(s) for s in predictor.configuration_manager.spacing],
+             "patch_size": [int(v) for v in predictor.configuration_manager.patch_size]}
+    return case_probs, facts
+
+
 def load(path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
     """Load an nnU-Net v2 trained model folder as a teacher of the prepared dataset ``data``.
 
     Raises:
         MedkdError: nnunetv2 not installed, missing fold or checkpoint, plans without the configuration, weights of
-            another architecture, a multi-class model without ``--teacher-label``, a ``3d`` configuration (its
-            probabilities go through ``--teacher-probs``), slices nnU-Net cuts otherwise than medkd: one line each.
+            another architecture, a multi-class model without ``--teacher-label``, ``--teacher-taps`` on a 3-D model,
+            slices nnU-Net cuts otherwise than medkd: one line each.
     """
     path = Path(path)
     _require_nnunet(path)
@@ -376,17 +440,22 @@ def load(path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
     fold = choose_fold(path, request.fold, checkpoint)
     predictor, configuration = init_predictor(path, fold, checkpoint)
     what = str(path)
+    ckpt_file = path / f"fold_{fold}" / checkpoint
+    files = hash_files(path, [path / PLANS, path / DATASET, ckpt_file])
+    base = {"fold": fold, "checkpoint": checkpoint, "configuration": configuration, "trainer": predictor.trainer_name}
     if len(predictor.configuration_manager.patch_size) != 2:
-        raise MedkdError(f"{what}: a {configuration} (3-D) nnU-Net runs per case: predict its probabilities with "
-                         f"nnUNetv2_predict --save_probabilities and distil from them with --teacher-probs")
+        case_probs, facts = per_case_probs(predictor, request, data, what)
+        if request.taps:
+            raise MedkdError(f"{what}: --teacher-taps: a {configuration} nnU-Net teacher gives per-case "
+                             f"probabilities only (prediction-map terms), no modules to tap")
+        return LoadedTeacher(kind=KIND, source=path, module=None, in_channels=request.in_channels, files=files,
+                             details={**base, **facts}, taps_ok=False, default_taps=None, cache_key_file=None,
+                             cache_root=None, case_probs=case_probs)
     module, facts = build_2d_module(predictor, request, data, what)
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
-    ckpt_file = path / f"fold_{fold}" / checkpoint
-    files = hash_files(path, [path / PLANS, path / DATASET, ckpt_file])
-    details = {"fold": fold, "checkpoint": checkpoint, "configuration": configuration,
-               "trainer": predictor.trainer_name, **facts}
+    details = {**base, **facts}
     return LoadedTeacher(kind=KIND, source=path, module=module, in_channels=request.in_channels, files=files,
                          details=details, taps_ok=True, default_taps=None, cache_key_file=ckpt_file,
                          cache_root=external_cache_root(Path(data.root), KIND, files, details))
