@@ -272,7 +272,10 @@ def _other_architecture(folder: Path, multi: Path, dest: Path) -> Path:
     ("missing_checkpoint", ["--teacher-checkpoint", "checkpoint_typo.pth"],
      r"fold_0/checkpoint_typo\.pth: checkpoint not found .*fold_0 has: checkpoint_best\.pth, checkpoint_final\.pth"),
     ("no_configuration", [], r"plans\.json: no configuration '2d' \(the checkpoint's\); the plans have 3d_fullres$"),
-    ("other_architecture", [], r"checkpoint_final\.pth: its weights do not fit the network its plans describe"),
+    ("other_architecture", [], r"checkpoint_final\.pth: its weights do not fit the network its plans describe "
+                               r"\(trainer nnUNetTrainer, configuration 2d: decoder\.seg_layers\.0\.weight is "
+                               r"\[3, \d+, 1, 1\] in the checkpoint, \[2, \d+, 1, 1\] in the network "
+                               r"\(\+\d+ more\)\)$"),
 ])
 def test_bad_nnunet_teacher_is_one_line(case, extra, pattern, nnunet_folder, multiclass, nn_data, tmp_path):
     import re

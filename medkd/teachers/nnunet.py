@@ -184,13 +184,8 @@ def init_predictor(path: Path, fold: str, checkpoint: str) -> Tuple[Any, str]:
     except RuntimeError as e:
         text = str(e)
         if "state_dict" in text:
-            missing, unexpected = text.count("Missing key"), text.count("Unexpected key")
-            shape = "size mismatch" in text
-            why = ("size mismatch" if shape else "") + (" missing keys" if missing else "") + (
-                " unexpected keys" if unexpected else "")
             raise MedkdError(f"{file}: its weights do not fit the network its plans describe (trainer "
-                             f"{ckpt['trainer_name']}, configuration {configuration}:{why or ' ' + text.splitlines()[0]})"
-                             ) from e
+                             f"{ckpt['trainer_name']}, configuration {configuration}: {_mismatch(text)})") from e
         hint = ("; nnunetv2 imports its trainer modules to find the class, and torchvision does not load beside this "
                 "torch: install the torchvision build made for it") if "torchvision" in text else ""
         raise MedkdError(f"{path}: nnU-Net could not build trainer {ckpt['trainer_name']}'s network "
@@ -199,6 +194,20 @@ def init_predictor(path: Path, fold: str, checkpoint: str) -> Tuple[Any, str]:
         raise MedkdError(f"{path}: nnU-Net could not load fold {fold} ({type(e).__name__}: "
                          f"{_first_line(str(e))})") from e
     return predictor, configuration
+
+
+def _mismatch(text: str) -> str:
+    """The first difference torch's ``load_state_dict`` error names, shortened to one phrase."""
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                  r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if m:
+        n = text.count("size mismatch for")
+        more = f" (+{n - 1} more)" if n > 1 else ""
+        return f"{m.group(1)} is {m.group(2)} in the checkpoint, {m.group(3)} in the network{more}"
+    m = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: ([^\n]*)", text)
+    if m:
+        return f"{m.group(1).lower()} keys {m.group(2)[:120]}"
+    return _first_line(text)
 
 
 def _first_line(text: str) -> str:
