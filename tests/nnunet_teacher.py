@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 DATASET_ID = 9  # MSD Task09 (spleen), as nnU-Net's MSD converter names it: Dataset009_Spleen
 TRAINER = "nnUNetTrainer"
@@ -84,16 +84,19 @@ def nnunet_environment(out: Path) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def stage_msd(source: Path, stage: Path, cases: Optional[int] = None) -> Path:
+def stage_msd(source: Path, stage: Path, cases: Optional[int] = None, keep: Optional[Sequence[str]] = None) -> Path:
     """A ``Task09_Spleen`` folder that nnU-Net's MSD converter accepts, linking to ``source``'s files.
 
     Args:
         source: MSD-style folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``), e.g. medkd's ``sample_data``.
         stage: where to put the staged folder.
         cases: keep only the first ``cases`` training cases (all when None).
+        keep: keep only the cases of these ids (image file names without ``.nii.gz``; all when None).
     """
     meta = json.loads((source / "dataset.json").read_text())
     training = meta["training"][:cases] if cases else meta["training"]
+    if keep is not None:
+        training = [t for t in training if Path(t["image"]).name.split(".nii")[0] in set(keep)]
     task = stage / f"Task{DATASET_ID:02d}_Spleen"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (task / sub).mkdir(parents=True, exist_ok=True)
@@ -151,8 +154,15 @@ def thick_slice_phantom(out: Path, cases: int = 8, size: int = 48, slices: int =
                              spacing=(5.8, 5.8, 8.0))
 
 
+def fit_cases(prepared: Path) -> List[str]:
+    """The train and val case ids of a medkd prepared dataset: what an nnU-Net teacher may learn from, so that
+    medkd's test split stays unseen by the teacher as by the students."""
+    manifest = json.loads((Path(prepared) / "manifest.json").read_text())
+    return [c["id"] for c in manifest["cases"] if c["split"] in ("train", "val")]
+
+
 def build(source: Optional[Path], out: Path, configuration: str = "2d", fold: int = 0, cases: Optional[int] = None,
-          iterations: int = 250, validate: bool = True) -> Path:
+          iterations: int = 250, validate: bool = True, keep: Optional[Sequence[str]] = None) -> Path:
     """Make an nnU-Net v2 trained model folder from ``source``; returns its path.
 
     Args:
@@ -163,6 +173,7 @@ def build(source: Optional[Path], out: Path, configuration: str = "2d", fold: in
         cases: use only the first ``cases`` training cases (nnU-Net's 5-fold split needs at least 5).
         iterations: training iterations of the one epoch (nnUNetTrainer_1epoch: 250).
         validate: end with nnU-Net's validation of the fold (not needed for the model folder).
+        keep: train only on the cases of these ids (e.g. :func:`fit_cases` of a prepared dataset).
 
     Returns:
         ``out/nnUNet_results/Dataset009_Spleen/nnUNetTrainer__nnUNetPlans__<configuration>``.
@@ -171,7 +182,7 @@ def build(source: Optional[Path], out: Path, configuration: str = "2d", fold: in
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
         source, cases = thick_slice_phantom(out / "phantom", cases or 8), None
-    task = stage_msd(Path(source), out / "msd", cases)
+    task = stage_msd(Path(source), out / "msd", cases, keep)
     _run(out, "nnUNetv2_convert_MSD_dataset", "-i", str(task), "-np", "1")
     _run(out, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", configuration, "-np", "1",
          "-npfp", "1", "--verify_dataset_integrity")
@@ -187,9 +198,12 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--cases", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=250)
+    parser.add_argument("--fit-cases-of", type=Path, default=None, metavar="PREPARED",
+                        help="train only on the train+val cases of this medkd prepared dataset (its test split unseen)")
     args = parser.parse_args()
     start = time.perf_counter()
-    folder = build(args.source, args.out, args.configuration, args.fold, args.cases, args.iterations)
+    keep = fit_cases(args.fit_cases_of) if args.fit_cases_of else None
+    folder = build(args.source, args.out, args.configuration, args.fold, args.cases, args.iterations, keep=keep)
     print(f"{folder}  ({time.perf_counter() - start:.0f} s)")
 
 
