@@ -45,6 +45,7 @@ from torch import nn
 
 from medkd.compat import torch_at_least
 from medkd.errors import MedkdError
+from medkd.options import short_text
 from medkd.teachers import register_kind
 from medkd.teachers.base import LoadedTeacher, TeacherRequest, external_cache_root, hash_files
 from medkd.teachers.bridge import (BridgedTeacher, choose_label, dataset_window, median_prepared_spacing,
@@ -211,8 +212,9 @@ def _mismatch(text: str) -> str:
 
 
 def _first_line(text: str) -> str:
+    """The first non-empty line of a (torch, nnU-Net) error message, shortened (:func:`medkd.options.short_text`)."""
     lines = [s for s in str(text).strip().splitlines() if s.strip()]
-    return (lines[0] if lines else "no reason given")[:300]
+    return short_text(lines[0] if lines else "no reason given", 200)
 
 
 # ------------------------------------------------------------------------------------------- slices of a 2d model
