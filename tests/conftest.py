@@ -50,6 +50,17 @@ def tiny_teacher(tiny_data, tmp_path_factory) -> Path:
     return run
 
 
+def run_copy(run: Path, parent: Path) -> Path:
+    """A copy of a shared run folder (a session fixture) under ``parent``, for a command that writes into its run
+    (``export`` and ``evaluate`` save ``postprocessing.json``; ``evaluate`` its ``eval-<split>.json``): tests that
+    read the shared run later (``predict`` applies the saved rule) must see it untouched."""
+    import shutil
+
+    dst = Path(parent) / Path(run).name
+    shutil.copytree(run, dst)
+    return dst
+
+
 def _quiet():
     from rich.console import Console
 

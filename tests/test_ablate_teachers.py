@@ -18,6 +18,7 @@ import medkd.ablate as ab
 from medkd.cli import app
 from medkd.config import DistillConfig, to_dict
 from medkd.errors import MedkdError
+from conftest import run_copy
 
 runner = CliRunner()
 TINY = ["--seeds", "0", "--student-width", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
@@ -27,7 +28,8 @@ TINY = ["--seeds", "0", "--student-width", "4", "--epochs", "1", "--batch-size",
 def onnx_teacher(tiny_teacher, tmp_path_factory) -> Path:
     """The tiny teacher as an ONNX file (medkd's export metadata describes its input)."""
     model = tmp_path_factory.mktemp("abl_onnx") / "t.onnx"
-    r = runner.invoke(app, ["export", str(tiny_teacher), "-o", str(model), "--format", "onnx", "--device", "cpu",
+    run = run_copy(tiny_teacher, model.parent)  # export saves the run's postprocessing rule: not into the shared run
+    r = runner.invoke(app, ["export", str(run), "-o", str(model), "--format", "onnx", "--device", "cpu",
                             "--quiet"])
     assert r.exit_code == 0, r.stderr
     return model

@@ -29,6 +29,7 @@ from medkd.errors import MedkdError
 from medkd.rundir import file_sha256
 from medkd.teachers import TeacherRequest, detect_kind, open_teacher
 from medkd.teachers.bundle import read_bundle
+from conftest import run_copy
 
 
 def _cli(args):
@@ -184,10 +185,9 @@ def test_exported_teacher_row_scores_like_its_run(fmt, tiny_teacher, tiny_data, 
     if fmt not in KINDS:
         pytest.skip(f"the {fmt} teacher kind is not in this checkout")
     model = tmp_path / ("teacher.ts" if fmt == "torchscript" else "teacher.onnx")
-    r = _cli(["export", tiny_teacher, "-o", model, "--format", fmt])
+    run = run_copy(tiny_teacher, tmp_path)  # export and evaluate write into a run: never into the shared one
+    r = _cli(["export", run, "-o", model, "--format", fmt])
     assert r.exit_code == 0, r.stderr
-    run = tmp_path / "teacher"
-    shutil.copytree(tiny_teacher, run)  # evaluate writes eval-test.json into a run
     r = _cli(["evaluate", model, run, "--data", tiny_data, "--json", "--device", "cpu", "--no-postprocessing"])
     assert r.exit_code == 0, r.stderr
     f_row, r_row = json.loads(r.stdout)["runs"]  # stdout is the one JSON document

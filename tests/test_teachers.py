@@ -22,6 +22,7 @@ from medkd.teachers import KINDS, TeacherRequest, detect_kind, open_teacher
 from medkd.teachers.bridge import (Intensity, choose_label, dataset_window, foreground_logit, intensity_bridge,
                                    size_for_spacing)
 from medkd.rundir import file_sha256
+from conftest import run_copy
 
 
 def _cli(args):
@@ -216,8 +217,9 @@ def test_taps_of_an_external_torch_teacher_are_its_own_paths(tiny_data, tmp_path
 def exports(tiny_teacher, tmp_path_factory):
     """The tiny teacher exported by ``medkd export`` as ONNX and as TorchScript (+ its metadata sidecar)."""
     out = tmp_path_factory.mktemp("exports")
+    run = run_copy(tiny_teacher, out)  # export saves the run's postprocessing rule: never into the shared run
     for fmt, name in (("onnx", "t.onnx"), ("torchscript", "t.pt")):
-        r = _cli(["export", tiny_teacher, "-o", out / name, "--format", fmt, "--device", "cpu", "--quiet"])
+        r = _cli(["export", run, "-o", out / name, "--format", fmt, "--device", "cpu", "--quiet"])
         assert r.exit_code == 0, r.stderr
     return {"onnx": out / "t.onnx", "torchscript": out / "t.pt"}
 
