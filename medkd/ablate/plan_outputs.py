@@ -40,6 +40,12 @@ def plan_runs(cfgs: Sequence[Any], teacher_run: Path, data, console: Console,
     cfg0 = cfgs[0]
     device = resolve_device(cfg0.device)
     loaded = load_teacher(cfg0, data, teacher=Path(teacher_run))
+    if loaded.module is None:  # a per-case teacher (3-D nnU-Net): each run's own set-up reads its store
+        reason = ("per-case teacher: its outputs are computed once per case into the teacher store by the first "
+                  "run that needs them (medkd.distill.case_store) and read by the others")
+        console.print(f"teacher outputs for {len(cfgs)} run(s): auto ({reason})", highlight=False, soft_wrap=True)
+        return "auto", {"mode": "auto", "runs": len(cfgs), "reason": reason, "cache_bytes": None,
+                        "cache_budget_bytes": None}
     teacher, checkpoint = loaded.module, loaded.cache_key_file
     teacher.to(device)
     cache_root = Path(cache_root) if cache_root else loaded.cache_root

@@ -53,10 +53,12 @@ def distill(
         loaded = load_teacher(cfg, data, console)
         teacher = loaded.module
     device = resolve_device(cfg.device)
-    per_case = loaded is not None and loaded.case_probs is not None  # saved probabilities: no module to run
+    per_case = loaded is not None and loaded.case_probs is not None  # per-case probabilities: no module to run
     terms = DistillTerms(student, teacher, cfg, data.size, per_case=per_case)
     if per_case:
-        targets, outputs = setup_case_targets(loaded.case_probs, loaded.source, cfg, train_set, console)
+        store = (Path(cache_dir) if cache_dir else loaded.cache_root) if loaded.cache_root else None
+        targets, outputs = setup_case_targets(loaded.case_probs, loaded.source, cfg, train_set, console,
+                                              cache_root=store)  # saved probabilities: no store
     elif teacher is not None:
         targets, outputs = setup_teacher_outputs(terms.teacher_view(), cfg, data, train_set,
                                                  Path(cache_dir) if cache_dir else loaded.cache_root,

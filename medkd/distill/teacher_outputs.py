@@ -354,20 +354,54 @@ def setup_teacher_outputs(view: TeacherView, cfg, data, train_set, cache_root: P
     return live, _announce(rec, console)
 
 
-def setup_case_targets(case_probs: Callable[[str], np.ndarray], source: Path, cfg, train_set,
-                       console: Console) -> Tuple[ProbTargets, Dict[str, Any]]:
-    """A per-case teacher's targets (``--teacher-probs``): every training case's probabilities read once, before
-    the first epoch, and held in host memory as fp16 logits (:class:`~medkd.distill.targets.ProbTargets`). The
-    files are the teacher's stored outputs, so there is nothing to run live and no disk cache to fill: the mode is
-    ``memory`` whatever ``--teacher-outputs`` asks (the reason says so).
+def setup_case_targets(case_probs: Callable[[str], np.ndarray], source: Path, cfg, train_set, console: Console,
+                       cache_root: Optional[Path] = None) -> Tuple[TeacherTargets, Dict[str, Any]]:
+    """A per-case teacher's targets: every training case's probabilities as fp16 logits.
+
+    ``--teacher-probs`` files (``cache_root`` ``None``) are the teacher's stored outputs already: read once, before
+    the first epoch, and held in host memory (:class:`~medkd.distill.targets.ProbTargets`), whatever
+    ``--teacher-outputs`` asks (the reason says so). A teacher that computes them (a 3-D nnU-Net: a whole pipeline
+    per case) has a disk store under ``cache_root`` (:class:`~medkd.distill.case_store.CaseStore`): ``auto`` and
+    ``disk`` compute each case once and read it from there in every later run (the compute is the cost, reads are
+    cheap); ``memory`` computes every case in every run, as without a store; ``live`` does not apply (the teacher
+    runs per case, not per batch) and is served as ``auto``. The store is never started when the cases it would add
+    exceed the cache budget: memory then, with the reason.
 
     Returns:
         ``(targets, record)``, the record in :func:`setup_teacher_outputs`'s form.
 
     Raises:
-        MedkdError: the logits would not fit :data:`MEMORY_SHARE` of the available host memory; a case's file is
-            missing or bad (:mod:`medkd.teachers.probs`, one line naming the case).
+        MedkdError: the logits would not fit :data:`MEMORY_SHARE` of the available host memory (memory mode); a
+            case's probabilities are missing or bad (one line naming the case).
     """
+    requested = cfg.teacher_outputs
+    rec = {"mode": "memory", "requested": requested, "reason": "", "cache_bytes": 0, "cache_budget_bytes": None,
+           "cache_key": None, "cache_root": None, "costs": None, "estimates": None}
+    why = []
+    if cache_root is not None and requested != "memory":
+        from medkd.distill.case_store import CaseStore, StoreTargets
+
+        if requested == "live":
+            why.append("live does not apply to a per-case teacher (it runs once per case, not per batch): auto")
+        store = CaseStore(Path(cache_root), train_set.data, log=console_notes(console))
+        cids = sorted({cid for cid, _ in train_set.index})
+        new = store.new_bytes(cids)
+        budget = int(cfg.cache_budget * 1e9) if cfg.cache_budget is not None else default_budget_bytes(cache_root)
+        rec["cache_budget_bytes"] = budget
+        if new <= budget:
+            missing = store.missing(cids)
+            t0 = time.perf_counter()
+            if missing:
+                console.print(f"teacher store {store.key}: computing {len(missing)} case(s) once", highlight=False)
+            store.fill(missing, case_probs)
+            why.append(f"{'disk requested' if requested == 'disk' else 'disk'}: per-case teacher outputs computed "
+                       f"once and stored ({store.computed} of {len(cids)} case(s) computed now, "
+                       f"{time.perf_counter() - t0:.1f} s); the compute is the cost, reads are cheap")
+            rec.update(mode="disk", reason="; ".join(why), cache_bytes=store.stored_bytes(cids),
+                       cache_key=store.key, cache_root=str(store.dir))
+            return StoreTargets(store, train_set), _announce(rec, console)
+        why.append(f"the teacher store would need {format_bytes(new)} > budget {format_bytes(budget)}: memory "
+                   f"instead, every case computed in this run")
     size = train_set.data.size
     n_bytes = len(train_set) * size * size * TORCH_STORE_DTYPE.itemsize
     limit = int(MEMORY_SHARE * host_available_bytes())
@@ -377,12 +411,14 @@ def setup_case_targets(case_probs: Callable[[str], np.ndarray], source: Path, cf
                          f"--kd-images labelled reads fewer cases)")
     t0 = time.perf_counter()
     targets = ProbTargets.from_cases(case_probs, train_set)
-    reason = (f"per-case teacher probabilities from {source}: {len(train_set)} slices read once "
+    what = "saved" if cache_root is None else "computed"
+    reason = (f"per-case teacher probabilities from {source}: {len(train_set)} slices {what} once "
               f"({time.perf_counter() - t0:.1f} s), held in memory")
-    if cfg.teacher_outputs not in ("auto", "memory"):
-        reason += f" (--teacher-outputs {cfg.teacher_outputs} does not apply to saved probabilities)"
-    rec = {"mode": "memory", "requested": cfg.teacher_outputs, "reason": reason, "cache_bytes": targets.nbytes,
-           "cache_budget_bytes": None, "cache_key": None, "costs": None, "estimates": None, "memory_device": "cpu"}
+    if cache_root is None and requested not in ("auto", "memory"):
+        reason += f" (--teacher-outputs {requested} does not apply to saved probabilities)"
+    elif requested == "memory":
+        why.append("requested")
+    rec.update(reason="; ".join([*why, reason]), cache_bytes=targets.nbytes, memory_device="cpu")
     return targets, _announce(rec, console)
 
 

@@ -459,9 +459,11 @@ def load(path: Path, request: TeacherRequest, data: Any) -> LoadedTeacher:
         if request.taps:
             raise MedkdError(f"{what}: --teacher-taps: a {configuration} nnU-Net teacher gives per-case "
                              f"probabilities only (prediction-map terms), no modules to tap")
+        details = {**base, **facts}  # the store of its per-case outputs (medkd.distill.case_store) lives here
         return LoadedTeacher(kind=KIND, source=path, module=None, in_channels=request.in_channels, files=files,
-                             details={**base, **facts}, taps_ok=False, default_taps=None, cache_key_file=None,
-                             cache_root=None, case_probs=case_probs)
+                             details=details, taps_ok=False, default_taps=None, cache_key_file=None,
+                             cache_root=external_cache_root(Path(data.root), KIND, files, details),
+                             case_probs=case_probs)
     module, facts = build_2d_module(predictor, request, data, what)
     for p in module.parameters():
         p.requires_grad_(False)
