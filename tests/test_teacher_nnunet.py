@@ -242,8 +242,22 @@ def test_a_3d_model_gives_per_case_probabilities_like_nnunets_own(folder_3d, nn_
 
 
 def test_distill_and_evaluate_with_a_3d_model(folder_3d, nn_data, tmp_path):
+    """A 3-D teacher's per-case probabilities are computed once into its store (under the prepared data, keyed by
+    the model's files); a second distill on it computes none and trains the same."""
     doc = json.loads(_run_ok(["distill", nn_data, "-o", tmp_path / "s", "--teacher", folder_3d, *PMD_ONLY]))
-    assert doc["teacher_source"]["kind"] == "nnunet" and doc["teacher_outputs"]["mode"] == "memory"
+    out = doc["teacher_outputs"]
+    assert doc["teacher_source"]["kind"] == "nnunet" and out["mode"] == "disk", out
+    assert "live does not apply" in out["reason"]  # PMD_ONLY asks for live
+    root = Path(out["cache_root"])
+    assert root.parent.parent == Path(nn_data) / "teacher-cache" and root.parent.name.startswith("nnunet-")
+    n = len(list(root.glob("*.npy")))
+    assert n >= 2 and f"{n} of {n} case(s) computed now" in out["reason"]
+    again = json.loads(_run_ok(["distill", nn_data, "-o", tmp_path / "s2", "--teacher", folder_3d, *PMD_ONLY[:-3],
+                                "--teacher-outputs", "auto", "--json"]))
+    assert again["teacher_outputs"]["mode"] == "disk" and f"0 of {n} case(s)" in again["teacher_outputs"]["reason"]
+    hist = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / r / "history.jsonl").read_text().splitlines()] for r in ("s", "s2")]
+    assert hist[0] == hist[1] and again["best_val_dice"] == doc["best_val_dice"]
     r = _cli(["distill", nn_data, "-o", tmp_path / "f", "--teacher", folder_3d, *PMD_ONLY[2:], "--scales", "enc",
               "--teacher-taps", "enc=encoder.stages.2"])
     assert r.exit_code == 1 and "no modules to tap" in _one_error(r)

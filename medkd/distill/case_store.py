@@ -101,7 +101,9 @@ class CaseStore:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
         n = 0
-        with exclusive_lock(self.dir.parent / f".cases-{self.key}.lock"):
+        waiting = (lambda who: self.log(f"teacher store {self.key} is being filled by {who}; waiting")) \
+            if self.log is not None else None
+        with exclusive_lock(self.dir.parent / f".cases-{self.key}.lock", on_wait=waiting):
             for cid in cids:
                 if self.open(cid) is not None:  # stored meanwhile by another process
                     continue

@@ -394,8 +394,8 @@ def setup_case_targets(case_probs: Callable[[str], np.ndarray], source: Path, cf
             if missing:
                 console.print(f"teacher store {store.key}: computing {len(missing)} case(s) once", highlight=False)
             store.fill(missing, case_probs)
-            why.append(f"{'disk requested' if requested == 'disk' else 'disk'}: per-case teacher outputs computed "
-                       f"once and stored ({store.computed} of {len(cids)} case(s) computed now, "
+            why.append(f"{'requested' if requested == 'disk' else 'auto'}: per-case teacher outputs computed once "
+                       f"per case and stored on disk ({store.computed} of {len(cids)} case(s) computed now, "
                        f"{time.perf_counter() - t0:.1f} s); the compute is the cost, reads are cheap")
             rec.update(mode="disk", reason="; ".join(why), cache_bytes=store.stored_bytes(cids),
                        cache_key=store.key, cache_root=str(store.dir))
