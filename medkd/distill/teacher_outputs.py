@@ -16,6 +16,10 @@ Modes (served by :mod:`medkd.distill.targets`):
   cheapest mode whose storage fits; ties go to the mode that stores less (live, then memory, then disk). The choice
   is :func:`choose_mode`, a pure function of the measured costs, sizes and budget.
 
+A per-case teacher (``LoadedTeacher.case_probs``: a 3-D nnU-Net, saved ``--teacher-probs``) has no batches to run:
+:func:`setup_case_targets` (a computing teacher's ``disk`` mode is :mod:`medkd.distill.case_store`, each case
+computed once).
+
 Every mode serves the same numbers (:mod:`medkd.distill.targets`), so on one machine the mode (and therefore
 ``auto``'s machine-dependent choice) never changes the training. A disk cache filled on another machine (device,
 thread count, library versions) is reused too and may differ from live targets by fp16 rounding.
