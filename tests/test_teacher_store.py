@@ -149,3 +149,28 @@ def test_two_fills_at_once_compute_each_case_once(tiny_data, tmp_path):
         want = prob_logits(torch.from_numpy(case_probs(cid))).numpy()
         np.testing.assert_array_equal(np.asarray(stores[0].open(cid)), want)
     assert not stores[0].missing(cids) and not any("damaged" in n for n in notes)
+
+
+def test_ablation_seeds_share_the_store(counting, tmp_path):
+    """``medkd ablate`` on a per-case teacher: the plan leaves the runs to the store, so across seeds no train case
+    is computed twice (the teacher reference row scores the test cases from its probabilities)."""
+    import collections
+
+    import yaml
+
+    data_dir, teacher, calls = counting
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump([{"scales": "none", "pmd": True, "kd_images": "labelled"}]))
+    out = tmp_path / "abl"
+    r = CliRunner().invoke(app, ["ablate", str(data_dir), "--teacher", str(teacher), "-o", str(out), "--grid",
+                                 str(grid), "--seeds", "0,1", "--student-width", "4", "--epochs", "1",
+                                 "--batch-size", "4", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert "per-case teacher: its outputs are computed once per case into the teacher store" in r.stderr
+    train = set(PreparedData(data_dir).case_ids("train"))
+    counts = collections.Counter(c for c in calls if c in train)
+    assert counts and set(counts.values()) == {1}, counts
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/seed*/summary.json"))]
+    kd = [s for s in summaries if s["teacher_outputs"]]
+    assert len(kd) == 2 and {s["teacher_outputs"]["mode"] for s in kd} == {"disk"}
+    assert len({s["teacher_outputs"]["cache_root"] for s in kd}) == 1
