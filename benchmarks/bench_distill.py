@@ -137,16 +137,16 @@ def main() -> None:
                   **extra)
     if args.recipe == "study":  # the reference study's recipe (--scales, contrastive, PMD, labelled images only)
         kd = dict(scales=scales or "none", pmd=True, loss=args.loss, kd_images="labelled")
-        plain = dict(scales="none", pmd=False)
+        plain_kw = dict(scales="none", pmd=False)
     else:  # medkd distill's defaults; the plain student takes as many steps per epoch (same images seen)
         kd = {}
         steps = natural_steps_per_epoch(build_config(DistillConfig, overrides={**common, "teacher": str(teacher)}),
                                         PreparedData(data))
-        plain = dict(scales="none", pmd=False, steps_per_epoch=steps)
+        plain_kw = dict(scales="none", pmd=False, steps_per_epoch=steps)
     results = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
-            kw = plain if mode == "plain" else dict(teacher=str(teacher), teacher_outputs=mode, **kd)
+            kw = plain_kw if mode == "plain" else dict(teacher=str(teacher), teacher_outputs=mode, **kd)
             cfg = build_config(DistillConfig, overrides={**common, **kw})
             run = WORK / f"distill-{args.size}-{mode}"
             t0 = time.time()
