@@ -50,6 +50,23 @@ def tiny_teacher(tiny_data, tmp_path_factory) -> Path:
     return run
 
 
+def cli(args):
+    """``medkd ARGS`` through Typer's runner (stdout and stderr apart); paths and numbers given as they are."""
+    from typer.testing import CliRunner
+
+    from medkd.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error(r) -> str:
+    """The run's only ``error:`` line (log lines may come before it), after checking there is no traceback."""
+    assert "Traceback" not in r.stdout + r.stderr and (r.exception is None or isinstance(r.exception, SystemExit))
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
 def run_copy(run: Path, parent: Path) -> Path:
     """A copy of a shared run folder (a session fixture) under ``parent``, for a command that writes into its run
     (``export`` and ``evaluate`` save ``postprocessing.json``; ``evaluate`` its ``eval-<split>.json``): tests that

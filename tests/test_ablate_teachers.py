@@ -6,7 +6,6 @@ teacher's options and files are part of what makes a finished run reusable."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from conftest import _quiet, tiny_teacher_config
-from medkd.cli import app
 from medkd.config import SCALES, STUDY_WEIGHTS, DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset, select_fraction
 from medkd.distill.cache import TeacherCache
@@ -24,6 +22,7 @@ from medkd.distill.losses import LOSSES
 from medkd.errors import MedkdError, TrainingError
 from medkd.checkpoint import load_checkpoint, load_model_from_run
 from medkd.train.checks import check_first_step
+from conftest import cli as _cli
 
 STUDENT_KEYS = {"kind", "arch", "params", "epochs_done", "best_epoch", "best_val_dice", "seconds", "seed",
                 "medkd_version", "scales", "loss", "pmd", "fraction", "teacher"}
@@ -276,10 +275,6 @@ def test_fraction_is_case_level_and_seeded(tiny_data, one_epoch):
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-
-
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_no_kd_baseline_never_loads_teacher(tiny_data, tmp_path, monkeypatch):

@@ -20,20 +20,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 import monai_bundle
-from medkd.cli import app
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
 from medkd.rundir import file_sha256
 from medkd.teachers import TeacherRequest, detect_kind, open_teacher
 from medkd.teachers.bundle import read_bundle
 from conftest import run_copy
-
-
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from conftest import cli as _cli
 
 
 @pytest.fixture(scope="module")

@@ -20,33 +20,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 pytest.importorskip("nnunetv2")
 
 import nnunet_teacher  # noqa: E402  (tests/ is on sys.path)
-from medkd.cli import app  # noqa: E402
 from medkd.data.prepared import PreparedData  # noqa: E402
 from medkd.data.preprocess import PreprocessSettings, preprocess, resize_slices  # noqa: E402
 from medkd.errors import MedkdError  # noqa: E402
 from medkd.rundir import file_sha256  # noqa: E402
 from medkd.teachers import TeacherRequest, detect_kind, open_teacher  # noqa: E402
 from medkd.teachers import nnunet as nn_kind  # noqa: E402
+from conftest import cli as _cli, one_error as _one_error
 
 PMD_ONLY = ["--scales", "none", "--pmd", "--student-width", "4", "--epochs", "1", "--batch-size", "4", "--device",
             "cpu", "--seed", "3", "--teacher-outputs", "live", "--json"]
-
-
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_error(r) -> str:
-    """The run's only ``error:`` line, after checking there is no traceback."""
-    assert "Traceback" not in r.stdout + r.stderr and (r.exception is None or isinstance(r.exception, SystemExit))
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conftest import _quiet
-from medkd.cli import app
 from medkd.config import DistillConfig, build_config
 from medkd.data.prepared import PreparedData, SliceDataset
 from medkd.distill.cache import TeacherCache
@@ -23,6 +21,7 @@ from medkd.distill.targets import TeacherView, fill_memory, slice_batch, targets
 from medkd.distill.teacher_outputs import Costs, Workload, choose_mode, estimate
 from medkd.models import build_model
 from medkd.checkpoint import load_checkpoint, load_model_from_run
+from conftest import cli as _cli
 
 
 def dcfg(teacher, **kw) -> DistillConfig:
@@ -194,10 +193,6 @@ def test_every_mode_trains_the_same_student(tiny_data, teacher, tmp_path):
         for k, v in weights["live"].items():
             assert torch.equal(v, weights[m][k]), (m, k)
     assert not list((teacher / "cache").glob("*/.probe-*"))  # the disk probe is cleaned up
-
-
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_budget_rules_out_the_disk_cache(tiny_data, teacher, tmp_path):

@@ -12,9 +12,7 @@ from typing import Optional
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 
-from medkd.cli import app
 from medkd.config import DistillConfig, build_config
 from medkd.data.prepared import PreparedData
 from medkd.errors import MedkdError
@@ -23,18 +21,7 @@ from medkd.teachers.bridge import (Intensity, choose_label, dataset_window, fore
                                    size_for_spacing)
 from medkd.rundir import file_sha256
 from conftest import run_copy
-
-
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_error(r) -> str:
-    """The run's only ``error:`` line (log lines may come before it), after checking there is no traceback."""
-    assert "Traceback" not in r.stdout + r.stderr and (r.exception is None or isinstance(r.exception, SystemExit))
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
+from conftest import cli as _cli, one_error as _one_error
 
 
 # ------------------------------------------------------------------------------------------------ registry, medkd

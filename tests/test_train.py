@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from conftest import _quiet, interrupt_at_validation, tiny_teacher_config
-from medkd.cli import app
+from conftest import _quiet, cli as _cli, interrupt_at_validation, tiny_teacher_config
 from medkd.errors import MedkdError, TrainingError
 from medkd.rundir import atomic_save, partial_dir
 from medkd.checkpoint import load_checkpoint, load_model_from_run
@@ -293,10 +291,6 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def _cli(args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_cli_json_with_config_and_flag_override(tiny_data, tiny_teacher, runs):
     """``--config`` a run's config.yaml (width 4, lr 3e-3) with ``--lr`` overriding it; ``--json`` = only JSON."""
     run = runs / "cli"
@@ -448,9 +442,9 @@ def test_teacher_fraction_trains_on_the_students_subset(tiny_data, runs):
 
 
 def test_teacher_fraction_cli_flags(tiny_data, tmp_path):
-    r = CliRunner().invoke(app, ["train-teacher", str(tiny_data), "-o", str(tmp_path / "t"), "--fraction", "0"])
+    r = _cli(["train-teacher", tiny_data, "-o", tmp_path / "t", "--fraction", "0"])
     assert r.exit_code == 2 and "fraction must be in (0, 1]" in r.stderr
-    r = CliRunner().invoke(app, ["train-teacher", str(tiny_data), "-o", str(tmp_path / "t"), "--steps-per-epoch", "0"])
+    r = _cli(["train-teacher", tiny_data, "-o", tmp_path / "t", "--steps-per-epoch", "0"])
     assert r.exit_code == 2 and "steps-per-epoch must be >= 1" in r.stderr
     from medkd.config import TeacherConfig, build_config
     from medkd.options import OptionError
