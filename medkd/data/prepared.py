@@ -130,6 +130,17 @@ class PreparedData:
                             f"(Z, {self.size}, {self.size}) matching its n_slices")
         return shape if kind == "img" else (shape[0], *shape[-2:])
 
+    def check_case_probs(self, cid: str, probs) -> None:
+        """A per-case teacher's probabilities of case ``cid`` must be ``(n_slices, S, S)``, the prepared case's grid.
+
+        Raises:
+            DataError: another shape (one line naming the case).
+        """
+        z, s = self.expected_shape(cid, "lbl")[0], self.size
+        if tuple(probs.shape) != (z, s, s):
+            raise DataError(f"case {cid!r}: teacher probabilities of shape {tuple(probs.shape)}, the prepared case "
+                            f"has {z} slice(s) of {s}x{s}")
+
     def _load(self, cid: str, kind: str) -> np.ndarray:
         """The case's stored array as a read-only memmap, checked against the manifest (shape, dtype, file size)."""
         key = (cid, kind)

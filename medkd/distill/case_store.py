@@ -110,10 +110,7 @@ class CaseStore:
                 if on_case is not None:
                     on_case(cid)
                 p = np.asarray(case_probs(cid))
-                if tuple(p.shape) != self.shape(cid):
-                    z, s = self.shape(cid)[0], self.data.size
-                    raise DataError(f"case {cid!r}: teacher probabilities of shape {tuple(p.shape)}, the prepared "
-                                    f"case has {z} slice(s) of {s}x{s}")
+                self.data.check_case_probs(cid, p)
                 logits = prob_logits(torch.from_numpy(np.ascontiguousarray(p))).numpy()
                 with atomic_path(self.path(cid)) as tmp:
                     with open(tmp, "wb") as f:

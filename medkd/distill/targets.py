@@ -33,7 +33,6 @@ from medkd.data.prepared import labelled_rows
 from medkd.distill.cache import TEACHER_BATCH, TORCH_STORE_DTYPE, ItemSpec, Key, TeacherCache
 from medkd.distill.hooks import FeatureExtractor
 from medkd.distill.losses import FeatureLoss
-from medkd.errors import DataError
 from medkd.infer import match_channels, seg_logits
 
 Targets = Dict[str, torch.Tensor]  # item name -> (B, ...)
@@ -266,11 +265,8 @@ class ProbTargets(TeacherTargets):
             rows.setdefault(cid, []).append(i)
         for cid, idx in rows.items():
             p = torch.from_numpy(case_probs(cid))
-            zs = [train_set.index[i][1] for i in idx]
-            if tuple(p.shape) != (len(zs), size, size):
-                raise DataError(f"case {cid!r}: teacher probabilities of shape {tuple(p.shape)}, the prepared case "
-                                f"has {len(zs)} slice(s) of {size}x{size}")
-            logits[idx, 0] = prob_logits(p[zs])
+            train_set.data.check_case_probs(cid, p)
+            logits[idx, 0] = prob_logits(p[[train_set.index[i][1] for i in idx]])
         return cls(logits)
 
     @property
